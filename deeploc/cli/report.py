@@ -1,0 +1,40 @@
+"""`deeploc-report SWEEP_DIR [--out DIR] [--wandb] [--compare-study]`: tables and figures of a sweep."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from deeploc.report import log_wandb, write_report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the report, print it as Markdown; exit 0 when at least one finished run was found."""
+    parser = argparse.ArgumentParser(prog="deeploc-report", description=__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="sweep (or single run) directory holding run folders")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: SWEEP_DIR/report)")
+    parser.add_argument(
+        "--wandb", action="store_true", help="log tables and figures to W&B (WANDB_MODE; offline by default)"
+    )
+    parser.add_argument(
+        "--compare-study", action="store_true", help="put the study's published ID / OOD beside ours (Dolos only)"
+    )
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"deeploc-report: sweep directory not found: {args.sweep_dir}", file=sys.stderr)
+        return 2
+    paths = write_report(args.sweep_dir, args.out, compare_study=args.compare_study)
+    print(paths.report_md.read_text(encoding="utf-8"))
+    if args.wandb:
+        print(f"W&B run written to {log_wandb(paths)}")
+    print(f"Report files in {paths.out_dir}")
+    if paths.n_runs == 0:
+        print(f"deeploc-report: no finished run under {args.sweep_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
