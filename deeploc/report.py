@@ -233,7 +233,7 @@ class StudyComparison:
 
     applies: bool
     note: str
-    rows: list[tuple[str, str, float | None, float | None, float | None, float | None]]
+    rows: list[tuple[str, str, float | None, float | None, float | None, float | None, bool]]  # ..., complete
 
 
 def study_matrix(key: ConfigKey, split: str = "cross") -> Matrix | None:
@@ -269,6 +269,7 @@ def study_comparison(matrices: dict[ConfigKey, Matrix], split: str = "cross") ->
                 theirs.id_mean() if theirs else None,
                 ours.ood_mean(),
                 theirs.ood_mean() if theirs else None,
+                not ours.missing(),
             )
         )
     note = STUDY_NOTE
@@ -317,7 +318,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compa
     comparison_rows = [[s, *row] for s, c in comparisons for row in c.rows] if compare_study else []
     comparison_csv = out / "comparison.csv" if comparison_rows else None
     if comparison_csv:
-        columns = ["split", "decoder", "feature", "id_iou", "id_iou_study", "ood_iou", "ood_iou_study"]
+        columns = ["split", "decoder", "feature", "id_iou", "id_iou_study", "ood_iou", "ood_iou_study", "complete"]
         _write_csv(comparison_csv, columns, _nums(comparison_rows))
 
     summary = "## Results (means over test images, %)\n\n" + (_summary_md(rows) if rows else "No results.")
@@ -504,8 +505,8 @@ def _comparison_md(comparisons: list[tuple[str, StudyComparison]]) -> str:
             header = ["decoder", "feature", first, f"{first} (study)", f"Δ {first}"]
             header += [second, f"{second} (study)", f"Δ {second}"]
             body = [
-                [dec, feat, _fmt(i), _fmt(i_s), _delta(i, i_s), _fmt(o), _fmt(o_s), _delta(o, o_s)]
-                for dec, feat, i, i_s, o, o_s in c.rows
+                [dec, feat, _fmt(i, not ok), _fmt(i_s), _delta(i, i_s), _fmt(o, not ok), _fmt(o_s), _delta(o, o_s)]
+                for dec, feat, i, i_s, o, o_s, ok in c.rows
             ]
             text.append(f"### {split}\n\n" + _md_table(header, body))
     text += list(dict.fromkeys(c.note for _, c in comparisons)) or ["No results to compare."]
