@@ -180,8 +180,11 @@ def _read_run(run_dir: Path) -> RunResult | MissingRun:
     if data.get("status") != "finished":
         return MissingRun(run_dir, f"status is {data.get('status')!r}, not 'finished'")
     config = data.get("config")
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), str) for k in _CONFIG_KEYS):
-        return MissingRun(run_dir, f"metrics.json config lacks one of {', '.join(_CONFIG_KEYS)}")
+    if not isinstance(config, dict):
+        return MissingRun(run_dir, "metrics.json has no config object")
+    bad = [k for k in _CONFIG_KEYS if not isinstance(config.get(k), str)]
+    if bad:
+        return MissingRun(run_dir, f"metrics.json config: {', '.join(bad)} missing or not a name (string)")
     if config["split"] not in SPLITS:
         return MissingRun(run_dir, f"unknown split {config['split']!r} (expected one of {', '.join(SPLITS)})")
     test = data.get("test")

@@ -95,6 +95,15 @@ def test_collect_runs_lists_missing_failed_and_invalid(sweep: Path) -> None:
     assert all(isinstance(m, MissingRun) and m.path.is_dir() for m in missing)
 
 
+def test_config_must_name_decoder_feature_split_subset(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "job", "conv20", "image_embed", "cross", LAMA, {LAMA: 80.0})
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["config"]["split"] = {"mode": "cross"}  # an unflattened Hydra group is not the documented format
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    runs, [missing] = collect_runs(tmp_path)
+    assert runs == [] and "split missing or not a name" in missing.reason
+
+
 def test_matrices_and_id_ood_by_hand(sweep: Path) -> None:
     matrices = build_matrices(collect_runs(sweep)[0])
     assert list(matrices) == [("conv4", "image_embed"), ("conv20", "image_embed"), ("conv20", "high_res_feats_1")]
