@@ -28,6 +28,20 @@ from deeploc.features_spec import FEATURES, feature_info
 
 log = logging.getLogger(__name__)
 
+
+def _import_sam2_leaving_hydra_alone() -> None:
+    """Import sam2 without leaving its GlobalHydra behind (it would make a later @hydra.main fail)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    was_initialised = GlobalHydra.instance().is_initialized()
+    import sam2  # noqa: F401
+
+    if not was_initialised and GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+
+
+_import_sam2_leaving_hydra_alone()
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

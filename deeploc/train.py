@@ -1,0 +1,188 @@
+"""`deeploc-train`: compose conf/, train one decoder, test it on every test subset, write the run's results.
+
+Run directories are derived from the overrides, so re-running a command finds its earlier work: a finished run
+is skipped (``if_finished=eval`` re-tests its best checkpoint, ``retrain`` starts over in place) and an
+interrupted one resumes from ``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from deeploc.config import to_primitive  # noqa: E402
+from deeploc.runs import RunDir  # noqa: E402
+
+log = logging.getLogger("deeploc.train")
+
+IF_FINISHED = ("skip", "eval", "retrain")
+
+
+def run_directory(cfg: DictConfig) -> RunDir:
+    """This job's run directory (Hydra's output dir)."""
+    return RunDir(Path(HydraConfig.get().runtime.output_dir))
+
+
+def build_components(cfg: DictConfig) -> tuple[Any, Any]:
+    """Instantiate the data module and the LightningModule, and wire the feature store when it can be used."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model)
+    attach_feature_store(cfg, datamodule, model)
+    return datamodule, model
+
+
+def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
+    """Serve cached encoder features instead of images when config and augmentations allow it."""
+    from deeploc.features.store import FeatureStore, cache_allowed
+
+    if not cfg.features.enabled:
+        log.info("feature cache disabled (features=none): the encoder runs on every batch")
+        return
+    allowed, reason = cache_allowed(to_primitive(cfg.data.get("augment")))
+    if not allowed:
+        log.warning("feature cache not used: %s; the encoder runs on every batch", reason)
+        return
+    store = FeatureStore(cfg.features.dir, model.encoder.identity(), model.hparams.feature)
+    samples = datamodule.plan.all_samples()
+    device = (
+        "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda") else "cpu"
+    )
+    store.extract(samples, model.encoder.to(device), batch_size=cfg.features.batch_size, device=device)
+    model.encoder.to("cpu")
+    datamodule.set_dataset_factory(lambda samples, stage: store.dataset(samples))
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """The Lightning Trainer with the configured callbacks and loggers."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def summarise_config(cfg: DictConfig) -> dict[str, Any]:
+    """The few keys that identify a run in tables (the full config is in .hydra/ and config_resolved.yaml)."""
+    return {
+        "decoder": cfg.decoder.name,
+        "depth": cfg.decoder.depth,
+        "feature": cfg.feature.name,
+        "split": cfg.data.split.mode,
+        "subset": cfg.subset,
+        "subsets": list(cfg.data.subsets),
+        "encoder": cfg.encoder.config,
+        "encoder_weights": "random" if cfg.encoder.random_init else str(cfg.encoder.checkpoint),
+        "image_size": cfg.encoder.image_size,
+        "data": str(cfg.data.root),
+        "seed": cfg.seed,
+    }
+
+
+def write_overlays(model: Any, datamodule: Any, run: RunDir, count: int) -> list[Path]:
+    """Render a few test predictions of each test subset as panels into <run>/overlays/<subset>/."""
+    from PIL import Image
+
+    from deeploc.callbacks import render_panels
+
+    written = []
+    model.eval()
+    for subset, samples in datamodule.plan.test.items():
+        chosen = samples[:count]
+        if not chosen:
+            continue
+        folder = run.path / "overlays" / subset
+        folder.mkdir(parents=True, exist_ok=True)
+        for sample, picture in zip(chosen, render_panels(model, chosen)):
+            path = folder / f"{sample.name}.png"
+            Image.fromarray(picture).save(path)
+            written.append(path)
+    return written
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration; returns the content of the run's metrics.json."""
+    if cfg.if_finished not in IF_FINISHED:
+        raise ValueError(f"if_finished={cfg.if_finished!r} must be one of {IF_FINISHED}")
+    run = run_directory(cfg)
+    previous = run.read_metrics()
+    if run.finished and cfg.if_finished == "skip":
+        log.info("run %s already finished; skipping (if_finished=eval re-tests, =retrain starts over)", run.path)
+        return previous
+    if cfg.if_finished == "retrain" and run.checkpoints.exists():
+        shutil.rmtree(run.checkpoints)
+        run.metrics_file.unlink(missing_ok=True)
+
+    L.seed_everything(cfg.seed, workers=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+    (run.path / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    datamodule, model = build_components(cfg)
+    trainer = build_trainer(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(to_primitive(cfg))
+    try:
+        evaluate_only = run.finished and cfg.if_finished == "eval"
+        if not evaluate_only:
+            resume = str(run.last_checkpoint) if cfg.resume and run.last_checkpoint.exists() else None
+            if resume:
+                log.info("resuming from %s", resume)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            if trainer.interrupted:
+                raise KeyboardInterrupt(
+                    f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
+                )
+        best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
+        trainer.test(model, datamodule=datamodule, ckpt_path=str(best))
+        metrics = {
+            "config": summarise_config(cfg),
+            "test": model.test_results,
+            "best_checkpoint": str(best.relative_to(run.path)),
+            "best_val_iou": _best_score(trainer),
+            "epochs": trainer.current_epoch,
+            "status": "finished",
+        }
+        if trainer.is_global_zero:
+            run.write_metrics(metrics)
+            write_overlays(model, datamodule, run, cfg.overlays)
+            log.info("test metrics written to %s", run.metrics_file)
+        return metrics
+    finally:
+        _finish_wandb()
+
+
+def _best_score(trainer: L.Trainer) -> float | None:
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "monitor", None) and callback.best_model_score is not None:
+            return float(callback.best_model_score)
+    return None
+
+
+def _finish_wandb() -> None:
+    """Close this job's W&B run so the next multirun job never logs into it."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point; returns the mean test IoU of the training subset (for Hydra sweepers)."""
+    metrics = train(cfg)
+    scores = (metrics or {}).get("test", {}).get(str(cfg.subset))
+    return None if scores is None else scores["iou"]
+
+
+if __name__ == "__main__":
+    main()
