@@ -8,22 +8,19 @@ interrupted one resumes from ``checkpoints/last.ckpt``.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from deeploc.config import to_primitive  # noqa: E402
-from deeploc.runs import RunDir  # noqa: E402
+from deeploc.config import to_primitive
+from deeploc.runs import RunDir
 
 log = logging.getLogger("deeploc.train")
 
