@@ -1,0 +1,298 @@
+"""Per-image localization metrics (IoU, F1_fixed, F1_best, AP) and their torchmetrics aggregate.
+
+Every score is computed per image and then averaged over images; pixels are never pooled across
+images. Scores are percentages (0-100). The definitions follow protocol.md ("Metrics"); the F1 follows
+TruFor's metric code (grip-unina/TruFor, ``metrics.py``: ``extractGTs``, ``computeMetricsContinue``,
+``computeF1``), read for its facts and re-implemented here. Conventions, including the undefined cases:
+
+Prediction and ground truth
+    * ``prob = sigmoid(logits)`` (in float32, also for half-precision logits), then resized bilinearly
+      (``align_corners=False``, no antialiasing) to the mask's native size. For upsampling (the study's case,
+      decoder output <= mask size) this equals torchvision's ``resize`` used by DeCLIP; the two differ only
+      when downsampling, where torchvision antialiases.
+    * Ground truth: ``mask > 0.5`` (bool masks are used as they are).
+    * A pixel is predicted manipulated iff ``prob > threshold`` (strict), threshold 0.5 by default.
+
+IoU
+    ``100 * (inter + 1e-8) / (union + 1e-8)``; an empty prediction on an empty mask scores 100, an
+    empty prediction on a non-empty mask (or the reverse) scores ~0.
+
+F1 (boundary pixels ignored)
+    * Positives: ground-truth pixels that survive a 15x15 square erosion. Negatives: pixels outside the
+      11x11 square dilation of the ground truth. All other pixels (a band around the mask boundary) are
+      ignored. Pixels outside the image never take part in the min/max: a region touching the image border
+      is not eroded from the border side. This is what TruFor's ``scipy.ndimage.minimum_filter`` (mode
+      ``reflect``) does, and equally ``cv2.erode`` with its default border value and DeCLIP's +inf padding.
+    * ``F1 = 2 TP / (2 TP + FP + FN)`` over the non-ignored pixels, and 0 when the denominator is 0
+      (TruFor's ``computeF1`` clamps the denominator to 1e-32).
+    * F1_fixed: at ``threshold`` (0.5).
+    * Threshold sweep (TruFor's ``computeMetricsContinue``): every distinct probability among the non-ignored
+      pixels is a threshold ``t`` with prediction ``prob > t``. The largest one (nothing predicted) is
+      included; a threshold below the minimum (everything predicted) is not, as in TruFor.
+      F1_best = max(best F1 of the sweep, F1_fixed) (DeCLIP's / the poster's rule, protocol.md).
+    * No polarity inversion: TruFor's ``computeLocalizationMetrics`` takes ``max(F1, F1 of the inverted
+      map)``; DeCLIP, the poster and protocol.md do not, and it would reward predicting the complement.
+    * No positive pixel after erosion (empty mask, or every region thinner than 15 px): F1 is 0 at every
+      threshold (TruFor's formula: TP = 0). The image stays in the F1 means; ``compute`` reports how many such
+      images there are as ``n_f1_no_positive``. The same holds when no pixel is left at all (TruFor raises
+      and records NaN there). DeCLIP / the poster would instead score 100 when there is also no false
+      positive (their numerator carries +1e-32); we keep TruFor's 0. TruFor's fixed-threshold F1 also
+      becomes NaN when sklearn's confusion matrix collapses to 1x1 (a single class among labels and
+      predictions); that artefact is not reproduced, the formula above is used.
+
+AP
+    Binary average precision over the image's pixels with torchmetrics ``binary_average_precision``
+    semantics (thresholds=None, exact; equal to sklearn's ``average_precision_score``):
+    ``sum_k (R_k - R_{k-1}) P_k`` over the distinct probabilities in descending order. ``prob`` must already
+    be probabilities (torchmetrics would apply a sigmoid to values outside [0, 1]; we do not).
+    An image whose mask has no manipulated pixel has undefined AP: it is NaN, excluded from the AP mean,
+    and counted in ``n_ap_undefined``. (torchmetrics returns 0 there with a warning and DeCLIP/the poster
+    averaged that 0 in; their number is ``ap * (n_images - n_ap_undefined) / n_images``.)
+
+Aggregation (``LocalizationMetrics``)
+    Means over unique images. Per-image scores and dataset indices are "cat" states, so DDP gathers them
+    all; ``compute`` keeps the first occurrence of each index, which drops the duplicates that
+    ``DistributedSampler`` pads the last shards with. Without indices every updated row counts (under DDP
+    the padded duplicates then count twice: pass indices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+__all__ = ["DILATE_SIZE", "ERODE_SIZE", "LocalizationMetrics", "image_scores", "resize_probs"]
+
+ERODE_SIZE = 15  # TruFor's erodeKernSize: gt pixels surviving this erosion are the F1 positives
+DILATE_SIZE = 11  # TruFor's dilateKernSize: pixels outside this dilation are the F1 negatives
+GT_THRESHOLD = 0.5  # ground truth is mask > 0.5
+
+# Per-image values kept as "cat" states; "f1_no_positive" is a 0/1 flag for the undefined F1 case.
+_SCORE_NAMES = ("iou", "f1_fixed", "f1_best", "ap")
+_STATE_NAMES = (*_SCORE_NAMES, "f1_no_positive")
+# Bound the working set of the batched sort/cumsum (elements per chunk of images).
+_MAX_CHUNK_ELEMENTS = 1 << 23
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    """Accumulation dtype: float64 for exact-looking ratios, except where the backend lacks it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def resize_probs(logits: torch.Tensor, size: tuple[int, int] | Sequence[int]) -> torch.Tensor:
+    """Sigmoid, then bilinear resize (``align_corners=False``) to ``size``: ``Bx1xhxw -> BxHxW``.
+
+    ``Bxhxw`` logits are accepted too. Computed in float32 so half-precision logits do not lose ties.
+    """
+    if logits.ndim == 3:
+        logits = logits.unsqueeze(1)
+    if logits.ndim != 4 or logits.shape[1] != 1:
+        raise ValueError(f"expected logits of shape Bx1xhxw, got {tuple(logits.shape)}")
+    size = (int(size[0]), int(size[1]))
+    probs = torch.sigmoid(logits.detach().float())
+    if tuple(probs.shape[-2:]) != size:
+        # Sigmoid before resizing, as the protocol says (resizing logits would give other values).
+        probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+    return probs[:, 0]
+
+
+def _binarise_masks(masks: torch.Tensor) -> torch.Tensor:
+    """``Bx1xHxW`` or ``BxHxW`` masks -> bool ``BxHxW`` (manipulated = value > 0.5)."""
+    if masks.ndim == 4:
+        if masks.shape[1] != 1:
+            raise ValueError(f"expected masks Bx1xHxW or BxHxW, got {tuple(masks.shape)}")
+        masks = masks[:, 0]
+    if masks.ndim != 3:
+        raise ValueError(f"expected masks Bx1xHxW or BxHxW, got {tuple(masks.shape)}")
+    return masks if masks.dtype == torch.bool else masks > GT_THRESHOLD
+
+
+def _f1_split(gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TruFor's F1 positives (eroded gt) and negatives (outside dilated gt) for bool ``BxHxW`` gt.
+
+    ``max_pool2d`` pads with -inf, so pixels outside the image never win the max (nor, negated, the min):
+    regions touching the border are not eroded from the border side, like scipy's reflect mode / cv2.
+    """
+    g = gt.unsqueeze(1).float()
+    eroded = -F.max_pool2d(-g, ERODE_SIZE, stride=1, padding=ERODE_SIZE // 2)
+    dilated = F.max_pool2d(g, DILATE_SIZE, stride=1, padding=DILATE_SIZE // 2)
+    return eroded[:, 0] > 0.5, dilated[:, 0] < 0.5
+
+
+def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """F1 in percent from integer counts; 0 when 2TP + FP + FN = 0 (TruFor's convention)."""
+    den = (2 * tp + fp + fn).clamp(min=1)  # integer counts: clamping only changes the 0/0 case (to 0/1)
+    return 100.0 * ((2 * tp).to(dtype) / den.to(dtype))
+
+
+def _last_of_ties(sorted_values: torch.Tensor) -> torch.Tensor:
+    """True at the last position of each run of equal values along dim 1 (one per distinct threshold)."""
+    last = torch.ones_like(sorted_values, dtype=torch.bool)
+    last[:, :-1] = sorted_values[:, 1:] != sorted_values[:, :-1]
+    return last
+
+
+def _best_f1_sweep(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Best F1 over thresholds = each distinct value among non-ignored pixels (``BxN`` flattened inputs)."""
+    # Ignored pixels go to +inf: they sort last and never create a threshold below a real one; the +inf
+    # group's counts equal those of the largest real threshold (nothing predicted), which TruFor includes.
+    keyed = v.masked_fill(~(pos | neg), float("inf"))
+    sorted_v, order = keyed.sort(dim=1)
+    fn = pos.gather(1, order).cumsum(1)  # positives with value <= t are predicted negative
+    tn = neg.gather(1, order).cumsum(1)
+    tp = pos.sum(1, keepdim=True) - fn
+    fp = neg.sum(1, keepdim=True) - tn
+    f1 = _f1(tp, fp, fn, dtype)
+    # Only the end of a tie run is a real operating point (a threshold cannot split equal values);
+    # F1 >= 0, so zeroing the others leaves the max unchanged (the last position is always valid).
+    return f1.masked_fill(~_last_of_ties(sorted_v), 0.0).amax(1)
+
+
+def _average_precision(v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact binary AP in percent per row of ``BxN`` (torchmetrics/sklearn step formula); NaN without positives."""
+    sorted_v, order = v.sort(dim=1, descending=True)
+    target = gt.gather(1, order)
+    tps = target.cumsum(1)
+    n = v.shape[1]
+    # AP = sum_k (R_k - R_{k-1}) P_k = (1/P) * sum over positive pixels of the precision at the end of
+    # their tie group. End of the group of position i = first tie-run end at or after i (reverse cummin).
+    positions = torch.arange(n, device=v.device).expand_as(tps)
+    ends = torch.where(_last_of_ties(sorted_v), positions, n)
+    ends = ends.flip(1).cummin(1).values.flip(1)
+    precision = tps.gather(1, ends).to(dtype) / (ends + 1).to(dtype)
+    n_pos = tps[:, -1]
+    ap = 100.0 * ((precision * target).sum(1) / n_pos.clamp(min=1).to(dtype))
+    return torch.where(n_pos > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def _batch_scores(probs: torch.Tensor, gt: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """Per-image scores for ``BxHxW`` probabilities and bool ground truth of the same size (1-D tensors)."""
+    if probs.shape != gt.shape:
+        raise ValueError(f"probabilities {tuple(probs.shape)} and masks {tuple(gt.shape)} differ in size")
+    dtype = _acc_dtype(probs.device)
+    b = probs.shape[0]
+    pos_img, neg_img = _f1_split(gt)
+    v = probs.reshape(b, -1)
+    g = gt.reshape(b, -1)
+    pos = pos_img.reshape(b, -1)
+    neg = neg_img.reshape(b, -1)
+
+    pred = v > threshold
+    inter = (pred & g).sum(1).to(dtype)
+    union = (pred | g).sum(1).to(dtype)
+    iou = 100.0 * ((inter + 1e-8) / (union + 1e-8))
+
+    tp = (pred & pos).sum(1)
+    f1_fixed = _f1(tp, (pred & neg).sum(1), pos.sum(1) - tp, dtype)
+
+    # The sweep and AP sort every pixel: chunk the batch so huge masks do not blow up memory.
+    step = max(1, _MAX_CHUNK_ELEMENTS // max(1, v.shape[1]))
+    sweep, ap = [], []
+    for s in range(0, b, step):
+        sl = slice(s, s + step)
+        sweep.append(_best_f1_sweep(v[sl], pos[sl], neg[sl], dtype))
+        ap.append(_average_precision(v[sl], g[sl], dtype))
+    f1_best = torch.maximum(torch.cat(sweep), f1_fixed)
+
+    return {
+        "iou": iou,
+        "f1_fixed": f1_fixed,
+        "f1_best": f1_best,
+        "ap": torch.cat(ap),
+        "f1_no_positive": (pos.sum(1) == 0).to(dtype),
+    }
+
+
+@torch.no_grad()
+def image_scores(prob: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """Scores of one image in percent: ``{"iou", "f1_fixed", "f1_best", "ap"}`` (AP is NaN for an empty mask).
+
+    ``prob``: HxW probabilities in [0, 1], already at the mask's size; ``mask``: HxW, > 0.5 = manipulated.
+    """
+    if prob.ndim != 2 or prob.shape != mask.shape:
+        raise ValueError(f"expected two HxW tensors of one size, got {tuple(prob.shape)} and {tuple(mask.shape)}")
+    gt = _binarise_masks(mask.unsqueeze(0)).to(prob.device)
+    scores = _batch_scores(prob.detach().unsqueeze(0), gt, threshold)
+    return {name: float(scores[name][0]) for name in _SCORE_NAMES}
+
+
+class LocalizationMetrics(Metric):
+    """Mean per-image IoU / F1_fixed / F1_best / AP over unique images, DDP-safe (see module docstring).
+
+    ``compute`` returns ``iou``, ``f1_fixed``, ``f1_best``, ``ap`` (percent), ``n_images`` and the counts of
+    the undefined cases ``n_ap_undefined`` (excluded from ``ap``) and ``n_f1_no_positive`` (F1 = 0 there).
+    Counts are float tensors so that Lightning can log them without a dtype warning.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, threshold: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.threshold = float(threshold)
+        for name in _STATE_NAMES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        # Dataset index per row, -1 = unknown (always counted).
+        self.add_state("sample_index", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        """Score a batch: logits ``Bx1xhxw`` (any size), masks ``Bx1xHxW``/``BxHxW`` at native size."""
+        gt = _binarise_masks(masks.detach())
+        with torch.no_grad():
+            probs = resize_probs(logits, gt.shape[-2:])
+            scores = _batch_scores(probs, gt.to(probs.device), self.threshold)
+        b = probs.shape[0]
+        if indices is None:
+            idx = torch.full((b,), -1, dtype=torch.long, device=probs.device)
+        else:
+            idx = torch.as_tensor(indices).to(device=probs.device, dtype=torch.long).reshape(-1)
+            if idx.numel() != b:
+                raise ValueError(f"got {idx.numel()} indices for a batch of {b}")
+            if bool((idx < 0).any()):
+                raise ValueError("dataset indices must be >= 0")
+        for name in _STATE_NAMES:
+            getattr(self, name).append(scores[name])
+        self.sample_index.append(idx)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Means over unique images (first occurrence of each index kept)."""
+        if isinstance(self.sample_index, list) and not self.sample_index:
+            nan = torch.tensor(float("nan"), device=self.device)
+            zero = torch.tensor(0.0, device=self.device)
+            return {**dict.fromkeys(_SCORE_NAMES, nan), "n_images": zero, "n_ap_undefined": zero,
+                    "n_f1_no_positive": zero}  # fmt: skip
+        index = dim_zero_cat(self.sample_index)
+        keep = _first_occurrences(index)
+        values = {name: dim_zero_cat(getattr(self, name))[keep] for name in _STATE_NAMES}
+        ap = values["ap"]
+        count_dtype = torch.get_default_dtype()
+        return {
+            "iou": values["iou"].mean(),
+            "f1_fixed": values["f1_fixed"].mean(),
+            "f1_best": values["f1_best"].mean(),
+            "ap": ap.nanmean(),  # NaN if no image has a manipulated pixel
+            "n_images": torch.tensor(float(keep.sum()), dtype=count_dtype, device=ap.device),
+            "n_ap_undefined": ap.isnan().sum().to(count_dtype),
+            "n_f1_no_positive": values["f1_no_positive"].sum().to(count_dtype),
+        }
+
+
+def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
+    """Bool mask keeping rows with index -1 and the first row of every index >= 0."""
+    keep = index < 0
+    known = ~keep
+    if bool(known.any()):
+        ids = index[known]
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        order = torch.arange(ids.numel(), device=ids.device)
+        first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
+        first = first.scatter_reduce(0, inverse, order, reduce="amin")
+        chosen = torch.zeros_like(ids, dtype=torch.bool)
+        chosen[first] = True
+        keep[known] = chosen
+    return keep
