@@ -1,0 +1,331 @@
+"""``LocalizationDataModule``: layout (index + validate) -> splits -> datasets -> loaders.
+
+Hyperparameters are primitives (str, int, float, bool, list, dict of those), so they survive checkpoint
+``weights_only`` loading. A feature cache can replace the image datasets via :meth:`set_dataset_factory`.
+
+Reproducibility: the training loader draws its order from ``(seed, epoch)`` (:class:`EpochSeededSampler`), and
+Lightning calls ``set_epoch`` before every epoch, so a run resumed at an epoch boundary sees exactly the batches
+of an uninterrupted run. The same (seed, epoch) also seeds the loader's generator, from which PyTorch derives the
+worker seeds, and :func:`seed_worker` reseeds the augmentation pipeline from them; with augmentation on, training
+workers are therefore not persistent (a persistent worker would keep its epoch-0 state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from deeploc.data.augment import build_augmentations
+from deeploc.data.datasets import ImageMaskDataset
+from deeploc.data.layout import (
+    Sample,
+    count_table,
+    format_count_table,
+    index_subsets,
+    resolve_root,
+    validate_samples,
+)
+from deeploc.data.splits import SPLIT_MODES, SplitPlan, make_split, subsets_needed
+from deeploc.data.synthetic import generate_dataset
+
+__all__ = ["DatasetFactory", "EpochSeededSampler", "LocalizationDataModule", "seed_worker"]
+
+log = logging.getLogger(__name__)
+
+DatasetFactory = Callable[[list[Sample], str], Dataset]
+_SPLIT_KEYS = {"mode", "subset", "n_train", "n_valid", "seed"}
+
+
+def _mix(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy SeedSequence)."""
+    return int(
+        np.random.SeedSequence([int(v) % (2**63) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1)
+    )
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation of ``range(n)`` that depends only on ``(seed, epoch)``.
+
+    ``set_epoch(epoch)`` (called by Lightning before each training epoch) selects the epoch; without it, each
+    new iteration advances the epoch by one. ``loader_generator`` (the DataLoader's ``generator``, from which
+    worker seeds are drawn) is reseeded from (seed, epoch) too, and ``on_epoch(epoch)`` is called, e.g. to
+    reseed augmentations when loading in the main process.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        loader_generator: torch.Generator | None = None,
+        on_epoch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.n = int(n)
+        self.seed = int(seed)
+        self.loader_generator = loader_generator
+        self.on_epoch = on_epoch
+        self.epoch = 0
+        self._iterated: int | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._iterated = None
+        if self.loader_generator is not None:
+            self.loader_generator.manual_seed(_mix(self.seed, self.epoch, 1))
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(_mix(self.seed, int(epoch), 0))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        if self._iterated == self.epoch:  # iterated again without set_epoch: next epoch
+            self.set_epoch(self.epoch + 1)
+        self._iterated = self.epoch
+        return iter(self.order(self.epoch))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: reseed the worker's dataset (its augmentations) from the worker seed."""
+    info = get_worker_info()
+    if info is None:
+        return
+    reseed = getattr(info.dataset, "reseed", None)
+    if callable(reseed):
+        reseed(info.seed % (2**32))
+
+
+def _default_cache_file(root: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:16]
+    return base / "deeploc" / "validated" / f"{digest}.json"
+
+
+class LocalizationDataModule(L.LightningDataModule):
+    """Dolos (or a synthetic stand-in) for localization training and evaluation.
+
+    Args:
+        root: the dataset root, ``.../wacv_data`` or ``.../wacv_data/data`` (see ``layout.resolve_root``).
+        subsets: the localization subsets of the study (cross: the test subsets; leave_one_out: all four).
+        split: ``{"mode": "in_domain" | "cross" | "leave_one_out", "subset": str, "n_train": int = 3000,
+            "n_valid": int = 300, "seed": int = 42}``; ``subset`` is the training subset (held out for
+            leave_one_out); ``n_*``/``seed`` apply to leave_one_out only.
+        batch_size / eval_batch_size: training / evaluation batch size (eval defaults to batch_size).
+        augment: ``deeploc.data.augment`` config for training images; None = off.
+        validate: decode and check every used image and mask in ``setup`` (fails naming bad files).
+        validate_cache: validation cache file; "auto" = ``$XDG_CACHE_HOME/deeploc/validated/<hash of root>.json``,
+            None = no cache.
+        synthetic: when given, ``generate_dataset(**synthetic)`` writes a dataset first if there is none; the
+            data then live in ``<root>/wacv_data`` (or in ``root`` itself if it is named ``wacv_data``).
+        seed: seeds the training order and augmentation (the split's own seed is ``split["seed"]``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        subsets: list[str],
+        split: dict,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        augment: dict | None = None,
+        validate: bool = True,
+        synthetic: dict | None = None,
+        seed: int = 0,
+        validate_cache: str | None = "auto",
+    ) -> None:
+        super().__init__()
+        split = dict(split)
+        unknown = set(split) - _SPLIT_KEYS
+        if unknown:
+            raise ValueError(f"split: unknown keys {sorted(unknown)}; known: {sorted(_SPLIT_KEYS)}")
+        for key in ("mode", "subset"):
+            if not split.get(key):
+                raise ValueError(f"split.{key} is required (split = {split})")
+        if split["mode"] not in SPLIT_MODES:
+            raise ValueError(f"split.mode {split['mode']!r} is unknown; choose one of {list(SPLIT_MODES)}")
+        split.setdefault("n_train", 3000)
+        split.setdefault("n_valid", 300)
+        split.setdefault("seed", 42)
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {eval_batch_size}")
+        self.root = str(root)
+        self.subsets = list(subsets)
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.augment = dict(augment) if augment else None
+        self.validate = bool(validate)
+        self.validate_cache = validate_cache
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.seed = int(seed)
+        self.save_hyperparameters()
+        # Fail on a bad augmentation config now, not in the first training step.
+        build_augmentations(self.augment)
+
+        self.plan: SplitPlan | None = None
+        self.data_root: Path | None = None
+        self._factory: DatasetFactory | None = None
+        self._datasets: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------- data
+
+    def _synthetic_target(self) -> Path:
+        root = Path(self.root).expanduser().absolute()
+        return root.parent if root.name == "wacv_data" else root
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic dataset if one is configured (idempotent; Lightning runs this on one process)."""
+        if self.synthetic is not None:
+            generate_dataset(self._synthetic_target(), **self.synthetic)
+
+    def _resolve(self) -> Path:
+        if self.synthetic is not None:
+            return resolve_root(generate_dataset(self._synthetic_target(), **self.synthetic))
+        return resolve_root(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index the subsets the split needs, build the plan, validate the samples it uses, log counts."""
+        if self.plan is not None:
+            return
+        root = self._resolve()
+        mode, subset = self.split["mode"], self.split["subset"]
+        needed = subsets_needed(mode, subset, self.subsets)
+        samples = index_subsets(root, needed)
+        plan = make_split(
+            samples,
+            mode,
+            subset,
+            self.subsets,
+            n_train=int(self.split["n_train"]),
+            n_valid=int(self.split["n_valid"]),
+            seed=int(self.split["seed"]),
+        )
+        used = plan.all_samples()
+        if self.validate:
+            cache = _default_cache_file(root) if self.validate_cache == "auto" else self.validate_cache
+            validate_samples(used, cache_file=cache, workers=max(1, self.num_workers))
+        self.data_root = root
+        self.plan = plan
+        log.info("dataset %s, split %s (subset %s)", root, mode, subset)
+        for stage_name, chosen in (("train", plan.train), ("valid", plan.valid)):
+            log.info("%s: %d samples\n%s", stage_name, len(chosen), format_count_table(count_table(chosen)))
+        for name, chosen in plan.test.items():
+            log.info("test[%s]: %d samples", name, len(chosen))
+
+    @property
+    def test_subsets(self) -> list[str]:
+        return self._plan().test_subsets
+
+    def _plan(self) -> SplitPlan:
+        if self.plan is None:
+            raise RuntimeError("LocalizationDataModule.setup() has not run yet")
+        return self.plan
+
+    # ------------------------------------------------------------------------------------- datasets
+
+    def set_dataset_factory(self, factory: DatasetFactory | None) -> None:
+        """Replace how datasets are built: ``factory(samples, stage)`` with stage "train", "valid" or "test".
+
+        None restores the default (:class:`ImageMaskDataset`, augmented for "train" only). Datasets already
+        built are dropped.
+        """
+        self._factory = factory
+        self._datasets.clear()
+
+    def _build(self, samples: list[Sample], stage: str) -> Dataset:
+        if self._factory is not None:
+            return self._factory(samples, stage)
+        transform = build_augmentations(self.augment, seed=self.seed) if stage == "train" else None
+        return ImageMaskDataset(samples, transform=transform)
+
+    def dataset(self, stage: str, test_subset: str | None = None) -> Dataset:
+        """The (cached) dataset of a stage; for "test", the one of ``test_subset``."""
+        plan = self._plan()
+        key = stage if stage != "test" else f"test/{test_subset}"
+        if key not in self._datasets:
+            if stage == "train":
+                samples = plan.train
+            elif stage == "valid":
+                samples = plan.valid
+            elif stage == "test":
+                if test_subset not in plan.test:
+                    raise KeyError(f"no test subset {test_subset!r}; test subsets: {plan.test_subsets}")
+                samples = plan.test[test_subset]
+            else:
+                raise ValueError(f"unknown stage {stage!r}; use train, valid or test")
+            self._datasets[key] = self._build(samples, stage)
+        return self._datasets[key]
+
+    # ---------------------------------------------------------------------------------------- loaders
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        persistent = kwargs.pop("persistent_workers", self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=persistent and self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        generator = torch.Generator()
+        reseed = getattr(dataset, "reseed", None)
+        on_epoch = None
+        if callable(reseed) and self.num_workers == 0:
+
+            def on_epoch(epoch: int) -> None:
+                reseed(_mix(self.seed, epoch, 2) % (2**32))
+
+        sampler = EpochSeededSampler(len(dataset), self.seed, loader_generator=generator, on_epoch=on_epoch)
+        randomised = getattr(dataset, "transform", None) is not None
+        return self._loader(
+            dataset,
+            self.batch_size,
+            sampler=sampler,
+            generator=generator,
+            worker_init_fn=seed_worker,
+            drop_last=False,
+            persistent_workers=not randomised,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("valid"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test subset, in :attr:`test_subsets` order."""
+        return [
+            self._loader(self.dataset("test", name), self.eval_batch_size, shuffle=False) for name in self.test_subsets
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        """Counts for logging / metrics.json: root, mode, subset, n per stage and per test subset."""
+        plan = self._plan()
+        return {
+            "root": str(self.data_root),
+            "mode": self.split["mode"],
+            "subset": self.split["subset"],
+            "n_train": len(plan.train),
+            "n_valid": len(plan.valid),
+            "n_test": {k: len(v) for k, v in plan.test.items()},
+        }

@@ -1,0 +1,53 @@
+"""One (image, mask) sample as tensors, read with the same OpenCV readers that validation uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from deeploc.data.errors import DatasetError
+from deeploc.data.layout import Sample, read_mask, read_rgb
+
+__all__ = ["ImageMaskDataset"]
+
+
+class ImageMaskDataset(Dataset):
+    """Items are dicts: ``image`` float32 3xHxW in [0, 1] RGB; ``mask`` float32 1xHxW, 1 = manipulated
+    (``mask_png[..., 0] != 255``); ``name``, ``subset`` (str) and ``index`` (int, position in ``samples``).
+
+    ``transform`` is an albumentations-style callable ``transform(image=HxWx3 uint8, mask=HxW uint8) -> dict``
+    (see :mod:`deeploc.data.augment`); the mask it receives is 0/1.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict[str, Any]] | None = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the transform's random state (called per worker / epoch by the datamodule)."""
+        set_seed = getattr(self.transform, "set_random_seed", None)
+        if callable(set_seed):
+            set_seed(int(seed) % (2**32))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        image = read_rgb(s.image)
+        mask = (read_mask(s.mask) != 255).astype(np.uint8)
+        if image.shape[:2] != mask.shape:
+            raise DatasetError(
+                f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {s.image} is "
+                f"{image.shape[1]}x{image.shape[0]} (WxH); run deeploc-check on the dataset"
+            )
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        mask_t = torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0)
+        return {"image": image_t, "mask": mask_t, "name": s.name, "subset": s.subset, "index": int(index)}
