@@ -1,0 +1,623 @@
+"""Frozen SAM2 features, computed once and served to every decoder of every run and sweep job.
+
+A :class:`FeatureStore` holds ONE feature map (``image_embed``, ``high_res_feats_0`` or ``high_res_feats_1``) of
+ONE encoder identity (config, overrides, input size, weights digest or random seed, preprocessing: everything
+:meth:`SAM2FeatureEncoder.identity` returns) for any number of images, keyed by the sha256 of each image FILE.
+
+Layout under ``root`` (one root can hold many stores; they share the image-hash memo)::
+
+    root/image_hashes.json                         memo: absolute path -> (size, mtime_ns, ctime_ns, sha256)
+    root/<config>-<size>-<feature>-<key16>/        one store; <key16> = sha256 of its identity, truncated
+        identity.json                              the full identity; compared on every open
+        .lock                                      fcntl.flock'ed around extraction
+        entries/<h[:2]>/<h>.f16                    one image's feature map, h = sha256 of the image file
+
+Entry file format (little-endian): 256-byte header = ``DLFEAT1\\n`` + uint32 length + JSON
+``{"key", "shape", "dtype", "nbytes", "crc32"}`` padded with spaces; then C*H*W float16 values (C-order), read
+through a memory map. Peak RAM therefore does not depend on the number of cached images.
+
+Keys and reuse
+    * different encoder identity / feature / store format -> different folder; a folder whose ``identity.json``
+      does not match the expected identity is refused (:class:`FeatureStoreError`), and :meth:`extract` refuses an
+      encoder whose ``identity()`` differs from the store's.
+    * identical image files (same bytes) share one entry, across subsets, splits, runs and sweep jobs; a changed
+      file gets a new hash and is recomputed. Hashes are memoised by (path, size, mtime_ns, ctime_ns): a file
+      rewritten in place with the same size within the file system's timestamp resolution would keep its stale
+      hash (ctime cannot be set back by a user, so ordinary edits, copies and ``touch`` are all noticed).
+
+Safety
+    * every entry is written to a temporary file in the same folder and ``os.replace``-d into place: readers see
+      a complete entry or none. Interrupted extraction leaves finished entries; the next call resumes and removes
+      stale temporary files.
+    * extraction runs under an exclusive ``fcntl.flock`` on the store's ``.lock``: a second job waits, then finds
+      the work done (flock is advisory, local file systems and NFSv4 honour it; some network file systems do not).
+    * Detected on every read of an entry: missing file, wrong magic, unparsable header, an entry for another image
+      (key), wrong shape or dtype, truncated or extended file (exact size check), any change of the feature bytes
+      (crc32). :meth:`missing` uses the cheap checks (header + size, no crc) and reports such entries as missing,
+      so :meth:`extract` recomputes them; a crc failure during training raises :class:`FeatureStoreError` naming
+      the file. NOT detected: an entry deliberately rewritten with a consistent header and crc (the store is not a
+      defence against tampering), and features that were wrong when computed (e.g. an encoder whose
+      ``identity()`` does not capture something that changes its output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from deeploc.features_spec import feature_info, feature_shape
+
+if TYPE_CHECKING:
+    from deeploc.data.layout import Sample
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "CachedFeatureDataset",
+    "FeatureStore",
+    "FeatureStoreError",
+    "cache_allowed",
+    "format_bytes",
+    "identity_key",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAGIC = b"DLFEAT1\n"
+HEADER_SIZE = 256
+DTYPE = np.float16
+_HASH_MEMO = "image_hashes.json"
+_LIST_LIMIT = 5
+
+
+class FeatureStoreError(RuntimeError):
+    """A feature store that cannot be used as asked; the message names the folder or file and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable byte count (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def identity_key(encoder_identity: Mapping[str, Any], feature: str) -> str:
+    """sha256 of everything that determines the stored maps: encoder identity, feature name, store format."""
+    payload = {"encoder": dict(encoder_identity), "feature": feature, "format": FORMAT_VERSION}
+    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._+" else "_" for c in text)
+
+
+def _atomic_write_bytes(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path, what: str) -> Iterator[None]:
+    """Exclusive flock on ``path``; says so when it has to wait for another process."""
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another process holds %s; waiting for it to finish", what, path)
+            print(f"[feature store] waiting for another process holding {path}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _HashMemo:
+    """sha256 of image files, memoised in ``root/image_hashes.json`` by (path, size, mtime_ns, ctime_ns)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / _HASH_MEMO
+        self.lock = root / f".{_HASH_MEMO}.lock"
+        self._memo: dict[str, list[Any]] | None = None
+
+    def _load(self) -> dict[str, list[Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):  # absent or damaged: rehash (it is only a memo)
+            return {}
+
+    def hashes(self, paths: Sequence[str], progress: bool = False) -> list[str]:
+        if self._memo is None:
+            self._memo = self._load()
+        memo = self._memo
+        out: list[str] = []
+        fresh: dict[str, list[Any]] = {}
+        todo: list[tuple[int, str, list[int]]] = []
+        for i, path in enumerate(paths):
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise FeatureStoreError(f"cannot read image {path}: {exc}") from exc
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            hit = memo.get(path)
+            if hit is not None and hit[:3] == stamp:
+                out.append(hit[3])
+            else:
+                out.append("")
+                todo.append((i, path, stamp))
+        if todo:
+            bar = _progress(len(todo), "hash images", enabled=progress and len(todo) >= 256)
+            for i, path, stamp in todo:
+                out[i] = _sha256_file(path)
+                fresh[path] = [*stamp, out[i]]
+                bar.update(1)
+            bar.close()
+            memo.update(fresh)
+            self._save(fresh)
+        return out
+
+    def _save(self, fresh: dict[str, list[Any]]) -> None:
+        """Merge new hashes into the memo file (read-merge-replace under a lock, so concurrent jobs add up)."""
+        try:
+            with _locked(self.lock, "image-hash memo"):
+                merged = self._load()
+                merged.update(fresh)
+                _atomic_write_bytes(self.path, [json.dumps(merged, separators=(",", ":")).encode()])
+        except OSError as exc:  # e.g. a read-only cache root at evaluation time: the memo is an optimisation
+            log.warning("could not update the image-hash memo %s: %s", self.path, exc)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------- entry format
+
+
+def _encode_header(key: str, shape: tuple[int, ...], crc: int) -> bytes:
+    nbytes = int(np.prod(shape)) * np.dtype(DTYPE).itemsize
+    meta = _canonical({"key": key, "shape": list(shape), "dtype": "float16", "nbytes": nbytes, "crc32": crc})
+    body = meta.encode()
+    room = HEADER_SIZE - len(MAGIC) - 4
+    if len(body) > room:
+        raise AssertionError("feature entry header too long")
+    return MAGIC + struct.pack("<I", len(body)) + body.ljust(room, b" ")
+
+
+def _check_header(
+    path: Path, head: bytes, size: int, key: str, shape: tuple[int, ...]
+) -> tuple[dict[str, Any] | None, str]:
+    """(header, "") if the entry's header and size are consistent with ``key`` and ``shape``, else (None, reason)."""
+    if len(head) < HEADER_SIZE or not head.startswith(MAGIC):
+        return None, "not a deeploc feature entry (bad magic or shorter than its header)"
+    (length,) = struct.unpack("<I", head[len(MAGIC) : len(MAGIC) + 4])
+    try:
+        meta = json.loads(head[len(MAGIC) + 4 : len(MAGIC) + 4 + length])
+    except ValueError:
+        return None, "unreadable header"
+    if not isinstance(meta, dict):
+        return None, "unreadable header"
+    if meta.get("key") != key:
+        return None, f"entry belongs to image {meta.get('key')!r}, expected {key!r}"
+    if meta.get("dtype") != "float16" or tuple(meta.get("shape", ())) != tuple(shape):
+        return None, f"entry holds {meta.get('dtype')} {meta.get('shape')}, expected float16 {list(shape)}"
+    nbytes = int(np.prod(shape)) * np.dtype(DTYPE).itemsize
+    if meta.get("nbytes") != nbytes or size != HEADER_SIZE + nbytes:
+        return None, f"file is {size} bytes, expected {HEADER_SIZE + nbytes} (truncated or overwritten)"
+    return meta, ""
+
+
+def _entry_problem(path: Path, key: str, shape: tuple[int, ...], verify: bool = False) -> str:
+    """Why the entry at ``path`` is unusable; "" when it is fine. Cheap checks (header, key, shape, dtype, size)
+    always; ``verify`` also reads the data and checks its crc32."""
+    if verify:
+        try:
+            read_entry(path, key, shape)
+        except FeatureStoreError as exc:
+            return str(exc)
+        return ""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(HEADER_SIZE)
+            size = os.fstat(handle.fileno()).st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    return _check_header(path, head, size, key, shape)[1]
+
+
+def read_entry(path: str | Path, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The float16 ``C x H x W`` tensor of one entry, read through a memory map, with every check of the module
+    docstring (header, key, shape, dtype, exact size, crc32). Raises :class:`FeatureStoreError` naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < HEADER_SIZE:
+                raise FeatureStoreError(f"feature entry {path} is corrupt: {size} bytes, shorter than its header")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                meta, problem = _check_header(path, mapped[:HEADER_SIZE], size, key, shape)
+                if meta is None:
+                    raise FeatureStoreError(f"feature entry {path} is corrupt: {problem}. {_FIX}")
+                view = memoryview(mapped)[HEADER_SIZE:]
+                try:
+                    if zlib.crc32(view) != meta["crc32"]:
+                        raise FeatureStoreError(f"feature entry {path} is corrupt: crc32 mismatch. {_FIX}")
+                    data = np.frombuffer(view, dtype=DTYPE).reshape(shape).copy()
+                finally:
+                    view.release()
+    except FileNotFoundError:
+        raise FeatureStoreError(f"feature entry {path} is missing. {_FIX}") from None
+    return torch.from_numpy(data)
+
+
+_FIX = "Run the extraction again (deeploc-extract or FeatureStore.extract): it recomputes entries that fail checks."
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+class FeatureStore:
+    """One feature map of one encoder identity for any number of images, stored once as memory-mapped float16.
+
+    Args:
+        root: cache root folder (created if needed); several stores (identities, features) can share it.
+        encoder_identity: ``SAM2FeatureEncoder.identity()``; must contain ``image_size``.
+        feature: the one feature map this store holds.
+
+    Example::
+
+        store = FeatureStore(cache_dir, encoder.identity(), "image_embed")
+        store.extract(samples, encoder, device="cuda")      # computes only what is missing
+        dataset = store.dataset(samples)                    # dict(features, mask, name, subset, index)
+    """
+
+    def __init__(self, root: str | os.PathLike[str], encoder_identity: Mapping[str, Any], feature: str) -> None:
+        feature_info(feature)
+        if "image_size" not in encoder_identity:
+            raise FeatureStoreError(f"encoder identity {dict(encoder_identity)} has no 'image_size'")
+        self.root = Path(root).expanduser().absolute()
+        self.encoder_identity = json.loads(_canonical(dict(encoder_identity)))
+        self.feature = feature
+        self.shape = feature_shape(feature, int(self.encoder_identity["image_size"]))
+        self.key = identity_key(self.encoder_identity, feature)
+        config = str(self.encoder_identity.get("config", "encoder"))
+        name = f"{_slug(config)}-{self.encoder_identity['image_size']}-{feature}-{self.key[:16]}"
+        self.path = self.root / name
+        self._identity_doc = {
+            "format": FORMAT_VERSION,
+            "key": self.key,
+            "feature": feature,
+            "shape": list(self.shape),
+            "dtype": "float16",
+            "encoder": self.encoder_identity,
+        }
+        self._memo = _HashMemo(self.root)
+        self._open()
+
+    # ------------------------------------------------------------------ layout
+    def _open(self) -> None:
+        ident = self.path / "identity.json"
+        try:
+            (self.path / "entries").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FeatureStoreError(f"cannot create feature store folder {self.path}: {exc}") from exc
+        if ident.exists():
+            try:
+                found = json.loads(ident.read_text())
+            except ValueError as exc:
+                raise FeatureStoreError(
+                    f"{ident} is unreadable ({exc}); delete the folder {self.path} to rebuild this store"
+                ) from exc
+            if _canonical(found) != _canonical(self._identity_doc):
+                raise FeatureStoreError(
+                    f"feature store {self.path} was built for a different identity:\n  found    {_canonical(found)}\n"
+                    f"  expected {_canonical(self._identity_doc)}\nRefusing to use it; delete the folder to rebuild."
+                )
+        else:
+            _atomic_write_bytes(ident, [json.dumps(self._identity_doc, indent=2, sort_keys=True).encode()])
+
+    @property
+    def nbytes_per_image(self) -> int:
+        """Bytes one cached image takes on disk (header + float16 map)."""
+        return HEADER_SIZE + int(np.prod(self.shape)) * np.dtype(DTYPE).itemsize
+
+    def entry_path(self, content_hash: str) -> Path:
+        return self.path / "entries" / content_hash[:2] / f"{content_hash}.f16"
+
+    def _entries(self) -> Iterator[os.DirEntry[str]]:
+        entries = self.path / "entries"
+        for sub in os.scandir(entries):
+            if sub.is_dir():
+                yield from os.scandir(sub.path)
+
+    def describe(self) -> str:
+        """One line: feature, encoder, folder, number of entries and their size."""
+        files = [e for e in self._entries() if e.name.endswith(".f16")]
+        ident = self.encoder_identity
+        return (
+            f"FeatureStore {self.feature} {list(self.shape)} float16 of {ident.get('config')}@{ident.get('image_size')}"
+            f" ({ident.get('weights')}) at {self.path}: {len(files)} images, "
+            f"{format_bytes(len(files) * self.nbytes_per_image)} ({format_bytes(self.nbytes_per_image)} per image)"
+        )
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.root)!r}, feature={self.feature!r}, key={self.key[:16]})"
+
+    # ------------------------------------------------------------------- query
+    def content_hashes(self, samples: Sequence[Sample], progress: bool = False) -> list[str]:
+        """sha256 of each sample's image file (memoised)."""
+        return self._memo.hashes([os.path.abspath(s.image) for s in samples], progress=progress)
+
+    def missing(self, samples: Sequence[Sample], verify: bool = False, progress: bool = False) -> list[Sample]:
+        """Samples without a usable entry: absent, or failing the header / key / shape / dtype / size checks
+        (``verify``: also the crc32 of the data, which reads every entry)."""
+        hashes = self.content_hashes(samples, progress=progress)
+        bad: dict[str, bool] = {}
+        out = []
+        for sample, digest in zip(samples, hashes):
+            if digest not in bad:
+                bad[digest] = bool(_entry_problem(self.entry_path(digest), digest, self.shape, verify))
+            if bad[digest]:
+                out.append(sample)
+        return out
+
+    # ----------------------------------------------------------------- extract
+    def extract(
+        self,
+        samples: Sequence[Sample],
+        encoder: torch.nn.Module,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+        progress: bool = True,
+        verify: bool = False,
+    ) -> int:
+        """Compute and store the features of every sample that has no usable entry; returns how many were computed.
+
+        Images are read exactly as :class:`~deeploc.data.datasets.ImageMaskDataset` reads them (no augmentation),
+        batched, and run through ``encoder(images, names=(feature,))`` on ``device``. Before writing, prints the
+        disk space the new entries take, and refuses with :class:`FeatureStoreError` when the file system has less
+        free space. Holds the store's lock throughout, so concurrent jobs wait and then compute nothing.
+        Existing entries get the cheap checks; ``verify`` also checks their crc32 (reads the whole store).
+        """
+        found = json.loads(_canonical(encoder.identity()))  # type: ignore[operator]
+        if _canonical(found) != _canonical(self.encoder_identity):
+            raise FeatureStoreError(
+                f"encoder identity {_canonical(found)} does not match this feature store's "
+                f"{_canonical(self.encoder_identity)} ({self.path}); build the store from encoder.identity()"
+            )
+        hashes = self.content_hashes(samples, progress=progress)
+        with _locked(self.path / ".lock", f"feature store {self.path}"):
+            self._remove_stale_tmp()
+            todo: dict[str, Sample] = {}
+            for sample, digest in zip(samples, hashes):
+                if digest not in todo and _entry_problem(self.entry_path(digest), digest, self.shape, verify):
+                    todo[digest] = sample
+            n_unique = len(set(hashes))
+            if not todo:
+                print(f"[feature store] all {n_unique} images already cached in {self.path}", flush=True)
+                return 0
+            needed = len(todo) * self.nbytes_per_image
+            free = shutil.disk_usage(self.path).free
+            print(
+                f"[feature store] {self.feature}: computing {len(todo)} of {n_unique} images x "
+                f"{format_bytes(self.nbytes_per_image)} = {format_bytes(needed)} into {self.path} "
+                f"({format_bytes(free)} free)",
+                flush=True,
+            )
+            if needed > free:
+                raise FeatureStoreError(
+                    f"not enough disk space for the feature cache in {self.path}: needs {needed} bytes "
+                    f"({format_bytes(needed)}) for {len(todo)} images, {free} bytes ({format_bytes(free)}) free. "
+                    "Free space, point the cache at a larger disk, or cache a smaller feature map."
+                )
+            return self._compute(list(todo.items()), encoder, batch_size, device, num_workers, progress)
+
+    def _compute(
+        self,
+        todo: list[tuple[str, Sample]],
+        encoder: torch.nn.Module,
+        batch_size: int,
+        device: str | torch.device,
+        num_workers: int,
+        progress: bool,
+    ) -> int:
+        encoder = encoder.to(device).eval()
+        loader = DataLoader(
+            _ImageReader(todo),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_as_list,
+            pin_memory=torch.device(device).type == "cuda",
+        )
+        bar = _progress(len(todo), f"extract {self.feature}", enabled=progress)
+        done = 0
+        start = time.perf_counter()
+        try:
+            for batch in loader:
+                # Group by image size: the encoder resizes, but only equal sizes stack.
+                by_shape: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
+                for digest, image in batch:
+                    by_shape.setdefault(tuple(image.shape), []).append((digest, image))
+                for group in by_shape.values():
+                    images = torch.stack([im for _, im in group]).to(device, non_blocking=True)
+                    with torch.inference_mode():
+                        maps = encoder(images, names=(self.feature,))[self.feature]
+                    maps = maps.to("cpu", torch.float16).contiguous()
+                    for (digest, _), fmap in zip(group, maps):
+                        self._write_entry(digest, fmap)
+                        done += 1
+                        bar.update(1)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        log.info("extracted %d %s maps in %.1f s (%.1f img/s)", done, self.feature, seconds, done / max(seconds, 1e-9))
+        return done
+
+    def _write_entry(self, digest: str, fmap: torch.Tensor) -> None:
+        if tuple(fmap.shape) != self.shape or fmap.dtype != torch.float16:
+            raise FeatureStoreError(f"encoder produced {fmap.dtype} {tuple(fmap.shape)}, expected float16 {self.shape}")
+        data = fmap.numpy().tobytes()
+        header = _encode_header(digest, self.shape, zlib.crc32(data))
+        path = self.entry_path(digest)
+        path.parent.mkdir(exist_ok=True)
+        _atomic_write_bytes(path, [header, data])
+
+    def _remove_stale_tmp(self) -> None:
+        """Delete temporary files left by an interrupted extraction (only called while holding the lock)."""
+        for entry in self._entries():
+            if entry.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+    # ----------------------------------------------------------------- dataset
+    def dataset(self, samples: Sequence[Sample], progress: bool = False) -> CachedFeatureDataset:
+        """A dataset of ``dict(features=float16 CxHxW, mask=float32 1xHxW, name, subset, index)``.
+
+        Raises :class:`FeatureStoreError` if any sample has no usable entry (run :meth:`extract` first).
+        """
+        hashes = self.content_hashes(samples, progress=progress)
+        bad = [s for s, h in zip(samples, hashes) if _entry_problem(self.entry_path(h), h, self.shape)]
+        if bad:
+            names = ", ".join(f"{s.subset}/{s.split}/{s.name}" for s in bad[:_LIST_LIMIT])
+            more = f" and {len(bad) - _LIST_LIMIT} more" if len(bad) > _LIST_LIMIT else ""
+            raise FeatureStoreError(
+                f"{len(bad)} of {len(samples)} images have no cached {self.feature} features in {self.path} "
+                f"({names}{more}). Run deeploc-extract with the same config (or FeatureStore.extract) first."
+            )
+        return CachedFeatureDataset(
+            [str(self.entry_path(h)) for h in hashes], hashes, list(samples), self.shape, self.feature
+        )
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _image_mask_dataset(samples: Sequence[Sample]) -> Dataset:
+    """Images and masks are read by :class:`ImageMaskDataset` itself (no augmentation), so cached and online
+    training see exactly the same tensors."""
+    from deeploc.data.datasets import ImageMaskDataset
+
+    return ImageMaskDataset(samples)
+
+
+class _ImageReader(Dataset):
+    """(content hash, image tensor) for extraction."""
+
+    def __init__(self, todo: list[tuple[str, Sample]]) -> None:
+        self.digests = [digest for digest, _ in todo]
+        self.images = _image_mask_dataset([sample for _, sample in todo])
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor]:
+        return self.digests[i], self.images[i]["image"]
+
+
+class CachedFeatureDataset(Dataset):
+    """Cached feature maps plus masks; each item reads one memory-mapped entry (checked, see the module doc)."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        keys: list[str],
+        samples: list[Sample],
+        shape: tuple[int, int, int],
+        feature: str,
+    ) -> None:
+        self.paths = paths
+        self.keys = keys
+        self.samples = samples
+        self.shape = shape
+        self.feature = feature
+        self._masks = _image_mask_dataset(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        return {
+            "features": read_entry(self.paths[index], self.keys[index], self.shape),
+            "mask": self._masks[index]["mask"],
+            "name": sample.name,
+            "subset": sample.subset,
+            "index": index,
+        }
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+
+def cache_allowed(augment_cfg: Any) -> tuple[bool, str]:
+    """Whether cached features may be used with this ``data.augment`` config, and the reason the run logs.
+
+    Cached features are the encoder's output on the UNAUGMENTED image; an augmentation applied to the image before
+    the encoder (colour jitter, JPEG, blur) changes every epoch, so it cannot be cached. "On" means exactly what
+    :func:`deeploc.data.augment.build_augmentations` builds (an invalid config raises its ValueError).
+    """
+    from deeploc.data.augment import build_augmentations
+
+    with contextlib.suppress(ImportError):
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(augment_cfg, DictConfig):
+            augment_cfg = OmegaConf.to_container(augment_cfg, resolve=True)
+    pipeline = build_augmentations(augment_cfg)
+    if pipeline is None:
+        return True, "feature cache usable: no image augmentation, so the frozen encoder's features never change"
+    active = ", ".join(type(t).__name__ for t in pipeline.transforms)
+    return False, (
+        f"image augmentations are on ({active}): they change the encoder input every epoch, so its features "
+        "cannot be cached"
+    )

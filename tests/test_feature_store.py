@@ -1,0 +1,357 @@
+"""The feature store: cached maps equal the encoder's, are computed once, and are never served stale or corrupt."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeploc.data.datasets import ImageMaskDataset
+from deeploc.data.layout import Sample
+from deeploc.features.store import (
+    HEADER_SIZE,
+    FeatureStore,
+    FeatureStoreError,
+    cache_allowed,
+    read_entry,
+)
+from deeploc.features_spec import feature_shape
+from deeploc.models.encoder import SAM2FeatureEncoder
+
+MICRO = "sam2.1_hiera_micro"
+FEATURE = "image_embed"
+pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
+
+
+def make_encoder(seed: int = 0, image_size: int = 256) -> SAM2FeatureEncoder:
+    return SAM2FeatureEncoder(MICRO, random_init=True, image_size=image_size, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SAM2FeatureEncoder:
+    return make_encoder()
+
+
+def write_image(path: Path, seed: int, size: int = 64) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def make_samples(root: Path, n: int, subset: str = "lama", seed: int = 0, size: int = 64) -> list[Sample]:
+    """n real PNG images + 3-channel Dolos masks (0 = manipulated, 255 = real) under root/subset."""
+    samples = []
+    for i in range(n):
+        name = f"{i:05d}"
+        image = root / subset / "images" / f"{name}.png"
+        mask = root / subset / "masks" / f"{name}.png"
+        write_image(image, seed * 100_003 + i, size)
+        m = np.full((size, size, 3), 255, np.uint8)
+        m[i % size : size // 2 + i % size, 4:20] = 0
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m).save(mask)
+        samples.append(Sample(image=image, mask=mask, subset=subset, split="train", name=name))
+    return samples
+
+
+def reference(encoder: SAM2FeatureEncoder, samples: list[Sample], feature: str = FEATURE) -> torch.Tensor:
+    images = torch.stack([ImageMaskDataset(samples)[i]["image"] for i in range(len(samples))])
+    return encoder(images, names=(feature,))[feature]
+
+
+def n_entries(store: FeatureStore) -> int:
+    return sum(1 for _ in (store.path / "entries").rglob("*.f16"))
+
+
+# ------------------------------------------------------------------------------------------------ correctness
+
+
+def test_features_equal_encoder_output_and_dataset_items(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+    samples = make_samples(tmp_path / "data", 5)
+    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    assert store.missing(samples) == samples
+    assert store.extract(samples, encoder, batch_size=2, progress=False) == 5
+    ds = store.dataset(samples)
+    expected = reference(encoder, samples)
+    online = ImageMaskDataset(samples)
+    assert len(ds) == 5
+    for i in range(5):
+        item = ds[i]
+        assert item["features"].dtype == torch.float16
+        assert item["features"].shape == feature_shape(FEATURE, 256)
+        # fp16 storage: equal to the encoder's fp32 output up to half-precision rounding.
+        torch.testing.assert_close(item["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+        assert item["mask"].dtype == torch.float32
+        assert torch.equal(item["mask"], online[i]["mask"])
+        assert (item["name"], item["subset"], item["index"]) == (samples[i].name, "lama", i)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
+    assert batch["features"].shape == (5, *feature_shape(FEATURE, 256))
+    assert store.nbytes_per_image == HEADER_SIZE + 256 * 16 * 16 * 2
+    assert "5 images" in store.describe() and str(store.path) in store.describe()
+
+
+def test_second_extract_computes_nothing_and_identical_images_are_shared(
+    tmp_path: Path, encoder: SAM2FeatureEncoder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = make_samples(tmp_path / "data", 4)
+    # The same bytes in another subset: one entry serves both.
+    twin = tmp_path / "data" / "ldm" / "images" / "00000.png"
+    twin.parent.mkdir(parents=True)
+    shutil.copyfile(samples[0].image, twin)
+    samples.append(Sample(twin, samples[0].mask, "ldm", "test", "00000"))
+    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    assert store.extract(samples, encoder, progress=False) == 4
+    assert "computing 4 of 4 images" in capsys.readouterr().out
+    assert n_entries(store) == 4
+    again = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)  # a new run / process
+    assert again.missing(samples) == []
+    assert again.extract(samples, encoder, progress=False) == 0
+    assert "already cached" in capsys.readouterr().out
+    ds = again.dataset(samples)
+    assert torch.equal(ds[0]["features"], ds[4]["features"])
+    assert ds[4]["subset"] == "ldm"
+    memo = json.loads((tmp_path / "cache" / "image_hashes.json").read_text())
+    assert str(twin) in memo
+
+
+def test_changed_image_is_recomputed(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+    samples = make_samples(tmp_path / "data", 3)
+    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store.extract(samples, encoder, progress=False)
+    before = store.dataset(samples)[1]["features"]
+    write_image(samples[1].image, seed=999)  # same path, same size, new contents
+    assert store.missing(samples) == [samples[1]]
+    assert store.extract(samples, encoder, progress=False) == 1
+    after = store.dataset(samples)[1]["features"]
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after.float(), reference(encoder, samples[1:2])[0], rtol=1e-3, atol=1e-3)
+
+
+def test_another_encoder_seed_or_size_or_feature_gets_its_own_cache(
+    tmp_path: Path, encoder: SAM2FeatureEncoder
+) -> None:
+    samples = make_samples(tmp_path / "data", 2)
+    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store.extract(samples, encoder, progress=False)
+    other_seed = make_encoder(seed=1)
+    other_size = make_encoder(image_size=128)
+    stores = [
+        FeatureStore(tmp_path / "cache", other_seed.identity(), FEATURE),
+        FeatureStore(tmp_path / "cache", other_size.identity(), FEATURE),
+        FeatureStore(tmp_path / "cache", encoder.identity(), "high_res_feats_1"),
+    ]
+    assert len({store.path, *(s.path for s in stores)}) == 4
+    for s in stores:
+        assert s.missing(samples) == samples
+    # Extracting into a store with another encoder's identity is refused.
+    with pytest.raises(FeatureStoreError, match="does not match"):
+        stores[0].extract(samples, encoder, progress=False)
+    assert stores[1].extract(samples, other_size, progress=False) == 2
+    assert stores[1].dataset(samples)[0]["features"].shape == feature_shape(FEATURE, 128)
+    # A folder whose recorded identity differs (collision, hand edit) is never used.
+    ident = store.path / "identity.json"
+    doc = json.loads(ident.read_text())
+    doc["encoder"]["weights"] = "sha256:0000"
+    ident.write_text(json.dumps(doc))
+    with pytest.raises(FeatureStoreError, match="different identity"):
+        FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+
+
+# ---------------------------------------------------------------------------------------------------- safety
+
+
+def test_truncated_or_corrupted_entries_are_detected(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+    samples = make_samples(tmp_path / "data", 3)
+    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store.extract(samples, encoder, progress=False)
+    good = store.dataset(samples)
+    truncated, flipped = good.paths[0], good.paths[1]
+    size = os.path.getsize(truncated)
+    with open(truncated, "r+b") as handle:
+        handle.truncate(size - 100)
+    with open(flipped, "r+b") as handle:
+        handle.seek(HEADER_SIZE + 1000)
+        byte = handle.read(1)
+        handle.seek(HEADER_SIZE + 1000)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    # Cheap checks (header, size) find the truncation; the crc finds the flipped byte.
+    assert store.missing(samples) == [samples[0]]
+    assert store.missing(samples, verify=True) == samples[:2]
+    with pytest.raises(FeatureStoreError, match="truncated"):
+        store.dataset(samples)
+    with pytest.raises(FeatureStoreError, match="crc32"):
+        good[1]
+    with pytest.raises(FeatureStoreError, match="belongs to image"):
+        read_entry(good.paths[2], good.keys[0], store.shape)
+    # Recomputed, not read as garbage.
+    assert store.extract(samples, encoder, progress=False, verify=True) == 2
+    ds = store.dataset(samples)
+    expected = reference(encoder, samples)
+    for i in range(3):
+        torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+
+
+class InterruptedStore(FeatureStore):
+    """Stops (like Ctrl-C) after writing `stop_after` entries."""
+
+    stop_after = 3
+
+    def _write_entry(self, digest: str, fmap: torch.Tensor) -> None:
+        if self.stop_after == 0:
+            raise KeyboardInterrupt
+        super()._write_entry(digest, fmap)
+        self.stop_after -= 1
+
+
+def test_interrupted_extraction_resumes(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+    samples = make_samples(tmp_path / "data", 7)
+    store = InterruptedStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    with pytest.raises(KeyboardInterrupt):
+        store.extract(samples, encoder, batch_size=2, progress=False)
+    assert len(store.missing(samples)) == 4
+    # A temporary file left by a process killed mid-write is neither read nor kept.
+    stale = store.entry_path("ab" * 32).with_name("x.f16.123.deadbeef.tmp")
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"partial")
+    resumed = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    assert resumed.extract(samples, encoder, batch_size=2, progress=False) == 4
+    assert not stale.exists()
+    ds = resumed.dataset(samples)
+    expected = reference(encoder, samples)
+    for i in range(7):
+        torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+
+
+def _extract_in_process(root: str, images: list[str], masks: list[str], barrier, results) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="SAM2 encoder")
+    samples = [Sample(Path(i), Path(m), "lama", "train", Path(i).stem) for i, m in zip(images, masks)]
+    enc = make_encoder()
+    store = FeatureStore(root, enc.identity(), FEATURE)
+    barrier.wait()
+    results.put(store.extract(samples, enc, batch_size=4, progress=False))
+
+
+def test_two_processes_extracting_at_once_share_the_work(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+    samples = make_samples(tmp_path / "data", 12)
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    args = (str(tmp_path / "cache"), [str(s.image) for s in samples], [str(s.mask) for s in samples], barrier, results)
+    procs = [ctx.Process(target=_extract_in_process, args=args) for _ in range(2)]
+    for p in procs:
+        p.start()
+    counts = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert counts == [0, 12]  # one computed everything, the other waited and found it done
+    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    assert n_entries(store) == 12
+    assert not list(store.path.rglob("*.tmp"))
+    assert store.missing(samples, verify=True) == []
+    ds = store.dataset(samples)
+    expected = reference(encoder, samples)
+    for i in range(12):
+        torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+
+
+def test_refuses_when_the_disk_is_too_small(
+    tmp_path: Path, encoder: SAM2FeatureEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = make_samples(tmp_path / "data", 3)
+    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    needed = 3 * store.nbytes_per_image
+    with pytest.raises(FeatureStoreError) as info:
+        store.extract(samples, encoder, progress=False)
+    message = str(info.value)
+    assert str(store.path) in message and f"needs {needed} bytes" in message and "1000 bytes" in message
+    assert n_entries(store) == 0
+
+
+_RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from deeploc.data.layout import Sample
+    from deeploc.features.store import FeatureStore
+
+    def peak_kib():
+        # VmHWM: this process's own peak RSS. (ru_maxrss is not usable here: Linux carries the parent's
+        # high-water mark over fork+exec into the child's ru_maxrss.)
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0])
+
+    root, ident, feature, n, listing = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    rows = json.loads(Path(listing).read_text())[:n]
+    samples = [Sample(Path(i), Path(m), "lama", "train", Path(i).stem) for i, m in rows]
+    ds = FeatureStore(root, ident, feature).dataset(samples)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=0)
+    next(iter(loader))  # warm up allocator and imports before the baseline
+    before = peak_kib()
+    total = 0.0
+    for _ in range(2):
+        for batch in loader:
+            total += float(batch["features"].float().sum())
+    after = peak_kib()
+    print(json.dumps({"before_kib": before, "peak_kib": after, "n": len(ds)}))
+    """
+)
+
+
+def test_peak_rss_does_not_grow_with_the_number_of_cached_images(tmp_path: Path) -> None:
+    # high_res_feats_0 at 256 is 256 KiB per image: 4N = 160 images is 40 MiB of features.
+    enc = make_encoder()
+    feature, n = "high_res_feats_0", 40
+    samples = make_samples(tmp_path / "data", 4 * n)
+    store = FeatureStore(tmp_path / "cache", enc.identity(), feature)
+    store.extract(samples, enc, batch_size=16, progress=False)
+    listing = tmp_path / "listing.json"
+    listing.write_text(json.dumps([[str(s.image), str(s.mask)] for s in samples]))
+
+    def measure(count: int) -> dict[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "cache"), json.dumps(enc.identity()), feature,
+             str(count), str(listing)],
+            capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    small, large = measure(n), measure(4 * n)
+    assert (small["n"], large["n"]) == (n, 4 * n)
+    extra_bytes = 3 * n * store.nbytes_per_image
+    growth_small = (small["peak_kib"] - small["before_kib"]) * 1024
+    growth_large = (large["peak_kib"] - large["before_kib"]) * 1024
+    assert large["peak_kib"] <= 1.10 * small["peak_kib"], (small, large)
+    # Holding the features (or their mappings) would add ~extra_bytes; streaming adds next to nothing.
+    assert growth_large - growth_small < 0.25 * extra_bytes, (small, large, extra_bytes)
+
+
+# ------------------------------------------------------------------------------------------------ cache policy
+
+
+def test_cache_allowed_only_without_augmentations() -> None:
+    from omegaconf import OmegaConf
+
+    for off in (None, {}, {"jpeg": {"p": 0.0}}, OmegaConf.create({"blur": None})):
+        allowed, reason = cache_allowed(off)
+        assert allowed and "no image augmentation" in reason
+    allowed, reason = cache_allowed(OmegaConf.create({"jpeg": {"p": 1.0}, "blur": 0.5}))
+    assert not allowed
+    assert "ImageCompression" in reason and "GaussianBlur" in reason and "cannot be cached" in reason
+    with pytest.raises(ValueError, match="unknown section"):
+        cache_allowed({"flip": 1.0})
