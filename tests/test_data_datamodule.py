@@ -294,3 +294,24 @@ def test_lightning_sets_the_sampler_epoch(synthetic_data: Path, tmp_path: Path) 
     sampler = EpochSeededSampler(len(names), 5)
     for epoch in range(3):
         assert model.orders[epoch] == [names[i] for i in sampler.order(epoch)]
+
+
+def test_hyperparameters_stay_primitive_with_omegaconf_input(synthetic_data: Path, tmp_path: Path) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create(
+        {
+            "subsets": list(SUBSETS),
+            "split": {"mode": "leave_one_out", "subset": "copy-move", "n_train": 4, "n_valid": 2},
+            "augment": {"jpeg": {"p": 0.5, "quality": [30, 90]}},
+        }
+    )
+    dm = LocalizationDataModule(
+        synthetic_data, cfg.subsets, cfg.split, augment=cfg.augment, num_workers=0, validate_cache=None
+    )
+    hp = dict(dm.hparams)
+    assert type(hp["split"]) is dict and type(hp["subsets"]) is list and type(hp["augment"]["jpeg"]["quality"]) is list
+    assert hp["root"] == str(synthetic_data)
+    torch.save(hp, tmp_path / "hp.pt")
+    assert torch.load(tmp_path / "hp.pt", weights_only=True) == hp
+    dm.setup()
+    assert len(dm.plan.train) == 12

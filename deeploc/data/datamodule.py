@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,15 @@ def seed_worker(worker_id: int) -> None:
         reseed(info.seed % (2**32))
 
 
+def _plain(value: Any) -> Any:
+    """Recursively turn mappings into dicts and non-string sequences into lists (e.g. OmegaConf containers)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _default_cache_file(root: Path) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:16]
@@ -150,7 +159,13 @@ class LocalizationDataModule(L.LightningDataModule):
         validate_cache: str | None = "auto",
     ) -> None:
         super().__init__()
-        split = dict(split)
+        # Plain containers only (an OmegaConf DictConfig in the saved hyperparameters breaks weights_only loading).
+        subsets = [str(s) for s in _plain(subsets)]
+        split = _plain(split)
+        augment = _plain(augment) or None
+        synthetic = _plain(synthetic) or None
+        if not isinstance(split, dict):
+            raise ValueError(f"split must be a mapping, got {split!r}")
         unknown = set(split) - _SPLIT_KEYS
         if unknown:
             raise ValueError(f"split: unknown keys {sorted(unknown)}; known: {sorted(_SPLIT_KEYS)}")
@@ -164,17 +179,18 @@ class LocalizationDataModule(L.LightningDataModule):
         split.setdefault("seed", 42)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {eval_batch_size}")
-        self.root = str(root)
-        self.subsets = list(subsets)
+        root = str(root)
+        self.root = root
+        self.subsets = subsets
         self.split = split
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
-        self.augment = dict(augment) if augment else None
+        self.augment = augment
         self.validate = bool(validate)
         self.validate_cache = validate_cache
-        self.synthetic = dict(synthetic) if synthetic else None
+        self.synthetic = synthetic
         self.seed = int(seed)
         self.save_hyperparameters()
         # Fail on a bad augmentation config now, not in the first training step.
