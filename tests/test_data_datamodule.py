@@ -128,8 +128,9 @@ def test_datamodule_leave_one_out_and_in_domain(synthetic_data: Path) -> None:
             by_subset.setdefault(s, set()).add(n)
     assert set(by_subset) == {"inpaint-telea", "copy-move", "splice-jpeg"}
     assert by_subset["inpaint-telea"] == by_subset["copy-move"] == by_subset["splice-jpeg"]
-    dm = _dm(synthetic_data, split={"mode": "in_domain", "subset": "splice-jpeg"})
+    dm = _dm(synthetic_data, split={"mode": "in_domain", "subset": "splice-jpeg", "n_train": None, "n_valid": None})
     assert dm.test_subsets == ["splice-jpeg"] and len(dm.test_dataloader()) == 1
+    assert (len(dm.plan.train), len(dm.plan.valid)) == (12, 4)
 
 
 def test_in_domain_reads_only_its_subset(synthetic_copy: Path) -> None:

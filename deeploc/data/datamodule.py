@@ -132,7 +132,7 @@ class LocalizationDataModule(L.LightningDataModule):
         subsets: the localization subsets of the study (cross: the test subsets; leave_one_out: all four).
         split: ``{"mode": "in_domain" | "cross" | "leave_one_out", "subset": str, "n_train": int = 3000,
             "n_valid": int = 300, "seed": int = 42}``; ``subset`` is the training subset (held out for
-            leave_one_out); ``n_*``/``seed`` apply to leave_one_out only.
+            leave_one_out); ``n_*``/``seed`` apply to leave_one_out only (absent or null = the defaults).
         batch_size / eval_batch_size: training / evaluation batch size (eval defaults to batch_size).
         augment: ``deeploc.data.augment`` config for training images; None = off.
         validate: decode and check every used image and mask in ``setup`` (fails naming bad files).
@@ -174,9 +174,9 @@ class LocalizationDataModule(L.LightningDataModule):
                 raise ValueError(f"split.{key} is required (split = {split})")
         if split["mode"] not in SPLIT_MODES:
             raise ValueError(f"split.mode {split['mode']!r} is unknown; choose one of {list(SPLIT_MODES)}")
-        split.setdefault("n_train", 3000)
-        split.setdefault("n_valid", 300)
-        split.setdefault("seed", 42)
+        for key, default in (("n_train", 3000), ("n_valid", 300), ("seed", 42)):
+            if split.get(key) is None:  # absent or null (configs leave n_* null for cross / in_domain)
+                split[key] = default
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {eval_batch_size}")
         root = str(root)
@@ -240,11 +240,16 @@ class LocalizationDataModule(L.LightningDataModule):
             validate_samples(used, cache_file=cache, workers=max(1, self.num_workers))
         self.data_root = root
         self.plan = plan
-        log.info("dataset %s, split %s (subset %s)", root, mode, subset)
-        for stage_name, chosen in (("train", plan.train), ("valid", plan.valid)):
-            log.info("%s: %d samples\n%s", stage_name, len(chosen), format_count_table(count_table(chosen)))
-        for name, chosen in plan.test.items():
-            log.info("test[%s]: %d samples", name, len(chosen))
+        log.info(
+            "dataset %s, split %s (subset %s): train %d, valid %d, test %s\n%s",
+            root,
+            mode,
+            subset,
+            len(plan.train),
+            len(plan.valid),
+            {k: len(v) for k, v in plan.test.items()},
+            format_count_table(count_table(used)),
+        )
 
     @property
     def test_subsets(self) -> list[str]:
