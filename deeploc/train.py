@@ -70,7 +70,14 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def summarise_config(cfg: DictConfig) -> dict[str, Any]:
+def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
+    """The checkpoint an interrupted run continues from, if any (``resume=false`` ignores it)."""
+    if cfg.resume and run.last_checkpoint.exists():
+        return str(run.last_checkpoint)
+    return None
+
+
+def summarise_config(cfg: DictConfig, data_root: Path) -> dict[str, Any]:
     """The few keys that identify a run in tables (the full config is in .hydra/ and config_resolved.yaml)."""
     return {
         "decoder": cfg.decoder.name,
@@ -82,7 +89,7 @@ def summarise_config(cfg: DictConfig) -> dict[str, Any]:
         "encoder": cfg.encoder.config,
         "encoder_weights": "random" if cfg.encoder.random_init else str(cfg.encoder.checkpoint),
         "image_size": cfg.encoder.image_size,
-        "data": str(cfg.data.root),
+        "data": str(data_root),
         "seed": cfg.seed,
     }
 
@@ -131,7 +138,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         evaluate_only = run.finished and cfg.if_finished == "eval"
         if not evaluate_only:
-            resume = str(run.last_checkpoint) if cfg.resume and run.last_checkpoint.exists() else None
+            resume = resume_path(cfg, run)
             if resume:
                 log.info("resuming from %s", resume)
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
@@ -142,7 +149,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best))
         metrics = {
-            "config": summarise_config(cfg),
+            "config": summarise_config(cfg, datamodule.data_root),
             "test": model.test_results,
             "best_checkpoint": str(best.relative_to(run.path)),
             "best_val_iou": _best_score(trainer),

@@ -28,3 +28,9 @@ def synthetic_copy(synthetic_data: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "copy" / "wacv_data"
     shutil.copytree(synthetic_data, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def shared_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder shared by end-to-end tests: generated data and feature cache are made once per session."""
+    return tmp_path_factory.mktemp("shared")

@@ -29,18 +29,22 @@ from deeploc.features_spec import FEATURES, feature_info
 log = logging.getLogger(__name__)
 
 
-def _import_sam2_leaving_hydra_alone() -> None:
-    """Import sam2 without leaving its GlobalHydra behind (it would make a later @hydra.main fail)."""
+def _release_sam2_global_hydra() -> None:
+    """Undo the GlobalHydra that ``import sam2`` sets up (it would make a later ``@hydra.main`` fail).
+
+    Only sam2's own instance (primary config source ``sam2``) is cleared, never an application's.
+    """
+    import sam2  # noqa: F401
     from hydra.core.global_hydra import GlobalHydra
 
-    was_initialised = GlobalHydra.instance().is_initialized()
-    import sam2  # noqa: F401
+    instance = GlobalHydra.instance()
+    if instance.is_initialized():
+        sources = instance.hydra.config_loader.get_sources()
+        if any(source.provider == "main" and source.path == "sam2" for source in sources):
+            instance.clear()
 
-    if not was_initialised and GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
 
-
-_import_sam2_leaving_hydra_alone()
+_release_sam2_global_hydra()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
