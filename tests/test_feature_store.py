@@ -24,6 +24,7 @@ from deeploc.features.store import (
     FeatureStore,
     FeatureStoreError,
     cache_allowed,
+    extract_features,
     read_entry,
 )
 from deeploc.features_spec import feature_shape
@@ -166,6 +167,35 @@ def test_another_encoder_seed_or_size_or_feature_gets_its_own_cache(
     ident.write_text(json.dumps(doc))
     with pytest.raises(FeatureStoreError, match="different identity"):
         FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+
+
+class CountingEncoder(SAM2FeatureEncoder):
+    """Counts the images it encodes."""
+
+    encoded = 0
+
+    def forward(self, images, names=None):
+        self.encoded += images.shape[0]
+        return super().forward(images, names)
+
+
+def test_one_encoder_pass_fills_the_stores_of_several_features(tmp_path: Path) -> None:
+    enc = CountingEncoder(MICRO, random_init=True, image_size=256)
+    samples = make_samples(tmp_path / "data", 4)
+    names = ("image_embed", "high_res_feats_0", "high_res_feats_1")
+    first = FeatureStore(tmp_path / "cache", enc.identity(), names[0])
+    first.extract(samples[:2], enc, progress=False)
+    assert enc.encoded == 2
+    stores = [FeatureStore(tmp_path / "cache", enc.identity(), name) for name in names]
+    counts = extract_features(stores, samples, enc, batch_size=3, progress=False)
+    assert counts == {"image_embed": 2, "high_res_feats_0": 4, "high_res_feats_1": 4}
+    assert enc.encoded == 2 + 4  # each image once, all maps at a time
+    assert extract_features(stores, samples, enc, progress=False) == dict.fromkeys(names, 0)
+    for name, store in zip(names, stores):
+        expected = reference(enc, samples, name)
+        ds = store.dataset(samples)
+        for i in range(4):
+            torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------- safety

@@ -16,6 +16,9 @@ Entry file format (little-endian): 256-byte header = ``DLFEAT1\\n`` + uint32 len
 ``{"key", "shape", "dtype", "nbytes", "crc32"}`` padded with spaces; then C*H*W float16 values (C-order), read
 through a memory map. Peak RAM therefore does not depend on the number of cached images.
 
+:func:`extract_features` fills the stores of several feature maps of one encoder in a single encoder pass (a sweep
+over the three maps encodes each image once).
+
 Keys and reuse
     * different encoder identity / feature / store format -> different folder; a folder whose ``identity.json``
       does not match the expected identity is refused (:class:`FeatureStoreError`), and :meth:`extract` refuses an
@@ -74,6 +77,7 @@ __all__ = [
     "FeatureStore",
     "FeatureStoreError",
     "cache_allowed",
+    "extract_features",
     "format_bytes",
     "identity_key",
 ]
@@ -427,80 +431,10 @@ class FeatureStore:
         disk space the new entries take, and refuses with :class:`FeatureStoreError` when the file system has less
         free space. Holds the store's lock throughout, so concurrent jobs wait and then compute nothing.
         Existing entries get the cheap checks; ``verify`` also checks their crc32 (reads the whole store).
+        See :func:`extract_features` to fill the stores of several feature maps in one encoder pass.
         """
-        found = json.loads(_canonical(encoder.identity()))  # type: ignore[operator]
-        if _canonical(found) != _canonical(self.encoder_identity):
-            raise FeatureStoreError(
-                f"encoder identity {_canonical(found)} does not match this feature store's "
-                f"{_canonical(self.encoder_identity)} ({self.path}); build the store from encoder.identity()"
-            )
-        hashes = self.content_hashes(samples, progress=progress)
-        with _locked(self.path / ".lock", f"feature store {self.path}"):
-            self._remove_stale_tmp()
-            todo: dict[str, Sample] = {}
-            for sample, digest in zip(samples, hashes):
-                if digest not in todo and _entry_problem(self.entry_path(digest), digest, self.shape, verify):
-                    todo[digest] = sample
-            n_unique = len(set(hashes))
-            if not todo:
-                print(f"[feature store] all {n_unique} images already cached in {self.path}", flush=True)
-                return 0
-            needed = len(todo) * self.nbytes_per_image
-            free = shutil.disk_usage(self.path).free
-            print(
-                f"[feature store] {self.feature}: computing {len(todo)} of {n_unique} images x "
-                f"{format_bytes(self.nbytes_per_image)} = {format_bytes(needed)} into {self.path} "
-                f"({format_bytes(free)} free)",
-                flush=True,
-            )
-            if needed > free:
-                raise FeatureStoreError(
-                    f"not enough disk space for the feature cache in {self.path}: needs {needed} bytes "
-                    f"({format_bytes(needed)}) for {len(todo)} images, {free} bytes ({format_bytes(free)}) free. "
-                    "Free space, point the cache at a larger disk, or cache a smaller feature map."
-                )
-            return self._compute(list(todo.items()), encoder, batch_size, device, num_workers, progress)
-
-    def _compute(
-        self,
-        todo: list[tuple[str, Sample]],
-        encoder: torch.nn.Module,
-        batch_size: int,
-        device: str | torch.device,
-        num_workers: int,
-        progress: bool,
-    ) -> int:
-        encoder = encoder.to(device).eval()
-        loader = DataLoader(
-            _ImageReader(todo),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_as_list,
-            pin_memory=torch.device(device).type == "cuda",
-        )
-        bar = _progress(len(todo), f"extract {self.feature}", enabled=progress)
-        done = 0
-        start = time.perf_counter()
-        try:
-            for batch in loader:
-                # Group by image size: the encoder resizes, but only equal sizes stack.
-                by_shape: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
-                for digest, image in batch:
-                    by_shape.setdefault(tuple(image.shape), []).append((digest, image))
-                for group in by_shape.values():
-                    images = torch.stack([im for _, im in group]).to(device, non_blocking=True)
-                    with torch.inference_mode():
-                        maps = encoder(images, names=(self.feature,))[self.feature]
-                    maps = maps.to("cpu", torch.float16).contiguous()
-                    for (digest, _), fmap in zip(group, maps):
-                        self._write_entry(digest, fmap)
-                        done += 1
-                        bar.update(1)
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - start
-        log.info("extracted %d %s maps in %.1f s (%.1f img/s)", done, self.feature, seconds, done / max(seconds, 1e-9))
-        return done
+        done = extract_features([self], samples, encoder, batch_size, device, num_workers, progress, verify)
+        return done[self.feature]
 
     def _write_entry(self, digest: str, fmap: torch.Tensor) -> None:
         if tuple(fmap.shape) != self.shape or fmap.dtype != torch.float16:
@@ -536,6 +470,126 @@ class FeatureStore:
         return CachedFeatureDataset(
             [str(self.entry_path(h)) for h in hashes], hashes, list(samples), self.shape, self.feature
         )
+
+
+def extract_features(
+    stores: Sequence[FeatureStore],
+    samples: Sequence[Sample],
+    encoder: torch.nn.Module,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+    verify: bool = False,
+) -> dict[str, int]:
+    """:meth:`FeatureStore.extract` for several stores of the SAME encoder identity (typically one per feature
+    map) in one encoder pass: each image missing from any store is encoded once, with ``names`` = the stores'
+    features, and written to the stores that lack it. Returns the number of entries computed per feature."""
+    stores = list({store.path: store for store in stores}.values())
+    if not stores:
+        return {}
+    identity = _canonical(json.loads(_canonical(encoder.identity())))  # type: ignore[operator]
+    for store in stores:
+        if identity != _canonical(store.encoder_identity):
+            raise FeatureStoreError(
+                f"encoder identity {identity} does not match feature store {store.path} "
+                f"({_canonical(store.encoder_identity)}); build the store from encoder.identity()"
+            )
+    if len({store.feature for store in stores}) != len(stores):
+        raise FeatureStoreError("extract_features: two stores of the same encoder identity hold the same feature")
+    hashes = stores[0].content_hashes(samples, progress=progress)
+    n_unique = len(set(hashes))
+    with contextlib.ExitStack() as locks:
+        for store in sorted(stores, key=lambda st: str(st.path)):  # fixed order: no deadlock between jobs
+            locks.enter_context(_locked(store.path / ".lock", f"feature store {store.path}"))
+        # Under the locks: what is missing now (another job may just have computed it).
+        todo: dict[str, tuple[Sample, list[FeatureStore]]] = {}
+        for store in stores:
+            store._remove_stale_tmp()
+            seen: set[str] = set()
+            for sample, digest in zip(samples, hashes):
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                if _entry_problem(store.entry_path(digest), digest, store.shape, verify):
+                    todo.setdefault(digest, (sample, []))[1].append(store)
+        counts = {store.feature: sum(store in needing for _, needing in todo.values()) for store in stores}
+        for store in stores:
+            if not counts[store.feature]:
+                print(f"[feature store] all {n_unique} images already cached in {store.path}", flush=True)
+        if not todo:
+            return dict.fromkeys(counts, 0)
+        _check_disk_space(stores, counts, n_unique)
+        return _compute(todo, encoder, batch_size, device, num_workers, progress, counts)
+
+
+def _check_disk_space(stores: Sequence[FeatureStore], counts: dict[str, int], n_unique: int) -> None:
+    """Print what will be written where; refuse when a file system has less free space than that."""
+    per_device: dict[int, list[FeatureStore]] = {}
+    for store in stores:
+        if counts[store.feature]:
+            n, size = counts[store.feature], store.nbytes_per_image
+            print(
+                f"[feature store] {store.feature}: computing {n} of {n_unique} images x {format_bytes(size)} = "
+                f"{format_bytes(n * size)} into {store.path}",
+                flush=True,
+            )
+            per_device.setdefault(os.stat(store.path).st_dev, []).append(store)
+    for group in per_device.values():
+        needed = sum(counts[store.feature] * store.nbytes_per_image for store in group)
+        free = shutil.disk_usage(group[0].path).free
+        folders = ", ".join(str(store.path) for store in group)
+        print(f"[feature store] disk: {format_bytes(needed)} needed, {format_bytes(free)} free ({folders})", flush=True)
+        if needed > free:
+            raise FeatureStoreError(
+                f"not enough disk space for the feature cache in {folders}: needs {needed} bytes "
+                f"({format_bytes(needed)}), {free} bytes ({format_bytes(free)}) free. Free space, point "
+                "features.dir at a larger disk, or cache a smaller feature map."
+            )
+
+
+def _compute(
+    todo: dict[str, tuple[Sample, list[FeatureStore]]],
+    encoder: torch.nn.Module,
+    batch_size: int,
+    device: str | torch.device,
+    num_workers: int,
+    progress: bool,
+    counts: dict[str, int],
+) -> dict[str, int]:
+    names = tuple(sorted({store.feature for _, needing in todo.values() for store in needing}))
+    encoder = encoder.to(device).eval()
+    loader = DataLoader(
+        _ImageReader([(digest, sample) for digest, (sample, _) in todo.items()]),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    bar = _progress(len(todo), f"extract {'+'.join(names)}", enabled=progress)
+    done = dict.fromkeys(counts, 0)
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            # Group by image size: the encoder resizes, but only equal sizes stack.
+            by_shape: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = {}
+            for digest, image in batch:
+                by_shape.setdefault(tuple(image.shape), []).append((digest, image))
+            for group in by_shape.values():
+                images = torch.stack([im for _, im in group]).to(device, non_blocking=True)
+                with torch.inference_mode():
+                    maps = encoder(images, names=names)
+                maps = {name: fmap.to("cpu", torch.float16).contiguous() for name, fmap in maps.items()}
+                for j, (digest, _) in enumerate(group):
+                    for store in todo[digest][1]:
+                        store._write_entry(digest, maps[store.feature][j])
+                        done[store.feature] += 1
+                    bar.update(1)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    log.info("extracted %d images (%s) in %.1f s (%.2f img/s)", len(todo), names, seconds, len(todo) / seconds)
+    return done
 
 
 def _as_list(batch: list[Any]) -> list[Any]:
