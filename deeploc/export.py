@@ -192,7 +192,25 @@ def write_export(out: str | os.PathLike[str], state: Mapping[str, torch.Tensor],
     return out
 
 
-def _export_metadata(info: dict[str, Any], metrics: dict[str, Any] | None, source: dict[str, Any]) -> dict[str, Any]:
+def _data_config(run_dir: Path | None) -> dict[str, Any] | None:
+    """The run's resolved ``data`` settings (subsets, split, sizes) from config_resolved.yaml, when present."""
+    if run_dir is None or not (run_dir / "config_resolved.yaml").is_file():
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    data = (config or {}).get("data")
+    if not isinstance(data, dict):
+        return None
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def _export_metadata(
+    info: dict[str, Any], metrics: dict[str, Any] | None, source: dict[str, Any], data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     decoder = ConvDecoder(info["feature"], info["depth"])
     identity = info["encoder"]
     metrics = metrics or {}
@@ -220,6 +238,7 @@ def _export_metadata(info: dict[str, Any], metrics: dict[str, Any] | None, sourc
         },
         "training": {
             "config": metrics.get("config"),
+            "data": data,
             "status": metrics.get("status", "unknown (no metrics.json)"),
             "best_val_iou": metrics.get("best_val_iou"),
             "epochs": metrics.get("epochs"),
@@ -259,7 +278,7 @@ def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[st
     _decoder_from_state(state, info["feature"], info["depth"], str(ckpt_path))
     if out is None:
         out = (run_dir if run_dir is not None else ckpt_path.parent) / DEFAULT_EXPORT_NAME
-    return write_export(out, state, _export_metadata(info, metrics, source))
+    return write_export(out, state, _export_metadata(info, metrics, source, _data_config(run_dir)))
 
 
 def _run_dir_of(ckpt_path: Path) -> Path | None:
