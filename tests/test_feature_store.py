@@ -385,3 +385,20 @@ def test_cache_allowed_only_without_augmentations() -> None:
     assert "ImageCompression" in reason and "GaussianBlur" in reason and "cannot be cached" in reason
     with pytest.raises(ValueError, match="unknown section"):
         cache_allowed({"flip": 1.0})
+
+
+# ------------------------------------------------------------------------------------------------ deeploc-extract
+
+
+def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) -> None:
+    from tests.e2e import TINY_DATA, run_cli
+
+    data = ["data.synthetic.n_train=8", "data.synthetic.n_valid=4", "data.synthetic.n_test=4"]
+    args = [f"data.root={tmp_path / 'data'}", f"features.dir={tmp_path / 'features'}", *TINY_DATA, *data]
+    first = run_cli("deeploc.cli.extract", args, tmp_path)
+    assert "computing 28 of 28 images" in first.stdout  # train 8 + valid 4 of one subset, test 4 x 4 subsets
+    assert "deeploc-extract: FeatureStore high_res_feats_1" in first.stdout
+    # Hydra's own files go under outputs/extract, never into the run / sweep folders deeploc-report scans.
+    assert (tmp_path / "outputs" / "extract").is_dir() and not (tmp_path / "outputs" / "runs").exists()
+    again = run_cli("deeploc.cli.extract", args, tmp_path)
+    assert "already cached" in again.stdout and "computing" not in again.stdout
