@@ -84,11 +84,21 @@ class LocalizationModule(L.LightningModule):
         return self.decoder(features)
 
     @torch.no_grad()
-    def predict_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Per-pixel manipulation probabilities ``B x H x W`` at the images' own resolution."""
-        logits = self(self.features({"image": images}))
-        probs = torch.sigmoid(logits.float())
-        return F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    def predict_probabilities(
+        self, images: torch.Tensor, sizes: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Per-pixel manipulation probabilities at the images' own resolution (``B x H x W``).
+
+        With ``sizes`` (one ``(H, W)`` per image, e.g. native sizes of images resized to a common input),
+        returns a list of ``H x W`` maps instead, each resized back bilinearly to its size.
+        """
+        probs = torch.sigmoid(self(self.features({"image": images})).float())
+        if sizes is None:
+            return F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return [
+            F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            for p, size in zip(probs, sizes)
+        ]
 
     def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         # Masks resized (bilinear, area-aware) to the logit grid, so edge targets are soft as in the study.

@@ -27,7 +27,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import IMAGE_EXTENSIONS, read_rgb
@@ -45,7 +44,6 @@ __all__ = [
     "load_image",
     "predict_images",
     "predict_paths",
-    "resize_to_encoder",
 ]
 
 log = logging.getLogger(__name__)
@@ -231,22 +229,6 @@ def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
 
 
-def resize_to_encoder(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Resize ``B x 3 x H x W`` images to the square encoder input exactly as ``SAM2FeatureEncoder.preprocess``."""
-    if images.shape[-2:] == (image_size, image_size):
-        return images
-    return F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-
-
-@torch.no_grad()
-def _probabilities(model: Any, square: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> Iterator[torch.Tensor]:
-    """Per-image ``H x W`` probabilities at each native size, for a batch of encoder-sized images."""
-    logits = model(model.features({"image": square}))
-    probs = torch.sigmoid(logits.float())
-    for i, size in enumerate(sizes):
-        yield F.interpolate(probs[i : i + 1], size=size, mode="bilinear", align_corners=False)[0, 0]
-
-
 def _model_device(model: Any) -> torch.device:
     return next(model.decoder.parameters()).device
 
@@ -267,9 +249,8 @@ def predict_images(model: Any, images: Iterable[np.ndarray | torch.Tensor], batc
 
 def _predict_batch(model: Any, tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
     device = _model_device(model)
-    size = int(model.encoder.image_size)
-    square = torch.cat([resize_to_encoder(t.to(device)[None], size) for t in tensors])
-    yield from _probabilities(model, square, [tuple(t.shape[-2:]) for t in tensors])
+    square = torch.cat([model.encoder.resize(t.to(device)[None]) for t in tensors])
+    yield from model.predict_probabilities(square, [tuple(t.shape[-2:]) for t in tensors])
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:

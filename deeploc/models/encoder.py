@@ -261,12 +261,15 @@ class SAM2FeatureEncoder(nn.Module):
         """Resize to the encoder's input size and ImageNet-normalise, as the predictor's SAM2Transforms does."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape B x 3 x H x W, got {tuple(images.shape)}")
-        images = images.float()
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            # torchvision's Resize on tensors is bilinear with antialias; identical through F.interpolate.
-            size = (self.image_size, self.image_size)
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        return (images - self.mean) / self.std
+        return (self.resize(images.float()) - self.mean) / self.std
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize ``B x 3 x H x W`` images to the square encoder input (no-op when already that size)."""
+        size = (self.image_size, self.image_size)
+        if images.shape[-2:] == size:
+            return images
+        # torchvision's Resize on tensors is bilinear with antialias; identical through F.interpolate.
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
