@@ -193,18 +193,16 @@ class LocalizationModule(L.LightningModule):
                 f"checkpoint was trained on encoder {meta['encoder']}, but the current config builds {ours}; "
                 "use the encoder settings the run was trained with (its .hydra/config.yaml)"
             )
-        missing = set(self.state_dict()) - set(checkpoint["state_dict"])
-        if any(not key.startswith("encoder.") for key in missing):
-            raise IncompatibleCheckpointError(f"checkpoint lacks decoder weights: {sorted(missing)[:5]}")
-        own = self.state_dict()
-        unexpected = set(checkpoint["state_dict"]) - set(own)
-        reshaped = [
-            k for k in set(checkpoint["state_dict"]) & set(own) if checkpoint["state_dict"][k].shape != own[k].shape
-        ]
-        if unexpected or reshaped:
+        own, theirs = self.state_dict(), checkpoint["state_dict"]
+        missing = sorted(k for k in set(own) - set(theirs) if not k.startswith("encoder."))
+        unexpected = sorted(set(theirs) - set(own))
+        reshaped = sorted(k for k in set(theirs) & set(own) if theirs[k].shape != own[k].shape)
+        if missing or unexpected or reshaped:
+            trained = checkpoint.get("hyper_parameters", {})
             raise IncompatibleCheckpointError(
-                f"checkpoint weights do not fit this model (unexpected {sorted(unexpected)[:3]}, "
-                f"other shapes {sorted(reshaped)[:3]}): "
-                f"was it trained with another decoder than CONV-{self.hparams.depth} on {self.hparams.feature}?"
+                f"checkpoint decoder weights do not fit this model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}, other shapes {reshaped[:3]}): it was trained as CONV-{trained.get('depth', '?')} "
+                f"on {trained.get('feature', '?')}, the config asks for another decoder: CONV-{self.hparams.depth} "
+                f"on {self.hparams.feature}. Use the decoder and feature the run was trained with."
             )
         self._plateau = dict(meta.get("plateau", self._plateau))

@@ -1,0 +1,123 @@
+"""The study's protocol through the real CLI: split modes, schedules, determinism, augmentations, eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deeploc.cli.evaluate import main as eval_main
+from tests.e2e import run_cli, train_args
+
+
+def _train(shared: Path, workdir: Path, name: str, *overrides: str, check: bool = True):
+    run_dir = workdir / name
+    proc = run_cli(
+        "deeploc.train",
+        train_args(shared, "overlays=0", "logger=csv", f"hydra.run.dir={run_dir}", *overrides),
+        workdir,
+        check=check,
+    )
+    return run_dir, proc
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_in_domain_runs_are_identical_with_the_same_seed(shared_workdir: Path, tmp_path: Path) -> None:
+    first, _ = _train(shared_workdir, tmp_path, "a", "split=in_domain", "subset_index=1", "trainer.max_epochs=2")
+    second, _ = _train(shared_workdir, tmp_path, "b", "split=in_domain", "subset_index=1", "trainer.max_epochs=2")
+    a, b = _metrics(first), _metrics(second)
+    assert list(a["test"]) == ["copy-move"] and a["config"]["split"] == "in_domain"
+    assert a["test"] == b["test"]
+
+
+def test_leave_one_out_trains_on_the_other_subsets_and_tests_the_held_out_first(
+    shared_workdir: Path, tmp_path: Path
+) -> None:
+    run_dir, proc = _train(
+        shared_workdir,
+        tmp_path,
+        "loo",
+        "split=leave_one_out",
+        "subset=blur-noise",
+        "split.n_train=12",
+        "split.n_valid=4",
+        "trainer.max_epochs=1",
+    )
+    metrics = _metrics(run_dir)
+    assert next(iter(metrics["test"])) == "blur-noise"
+    assert set(metrics["test"]) == {"inpaint-telea", "copy-move", "blur-noise", "splice-jpeg"}
+    assert all(scores["n_images"] == 8 for scores in metrics["test"].values())
+    log = proc.stdout + proc.stderr
+    # 12 train + 4 valid images from each of the three seen subsets.
+    assert "train 36, valid 12" in log
+
+
+def test_leave_one_out_asking_for_more_images_than_exist_fails_clearly(shared_workdir: Path, tmp_path: Path) -> None:
+    _, proc = _train(shared_workdir, tmp_path, "loo", "split=leave_one_out", "trainer.max_epochs=1", check=False)
+    assert proc.returncode != 0
+    assert "3000" in proc.stderr and "n_train" in proc.stderr
+
+
+def test_declip_schedule_divides_lr_and_stops_under_min_lr(shared_workdir: Path, tmp_path: Path) -> None:
+    # lr=0 keeps the weights (and so val IoU) constant: the plateau triggers after `patience` epochs.
+    run_dir, _ = _train(
+        shared_workdir,
+        tmp_path,
+        "declip",
+        "schedule=declip",
+        "model.lr=0",
+        "model.plateau_patience=2",
+        "trainer.max_epochs=50",
+    )
+    metrics = _metrics(run_dir)
+    assert metrics["epochs"] == 3  # epoch 1 sets the best, epochs 2-3 do not improve -> LR / 10 < min_lr -> stop
+
+
+def test_augmentations_disable_the_feature_cache(shared_workdir: Path, tmp_path: Path) -> None:
+    run_dir, proc = _train(
+        shared_workdir, tmp_path, "aug", "trainer.max_epochs=1", "+data.augment.jpeg.p=1.0", "data.synthetic.n_train=32"
+    )
+    assert "feature cache not used" in proc.stdout + proc.stderr
+    assert _metrics(run_dir)["status"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def finished_run(shared_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir, _ = _train(shared_workdir, tmp_path_factory.mktemp("finished"), "run", "trainer.max_epochs=2")
+    return run_dir
+
+
+def test_eval_reproduces_the_run_and_tests_other_subsets(
+    finished_run: Path, shared_workdir: Path, tmp_path: Path
+) -> None:
+    run_dir = finished_run
+    out = tmp_path / "eval"
+    assert eval_main([str(run_dir), "--out", str(out), "--features-dir", str(shared_workdir / "features")]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())["test"]
+    trained = _metrics(run_dir)["test"]
+    for subset, scores in trained.items():
+        for key in ("iou", "f1_fixed", "f1_best", "ap"):
+            assert evaluated[subset][key] == pytest.approx(scores[key], abs=1e-6)
+    assert (out / "eval.csv").read_text().count("\n") == 1 + len(trained)
+    # A subset list and split of the user's choice, without retraining.
+    out2 = tmp_path / "eval2"
+    assert eval_main([str(run_dir), "--out", str(out2), "--subsets", "copy-move", "--split", "valid"]) == 0
+    assert list(json.loads((out2 / "eval.json").read_text())["test"]) == ["copy-move"]
+
+
+def test_retesting_with_another_decoder_is_refused(finished_run: Path, shared_workdir: Path) -> None:
+    _, proc = _train(
+        shared_workdir,
+        finished_run.parent,
+        "run",
+        "trainer.max_epochs=2",
+        "decoder=conv12",
+        "if_finished=eval",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "CONV-12" in proc.stderr and "another decoder" in proc.stderr
