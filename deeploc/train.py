@@ -64,17 +64,24 @@ def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Lightning Trainer with the configured callbacks and loggers."""
+    """The Lightning Trainer with the configured callbacks and loggers, plus deeploc.cluster's requeue-on-signal
+    callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md)."""
+    from deeploc import cluster
+
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, **cluster.trainer_extras(cfg.trainer, callbacks))
+    cluster.check_launch(trainer)
+    return trainer
 
 
 def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
-    """The checkpoint an interrupted run continues from, if any (``resume=false`` ignores it)."""
-    if cfg.resume and run.last_checkpoint.exists():
-        return str(run.last_checkpoint)
-    return None
+    """The checkpoint an interrupted run continues from, if any (``resume=false`` ignores it): the most advanced of
+    ``checkpoints/last.ckpt`` and the requeue / HPC checkpoints written when a cluster job was signalled."""
+    from deeploc.cluster import newest_checkpoint
+
+    newest = newest_checkpoint(run.path) if cfg.resume else None
+    return None if newest is None else str(newest)
 
 
 def summarise_config(cfg: DictConfig, data_root: Path) -> dict[str, Any]:
@@ -147,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
                 )
         best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
-        trainer.test(model, datamodule=datamodule, ckpt_path=str(best))
+        trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = {
             "config": summarise_config(cfg, datamodule.data_root),
             "test": model.test_results,
@@ -159,10 +166,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             run.write_metrics(metrics)
             write_overlays(model, datamodule, run, cfg.overlays)
-            log.info("test metrics written to %s", run.metrics_file)
+            log.info("%s", format_results(metrics, run))
         return metrics
     finally:
         _finish_wandb()
+
+
+def format_results(metrics: dict[str, Any], run: RunDir) -> str:
+    """A console table of the test scores, with what produced them and where the artefacts are."""
+    config = metrics["config"]
+    lines = [
+        f"test results (%, mean over images) of CONV-{config['depth']} on {config['feature']}, "
+        f"{config['split']} split, trained on {config['subset']}:",
+        f"  {'test subset':<28}{'IoU':>8}{'F1':>8}{'F1 best':>9}{'AP':>8}{'images':>8}",
+    ]
+    for subset, scores in metrics["test"].items():
+        mark = " (in-domain)" if subset == config["subset"] else ""
+        lines.append(
+            f"  {subset + mark:<28}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
+            f"{scores['ap']:8.2f}{scores['n_images']:8.0f}"
+        )
+    if config["encoder_weights"] == "random":
+        lines.append(
+            f"  NOTE: SAM2 encoder {config['encoder']} had RANDOM weights: these numbers say nothing about pretrained "
+            "SAM2. Use encoder=hiera_s encoder.checkpoint=<sam2.1_hiera_small.pt> and data=dolos data.root=<wacv_data>."
+        )
+    lines.append(f"  results: {run.metrics_file}; overlays: {run.path / 'overlays'}; checkpoints: {run.checkpoints}")
+    return "\n".join(lines)
 
 
 def _best_score(trainer: L.Trainer) -> float | None:
