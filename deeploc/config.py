@@ -48,6 +48,3 @@ def to_primitive(cfg: DictConfig | dict[str, Any] | None) -> Any:
     if cfg is None or not isinstance(cfg, DictConfig):
         return cfg
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-register_resolvers()

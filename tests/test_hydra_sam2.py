@@ -53,3 +53,23 @@ def test_encoder_builds_while_an_application_owns_hydra_and_after_it_is_released
     after = SAM2FeatureEncoder(**cfg.encoder)
     x = torch.rand(1, 3, 64, 64)
     torch.testing.assert_close(inside(x)["image_embed"], after(x)["image_embed"])
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
+def test_every_logger_option_composes_and_writes(logger: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[f"logger={logger}", f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    loggers = [instantiate(node) for node in cfg.logger.values()]
+    for instance in loggers:
+        instance.log_metrics({"val/iou": 1.5}, step=0)
+        instance.finalize("success")
+    written = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    expected = {"csv": "metrics.csv", "tensorboard": "events.out.tfevents", "wandb": ".wandb"}[logger]
+    assert any(expected in name for name in written), written

@@ -61,6 +61,8 @@ def test_train_learns_and_writes_run_artefacts(trained_run: Path) -> None:
     assert len(list((trained_run / "overlays").glob("*/*.png"))) == 2 * len(subsets)
     offline = list((trained_run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    # Validation prediction panels every 5 epochs (25 epochs -> 5 panels).
+    assert len(list(offline[0].glob("files/media/images/val/predictions_*.png"))) == 5
     assert (trained_run / "csv" / "metrics.csv").is_file()
 
 
