@@ -519,3 +519,32 @@ def test_two_extraction_shards_fill_the_cache_one_full_extraction_would(tmp_path
         sharded.extract(cluster.shard_samples(samples, shard, 2), encoder, batch_size=1, progress=False)
     assert entries(sharded) == entries(full) and len(entries(full)) > 0
     assert not sharded.missing(samples)
+
+
+def test_extract_cli_shards_add_up_to_the_full_cache(tmp_path: Path) -> None:
+    """`deeploc-extract -m shard=0,1 num_shards=2` (two jobs) fills the cache one full extraction fills."""
+    from deeploc.cli.extract import extract
+
+    small = {"n_train": 3, "n_valid": 1, "n_test": 1, "size": 64, "seed": 0}
+    common = [
+        f"data.root={tmp_path / 'data'}",
+        *(f"data.synthetic.{k}={v}" for k, v in small.items()),
+        "data.num_workers=0",
+        "encoder=micro",
+        "features.batch_size=1",  # same batching in every job: bitwise-comparable entries
+    ]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[*common, f"features.dir={tmp_path / 'full'}"])
+    assert extract(cfg)["status"] == "done"
+    proc = run_cli(
+        "deeploc.cli.extract", ["-m", *common, f"features.dir={tmp_path / 'sharded'}", "shard=0,1", "num_shards=2"],
+        tmp_path,
+    )  # fmt: skip
+
+    def entries(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("entries/*/*.f16")}
+
+    full, sharded = entries(tmp_path / "full"), entries(tmp_path / "sharded")
+    assert len(full) == 3 + 1 + 4  # the run's train + valid + one test image per subset
+    assert sharded == full
+    assert "shard 0 of 2" in proc.stdout and "shard 1 of 2" in proc.stdout

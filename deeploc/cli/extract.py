@@ -10,6 +10,10 @@ jobs start from a full cache instead of waiting on each other's extraction::
 
 It never writes into the training run or sweep directories: its own Hydra output goes to
 ``${paths.output_dir}/extract/``.
+
+Split across jobs: ``shard=K num_shards=N`` extracts only shard K of N of the samples (disjoint shards, together all
+of them; :func:`deeploc.cluster.shard_samples`); the per-image entries of the shards add up to the full cache, e.g.
+``deeploc-extract -m hydra/launcher=slurm shard=0,1,2,3 num_shards=4 ...`` (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ _OUTPUT_OVERRIDES = (
     "hydra.run.dir='${paths.output_dir}/extract/${run_label:${hydra.job.override_dirname}}'",
     "hydra.sweep.dir=${paths.output_dir}/extract/sweeps/${sweep_name}",
     "hydra.output_subdir=null",
+    "++shard=0",  # shard K of num_shards N (defaults: everything); set with shard=K num_shards=N
+    "++num_shards=1",
 )
 
 
@@ -46,10 +52,35 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
     if not allowed:
         print(f"deeploc-extract: nothing to extract, the run will not use the cache: {reason}")
         return {"status": "skipped", "reason": reason}
+    shard, num_shards = int(cfg.get("shard") or 0), int(cfg.get("num_shards") or 1)
+    if (shard, num_shards) != (0, 1):  # shard_samples checks 0 <= shard < num_shards
+        return _extract_shard(cfg, shard, num_shards)
     _, model = build_components(cfg)  # data module + model + attach_feature_store, exactly as deeploc-train
     store = FeatureStore(cfg.features.dir, model.encoder.identity(), model.hparams.feature)
     print(f"deeploc-extract: {store.describe()}")
     return {"status": "done", "store": str(store.path)}
+
+
+def _extract_shard(cfg: DictConfig, shard: int, num_shards: int) -> dict[str, Any]:
+    """Shard ``shard`` of ``num_shards`` of what :func:`extract` computes (same data module, model and device rule)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from deeploc.cluster import shard_samples
+    from deeploc.features.store import FeatureStore
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model)
+    samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)
+    store = FeatureStore(cfg.features.dir, model.encoder.identity(), model.hparams.feature)
+    accelerator = cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+    device = "cuda" if torch.cuda.is_available() and accelerator else "cpu"
+    print(f"deeploc-extract: shard {shard} of {num_shards}: {len(samples)} images", flush=True)
+    store.extract(samples, model.encoder.to(device), batch_size=cfg.features.batch_size, device=device)
+    print(f"deeploc-extract: {store.describe()}")
+    return {"status": "done", "store": str(store.path), "shard": shard, "num_shards": num_shards}
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
@@ -59,7 +90,10 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point: ``deeploc-extract [hydra overrides]``."""
-    sys.argv[1:1] = list(_OUTPUT_OVERRIDES)  # user overrides come later and win
+    # Before the user's overrides (which win), after flags such as -m: argparse wants the overrides in one block.
+    args = sys.argv[1:]
+    at = next((i for i, a in enumerate(args) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(args))
+    sys.argv[1 + at : 1 + at] = list(_OUTPUT_OVERRIDES)
     _app()
 
 
