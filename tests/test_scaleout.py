@@ -113,15 +113,15 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     sweep_dir = work / "outputs" / "sweeps" / "scaleout"
     try:
-        _wait_for(lambda: 0 in _job_dirs(sweep_dir), 90, "job 0 to start", proc)
+        _wait_for(lambda: 0 in _job_dirs(sweep_dir), 180, "job 0 to start", proc)
         run0 = _job_dirs(sweep_dir)[0]
         armed = re.compile(r"requeue on SIGUSR1 armed \(pid (\d+)\)")
         log0 = run0 / "train.log"
-        _wait_for(lambda: log0.is_file() and armed.search(log0.read_text()), 90, "job 0 to arm", proc)
-        _wait_for(lambda: (run0 / "checkpoints" / "last.ckpt").is_file(), 90, "job 0's first epoch", proc)
+        _wait_for(lambda: log0.is_file() and armed.search(log0.read_text()), 180, "job 0 to arm", proc)
+        _wait_for(lambda: (run0 / "checkpoints" / "last.ckpt").is_file(), 180, "job 0's first epoch", proc)
         pid = int(armed.search(log0.read_text()).group(1))
         os.kill(pid, signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=170)
+        output, _ = proc.communicate(timeout=300)
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -180,6 +180,7 @@ def test_ddp_evaluation_equals_single_process(sweep: dict) -> None:
     assert len(list((run / "overlays").glob("*/*.png"))) == 4
 
 
+@pytest.mark.slow  # ~25-45 s; `make test-all`
 def test_ddp_evaluation_through_local_launcher_tasks(sweep: dict) -> None:
     """submitit local with tasks_per_node = trainer.devices = 2: ranks from submitit (as on SLURM), no re-exec."""
     run = sweep["runs"][0]
@@ -496,29 +497,6 @@ def test_shards_are_disjoint_stable_and_complete() -> None:
     assert cluster.shard_samples(samples, 0, 1) == samples
     with pytest.raises(ValueError):
         cluster.shard_samples(samples, 3, 3)
-
-
-@pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
-def test_two_extraction_shards_fill_the_cache_one_full_extraction_would(tmp_path: Path) -> None:
-    from deeploc.data.layout import index_subsets, resolve_root
-    from deeploc.data.synthetic import generate_dataset
-    from deeploc.features.store import FeatureStore
-    from deeploc.models.encoder import SAM2FeatureEncoder
-
-    root = generate_dataset(tmp_path / "data", n_train=3, n_valid=1, n_test=2, size=64, seed=0, n_real=0)
-    samples = index_subsets(resolve_root(root), ["copy-move"])
-    encoder = SAM2FeatureEncoder("sam2.1_hiera_micro", random_init=True, image_size=256, seed=0)
-
-    def entries(store: FeatureStore) -> dict[str, bytes]:
-        return {p.name: p.read_bytes() for p in (store.path / "entries").rglob("*.f16")}
-
-    full = FeatureStore(tmp_path / "full", encoder.identity(), "image_embed")
-    full.extract(samples, encoder, batch_size=1, progress=False)  # batch 1: bitwise-comparable entries
-    sharded = FeatureStore(tmp_path / "sharded", encoder.identity(), "image_embed")
-    for shard in range(2):
-        sharded.extract(cluster.shard_samples(samples, shard, 2), encoder, batch_size=1, progress=False)
-    assert entries(sharded) == entries(full) and len(entries(full)) > 0
-    assert not sharded.missing(samples)
 
 
 def test_extract_cli_shards_add_up_to_the_full_cache(tmp_path: Path) -> None:
