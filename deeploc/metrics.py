@@ -268,7 +268,9 @@ class LocalizationMetrics(Metric):
                     "n_f1_no_positive": zero}  # fmt: skip
         index = dim_zero_cat(self.sample_index)
         keep = _first_occurrences(index)
-        values = {name: dim_zero_cat(getattr(self, name))[keep] for name in _STATE_NAMES}
+        # Sum in sample order, so means are bit-identical whichever process scored which image.
+        order = torch.argsort(index[keep], stable=True)
+        values = {name: dim_zero_cat(getattr(self, name))[keep][order] for name in _STATE_NAMES}
         ap = values["ap"]
         count_dtype = torch.get_default_dtype()
         return {

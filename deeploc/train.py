@@ -131,8 +131,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if run.finished and cfg.if_finished == "skip":
         log.info("run %s already finished; skipping (if_finished=eval re-tests, =retrain starts over)", run.path)
         return previous
-    if cfg.if_finished == "retrain" and run.checkpoints.exists():
-        shutil.rmtree(run.checkpoints)
+    if cfg.if_finished == "retrain" and run.finished:
+        # Only a finished run starts over; an interrupted (e.g. requeued) retrain resumes like any other run.
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
+        for stale in run.path.glob("hpc_ckpt_*.ckpt"):
+            stale.unlink()
         run.metrics_file.unlink(missing_ok=True)
 
     L.seed_everything(cfg.seed, workers=True)
@@ -159,8 +162,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "config": summarise_config(cfg, datamodule.data_root),
             "test": model.test_results,
             "best_checkpoint": str(best.relative_to(run.path)),
-            "best_val_iou": _best_score(trainer),
-            "epochs": trainer.current_epoch,
+            "best_val_iou": previous["best_val_iou"] if evaluate_only else _best_score(trainer),
+            "epochs": previous["epochs"] if evaluate_only else trainer.current_epoch,
             "status": "finished",
         }
         if trainer.is_global_zero:
