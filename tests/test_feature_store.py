@@ -232,6 +232,22 @@ def test_truncated_or_corrupted_entries_are_detected(tmp_path: Path, encoder: SA
         torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
 
 
+class OverflowingEncoder(SAM2FeatureEncoder):
+    """Features beyond the float16 range."""
+
+    def forward(self, images, names=None):
+        return {k: v * 1e6 for k, v in super().forward(images, names).items()}
+
+
+def test_features_that_overflow_float16_are_refused(tmp_path: Path) -> None:
+    enc = OverflowingEncoder(MICRO, random_init=True, image_size=256)
+    samples = make_samples(tmp_path / "data", 2)
+    store = FeatureStore(tmp_path / "cache", enc.identity(), FEATURE)
+    with pytest.raises(FeatureStoreError, match="not finite in float16"):
+        store.extract(samples, enc, progress=False)
+    assert n_entries(store) == 0
+
+
 class InterruptedStore(FeatureStore):
     """Stops (like Ctrl-C) after writing `stop_after` entries."""
 
@@ -344,9 +360,9 @@ _RSS_SCRIPT = textwrap.dedent(
 
 
 def test_peak_rss_does_not_grow_with_the_number_of_cached_images(tmp_path: Path) -> None:
-    # high_res_feats_0 at 256 is 256 KiB per image: 4N = 160 images is 40 MiB of features.
+    # high_res_feats_0 at 256 is 256 KiB per image: 4N = 128 images is 32 MiB of features.
     enc = make_encoder()
-    feature, n = "high_res_feats_0", 40
+    feature, n = "high_res_feats_0", 32
     samples = make_samples(tmp_path / "data", 4 * n)
     store = FeatureStore(tmp_path / "cache", enc.identity(), feature)
     store.extract(samples, enc, batch_size=16, progress=False)
@@ -400,5 +416,8 @@ def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) ->
     assert "deeploc-extract: FeatureStore high_res_feats_1" in first.stdout
     # Hydra's own files go under outputs/extract, never into the run / sweep folders deeploc-report scans.
     assert (tmp_path / "outputs" / "extract").is_dir() and not (tmp_path / "outputs" / "runs").exists()
-    again = run_cli("deeploc.cli.extract", args, tmp_path)
-    assert "already cached" in again.stdout and "computing" not in again.stdout
+    # Exactly the store a training job with these overrides opens (same identity, feature, folder): complete.
+    enc = make_encoder()  # conf/encoder/micro.yaml: sam2.1_hiera_micro, random seed 0, 256
+    store = FeatureStore(tmp_path / "features", enc.identity(), "high_res_feats_1")
+    assert f"at {store.path}: 28 images" in first.stdout
+    assert n_entries(store) == 28

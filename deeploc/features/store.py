@@ -36,11 +36,15 @@ Safety
       the work done (flock is advisory, local file systems and NFSv4 honour it; some network file systems do not).
     * Detected on every read of an entry: missing file, wrong magic, unparsable header, an entry for another image
       (key), wrong shape or dtype, truncated or extended file (exact size check), any change of the feature bytes
-      (crc32). :meth:`missing` uses the cheap checks (header + size, no crc) and reports such entries as missing,
-      so :meth:`extract` recomputes them; a crc failure during training raises :class:`FeatureStoreError` naming
-      the file. NOT detected: an entry deliberately rewritten with a consistent header and crc (the store is not a
-      defence against tampering), and features that were wrong when computed (e.g. an encoder whose
-      ``identity()`` does not capture something that changes its output).
+      (crc32). A crc failure during training raises :class:`FeatureStoreError` naming the file.
+      :meth:`missing` and :meth:`extract` use the cheap checks (header, key, shape, dtype, size; no crc unless
+      ``verify=True``) and recompute what fails them. Maps that are not finite in float16 (NaN, overflow beyond
+      +-65504) are refused at write time.
+    * NOT detected: an entry deliberately rewritten with a consistent header and crc (the store is no defence
+      against tampering); a bit flip in an entry's data when nothing reads it with the crc check; features that
+      were wrong when computed (e.g. an encoder whose ``identity()`` misses something that changes its output,
+      such as the precision it ran in); an image rewritten in place with the same size and timestamps (see the
+      hash memo above).
 """
 
 from __future__ import annotations
@@ -439,6 +443,11 @@ class FeatureStore:
     def _write_entry(self, digest: str, fmap: torch.Tensor) -> None:
         if tuple(fmap.shape) != self.shape or fmap.dtype != torch.float16:
             raise FeatureStoreError(f"encoder produced {fmap.dtype} {tuple(fmap.shape)}, expected float16 {self.shape}")
+        if not bool(torch.isfinite(fmap).all()):
+            raise FeatureStoreError(
+                f"{self.feature} features of image sha256:{digest} are not finite in float16 (NaN, or values beyond "
+                f"+-65504); nothing was written for it in {self.path}"
+            )
         data = fmap.numpy().tobytes()
         header = _encode_header(digest, self.shape, zlib.crc32(data))
         path = self.entry_path(digest)
