@@ -407,11 +407,17 @@ def test_cache_allowed_only_without_augmentations() -> None:
 
 
 def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) -> None:
-    from tests.e2e import TINY_DATA, run_cli
+    from tests.e2e import TINY_DATA, env_for
 
     data = ["data.synthetic.n_train=8", "data.synthetic.n_valid=4", "data.synthetic.n_test=4"]
     args = [f"data.root={tmp_path / 'data'}", f"features.dir={tmp_path / 'features'}", *TINY_DATA, *data]
-    first = run_cli("deeploc.cli.extract", args, tmp_path)
+    # Through the installed console script: a Hydra app must find conf/ from there too, not only with python -m.
+    script = Path(sys.executable).parent / "deeploc-extract"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "deeploc.cli.extract"]
+    first = subprocess.run(
+        [*command, *args], cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert first.returncode == 0, first.stderr[-4000:]
     assert "computing 28 of 28 images" in first.stdout  # train 8 + valid 4 of one subset, test 4 x 4 subsets
     assert "deeploc-extract: FeatureStore high_res_feats_1" in first.stdout
     # Hydra's own files go under outputs/extract, never into the run / sweep folders deeploc-report scans.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -83,7 +84,12 @@ def _extract_shard(cfg: DictConfig, shard: int, num_shards: int) -> dict[str, An
     return {"status": "done", "store": str(store.path), "shard": shard, "num_shards": num_shards}
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+# An absolute path: a relative config_path is resolved as the module "conf" when this runs as a console script
+# (setuptools' entry-point wrapper), which fails with "Primary config module 'conf' not found".
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _app(cfg: DictConfig) -> None:
     extract(cfg)
 
