@@ -5,6 +5,7 @@ from deeploc.features.store import (
     FeatureStore,
     FeatureStoreError,
     cache_allowed,
+    extract_features,
 )
 
-__all__ = ["CachedFeatureDataset", "FeatureStore", "FeatureStoreError", "cache_allowed"]
+__all__ = ["CachedFeatureDataset", "FeatureStore", "FeatureStoreError", "cache_allowed", "extract_features"]
