@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+# Absolute, because Hydra resolves a relative config_path as a Python module ("conf") when the entry point runs
+# as a console script, and fails with "Primary config module 'conf' not found".
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-\[\]]")
 _MAX_NAME = 120

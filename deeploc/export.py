@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from deeploc.models.decoders import ConvDecoder, count_parameters
-from deeploc.models.encoder import CHECKPOINT_NAMES, EncoderError, file_digest
+from deeploc.models.encoder import CHECKPOINT_NAMES, EncoderError, file_digest, same_encoder
 from deeploc.runs import RunDir
 
 __all__ = [
@@ -362,7 +362,9 @@ def check_compatible(
     if expect_encoder is not None:
         trained = dict(metadata["encoder"])
         wanted = dict(expect_encoder)
-        differing = sorted(k for k in set(trained) | set(wanted) if trained.get(k) != wanted.get(k))
+        differing = sorted(
+            k for k in set(trained) | set(wanted) if k != "precision" and trained.get(k) != wanted.get(k)
+        )
         if differing:
             details = "; ".join(
                 f"{k}: {trained.get(k)!r} (decoder) vs {wanted.get(k)!r} (requested)" for k in differing
@@ -460,7 +462,7 @@ def _build_module(
     except EncoderError as exc:
         raise ModelError(f"{source}: cannot rebuild its SAM2 encoder: {exc}") from exc
     rebuilt = module.encoder.identity()
-    if rebuilt != dict(metadata["encoder"]):
+    if not same_encoder(rebuilt, dict(metadata["encoder"])):
         raise IncompatibleModelError(
             f"{source}: the rebuilt encoder {_describe_identity(rebuilt)} (preprocessing "
             f"{rebuilt.get('preprocessing')!r}) differs from the one the decoder was trained with "

@@ -11,7 +11,7 @@ from torch import nn
 
 from deeploc.metrics import LocalizationMetrics
 from deeploc.models.decoders import ConvDecoder
-from deeploc.models.encoder import SAM2FeatureEncoder
+from deeploc.models.encoder import SAM2FeatureEncoder, same_encoder
 
 SCHEDULES = ("fixed", "plateau")
 METRIC_NAMES = ("iou", "f1_fixed", "f1_best", "ap")
@@ -188,7 +188,7 @@ class LocalizationModule(L.LightningModule):
         if meta is None:
             raise IncompatibleCheckpointError("checkpoint was not written by deeploc's LocalizationModule")
         ours = self.encoder.identity()
-        if meta["encoder"] != ours:
+        if not same_encoder(meta["encoder"], ours):
             raise IncompatibleCheckpointError(
                 f"checkpoint was trained on encoder {meta['encoder']}, but the current config builds {ours}; "
                 "use the encoder settings the run was trained with (its .hydra/config.yaml)"

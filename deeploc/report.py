@@ -370,11 +370,13 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compa
 def log_wandb(paths: ReportPaths, project: str | None = None) -> Path:
     """Log the summary and cell tables and every figure to one W&B run; returns the run's local folder.
 
-    The mode comes from WANDB_MODE (offline by default), the folder from WANDB_DIR.
+    The mode comes from WANDB_MODE (offline by default), the folder from WANDB_DIR (default: the report folder).
     """
     import wandb
 
     run = wandb.init(
+        # Passed explicitly: wandb caches its settings per process, so a changed WANDB_DIR would be ignored.
+        dir=os.environ.get("WANDB_DIR") or str(paths.out_dir),
         project=project or os.environ.get("WANDB_PROJECT", "deeploc"),
         job_type="report",
         mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from deeploc.config import to_primitive
+from deeploc.config import CONF_DIR, to_primitive
 from deeploc.runs import RunDir
 
 log = logging.getLogger("deeploc.train")
@@ -42,9 +42,27 @@ def build_components(cfg: DictConfig) -> tuple[Any, Any]:
     return datamodule, model
 
 
+def extraction_device(cfg: DictConfig) -> str:
+    """Where the frozen encoder computes features: the GPU when there is one and the trainer may use it."""
+    wants_gpu = cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+    return "cuda" if torch.cuda.is_available() and wants_gpu else "cpu"
+
+
+def open_feature_store(cfg: DictConfig, model: Any) -> tuple[Any, str]:
+    """The feature store of this run's encoder and feature, and the device to fill it on.
+
+    The encoder moves to that device first: its identity (the cache key) includes the precision it computes in.
+    """
+    from deeploc.features.store import FeatureStore
+
+    device = extraction_device(cfg)
+    model.encoder.to(device)
+    return FeatureStore(cfg.features.dir, model.encoder.identity(), model.hparams.feature), device
+
+
 def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
     """Serve cached encoder features instead of images when config and augmentations allow it."""
-    from deeploc.features.store import FeatureStore, cache_allowed
+    from deeploc.features.store import cache_allowed
 
     if not cfg.features.enabled:
         log.info("feature cache disabled (features=none): the encoder runs on every batch")
@@ -53,12 +71,8 @@ def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
     if not allowed:
         log.warning("feature cache not used: %s; the encoder runs on every batch", reason)
         return
-    store = FeatureStore(cfg.features.dir, model.encoder.identity(), model.hparams.feature)
-    samples = datamodule.plan.all_samples()
-    device = (
-        "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda") else "cpu"
-    )
-    store.extract(samples, model.encoder.to(device), batch_size=cfg.features.batch_size, device=device)
+    store, device = open_feature_store(cfg, model)
+    store.extract(datamodule.plan.all_samples(), model.encoder, batch_size=cfg.features.batch_size, device=device)
     model.encoder.to("cpu")
     datamodule.set_dataset_factory(lambda samples, stage: store.dataset(samples))
 
@@ -213,7 +227,7 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns the mean test IoU of the training subset (for Hydra sweepers)."""
     metrics = train(cfg)

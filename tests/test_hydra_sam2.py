@@ -67,9 +67,14 @@ def test_every_logger_option_composes_and_writes(logger: str, tmp_path: Path, mo
     cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
     loggers = [instantiate(node) for node in cfg.logger.values()]
-    for instance in loggers:
-        instance.log_metrics({"val/iou": 1.5}, step=0)
-        instance.finalize("success")
+    try:
+        for instance in loggers:
+            instance.log_metrics({"val/iou": 1.5}, step=0)
+            instance.finalize("success")
+    finally:
+        import wandb
+
+        wandb.finish()  # as train.py does after every job: later W&B users in this process get their own run
     written = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     expected = {"csv": "metrics.csv", "tensorboard": "events.out.tfevents", "wandb": ".wandb"}[logger]
     assert any(expected in name for name in written), written

@@ -62,7 +62,8 @@ def test_train_learns_and_writes_run_artefacts(trained_run: Path) -> None:
     offline = list((trained_run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
     # Validation prediction panels every 5 epochs (25 epochs -> 5 panels).
-    assert len(list(offline[0].glob("files/media/images/val/predictions_*.png"))) == 5
+    panels = list(offline[0].glob("files/media/images/val/predictions_*.png"))
+    assert len({p.name.split("_")[1] for p in panels}) == 5 and len(panels) == 5 * 4
     assert (trained_run / "csv" / "metrics.csv").is_file()
 
 

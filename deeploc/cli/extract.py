@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from deeploc.config import to_primitive
+from deeploc.config import CONF_DIR, to_primitive
 
 log = logging.getLogger("deeploc.extract")
 
@@ -42,8 +41,8 @@ _OUTPUT_OVERRIDES = (
 
 def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
-    from deeploc.features.store import FeatureStore, cache_allowed
-    from deeploc.train import build_components
+    from deeploc.features.store import cache_allowed
+    from deeploc.train import build_components, open_feature_store
 
     if not cfg.features.enabled:
         msg = "features.enabled=false (features=none): this run reads no feature cache, nothing to extract"
@@ -57,36 +56,28 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
     if (shard, num_shards) != (0, 1):  # shard_samples checks 0 <= shard < num_shards
         return _extract_shard(cfg, shard, num_shards)
     _, model = build_components(cfg)  # data module + model + attach_feature_store, exactly as deeploc-train
-    store = FeatureStore(cfg.features.dir, model.encoder.identity(), model.hparams.feature)
+    store, _ = open_feature_store(cfg, model)
     print(f"deeploc-extract: {store.describe()}")
     return {"status": "done", "store": str(store.path)}
 
 
 def _extract_shard(cfg: DictConfig, shard: int, num_shards: int) -> dict[str, Any]:
     """Shard ``shard`` of ``num_shards`` of what :func:`extract` computes (same data module, model and device rule)."""
-    import torch
     from hydra.utils import instantiate
 
     from deeploc.cluster import shard_samples
-    from deeploc.features.store import FeatureStore
+    from deeploc.train import open_feature_store
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = instantiate(cfg.model)
     samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)
-    store = FeatureStore(cfg.features.dir, model.encoder.identity(), model.hparams.feature)
-    accelerator = cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
-    device = "cuda" if torch.cuda.is_available() and accelerator else "cpu"
+    store, device = open_feature_store(cfg, model)
     print(f"deeploc-extract: shard {shard} of {num_shards}: {len(samples)} images", flush=True)
-    store.extract(samples, model.encoder.to(device), batch_size=cfg.features.batch_size, device=device)
+    store.extract(samples, model.encoder, batch_size=cfg.features.batch_size, device=device)
     print(f"deeploc-extract: {store.describe()}")
     return {"status": "done", "store": str(store.path), "shard": shard, "num_shards": num_shards}
-
-
-# An absolute path: a relative config_path is resolved as the module "conf" when this runs as a console script
-# (setuptools' entry-point wrapper), which fails with "Primary config module 'conf' not found".
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

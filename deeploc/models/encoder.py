@@ -247,14 +247,23 @@ class SAM2FeatureEncoder(nn.Module):
         """The encoder is frozen: it stays in eval mode whatever the trainer asks."""
         return super().train(False)
 
+    def compute_precision(self) -> str:
+        """The precision the encoder computes in where it is now: bf16 autocast on capable GPUs, else fp32."""
+        return "bf16" if self.bf16 and self.mean.is_cuda and torch.cuda.is_bf16_supported() else "fp32"
+
     def identity(self) -> dict[str, Any]:
-        """Everything that determines the features: used as the feature-cache key and in exported metadata."""
+        """Everything that determines the features: the feature-cache key and the metadata of checkpoints/exports.
+
+        ``precision`` depends on the device the encoder sits on; :func:`same_encoder` ignores it when asking
+        whether a decoder fits an encoder (the weights are what matter there), caches keep it.
+        """
         return {
             "config": self.config,
             "overrides": self.overrides,
             "image_size": self.image_size,
             "weights": self.weights,
             "preprocessing": "bilinear-antialias-resize+imagenet-norm",
+            "precision": self.compute_precision(),
         }
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -278,8 +287,7 @@ class SAM2FeatureEncoder(nn.Module):
         for name in wanted:
             feature_info(name)
         x = self.preprocess(images)
-        use_bf16 = self.bf16 and x.is_cuda and torch.cuda.is_bf16_supported()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.compute_precision() == "bf16"):
             backbone_out = self.model.forward_image(x)
             _, vision_feats, _, sizes = self.model._prepare_backbone_features(backbone_out)
             if self.model.directly_add_no_mem_embed:
@@ -288,6 +296,13 @@ class SAM2FeatureEncoder(nn.Module):
         maps = [f.permute(1, 2, 0).reshape(batch, -1, h, w).float() for f, (h, w) in zip(vision_feats, sizes)]
         by_name = {"high_res_feats_0": maps[0], "high_res_feats_1": maps[1], "image_embed": maps[2]}
         return {name: by_name[name] for name in wanted}
+
+
+def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two encoder identities describe the same model (config, size, weights, preprocessing),
+    whatever device or precision each ran in."""
+    strip = ("precision",)
+    return {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}
 
 
 def save_random_checkpoint(
