@@ -75,7 +75,13 @@ def _extract_shard(cfg: DictConfig, shard: int, num_shards: int) -> dict[str, An
     samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)
     store, device = open_feature_store(cfg, model)
     print(f"deeploc-extract: shard {shard} of {num_shards}: {len(samples)} images", flush=True)
-    store.extract(samples, model.encoder, batch_size=cfg.features.batch_size, device=device)
+    store.extract(
+        samples,
+        model.encoder,
+        batch_size=cfg.features.batch_size,
+        device=device,
+        lock_scope=f"shard-{shard}-of-{num_shards}",  # disjoint shards fill one store in parallel
+    )
     print(f"deeploc-extract: {store.describe()}")
     return {"status": "done", "store": str(store.path), "shard": shard, "num_shards": num_shards}
 

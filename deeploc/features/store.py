@@ -427,6 +427,7 @@ class FeatureStore:
         num_workers: int = 0,
         progress: bool = True,
         verify: bool = False,
+        lock_scope: str | None = None,
     ) -> int:
         """Compute and store the features of every sample that has no usable entry; returns how many were computed.
 
@@ -437,7 +438,7 @@ class FeatureStore:
         Existing entries get the cheap checks; ``verify`` also checks their crc32 (reads the whole store).
         See :func:`extract_features` to fill the stores of several feature maps in one encoder pass.
         """
-        done = extract_features([self], samples, encoder, batch_size, device, num_workers, progress, verify)
+        done = extract_features([self], samples, encoder, batch_size, device, num_workers, progress, verify, lock_scope)
         return done[self.feature]
 
     def _write_entry(self, digest: str, fmap: torch.Tensor) -> None:
@@ -490,10 +491,14 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     verify: bool = False,
+    lock_scope: str | None = None,
 ) -> dict[str, int]:
     """:meth:`FeatureStore.extract` for several stores of the SAME encoder identity (typically one per feature
     map) in one encoder pass: each image missing from any store is encoded once, with ``names`` = the stores'
-    features, and written to the stores that lack it. Returns the number of entries computed per feature."""
+    features, and written to the stores that lack it. Returns the number of entries computed per feature.
+
+    ``lock_scope`` (e.g. ``"shard-0-of-4"``) locks only that scope, so jobs extracting disjoint shards into one
+    store run in parallel; they leave stale temporary files to the next unscoped extraction."""
     stores = list({store.path: store for store in stores}.values())
     if not stores:
         return {}
@@ -510,11 +515,13 @@ def extract_features(
     n_unique = len(set(hashes))
     with contextlib.ExitStack() as locks:
         for store in sorted(stores, key=lambda st: str(st.path)):  # fixed order: no deadlock between jobs
-            locks.enter_context(_locked(store.path / ".lock", f"feature store {store.path}"))
+            lock = store.path / (f".lock.{_slug(lock_scope)}" if lock_scope else ".lock")
+            locks.enter_context(_locked(lock, f"feature store {store.path}"))
         # Under the locks: what is missing now (another job may just have computed it).
         todo: dict[str, tuple[Sample, list[FeatureStore]]] = {}
         for store in stores:
-            store._remove_stale_tmp()
+            if lock_scope is None:  # other scopes may be writing their temporary files right now
+                store._remove_stale_tmp()
             seen: set[str] = set()
             for sample, digest in zip(samples, hashes):
                 if digest in seen:
