@@ -111,6 +111,7 @@ def summarise_config(cfg: DictConfig, data_root: Path) -> dict[str, Any]:
         "encoder_weights": "random" if cfg.encoder.random_init else str(cfg.encoder.checkpoint),
         "image_size": cfg.encoder.image_size,
         "data": str(data_root),
+        "generated_data": cfg.data.get("synthetic") is not None,
         "seed": cfg.seed,
     }
 
@@ -202,6 +203,11 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
         lines.append(
             f"  {subset + mark:<28}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
             f"{scores['ap']:8.2f}{scores['n_images']:8.0f}"
+        )
+    if config.get("generated_data"):
+        lines.append(
+            "  NOTE: trained and tested on deeploc's GENERATED Dolos-format data (four classical manipulations), "
+            "not on Dolos. Real data: data=dolos data.root=<path to wacv_data> (deeploc-check validates it first)."
         )
     if config["encoder_weights"] == "random":
         lines.append(
