@@ -18,6 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from deeploc.config import CONF_DIR, to_primitive
 from deeploc.runs import RunDir
@@ -137,10 +138,24 @@ def write_overlays(model: Any, datamodule: Any, run: RunDir, count: int) -> list
     return written
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration; returns the content of the run's metrics.json."""
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any work on values the user still has to provide, naming the key and how to set it."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        raise ValueError(f"config value {exc.full_key} is not set: pass {exc.full_key}=...") from None
+    if cfg.data.get("root") is None and cfg.data.get("synthetic") is None:
+        raise ValueError(
+            "data.root is not set: pass data.root=/path/to/wacv_data (the unzipped Dolos folder) or set DOLOS_ROOT; "
+            "without Dolos, use data=synthetic"
+        )
     if cfg.if_finished not in IF_FINISHED:
         raise ValueError(f"if_finished={cfg.if_finished!r} must be one of {IF_FINISHED}")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration; returns the content of the run's metrics.json."""
+    check_config(cfg)
     run = run_directory(cfg)
     previous = run.read_metrics()
     if run.finished and cfg.if_finished == "skip":

@@ -98,3 +98,10 @@ def test_missing_dolos_root_fails_before_training(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert str(tmp_path / "nowhere") in proc.stderr
     assert not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def test_dolos_without_a_root_names_the_key_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DOLOS_ROOT", raising=False)
+    proc = run_cli("deeploc.train", ["data=dolos", "encoder=micro"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "data.root is not set" in proc.stderr and "wacv_data" in proc.stderr
