@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from deeploc.config import CONF_DIR, to_primitive
 from deeploc.runs import RunDir
 
 log = logging.getLogger("deeploc.train")
+
+# The frozen SAM2 encoder stays in eval mode on purpose (module.py); Lightning would warn about it on every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 IF_FINISHED = ("skip", "eval", "retrain")
 
