@@ -12,7 +12,22 @@ from torch.utils.data import Dataset
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import Sample, read_mask, read_rgb
 
-__all__ = ["ImageMaskDataset"]
+__all__ = ["ImageMaskDataset", "image_tensor", "mask_tensor", "read_target"]
+
+
+def read_target(path: Any) -> np.ndarray:
+    """A Dolos mask file as ``H x W`` uint8, 1 = manipulated (``mask_png[..., 0] != 255``)."""
+    return (read_mask(path) != 255).astype(np.uint8)
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` uint8 RGB -> float32 ``3 x H x W`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    """``H x W`` 0/1 mask -> float32 ``1 x H x W``."""
+    return torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0)
 
 
 class ImageMaskDataset(Dataset):
@@ -39,7 +54,7 @@ class ImageMaskDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
         image = read_rgb(s.image)
-        mask = (read_mask(s.mask) != 255).astype(np.uint8)
+        mask = read_target(s.mask)
         if image.shape[:2] != mask.shape:
             raise DatasetError(
                 f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {s.image} is "
@@ -48,6 +63,10 @@ class ImageMaskDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-        mask_t = torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0)
-        return {"image": image_t, "mask": mask_t, "name": s.name, "subset": s.subset, "index": int(index)}
+        return {
+            "image": image_tensor(image),
+            "mask": mask_tensor(mask),
+            "name": s.name,
+            "subset": s.subset,
+            "index": int(index),
+        }

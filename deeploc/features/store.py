@@ -69,6 +69,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from deeploc.data.datasets import image_tensor, mask_tensor, read_target
+from deeploc.data.layout import read_rgb
 from deeploc.features_spec import feature_info, feature_shape
 
 if TYPE_CHECKING:
@@ -612,26 +614,19 @@ def _as_list(batch: list[Any]) -> list[Any]:
     return batch
 
 
-def _image_mask_dataset(samples: Sequence[Sample]) -> Dataset:
-    """Images and masks are read by :class:`ImageMaskDataset` itself (no augmentation), so cached and online
-    training see exactly the same tensors."""
-    from deeploc.data.datasets import ImageMaskDataset
-
-    return ImageMaskDataset(samples)
-
-
 class _ImageReader(Dataset):
     """(content hash, image tensor) for extraction."""
 
     def __init__(self, todo: list[tuple[str, Sample]]) -> None:
         self.digests = [digest for digest, _ in todo]
-        self.images = _image_mask_dataset([sample for _, sample in todo])
+        self.samples = [sample for _, sample in todo]
 
     def __len__(self) -> int:
         return len(self.digests)
 
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor]:
-        return self.digests[i], self.images[i]["image"]
+        # The image exactly as ImageMaskDataset reads it (no augmentation): cached and online training agree.
+        return self.digests[i], image_tensor(read_rgb(self.samples[i].image))
 
 
 class CachedFeatureDataset(Dataset):
@@ -650,7 +645,6 @@ class CachedFeatureDataset(Dataset):
         self.samples = samples
         self.shape = shape
         self.feature = feature
-        self._masks = _image_mask_dataset(samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -659,7 +653,7 @@ class CachedFeatureDataset(Dataset):
         sample = self.samples[index]
         return {
             "features": read_entry(self.paths[index], self.keys[index], self.shape),
-            "mask": self._masks[index]["mask"],
+            "mask": mask_tensor(read_target(sample.mask)),  # masks only: no image decoded on this hot path
             "name": sample.name,
             "subset": sample.subset,
             "index": index,
