@@ -34,7 +34,6 @@ LAYOUTS: dict[str, tuple[Stage, ...]] = {
     "high_res_feats_1": (Stage(64, 64, True),),
 }
 
-DEPTHS = (4, 12, 20)
 OUTPUT_STRIDE = 4
 
 
