@@ -12,19 +12,16 @@ application (shared/reference/sam2.md), so the packaged YAML is read with OmegaC
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from deeploc.features_spec import FEATURES, feature_info
+from deeploc.models.encoders.base import ENCODERS, EncoderError, FeatureSpec, FrozenEncoder
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +85,12 @@ CHECKPOINT_NAMES = {
 _HIERA_SIZES = {(96, 12): "hiera_t", (96, 16): "hiera_s", (112, 24): "hiera_b+", (144, 48): "hiera_l"}
 
 
-class EncoderError(ValueError):
-    """A SAM2 config or checkpoint that cannot be used; the message names it and the fix."""
+# The three maps of SAM2ImagePredictor._features; channels are fixed by the mask decoder's conv_s0 / conv_s1.
+FEATURE_SPECS: dict[str, FeatureSpec] = {
+    "image_embed": FeatureSpec(256, 16),
+    "high_res_feats_0": FeatureSpec(32, 4),
+    "high_res_feats_1": FeatureSpec(64, 8),
+}
 
 
 def available_configs() -> list[str]:
@@ -144,13 +145,6 @@ def _describe_checkpoint(state: dict[str, torch.Tensor]) -> str:
 def load_checkpoint_into(model: nn.Module, checkpoint: str | Path, config: str) -> None:
     """Load an official SAM2 checkpoint ({"model": state_dict}) strictly, with messages a user can act on."""
     path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        hint = CHECKPOINT_NAMES.get(config, "the matching .pt file")
-        raise EncoderError(
-            f"encoder.checkpoint={str(path)!r} does not exist. Download {hint} from the SAM2 release page "
-            "(github.com/facebookresearch/sam2, 'Download Checkpoints') and set encoder.checkpoint to its path, "
-            "or set encoder.random_init=true for a run with random weights."
-        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated file, a non-torch file or pickled objects
@@ -180,27 +174,24 @@ def load_checkpoint_into(model: nn.Module, checkpoint: str | Path, config: str) 
     model.load_state_dict(state, strict=True)
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's contents (identifies checkpoint weights for caches and exports)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class SAM2FeatureEncoder(nn.Module):
-    """Frozen SAM2 image encoder mapping ``B x 3 x H x W`` images in [0, 1] to the three feature maps.
+@ENCODERS.register("sam2")
+class SAM2Encoder(FrozenEncoder):
+    """Frozen SAM2 image encoder returning the three maps the study decodes (see the module docstring).
 
     Args:
-        config: a SAM2 config shipped with the sam2 package (``sam2.1_hiera_s``...) or a deeploc preset.
+        config: a SAM2 config shipped with the sam2 package (``sam2.1_hiera_s``...) or a deeploc preset
+            (``sam2.1_hiera_micro``).
         checkpoint: an official SAM2 checkpoint file; required unless ``random_init``.
         image_size: encoder input side (multiple of 32); the study uses 1024.
-        random_init: use seeded random weights instead of a checkpoint (demos and tests only).
-        seed: the seed of the random weights, so that every process rebuilds the same encoder.
+        random_init, seed: seeded random weights instead of a checkpoint (demos and tests only).
         overrides: dotted keys under ``model`` to change in the SAM2 config.
         bf16: run the encoder under bfloat16 autocast on CUDA devices.
     """
+
+    family = "SAM2"
+    target_stride = 4.0  # the study's decoders give 256 x 256 logits for a 1024 input
+    preprocessing = "bilinear-antialias-resize+imagenet-norm"
+    weights_hint = "an official SAM2 checkpoint (e.g. sam2.1_hiera_small.pt, github.com/facebookresearch/sam2)"
 
     def __init__(
         self,
@@ -212,97 +203,45 @@ class SAM2FeatureEncoder(nn.Module):
         overrides: dict[str, Any] | None = None,
         bf16: bool = True,
     ) -> None:
-        super().__init__()
-        if checkpoint is None and not random_init:
-            raise EncoderError(
-                "encoder.checkpoint is not set. Point it at an official SAM2 checkpoint "
-                f"(e.g. {CHECKPOINT_NAMES.get(config, 'sam2.1_hiera_small.pt')}) or set encoder.random_init=true "
-                "to use random weights (features then carry no pretrained knowledge)."
-            )
-        if checkpoint is not None and random_init:
-            raise EncoderError("encoder.checkpoint and encoder.random_init=true exclude each other; unset one")
         self.config = config
-        self.image_size = image_size
-        self.bf16 = bf16
         self.overrides = dict(overrides or {})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model = build_sam2_model(config, image_size, self.overrides)
-        if checkpoint is not None:
-            load_checkpoint_into(self.model, checkpoint, config)
-            self.weights = f"sha256:{file_digest(checkpoint)}"
-        else:
-            warnings.warn(
-                f"SAM2 encoder {config} uses RANDOM weights (seed {seed}): results say nothing about pretrained "
-                "SAM2. Set encoder.checkpoint=<path to an official .pt> for real features.",
-                stacklevel=2,
-            )
-            self.weights = f"random:seed={seed}"
-        self.model.requires_grad_(False)
-        self.model.eval()
+        # Name the exact file this config needs in messages.
+        self.weights_hint = (
+            f"{CHECKPOINT_NAMES.get(config, 'the matching SAM2 .pt file')} from the SAM2 release page "
+            "(github.com/facebookresearch/sam2, 'Download Checkpoints')"
+        )
+        super().__init__(image_size, checkpoint, random_init, seed, bf16)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> SAM2FeatureEncoder:
-        """The encoder is frozen: it stays in eval mode whatever the trainer asks."""
-        return super().train(False)
+    @property
+    def feature_specs(self) -> dict[str, FeatureSpec]:
+        return dict(FEATURE_SPECS)
 
-    def compute_precision(self) -> str:
-        """The precision the encoder computes in where it is now: bf16 autocast on capable GPUs, else fp32."""
-        return "bf16" if self.bf16 and self.mean.is_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    def architecture(self) -> dict[str, Any]:
+        return {"config": self.config, "overrides": self.overrides}
 
-    def identity(self) -> dict[str, Any]:
-        """Everything that determines the features: the feature-cache key and the metadata of checkpoints/exports.
+    def build(self) -> nn.Module:
+        if self.image_size % 32:
+            raise EncoderError(f"encoder.image_size={self.image_size} must be a multiple of 32 (e.g. 256, 512, 1024)")
+        return build_sam2_model(self.config, self.image_size, self.overrides)
 
-        ``precision`` depends on the device the encoder sits on; :func:`same_encoder` ignores it when asking
-        whether a decoder fits an encoder (the weights are what matter there), caches keep it.
-        """
-        return {
-            "config": self.config,
-            "overrides": self.overrides,
-            "image_size": self.image_size,
-            "weights": self.weights,
-            "preprocessing": "bilinear-antialias-resize+imagenet-norm",
-            "precision": self.compute_precision(),
-        }
+    def load_weights(self, model: nn.Module, path: Path) -> None:
+        load_checkpoint_into(model, path, self.config)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize to the encoder's input size and ImageNet-normalise, as the predictor's SAM2Transforms does."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape B x 3 x H x W, got {tuple(images.shape)}")
-        return (self.resize(images.float()) - self.mean) / self.std
+        """Resize to the input size and ImageNet-normalise, as the predictor's SAM2Transforms does."""
+        return (self.resize(images) - self.mean) / self.std
 
-    def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize ``B x 3 x H x W`` images to the square encoder input (no-op when already that size)."""
-        size = (self.image_size, self.image_size)
-        if images.shape[-2:] == size:
-            return images
-        # torchvision's Resize on tensors is bilinear with antialias; identical through F.interpolate.
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        """Feature maps (float32, ``B x C x h x w``) by name; all three unless ``names`` picks some."""
-        wanted = names or tuple(FEATURES)
-        for name in wanted:
-            feature_info(name)
-        x = self.preprocess(images)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.compute_precision() == "bf16"):
-            backbone_out = self.model.forward_image(x)
-            _, vision_feats, _, sizes = self.model._prepare_backbone_features(backbone_out)
-            if self.model.directly_add_no_mem_embed:
-                vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
-        batch = x.shape[0]
-        maps = [f.permute(1, 2, 0).reshape(batch, -1, h, w).float() for f, (h, w) in zip(vision_feats, sizes)]
+    def encode(self, inputs: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        backbone_out = self.model.forward_image(inputs)
+        _, vision_feats, _, sizes = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        batch = inputs.shape[0]
+        maps = [f.permute(1, 2, 0).reshape(batch, -1, h, w) for f, (h, w) in zip(vision_feats, sizes)]
         by_name = {"high_res_feats_0": maps[0], "high_res_feats_1": maps[1], "image_embed": maps[2]}
-        return {name: by_name[name] for name in wanted}
-
-
-def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two encoder identities describe the same model (config, size, weights, preprocessing),
-    whatever device or precision each ran in."""
-    strip = ("precision",)
-    return {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}
+        return {name: by_name[name] for name in names}
 
 
 def save_random_checkpoint(
