@@ -42,6 +42,7 @@ __all__ = [
     "build_encoder",
     "file_digest",
     "same_encoder",
+    "state_dict_mismatch",
 ]
 
 ENCODERS: Registry[type[FrozenEncoder]] = Registry("encoder", "deeploc.models.encoders", "deeploc.encoders")
@@ -71,6 +72,29 @@ def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any]) -> str:
+    """What keeps ``found`` from loading strictly where ``expected`` is (missing / unexpected keys, other shapes,
+    non-tensors), with an example of each; empty when it loads."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(
+        k
+        for k in set(expected) & set(found)
+        if not isinstance(found[k], torch.Tensor) or found[k].shape != expected[k].shape
+    )
+    return "; ".join(
+        f"{len(keys)} {what} (e.g. {keys[0]}{_shapes(expected, found, keys[0]) if what == 'shape mismatches' else ''})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if keys
+    )
+
+
+def _shapes(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], key: str) -> str:
+    value = found[key]
+    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    return f": expected {tuple(expected[key].shape)}, found {got}"
 
 
 class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):

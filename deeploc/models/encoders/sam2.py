@@ -21,7 +21,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from deeploc.models.encoders.base import ENCODERS, EncoderError, FeatureSpec, FrozenEncoder
+from deeploc.models.encoders.base import (
+    ENCODERS,
+    EncoderError,
+    FeatureSpec,
+    FrozenEncoder,
+    state_dict_mismatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,20 +158,8 @@ def load_checkpoint_into(model: nn.Module, checkpoint: str | Path, config: str) 
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise EncoderError(f"{path} is not an official SAM2 checkpoint: expected a dict with a 'model' state dict")
     state = payload["model"]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:
-        details = "; ".join(
-            f"{len(keys)} {what} (e.g. {keys[0]})"
-            for what, keys in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", mismatched),
-            )
-            if keys
-        )
+    details = state_dict_mismatch(model.state_dict(), state)
+    if details:
         raise EncoderError(
             f"SAM2 checkpoint {path} does not match encoder.config={config!r}: {details}. "
             f"The checkpoint {_describe_checkpoint(state)}; set encoder.config to the config it was trained with "
