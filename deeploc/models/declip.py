@@ -122,7 +122,7 @@ def _declared(path: Path, payload: Mapping[str, Any], key: str, given: str | Non
 
 
 def _split_state(path: Path, state: Mapping[str, Any]) -> dict[str, Any]:
-    """The decoder part (``fc.*``, prefix removed), after checking what else the state dict holds."""
+    """The decoder part (``fc.*``), after checking what else the state dict holds."""
     if any(k.startswith(("att1.", "att2.")) for k in state):
         raise DeclipImportError(
             f"{path} holds DeCLIP's attention decoder (att1/att2 keys); deeploc imports only conv-N decoders"
@@ -130,10 +130,10 @@ def _split_state(path: Path, state: Mapping[str, Any]) -> dict[str, Any]:
     other = sorted(k for k in state if not k.startswith(("fc.", "model.")))
     if other:
         raise DeclipImportError(f"{path}: unexpected keys in 'model' (e.g. {other[:3]}); not a DeCLIP checkpoint")
-    fc = {k.removeprefix("fc."): v for k, v in state.items() if k.startswith("fc.")}
+    fc = {k: v for k, v in state.items() if k.startswith("fc.")}
     if not fc:
         raise DeclipImportError(f"{path}: no decoder weights ('fc.*' keys) in 'model'")
-    first = fc.get("0.weight")
+    first = fc.get("fc.0.weight")
     if isinstance(first, torch.Tensor) and first.ndim == 2:
         raise DeclipImportError(
             f"{path} holds DeCLIP's linear decoder (fc.0 is a Linear {tuple(first.shape)}); deeploc's linear "
@@ -142,8 +142,8 @@ def _split_state(path: Path, state: Mapping[str, Any]) -> dict[str, Any]:
     return fc
 
 
-def _check_backbone(path: Path, state: Mapping[str, Any], layer: int) -> None:
-    """The backbone weights a DeCLIP ViT file carries (``model.visual.*``) must be ViT-L/14 at 224 with the layer."""
+def _check_backbone(path: Path, state: Mapping[str, Any]) -> None:
+    """The backbone weights a DeCLIP ViT file carries (``model.visual.*``), if any, must be ViT-L/14 at 224."""
     vit = ARCHITECTURES[BACKBONE]
     expected = {
         "model.visual.conv1.weight": (vit.width, 3, vit.patch_size, vit.patch_size),
@@ -156,16 +156,11 @@ def _check_backbone(path: Path, state: Mapping[str, Any], layer: int) -> None:
                 f"{path}: backbone weight {key} has shape {tuple(value.shape)}, expected {shape} for CLIP "
                 f"{BACKBONE} at 224 px; deeploc imports DeCLIP decoders trained on ViT-L/14 only"
             )
-    blocks = {int(k.split(".")[4]) for k in state if k.startswith("model.visual.transformer.resblocks.")}
-    if blocks and layer not in blocks:
-        raise DeclipImportError(
-            f"{path}: feature layer {layer} is not a block of its backbone (blocks {sorted(blocks)})"
-        )
 
 
 def _hint(fc: Mapping[str, Any]) -> str:
     """What a decoder that does not match looks like instead, for messages."""
-    first = fc.get("0.weight")
+    first = fc.get("fc.0.weight")
     if isinstance(first, torch.Tensor) and first.ndim == 4 and first.shape[1] == 2 * ARCHITECTURES[BACKBONE].width:
         return (
             " Its first conv reads 2048 channels: a ViT+RN50 decoder, which needs CLIP RN50 layer3 features that "
@@ -224,7 +219,7 @@ def read_declip_decoder(
             )
     state = payload["model"]
     fc = _split_state(path, state)
-    _check_backbone(path, state, layer)
+    _check_backbone(path, state)
 
     decoder = build_decoder(
         "conv",
@@ -233,22 +228,22 @@ def read_declip_decoder(
         inputs=layer_name,
         depth=depth,
     )
-    head = len(decoder.body)
+    # DeCLIP's fc.<i> is body.<i> (same module order); its last index is the head.
+    head = f"fc.{len(decoder.body)}."
     ours = {
-        (f"fc.{head}." + k.removeprefix("head.")) if k.startswith("head.") else "fc." + k.removeprefix("body."): k
+        k.replace("body.", "fc.", 1) if k.startswith("body.") else k.replace("head.", head, 1): k
         for k in decoder.state_dict()
     }
-    theirs = {f"fc.{k}": v for k, v in fc.items()}
     expected = {declip: decoder.state_dict()[name] for declip, name in ours.items()}
-    details = state_dict_mismatch(expected, theirs)
+    details = state_dict_mismatch(expected, fc)
     if details:
         raise DeclipImportError(
             f"{path}: the decoder does not match DeCLIP's {kind} on {layer_name}: {details}.{_hint(fc)}"
         )
-    bad = sorted(k for k, v in theirs.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    bad = sorted(k for k, v in fc.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
         raise DeclipImportError(f"{path}: decoder weights {bad[:3]} hold NaN or infinite values; the file is corrupt")
-    decoder.load_state_dict({ours[k]: v for k, v in theirs.items()}, strict=True)
+    decoder.load_state_dict({ours[k]: v for k, v in fc.items()}, strict=True)
     steps = payload.get("total_steps")
     return DeclipDecoder(
         record=decoder.record(),
