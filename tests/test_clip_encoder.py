@@ -24,7 +24,7 @@ from torchvision import transforms
 
 from deeploc.models.decoders import build_decoder, count_parameters
 from deeploc.models.encoders import EncoderError, build_encoder, encoder_from_identity
-from deeploc.models.encoders.clip import ARCHITECTURES, CLIPEncoder
+from deeploc.models.encoders.clip import _CONVERT, ARCHITECTURES, CLIPEncoder
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
 # DeCLIP's data/datasets.py constants (CLIP's normalisation), typed here independently of deeploc.
@@ -199,12 +199,26 @@ def test_torchscript_archive_is_read_without_running_its_code(openai_clip: torch
             if item.filename.endswith("/data.pkl"):  # a pickle that would create a file if anything ran it
                 data = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
             dst.writestr(item, data)
-    with pytest.raises(EncoderError, match=r"evil\.pt.*os\.system"):
+    with pytest.raises(EncoderError, match=r"evil\.pt.*os\.system.*If you trust the file, convert it once"):
         build_encoder("clip", config="clip_micro", layers=[1], checkpoint=str(evil))
     assert not marker.exists()
     with zipfile.ZipFile(evil) as archive:  # the forged pickle is a real threat: plain unpickling runs it
         pickle.loads(archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl"))))
     assert marker.exists()
+
+
+@torch.no_grad()
+def test_documented_conversion_of_a_trusted_archive_loads(openai_clip: torch.nn.Module, tmp_path: Path) -> None:
+    archive = _traced(openai_clip, tmp_path / "ViT-micro.pt")
+    command = _CONVERT.format(path=archive)
+    assert command.startswith('python -c "') and command.endswith('"')
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(command[len('python -c "') : -1], {})  # the one-liner the refusal message prints
+    converted = build_encoder("clip", config="clip_micro", layers=[2], checkpoint=f"{archive}.safetensors")
+    safe = build_encoder("clip", config="clip_micro", layers=[2], checkpoint=str(archive))
+    x = images(1)
+    assert torch.equal(converted(x)["layer2"], safe(x)["layer2"])
 
 
 def test_truncated_or_mismatched_weights_are_refused(openai_clip: torch.nn.Module, tmp_path: Path) -> None:

@@ -75,6 +75,13 @@ ARCHITECTURES: dict[str, ViTConfig] = {
 }
 
 
+# Fallback for a TorchScript archive the safe reader refuses (docs/clip.md).
+_CONVERT = (
+    "python -c \"import torch; from safetensors.torch import save_file; m = torch.jit.load('{path}', map_location='cpu'); "
+    "save_file({{k: v.float().contiguous() for k, v in m.state_dict().items()}}, '{path}.safetensors')\""
+)
+
+
 def _describe_weights(state: Mapping[str, torch.Tensor]) -> str:
     """What vision tower a state dict holds, for messages."""
     conv = state.get("conv1.weight")
@@ -109,7 +116,10 @@ def read_clip_vision_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = read_torchscript_tensors(path)
         except TorchScriptError as exc:
-            raise EncoderError(f"CLIP weights: {exc}") from None
+            raise EncoderError(
+                f"CLIP weights: {exc}. If you trust the file, convert it once (this runs its TorchScript): "
+                f"{_CONVERT.format(path=path)} and set encoder.checkpoint to the .safetensors file (docs/clip.md)"
+            ) from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
