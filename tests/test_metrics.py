@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.utils.data import DistributedSampler
 from torchmetrics.functional.classification import binary_average_precision
 
 from deeploc.metrics import LocalizationMetrics, image_scores, resize_probs
+from deeploc.runs import RunDir, write_json_atomic
 
 SCORE_KEYS = ("iou", "f1_fixed", "f1_best", "ap")
 
@@ -545,6 +547,37 @@ def test_metric_rejects_bad_indices_and_handles_no_data() -> None:
     with pytest.warns(UserWarning):  # torchmetrics warns that compute ran before update
         out = LocalizationMetrics().compute()
     assert out["n_images"] == 0 and math.isnan(float(out["iou"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.json: strict JSON
+# --------------------------------------------------------------------------------------------------
+def _refuse_constant(name: str) -> None:
+    raise AssertionError(f"non-standard JSON constant {name} written")
+
+
+def test_metrics_json_is_strict_json_with_undefined_scores_as_null(tmp_path: Path) -> None:
+    metric = LocalizationMetrics(convention="trufor")
+    metric.update(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.arange(2))  # empty masks: AP NaN
+    scores = {key: float(value) for key, value in metric.compute().items()}
+    assert math.isnan(scores["ap"])
+    payload = {"convention": "trufor", "test": {"a": scores}, "other": [math.inf, -math.inf, (1.5, math.nan)]}
+    path = write_json_atomic(tmp_path / "metrics.json", payload)
+    text = path.read_text()
+    data = json.loads(text, parse_constant=_refuse_constant)
+    assert data["test"]["a"]["ap"] is None and data["test"]["a"]["n_ap_undefined"] == 2
+    assert data["test"]["a"]["iou"] == scores["iou"]
+    assert data["other"] == [None, None, [1.5, None]]
+    # A value JSON cannot hold fails, leaving the previous file and no temporary file behind.
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    assert path.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_metrics_json_written_by_older_versions_with_bare_nan_is_still_read(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text('{"status": "finished", "test": {"a": {"ap": NaN}}}')
+    assert math.isnan(RunDir(tmp_path).read_metrics()["test"]["a"]["ap"])
 
 
 # --------------------------------------------------------------------------------------------------
