@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from deeploc.config import CONF_DIR, to_primitive
+from deeploc.metrics import check_convention, recorded_convention
 from deeploc.runs import RunDir
 
 log = logging.getLogger("deeploc.train")
@@ -155,6 +156,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.if_finished not in IF_FINISHED:
         raise ValueError(f"if_finished={cfg.if_finished!r} must be one of {IF_FINISHED}")
+    check_convention(cfg.metrics.convention)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -164,6 +166,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     previous = run.read_metrics()
     if run.finished and cfg.if_finished == "skip":
         log.info("run %s already finished; skipping (if_finished=eval re-tests, =retrain starts over)", run.path)
+        if recorded_convention(previous) != cfg.metrics.convention:
+            log.warning(
+                "its scores were computed with metrics.convention=%s, not %s as asked; they are left as they are: "
+                "if_finished=eval re-tests its best checkpoint with %s",
+                recorded_convention(previous),
+                cfg.metrics.convention,
+                cfg.metrics.convention,
+            )
         return previous
     if cfg.if_finished == "retrain" and run.finished:
         # Only a finished run starts over; an interrupted (e.g. requeued) retrain resumes like any other run.
@@ -194,6 +204,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = {
             "config": summarise_config(cfg, datamodule.data_root),
+            "convention": model.hparams.metric_convention,
             "test": model.test_results,
             "best_checkpoint": str(best.relative_to(run.path)),
             "best_val_iou": previous["best_val_iou"] if evaluate_only else _best_score(trainer),

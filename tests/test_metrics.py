@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -12,13 +13,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from scipy import ndimage
 from sklearn.metrics import average_precision_score
 from torch.utils.data import DistributedSampler
 from torchmetrics.functional.classification import binary_average_precision
 
+from deeploc.cli.evaluate import main as eval_main
+from deeploc.config import CONF_DIR, to_primitive
 from deeploc.metrics import LocalizationMetrics, image_scores, resize_probs
+from deeploc.module import LocalizationModule
 from deeploc.runs import RunDir, write_json_atomic
+from tests.e2e import run_cli, train_args
 
 SCORE_KEYS = ("iou", "f1_fixed", "f1_best", "ap")
 
@@ -624,3 +631,78 @@ def test_ddp_sync_equals_single_process(tmp_path: Path) -> None:
         # Without indices the padded duplicate is counted twice: the test can tell the difference.
         assert r["plain"]["n_images"] == N_DDP + 1
         assert r["plain"]["iou"] != pytest.approx(want["iou"])
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.convention: config, LightningModule, training run, deeploc-eval
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
+def test_metrics_convention_typed_on_the_command_line_reaches_the_module() -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        default = compose("train", overrides=["encoder=micro"])
+        trufor = compose("train", overrides=["encoder=micro", "metrics.convention=trufor"])
+    assert default.metrics.convention == "study"
+    for cfg, want in ((default, "study"), (trufor, "trufor")):
+        model = instantiate(cfg.model)
+        assert model.hparams.metric_convention == want and type(model.hparams.metric_convention) is str
+        assert model.val_metrics.convention == want
+    with pytest.raises(ValueError, match=r"metrics\.convention='declip'"):
+        LocalizationModule(encoder=to_primitive(default.encoder), metric_convention="declip")
+
+
+def test_unknown_metrics_convention_is_refused_before_any_work(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "deeploc.train",
+        ["encoder=micro", "metrics.convention=declip", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "metrics.convention='declip' is not one of ('study', 'trufor')" in proc.stderr
+    assert not (run_dir / "config_resolved.yaml").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_convention_chosen_for_training_is_measured_recorded_and_reproduced_by_eval(
+    shared_workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    args = train_args(shared_workdir, "trainer.max_epochs=1", "overlays=0", "logger=csv", f"hydra.run.dir={run_dir}")
+    run_cli("deeploc.train", [*args, "metrics.convention=trufor"], tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["convention"] == "trufor"
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["metric_convention"] == "trufor"
+
+    # deeploc-eval measures either convention on the same model and records which one it used.
+    evaluated = {}
+    for convention in ("trufor", "study"):
+        out = tmp_path / f"eval-{convention}"
+        features = str(shared_workdir / "features")
+        assert eval_main([str(run_dir), "--out", str(out), "--features-dir", features, "--convention", convention]) == 0
+        assert f"convention {convention}" in capsys.readouterr().out
+        data = json.loads((out / "eval.json").read_text())
+        assert data["convention"] == convention
+        with open(out / "eval.csv", newline="") as handle:
+            assert {row["convention"] for row in csv.DictReader(handle)} == {convention}
+        evaluated[convention] = data["test"]
+    for subset, scores in metrics["test"].items():
+        trufor, study = evaluated["trufor"][subset], evaluated["study"][subset]
+        for key in SCORE_KEYS:  # eval reproduces the training run's own numbers
+            assert trufor[key] == pytest.approx(scores[key], abs=1e-6), (subset, key)
+        assert study["iou"] == trufor["iou"]
+        n, n_empty = study["n_images"], study["n_ap_undefined"]
+        assert n_empty == trufor["n_ap_undefined"] and study["n_f1_no_positive"] == trufor["n_f1_no_positive"]
+        if n_empty < n:
+            assert study["ap"] == pytest.approx(trufor["ap"] * (n - n_empty) / n, abs=1e-6)
+        if study["n_f1_no_positive"] == 0:
+            assert study["f1_best"] == pytest.approx(trufor["f1_best"], abs=1e-6)
+
+    # A finished run from deeploc <= 0.1 (no "convention": trufor) is skipped with a warning, never relabelled.
+    del metrics["convention"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    proc = run_cli("deeploc.train", args, tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "already finished; skipping" in log
+    assert "metrics.convention=trufor" in log and "if_finished=eval" in log
+    assert "convention" not in json.loads((run_dir / "metrics.json").read_text())

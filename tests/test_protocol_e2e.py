@@ -99,7 +99,9 @@ def test_eval_reproduces_the_run_and_tests_other_subsets(
     run_dir = finished_run
     out = tmp_path / "eval"
     assert eval_main([str(run_dir), "--out", str(out), "--features-dir", str(shared_workdir / "features")]) == 0
-    evaluated = json.loads((out / "eval.json").read_text())["test"]
+    evaluated_file = json.loads((out / "eval.json").read_text())
+    assert evaluated_file["convention"] == _metrics(run_dir)["convention"] == "study"  # both default
+    evaluated = evaluated_file["test"]
     trained = _metrics(run_dir)["test"]
     for subset, scores in trained.items():
         for key in ("iou", "f1_fixed", "f1_best", "ap"):

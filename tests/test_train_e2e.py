@@ -38,6 +38,7 @@ def _constant_predictor_iou(run_dir: Path, subset: str) -> float:
 def test_train_learns_and_writes_run_artefacts(trained_run: Path) -> None:
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["status"] == "finished"
+    assert metrics["convention"] == "study"  # the default metrics.convention
     config = metrics["config"]
     assert config["decoder"] == "conv4" and config["feature"] == "high_res_feats_1" and config["split"] == "cross"
     subsets = config["subsets"]

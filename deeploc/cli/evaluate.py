@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from deeploc.config import run_label
+from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--no-validate", action="store_true", help="skip decoding every file once before scoring")
+    parser.add_argument(
+        "--convention",
+        default=DEFAULT_CONVENTION,
+        choices=CONVENTIONS,
+        help="metric convention for the undefined cases (thin regions, empty masks): study = DeCLIP's formulas "
+        "(default), trufor = TruFor's (deeploc <= 0.1); recorded in eval.json and eval.csv",
+    )
     return parser
 
 
@@ -41,21 +49,34 @@ def main(argv: list[str] | None = None) -> int:
         if not root or not subsets:
             raise ModelError("the model does not record its training data: pass --data-root and --subsets")
         by_subset = index_for_eval(root, subsets, args.split, validate=not args.no_validate)
-        results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir)
+        results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir, args.convention)
     except (DatasetError, ModelError, ValueError) as exc:
         print(f"deeploc-eval: {exc}", file=sys.stderr)
         return 1
     source = Path(args.model)
     base = source if source.is_dir() else (source.parent.parent if source.suffix == ".ckpt" else Path("eval"))
     out = Path(args.out) if args.out else base / "eval" / run_label(f"{Path(root).name}-{args.split}")
-    context = {"model": str(source), "described": describe_model(meta), "data": str(root), "split": args.split}
+    context = {
+        "model": str(source),
+        "described": describe_model(meta),
+        "data": str(root),
+        "split": args.split,
+        "convention": args.convention,
+    }
     json_path, csv_path = write_results(out, results, context)
+    print(f"{args.split} scores (%, mean over images), metric convention {args.convention}:")
     for name, scores in results.items():
         print(
-            f"{name:>20}: IoU {scores['iou']:6.2f}  F1 {scores['f1_fixed']:6.2f} / best {scores['f1_best']:6.2f}  AP {scores['ap']:6.2f}  (n={scores['n_images']:.0f})"
+            f"{name:>20}: IoU {scores['iou']:6.2f}  F1 {scores['f1_fixed']:6.2f} / best {scores['f1_best']:6.2f}  AP {scores['ap']:6.2f}  (n={scores['n_images']:.0f}{_undefined_note(scores)})"
         )
     print(f"wrote {json_path} and {csv_path}")
     return 0
+
+
+def _undefined_note(scores: dict[str, float]) -> str:
+    """How many images the convention decided for (thin regions, empty masks), when there are any."""
+    parts = [f"{scores['n_f1_no_positive']:.0f} without F1 positive", f"{scores['n_ap_undefined']:.0f} empty masks"]
+    return "; " + ", ".join(parts) if scores["n_f1_no_positive"] or scores["n_ap_undefined"] else ""
 
 
 if __name__ == "__main__":
