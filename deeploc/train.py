@@ -210,17 +210,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def format_results(metrics: dict[str, Any], run: RunDir) -> str:
-    """A console table of the test scores, with what produced them and where the artefacts are."""
+    """A console table of the test scores, each subset labelled by its role (in-domain / out-of-domain, or held
+    out / seen for leave-one-out), with what produced them and where the artefacts are."""
+    from deeploc.labels import subset_role, training_phrase
+
     config = metrics["config"]
+    split, subset = config["split"], config["subset"]
+    labels = {name: f"{name} ({subset_role(split, subset, name)})" for name in metrics["test"]}
+    width = max([len("test subset"), *map(len, labels.values())]) + 2
     lines = [
-        f"test results (%, mean over images) of CONV-{config['depth']} on {config['feature']}, "
-        f"{config['split']} split, trained on {config['subset']}:",
-        f"  {'test subset':<28}{'IoU':>8}{'F1':>8}{'F1 best':>9}{'AP':>8}{'images':>8}",
+        f"test results (%, mean over images) of CONV-{config['depth']} on {config['feature']}, {split} split, "
+        f"{training_phrase(split, subset, config.get('subsets'))}; metric convention "
+        f"{metrics.get('convention', 'trufor')}:",
+        f"  {'test subset':<{width}}{'IoU':>8}{'F1':>8}{'F1 best':>9}{'AP':>8}{'images':>8}",
     ]
-    for subset, scores in metrics["test"].items():
-        mark = " (in-domain)" if subset == config["subset"] else ""
+    for name, scores in metrics["test"].items():
         lines.append(
-            f"  {subset + mark:<28}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
+            f"  {labels[name]:<{width}}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
             f"{scores['ap']:8.2f}{scores['n_images']:8.0f}"
         )
     if config.get("generated_data"):

@@ -26,6 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_scores(results: dict[str, dict[str, float]], trained: dict) -> list[str]:
+    """One console line per subset, the subset labelled by its role in the model's training when that is known
+    (in-domain / out-of-domain; held out / seen for leave-one-out)."""
+    from deeploc.labels import subset_role
+
+    known = bool(trained.get("split") and trained.get("subset"))
+    names = {n: f"{n} ({subset_role(trained['split'], trained['subset'], n)})" if known else n for n in results}
+    width = max(map(len, names.values()))
+    return [
+        f"  {names[n]:<{width}}  IoU {s['iou']:6.2f}  F1 {s['f1_fixed']:6.2f} / best {s['f1_best']:6.2f}  "
+        f"AP {s['ap']:6.2f}  (n={s['n_images']:.0f})"
+        for n, s in results.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -50,10 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else base / "eval" / run_label(f"{Path(root).name}-{args.split}")
     context = {"model": str(source), "described": describe_model(meta), "data": str(root), "split": args.split}
     json_path, csv_path = write_results(out, results, context)
-    for name, scores in results.items():
-        print(
-            f"{name:>20}: IoU {scores['iou']:6.2f}  F1 {scores['f1_fixed']:6.2f} / best {scores['f1_best']:6.2f}  AP {scores['ap']:6.2f}  (n={scores['n_images']:.0f})"
-        )
+    print(f"{describe_model(meta)}; {args.split} split of {root}:")
+    print("\n".join(format_scores(results, trained)))
     print(f"wrote {json_path} and {csv_path}")
     return 0
 
