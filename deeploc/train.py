@@ -103,21 +103,49 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     return None if newest is None else str(newest)
 
 
-def summarise_config(cfg: DictConfig, data_root: Path) -> dict[str, Any]:
-    """The few keys that identify a run in tables (the full config is in .hydra/ and config_resolved.yaml)."""
+def summarise_config(cfg: DictConfig, datamodule: Any, model: Any) -> dict[str, Any]:
+    """What identifies a run in tables: every setting that changes its scores (deeploc.provenance reads them back)
+    and the data it used. The full config is in .hydra/ and config_resolved.yaml. Values are primitives."""
+    from deeploc import __version__
+
+    counts = datamodule.describe()
+    split = cfg.data.split
+    plateau = cfg.model.schedule == "plateau"
     return {
         "decoder": cfg.decoder.name,
         "depth": cfg.decoder.depth,
         "feature": cfg.feature.name,
-        "split": cfg.data.split.mode,
+        "split": split.mode,
         "subset": cfg.subset,
         "subsets": list(cfg.data.subsets),
         "encoder": cfg.encoder.config,
+        "encoder_overrides": to_primitive(cfg.encoder.overrides) or {},
         "encoder_weights": "random" if cfg.encoder.random_init else str(cfg.encoder.checkpoint),
+        # sha256 of the checkpoint or the random-weight seed, as the encoder computed it for its identity.
+        "weights": model.encoder.weights,
         "image_size": cfg.encoder.image_size,
-        "data": str(data_root),
+        "max_epochs": cfg.trainer.max_epochs,
+        "schedule": cfg.model.schedule,
+        "plateau": (
+            {"patience": cfg.model.plateau_patience, "factor": cfg.model.plateau_factor, "min_lr": cfg.model.min_lr}
+            if plateau
+            else None
+        ),
+        "lr": cfg.model.lr,
+        "weight_decay": cfg.model.weight_decay,
+        "batch_size": cfg.data.batch_size,
+        "precision": str(cfg.trainer.precision),
+        "augment": to_primitive(cfg.data.get("augment")),
+        "n_train": counts["n_train"],
+        "n_valid": counts["n_valid"],
+        "split_n_train": split.get("n_train"),
+        "split_n_valid": split.get("n_valid"),
+        "split_seed": split.get("seed"),
+        "data": str(datamodule.data_root),
         "generated_data": cfg.data.get("synthetic") is not None,
+        "data_params": to_primitive(cfg.data.get("synthetic")),
         "seed": cfg.seed,
+        "deeploc_version": __version__,
     }
 
 
@@ -193,7 +221,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = {
-            "config": summarise_config(cfg, datamodule.data_root),
+            "config": summarise_config(cfg, datamodule, model),
             "test": model.test_results,
             "best_checkpoint": str(best.relative_to(run.path)),
             "best_val_iou": previous["best_val_iou"] if evaluate_only else _best_score(trainer),
