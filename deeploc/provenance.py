@@ -109,22 +109,22 @@ def read_settings(run_dir: Path, metrics: Mapping[str, Any]) -> Settings:
     config = metrics["config"]
     resolved = _Resolved(run_dir / "config_resolved.yaml")
 
-    def get(key: str, *path: str) -> Any:
+    def get(key: str, *path: str) -> Any:  # metrics.json's value, else config_resolved.yaml's
         return config[key] if key in config else resolved.get(*path)
 
     split = config.get("split")
     return Settings(
         decoder=config["decoder"],
         feature=config["feature"],
-        encoder=config.get("encoder"),
+        encoder=_scalar(config.get("encoder")),
         encoder_overrides=_compact(get("encoder_overrides", "encoder", "overrides") or {}),
         weights=_weights(config, resolved),
-        image_size=config.get("image_size"),
-        max_epochs=get("max_epochs", "trainer", "max_epochs"),
+        image_size=_scalar(config.get("image_size")),
+        max_epochs=_scalar(get("max_epochs", "trainer", "max_epochs")),
         schedule=_schedule(config, resolved),
         lr=_float(get("lr", "model", "lr")),
         weight_decay=_float(get("weight_decay", "model", "weight_decay")),
-        batch_size=get("batch_size", "data", "batch_size"),
+        batch_size=_scalar(get("batch_size", "data", "batch_size")),
         precision=_str(get("precision", "trainer", "precision")),
         augment=_compact(get("augment", "data", "augment")),
         split_sizes=_split_sizes(split, config, resolved),
@@ -157,7 +157,7 @@ def study_gaps(s: Settings, split: str) -> list[str]:
         gaps.append(f"encoder overrides {s.encoder_overrides}")
     if s.image_size != STUDY_IMAGE_SIZE:
         gaps.append(f"input {s.show('image_size')} (study: {STUDY_IMAGE_SIZE})")
-    if s.max_epochs is None or s.max_epochs < STUDY_EPOCHS:
+    if not isinstance(s.max_epochs, int) or s.max_epochs < STUDY_EPOCHS:
         gaps.append(f"{s.show('max_epochs')} epochs (study: {STUDY_EPOCHS})")
     if s.data is None:
         gaps.append("data not recorded")
@@ -236,8 +236,13 @@ def _compact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _scalar(value: Any) -> Any:
+    """`value` itself when it is a JSON scalar, else its compact JSON (a hand-edited file must not break the report)."""
+    return value if value is None or isinstance(value, str | int | float | bool) else _compact(value)
+
+
+def _float(value: Any) -> Any:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _scalar(value)
 
 
 def _str(value: Any) -> str | None:
@@ -246,7 +251,7 @@ def _str(value: Any) -> str | None:
 
 def _weights(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
     if "weights" in config:
-        return config["weights"]
+        return _str(config["weights"])
     legacy = config.get("encoder_weights")  # deeploc <= 0.1: "random" or the checkpoint path
     if legacy is None:
         return None
@@ -258,13 +263,14 @@ def _weights(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
 
 def _schedule(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
     if "schedule" in config:
-        name, plateau = config["schedule"], config.get("plateau") or {}
+        name, plateau = _scalar(config["schedule"]), config.get("plateau")
     else:
         name = resolved.get("model", "schedule")
         plateau = {k: resolved.get("model", f"plateau_{k}") for k in ("patience", "factor")}
         plateau["min_lr"] = resolved.get("model", "min_lr")
     if name != "plateau":
         return name
+    plateau = plateau if isinstance(plateau, dict) else {}
     return "plateau(" + ", ".join(f"{k}={show(k, plateau.get(k))}" for k in ("patience", "factor", "min_lr")) + ")"
 
 
@@ -285,4 +291,4 @@ def _data(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
         if not isinstance(params, dict):
             return "generated: parameters not recorded"
         return "generated: " + ", ".join(f"{k}={params[k]}" for k in sorted(params))
-    return config.get("data")
+    return _str(config.get("data"))

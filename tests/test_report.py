@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 
 from deeploc import __version__, report_figures
 from deeploc.cli.report import main
-from deeploc.provenance import LABELS
+from deeploc.provenance import LABELS, study_gaps
 from deeploc.report import (
     MissingRun,
     build_matrices,
@@ -507,6 +507,19 @@ def test_old_metrics_json_reads_settings_from_the_resolved_config(tmp_path: Path
     assert (run.settings.max_epochs, run.settings.weights) == (None, "random:seed=unknown")
     report = write_report(old, tmp_path / "out").report_md.read_text(encoding="utf-8")
     assert "| max epochs | unknown |" in report and "| deeploc (runs) | not recorded (<= 0.1.0) |" in report
+
+
+def test_hand_edited_settings_of_odd_types_are_reported_not_crashed_on(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", "conv4", "image_embed", "in_domain", LAMA, {LAMA: 50.0})
+    odd = {"batch_size": [64], "weights": 5, "lr": "fast", "schedule": "plateau", "plateau": "x", "max_epochs": "20"}
+    write_run(tmp_path / "b", "conv4", "image_embed", "in_domain", LAMA, {LAMA: 40.0}, **odd)
+    matrices = build_matrices(collect_runs(tmp_path)[0])
+    assert sorted(m.value(LAMA, LAMA) for m in matrices.values()) == [40.0, 50.0]
+    [edited] = [m.settings for m in matrices.values() if m.value(LAMA, LAMA) == 40.0]
+    assert (edited.batch_size, edited.lr, edited.weights) == ("[64]", "fast", "5")
+    assert "20 epochs (study: 20)" in study_gaps(edited, "cross")  # a string is not a known epoch count
+    report = write_report(tmp_path, tmp_path / "out", compare_study=True).report_md.read_text(encoding="utf-8")
+    assert "| batch size | varies: 64; [64] |" in report
 
 
 def test_compare_study_says_in_the_table_when_not_comparable(tmp_path: Path) -> None:
