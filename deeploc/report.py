@@ -395,7 +395,7 @@ def study_matrix(decoder: str, feature: str, split: str = "cross") -> Matrix | N
 def study_comparison(matrices: dict[Settings, Matrix], split: str = "cross") -> StudyComparison:
     """Our ID / OOD IoU per configuration beside the study's when the subsets are Dolos's, with the differences
     between each configuration's setup and the study's (random weights, another encoder, input size, ...)."""
-    subsets = sorted({s for m in matrices.values() for s in m.subsets})
+    subsets = list(dict.fromkeys(s for m in matrices.values() for s in m.subsets))
     foreign = [s for s in subsets if s not in DOLOS_SUBSETS]
     if foreign or not subsets:
         note = (
