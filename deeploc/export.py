@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from deeploc.labels import describe_training
 from deeploc.models.decoders import ConvDecoder, count_parameters
 from deeploc.models.encoder import CHECKPOINT_NAMES, EncoderError, file_digest, same_encoder
 from deeploc.runs import RunDir
@@ -532,7 +533,5 @@ def describe_model(metadata: Mapping[str, Any]) -> str:
     """One line: CONV-N on feature, encoder identity, and the training subset when known."""
     dec = metadata["decoder"]
     text = f"CONV-{dec['depth']} on {dec['feature']}, encoder {_describe_identity(metadata['encoder'])}"
-    config = (metadata.get("training") or {}).get("config") or {}
-    if config.get("subset"):
-        text += f", trained on {config.get('split', '?')}/{config['subset']}"
-    return text
+    training = describe_training((metadata.get("training") or {}).get("config") or {})
+    return f"{text}, {training}" if training else text

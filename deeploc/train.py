@@ -104,21 +104,49 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     return None if newest is None else str(newest)
 
 
-def summarise_config(cfg: DictConfig, data_root: Path) -> dict[str, Any]:
-    """The few keys that identify a run in tables (the full config is in .hydra/ and config_resolved.yaml)."""
+def summarise_config(cfg: DictConfig, datamodule: Any, model: Any) -> dict[str, Any]:
+    """What identifies a run in tables: every setting that changes its scores (deeploc.provenance reads them back)
+    and the data it used. The full config is in .hydra/ and config_resolved.yaml. Values are primitives."""
+    from deeploc import __version__
+
+    counts = datamodule.describe()
+    split = cfg.data.split
+    plateau = cfg.model.schedule == "plateau"
     return {
         "decoder": cfg.decoder.name,
         "depth": cfg.decoder.depth,
         "feature": cfg.feature.name,
-        "split": cfg.data.split.mode,
+        "split": split.mode,
         "subset": cfg.subset,
         "subsets": list(cfg.data.subsets),
         "encoder": cfg.encoder.config,
+        "encoder_overrides": to_primitive(cfg.encoder.overrides) or {},
         "encoder_weights": "random" if cfg.encoder.random_init else str(cfg.encoder.checkpoint),
+        # sha256 of the checkpoint or the random-weight seed, as the encoder computed it for its identity.
+        "weights": model.encoder.weights,
         "image_size": cfg.encoder.image_size,
-        "data": str(data_root),
+        "max_epochs": cfg.trainer.max_epochs,
+        "schedule": cfg.model.schedule,
+        "plateau": (
+            {"patience": cfg.model.plateau_patience, "factor": cfg.model.plateau_factor, "min_lr": cfg.model.min_lr}
+            if plateau
+            else None
+        ),
+        "lr": cfg.model.lr,
+        "weight_decay": cfg.model.weight_decay,
+        "batch_size": cfg.data.batch_size,
+        "precision": str(cfg.trainer.precision),
+        "augment": to_primitive(cfg.data.get("augment")),
+        "n_train": counts["n_train"],
+        "n_valid": counts["n_valid"],
+        "split_n_train": split.get("n_train"),
+        "split_n_valid": split.get("n_valid"),
+        "split_seed": split.get("seed"),
+        "data": str(datamodule.data_root),
         "generated_data": cfg.data.get("synthetic") is not None,
+        "data_params": to_primitive(cfg.data.get("synthetic")),
         "seed": cfg.seed,
+        "deeploc_version": __version__,
     }
 
 
@@ -203,7 +231,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = {
-            "config": summarise_config(cfg, datamodule.data_root),
+            "config": summarise_config(cfg, datamodule, model),
             "convention": model.hparams.metric_convention,
             "test": model.test_results,
             "best_checkpoint": str(best.relative_to(run.path)),
@@ -221,17 +249,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def format_results(metrics: dict[str, Any], run: RunDir) -> str:
-    """A console table of the test scores, with what produced them and where the artefacts are."""
+    """A console table of the test scores, each subset labelled by its role (in-domain / out-of-domain, or held
+    out / seen for leave-one-out), with what produced them and where the artefacts are."""
+    from deeploc.labels import subset_role, training_phrase
+
     config = metrics["config"]
+    split, subset = config["split"], config["subset"]
+    labels = {name: f"{name} ({subset_role(split, subset, name)})" for name in metrics["test"]}
+    width = max([len("test subset"), *map(len, labels.values())]) + 2
     lines = [
-        f"test results (%, mean over images) of CONV-{config['depth']} on {config['feature']}, "
-        f"{config['split']} split, trained on {config['subset']}:",
-        f"  {'test subset':<28}{'IoU':>8}{'F1':>8}{'F1 best':>9}{'AP':>8}{'images':>8}",
+        f"test results (%, mean over images) of CONV-{config['depth']} on {config['feature']}, {split} split, "
+        f"{training_phrase(split, subset, config.get('subsets'))}; metric convention "
+        f"{metrics.get('convention', 'trufor')}:",
+        f"  {'test subset':<{width}}{'IoU':>8}{'F1':>8}{'F1 best':>9}{'AP':>8}{'images':>8}",
     ]
-    for subset, scores in metrics["test"].items():
-        mark = " (in-domain)" if subset == config["subset"] else ""
+    for name, scores in metrics["test"].items():
         lines.append(
-            f"  {subset + mark:<28}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
+            f"  {labels[name]:<{width}}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
             f"{scores['ap']:8.2f}{scores['n_images']:8.0f}"
         )
     if config.get("generated_data"):

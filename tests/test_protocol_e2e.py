@@ -37,7 +37,7 @@ def test_in_domain_runs_are_identical_with_the_same_seed(shared_workdir: Path, t
 
 
 def test_leave_one_out_trains_on_the_other_subsets_and_tests_the_held_out_first(
-    shared_workdir: Path, tmp_path: Path
+    shared_workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir, proc = _train(
         shared_workdir,
@@ -56,6 +56,13 @@ def test_leave_one_out_trains_on_the_other_subsets_and_tests_the_held_out_first(
     log = proc.stdout + proc.stderr
     # 12 train + 4 valid images from each of the three seen subsets.
     assert "train 36, valid 12" in log
+    # Every printout says which subset was held out and which were seen (never "in-domain").
+    assert "trained on inpaint-telea, copy-move, splice-jpeg (held out: blur-noise)" in log
+    assert "blur-noise (held out)" in log and log.count("(seen)") == 3 and "in-domain" not in log
+    features = str(shared_workdir / "features")
+    assert eval_main([str(run_dir), "--out", str(tmp_path / "eval"), "--features-dir", features]) == 0
+    printed = capsys.readouterr().out
+    assert "blur-noise (held out)" in printed and printed.count("(seen)") == 3 and "in-domain" not in printed
 
 
 def test_leave_one_out_asking_for_more_images_than_exist_fails_clearly(shared_workdir: Path, tmp_path: Path) -> None:

@@ -34,6 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_scores(results: dict[str, dict[str, float]], trained: dict) -> list[str]:
+    """One console line per subset, the subset labelled by its role in the model's training when that is known
+    (in-domain / out-of-domain; held out / seen for leave-one-out)."""
+    from deeploc.labels import subset_role
+
+    known = bool(trained.get("split") and trained.get("subset"))
+    names = {n: f"{n} ({subset_role(trained['split'], trained['subset'], n)})" if known else n for n in results}
+    width = max(map(len, names.values()))
+    return [
+        f"  {names[n]:<{width}}  IoU {s['iou']:6.2f}  F1 {s['f1_fixed']:6.2f} / best {s['f1_best']:6.2f}  "
+        f"AP {s['ap']:6.2f}  (n={s['n_images']:.0f}{_undefined_note(s)})"
+        for n, s in results.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -64,19 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         "convention": args.convention,
     }
     json_path, csv_path = write_results(out, results, context)
+    print(f"{describe_model(meta)}; {args.split} split of {root}")
     print(f"{args.split} scores (%, mean over images), metric convention {args.convention}:")
-    for name, scores in results.items():
-        print(
-            f"{name:>20}: IoU {scores['iou']:6.2f}  F1 {scores['f1_fixed']:6.2f} / best {scores['f1_best']:6.2f}  AP {scores['ap']:6.2f}  (n={scores['n_images']:.0f}{_undefined_note(scores)})"
-        )
+    print("\n".join(format_scores(results, trained)))
     print(f"wrote {json_path} and {csv_path}")
     return 0
 
 
 def _undefined_note(scores: dict[str, float]) -> str:
     """How many images the convention decided for (thin regions, empty masks), when there are any."""
-    parts = [f"{scores['n_f1_no_positive']:.0f} without F1 positive", f"{scores['n_ap_undefined']:.0f} empty masks"]
-    return "; " + ", ".join(parts) if scores["n_f1_no_positive"] or scores["n_ap_undefined"] else ""
+    no_positive, empty = scores.get("n_f1_no_positive", 0), scores.get("n_ap_undefined", 0)
+    return f"; {no_positive:.0f} without F1 positive, {empty:.0f} empty masks" if no_positive or empty else ""
 
 
 if __name__ == "__main__":
