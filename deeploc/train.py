@@ -117,6 +117,7 @@ def summarise_config(cfg: DictConfig, data_root: Path) -> dict[str, Any]:
         "image_size": cfg.encoder.image_size,
         "data": str(data_root),
         "generated_data": cfg.data.get("synthetic") is not None,
+        "mask_polarity": cfg.data.get("mask_polarity", "black_is_manipulated"),
         "seed": cfg.seed,
     }
 
