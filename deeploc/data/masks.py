@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 __all__ = [
     "DEFAULT_POLARITY",
@@ -112,23 +111,29 @@ def to_dolos(values: np.ndarray, polarity: str) -> np.ndarray:
 def inspect_mask(rgb: np.ndarray, polarity: str) -> tuple[list[str], MaskStats]:
     """Why a decoded ``HxWx3`` uint8 mask breaks the rules for one file (empty list if it does not), and its stats
     (read from channel 0, as the datasets read it)."""
+    import torch  # with deeploc.metrics: only when a mask is decoded (a cached validation never imports them)
+
     from deeploc.metrics import f1_positive_count
 
     dolos = to_dolos(rgb, polarity)
+    first = dolos[..., 0]
     reasons: list[str] = []
-    limit = MASK_MAX_AMBIGUOUS_FRACTION * dolos.shape[0] * dolos.shape[1]
-    real = dolos == 255
-    disagree = int(np.count_nonzero(real.any(axis=2) != real.all(axis=2)))
+    limit = MASK_MAX_AMBIGUOUS_FRACTION * first.size
+    disagree = 0
+    if not all(np.array_equal(first, dolos[..., c]) for c in range(1, dolos.shape[2])):  # fast path: gray masks
+        real = [dolos[..., c] == 255 for c in range(dolos.shape[2])]
+        disagree = int(np.count_nonzero(np.logical_or.reduce([real[0] != other for other in real[1:]])))
     if disagree > limit:
         reasons.append(
-            f"coloured: its channels disagree on {disagree} pixels ({100.0 * disagree / real[..., 0].size:.1f}%), "
+            f"coloured: its channels disagree on {disagree} pixels ({100.0 * disagree / first.size:.1f}%), "
             f"which read manipulated in some colour channels and real in others ({_describe(polarity)}). Save it as "
             "a gray mask (one channel, or three equal ones)"
         )
-    first = dolos[..., 0]
     ambiguous = int(np.count_nonzero((first > MASK_MANIPULATED_MAX) & (first < 255)))
     if ambiguous > limit:
-        manipulated, real_value = ("<= 32", "255") if polarity == DEFAULT_POLARITY else (">= 223", "0")
+        black = polarity == DEFAULT_POLARITY
+        manipulated = f"<= {MASK_MANIPULATED_MAX}" if black else f">= {255 - MASK_MANIPULATED_MAX}"
+        real_value = "255" if black else "0"
         reasons.append(
             f"not binary, {ambiguous} pixels ({100.0 * ambiguous / first.size:.1f}%) are neither {real_value} (real) "
             f"nor {manipulated} (manipulated); was it saved as JPEG or resized?"
