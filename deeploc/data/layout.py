@@ -30,9 +30,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from deeploc.data.errors import DatasetError
+from deeploc.data.errors import LIST_LIMIT, DatasetError, format_list
 from deeploc.data.masks import (
     DEFAULT_POLARITY,
+    MASK_MANIPULATED_MAX,
+    MASK_MAX_AMBIGUOUS_FRACTION,
     MaskRules,
     MaskStats,
     check_polarity,
@@ -74,7 +76,6 @@ MIN_IMAGE_SIDE = 32
 
 # Bump when the validation rules or the cached statistics change: older cache entries are then ignored.
 _VALIDATION_VERSION = 2
-_LIST_LIMIT = 20
 
 DOWNLOAD_HINT = (
     "The Dolos download server is often down (bit-ml/dolos issue #3); to work without it, generate a "
@@ -128,13 +129,13 @@ def resolve_root(root: str | os.PathLike[str]) -> Path:
     zips = sorted(p.name for p in path.glob("*.zip"))
     if zips:
         raise DatasetError(
-            f"{path} holds {_fmt_list(zips)} but no unzipped dataset: unzip it there, then set "
+            f"{path} holds {format_list(zips)} but no unzipped dataset: unzip it there, then set "
             f"data.root={path / 'wacv_data'}. {DOWNLOAD_HINT}"
         )
     found = sorted(p.name for p in path.iterdir())
     raise DatasetError(
         f"{path} is not a Dolos dataset root: expected {path / 'data' / 'celebahq'} (data.root=<...>/wacv_data) "
-        f"or {path / 'celebahq'} (data.root=<...>/wacv_data/data); it holds: {_fmt_list(found) or 'nothing'}. "
+        f"or {path / 'celebahq'} (data.root=<...>/wacv_data/data); it holds: {format_list(found) or 'nothing'}. "
         f"{DOWNLOAD_HINT}"
     )
 
@@ -148,14 +149,6 @@ def available_subsets(root: str | os.PathLike[str], source: str = "celebahq") ->
 
 
 # -------------------------------------------------------------------------------------------------- index
-
-
-def _fmt_list(items: Sequence[object], limit: int = _LIST_LIMIT) -> str:
-    items = list(items)
-    shown = ", ".join(str(x) for x in items[:limit])
-    if len(items) > limit:
-        shown += f" (+{len(items) - limit} more)"
-    return shown
 
 
 def _scan(folder: Path) -> tuple[dict[str, Path], list[str], list[str], list[str]]:
@@ -208,7 +201,7 @@ def find_samples(
     src = base / source
     if not src.is_dir():
         sources = sorted(p.name for p in base.iterdir() if p.is_dir())
-        raise DatasetError(f"no {src} folder; sources found under {base}: {_fmt_list(sources) or 'none'}")
+        raise DatasetError(f"no {src} folder; sources found under {base}: {format_list(sources) or 'none'}")
     fake = src / "fake"
     if not fake.is_dir():
         raise DatasetError(f"no {fake} folder: the manipulated images are missing. {DOWNLOAD_HINT}")
@@ -220,14 +213,14 @@ def find_samples(
         sdir = fake / subset
         if not sdir.is_dir():
             problems.append(
-                f"missing subset folder {sdir}; localization subsets present: {_fmt_list(existing) or 'none'}. "
+                f"missing subset folder {sdir}; localization subsets present: {format_list(existing) or 'none'}. "
                 "Check the subset name, or download/extract that subset."
             )
             continue
         if not (sdir / "masks").is_dir():
             problems.append(
                 f"{sdir} has no masks/ folder, so it is not a localization subset (fully synthetic sets such as "
-                f"p2 have no masks); choose from: {_fmt_list(existing) or 'none'}"
+                f"p2 have no masks); choose from: {format_list(existing) or 'none'}"
             )
             continue
         for split in splits:
@@ -243,16 +236,16 @@ def find_samples(
             for folder, other in ((idir, img_other), (mdir, mask_other)):
                 if other:
                     problems.append(
-                        f"{len(other)} non-image file(s) in {folder}: {_fmt_list(other)}; remove or move them"
+                        f"{len(other)} non-image file(s) in {folder}: {format_list(other)}; remove or move them"
                     )
             for folder, dups in ((idir, img_dups), (mdir, mask_dups)):
                 if dups:
                     problems.append(
-                        f"{len(dups)} name(s) with several image files in {folder}: {_fmt_list(dups)}; "
+                        f"{len(dups)} name(s) with several image files in {folder}: {format_list(dups)}; "
                         "keep one file per name"
                     )
             if not images:
-                nested = f" (it has subfolders {_fmt_list(img_dirs)}; nested folders are not searched)"
+                nested = f" (it has subfolders {format_list(img_dirs)}; nested folders are not searched)"
                 problems.append(
                     f"empty split: {idir} holds no images{nested if img_dirs else ''}; re-extract the archive"
                 )
@@ -260,13 +253,13 @@ def find_samples(
             no_mask = sorted(images.keys() - masks.keys())
             if no_mask:
                 problems.append(
-                    f"{len(no_mask)} image(s) without a mask: {_fmt_list([images[n].name for n in no_mask])} "
+                    f"{len(no_mask)} image(s) without a mask: {format_list([images[n].name for n in no_mask])} "
                     f"in {idir} have no file of the same name in {mdir}; restore the masks or remove the images"
                 )
             no_image = sorted(masks.keys() - images.keys())
             if no_image:
                 problems.append(
-                    f"{len(no_image)} mask(s) without an image: {_fmt_list([masks[n].name for n in no_image])} "
+                    f"{len(no_image)} mask(s) without an image: {format_list([masks[n].name for n in no_image])} "
                     f"in {mdir} have no file of the same name in {idir}; restore the images or remove the masks"
                 )
             for name in sorted(images.keys() & masks.keys()):
@@ -399,12 +392,10 @@ _FINGERPRINT_LEN = 8  # cache entry = fingerprint + (height, width, manipulated,
 
 
 def _cache_header() -> dict[str, object]:
-    from deeploc.data import masks
-
     return {
         "version": _VALIDATION_VERSION,
-        "mask_manipulated_max": masks.MASK_MANIPULATED_MAX,
-        "mask_max_ambiguous_fraction": masks.MASK_MAX_AMBIGUOUS_FRACTION,
+        "mask_manipulated_max": MASK_MANIPULATED_MAX,
+        "mask_max_ambiguous_fraction": MASK_MAX_AMBIGUOUS_FRACTION,
         "min_image_side": MIN_IMAGE_SIDE,
     }
 
@@ -461,7 +452,7 @@ def inspect_samples(
         keyed = _stat_key(s)
         if keyed is None:
             which = [str(p) for p in (s.image, s.mask) if not p.exists()]
-            problems.append(f"{_fmt_list(which)}: file is missing")
+            problems.append(f"{format_list(which)}: file is missing")
             continue
         key, fp = keyed
         hit = cache.get(key)
@@ -500,7 +491,7 @@ def _size_problem(group: str, members: Sequence[Sample], stats: Mapping[Sample, 
     rarest = min(sizes, key=lambda hw: len(by_size[hw]))
     return (
         f"{group} mixes image sizes ({counts}, WxH), but a batch needs one size: e.g. "
-        f"{_fmt_list([s.image for s in by_size[rarest]], 5)} are {rarest[1]}x{rarest[0]}. Resize the images and "
+        f"{format_list([s.image for s in by_size[rarest]], 5)} are {rarest[1]}x{rarest[0]}. Resize the images and "
         "masks of the odd size (masks with nearest-neighbour interpolation) or remove them"
     )
 
@@ -543,13 +534,13 @@ def validate_samples(
     batches: Mapping[str, Sequence[Sample]] | None = None,
 ) -> dict[Sample, MaskStats]:
     """:func:`inspect_samples` then :func:`dataset_problems`; raise one :class:`DatasetError` listing every
-    problem (the first ``_LIST_LIMIT`` of them, and how many more), or return each sample's statistics."""
+    problem (the first ``LIST_LIMIT`` of them, and how many more), or return each sample's statistics."""
     samples = list(samples)
     stats, bad = inspect_samples(samples, cache_file, workers)
     bad += dataset_problems(stats, rules, batches)
     if bad:
-        shown = "\n  - ".join(bad[:_LIST_LIMIT])
-        more = f"\n  (+{len(bad) - _LIST_LIMIT} more)" if len(bad) > _LIST_LIMIT else ""
+        shown = "\n  - ".join(bad[:LIST_LIMIT])
+        more = f"\n  (+{len(bad) - LIST_LIMIT} more)" if len(bad) > LIST_LIMIT else ""
         raise DatasetError(
             f"{len(bad)} problem(s) in {len(samples)} samples:\n  - {shown}{more}\n"
             "Fix or replace these files (re-extract the archive, or regenerate a synthetic dataset), or change the "

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deeploc.data.errors import format_list
+
 __all__ = [
     "DEFAULT_POLARITY",
     "MASK_MANIPULATED_MAX",
@@ -60,6 +62,10 @@ def check_polarity(value: object, key: str = "data.mask_polarity") -> str:
     if value not in POLARITIES:
         raise ValueError(f"{key}={value!r} is not a mask polarity; choose {' or '.join(POLARITIES)}")
     return str(value)
+
+
+def _other(polarity: str) -> str:
+    return POLARITIES[1 - POLARITIES.index(polarity)]
 
 
 def _describe(polarity: str) -> str:
@@ -148,18 +154,12 @@ def inspect_mask(rgb: np.ndarray, polarity: str) -> tuple[list[str], MaskStats]:
     return reasons, stats
 
 
-def _list(items: Sequence[object], limit: int = 20) -> str:
-    shown = ", ".join(str(x) for x in items[:limit])
-    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
 def empty_mask_problem(masks: Sequence[Path], polarity: str) -> str:
     """The refusal of masks with no manipulated pixel (``masks`` non-empty)."""
-    other = POLARITIES[1 - POLARITIES.index(polarity)]
     return (
-        f"{len(masks)} mask(s) with no manipulated pixel ({_describe(polarity)}): {_list(list(masks))}. In a "
+        f"{len(masks)} mask(s) with no manipulated pixel ({_describe(polarity)}): {format_list(masks)}. In a "
         "localization subset every image has a manipulated region, so an empty mask is a wrong file or the wrong "
-        f"polarity. Fix the masks, set data.mask_polarity={other} if that is how they are drawn, or keep them with "
+        f"polarity. Fix the masks, set data.mask_polarity={_other(polarity)} if that is how they are drawn, or keep them with "
         "data.allow_empty_masks=true (deeploc-check / deeploc-eval: --allow-empty-masks)"
     )
 
@@ -171,7 +171,7 @@ def polarity_problem(group: str, stats: Sequence[MaskStats], polarity: str, rule
     mean = float(np.mean([s.fraction for s in stats]))
     if mean <= rules.max_manipulated_fraction:
         return None
-    other = POLARITIES[1 - POLARITIES.index(polarity)]
+    other = _other(polarity)
     most = sum(s.fraction > 0.5 for s in stats)
     return (
         f"{group}: the masks mark {100.0 * mean:.1f}% of each image as manipulated on average ({most} of "
