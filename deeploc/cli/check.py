@@ -75,8 +75,8 @@ def format_mask_table(stats: Mapping[Sample, MaskStats]) -> str:
         size = sizes[0] if len(sizes) == 1 else f"{len(sizes)} sizes: {', '.join(sizes[:3])}"
         lines.append(f"{subset:<{width}}  {len(group):>6}  {empty:>6}  {thin:>6}  {share:>7.2f}  {size}")
     lines.append(
-        f"thin = every region is thinner than the metrics' {ERODE_SIZE}x{ERODE_SIZE} erosion, so F1 has no positive "
-        "pixel in that image (see deeploc.metrics)"
+        "masks = those that passed the file checks; thin = every region is thinner than the metrics' "
+        f"{ERODE_SIZE}x{ERODE_SIZE} erosion, so F1 has no positive pixel in that image (see deeploc.metrics)"
     )
     return "\n".join(lines)
 
