@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.layout import Sample, index_subsets, resolve_root, validate_samples
+from deeploc.data.masks import DEFAULT_POLARITY, MaskRules
 from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention
 from deeploc.runs import write_json_atomic
 
@@ -30,12 +31,18 @@ UNDEFINED_KEYS = ("n_ap_undefined", "n_f1_no_positive")  # counts of the cases t
 
 
 def index_for_eval(
-    root: str | Path, subsets: Sequence[str], split: str = "test", validate: bool = True
+    root: str | Path,
+    subsets: Sequence[str],
+    split: str = "test",
+    validate: bool = True,
+    mask_polarity: str = DEFAULT_POLARITY,
+    rules: MaskRules | None = None,
 ) -> dict[str, list[Sample]]:
-    """Samples of ``split`` for each subset, validated (bad files fail naming themselves)."""
-    samples = index_subsets(resolve_root(root), list(subsets), splits=(split,))
+    """Samples of ``split`` for each subset, masks read in ``mask_polarity``, validated with the mask ``rules``
+    (bad files and inverted or empty masks fail naming themselves)."""
+    samples = index_subsets(resolve_root(root), list(subsets), splits=(split,), mask_polarity=mask_polarity)
     if validate:
-        validate_samples(samples)
+        validate_samples(samples, rules=rules)
     return {name: [s for s in samples if s.subset == name] for name in subsets}
 
 

@@ -145,6 +145,7 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any) -> dict[str, 
         "data": str(datamodule.data_root),
         "generated_data": cfg.data.get("synthetic") is not None,
         "data_params": to_primitive(cfg.data.get("synthetic")),
+        "mask_polarity": cfg.data.get("mask_polarity", "black_is_manipulated"),
         "seed": cfg.seed,
         "deeploc_version": __version__,
     }

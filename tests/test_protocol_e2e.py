@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -118,6 +120,26 @@ def test_eval_reproduces_the_run_and_tests_other_subsets(
     out2 = tmp_path / "eval2"
     assert eval_main([str(run_dir), "--out", str(out2), "--subsets", "copy-move", "--split", "valid"]) == 0
     assert list(json.loads((out2 / "eval.json").read_text())["test"]) == ["copy-move"]
+
+
+def test_eval_on_masks_drawn_white_is_manipulated(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same test images with inverted masks: refused as inverted, then scored exactly as the originals once
+    deeploc-eval is told the polarity (issue 16, item 2)."""
+    data = Path(_metrics(finished_run)["config"]["data"])
+    inverted = tmp_path / "inverted" / "data"
+    shutil.copytree(data, inverted)
+    for mask in inverted.glob("celebahq/fake/copy-move/masks/test/*.png"):
+        cv2.imwrite(str(mask), 255 - cv2.imread(str(mask)))
+    common = [str(finished_run), "--subsets", "copy-move"]
+    assert eval_main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert eval_main([*common, "--data-root", str(inverted), "--out", str(tmp_path / "b")]) == 1
+    assert "--mask-polarity white_is_manipulated" in capsys.readouterr().err
+    white = ["--data-root", str(inverted), "--mask-polarity", "white_is_manipulated", "--out", str(tmp_path / "c")]
+    assert eval_main([*common, *white]) == 0
+    original = json.loads((tmp_path / "a" / "eval.json").read_text())["test"]["copy-move"]
+    assert json.loads((tmp_path / "c" / "eval.json").read_text())["test"]["copy-move"] == original
 
 
 def test_retesting_with_another_decoder_is_refused(finished_run: Path, shared_workdir: Path) -> None:

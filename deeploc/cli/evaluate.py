@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from deeploc.config import run_label
+from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
 from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
 
 
@@ -30,6 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CONVENTIONS,
         help="metric convention for the undefined cases (thin regions, empty masks): study = DeCLIP's formulas "
         "(default), trufor = TruFor's (deeploc <= 0.1); recorded in eval.json and eval.csv",
+    )
+    parser.add_argument(
+        "--mask-polarity",
+        choices=POLARITIES,
+        help="how the masks are drawn (data.mask_polarity); default: the training run's, else black_is_manipulated",
+    )
+    parser.add_argument(
+        "--allow-empty-masks",
+        action="store_true",
+        help="accept masks with no manipulated pixel (data.allow_empty_masks)",
+    )
+    parser.add_argument(
+        "--max-manipulated-fraction",
+        type=float,
+        default=MAX_MANIPULATED_FRACTION,
+        help=f"largest mean manipulated share of each image in a split (default: {MAX_MANIPULATED_FRACTION})",
     )
     return parser
 
@@ -63,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         subsets = args.subsets or trained.get("subsets")
         if not root or not subsets:
             raise ModelError("the model does not record its training data: pass --data-root and --subsets")
-        by_subset = index_for_eval(root, subsets, args.split, validate=not args.no_validate)
+        polarity = args.mask_polarity or trained.get("mask_polarity") or DEFAULT_POLARITY
+        rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
+        by_subset = index_for_eval(root, subsets, args.split, not args.no_validate, polarity, rules)
         results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir, args.convention)
     except (DatasetError, ModelError, ValueError) as exc:
         print(f"deeploc-eval: {exc}", file=sys.stderr)
@@ -77,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(root),
         "split": args.split,
         "convention": args.convention,
+        "mask_polarity": polarity,
     }
     json_path, csv_path = write_results(out, results, context)
     print(f"{describe_model(meta)}; {args.split} split of {root}")

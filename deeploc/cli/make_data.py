@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_count_table(count_table(samples)))
     for name in SUBSETS:
         print(f"  {name}: {SUBSET_DESCRIPTIONS[name]}")
-    print(f"use it with: data.root={path}")
+    print(f"use it with: data.root={path} data.synthetic=null  (data=synthetic: these subsets, no regeneration)")
     return 0
 
 
