@@ -43,6 +43,7 @@ LABELS = {
     "augment": "augmentation",
     "split_sizes": "split sizes",
     "data": "data",
+    "mask_polarity": "mask polarity",
     "convention": "metric convention",
 }
 
@@ -70,6 +71,7 @@ class Settings:
     augment: str  # compact JSON of data.augment, "null" = none
     split_sizes: str | None  # "full subsets" (cross, in_domain) or the leave-one-out sizes
     data: str | None  # "generated: <parameters>" or the dataset root
+    mask_polarity: str  # how masks are read (data.mask_polarity); Dolos' black_is_manipulated before it existed
     convention: str
 
     def show(self, key: str) -> str:
@@ -129,6 +131,7 @@ def read_settings(run_dir: Path, metrics: Mapping[str, Any]) -> Settings:
         augment=_compact(get("augment", "data", "augment")),
         split_sizes=_split_sizes(split, config, resolved),
         data=_data(config, resolved),
+        mask_polarity=str(get("mask_polarity", "data", "mask_polarity") or "black_is_manipulated"),
         convention=str(metrics.get("convention", LEGACY_CONVENTION)),
     )
 

@@ -346,6 +346,7 @@ DIFFERENT_SETTINGS = {
     "augment": ({"augment": {"jpeg": {"p": 1.0}}}, "augmentation"),
     "data_root": ({"data": "/other/copy/wacv_data/data"}, "data"),
     "generated": ({"generated_data": True, "data_params": DEMO_SETUP["data_params"]}, "data"),
+    "mask_polarity": ({"mask_polarity": "white_is_manipulated"}, "mask polarity"),
     "convention": ({"convention": "trufor"}, "metric convention"),
     "legacy_convention": ({"convention": None}, "metric convention"),  # no key: deeploc <= 0.1, TruFor
 }
