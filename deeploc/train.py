@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from deeploc.config import CONF_DIR, to_primitive
+from deeploc.export import check_run_checkpoint, read_checkpoint
 from deeploc.runs import RunDir
 
 log = logging.getLogger("deeploc.train")
@@ -191,11 +192,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
                 )
         best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
+        if evaluate_only:
+            check_run_checkpoint(run.path, best, read_checkpoint(best)[1])
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = {
             "config": summarise_config(cfg, datamodule.data_root),
             "test": model.test_results,
             "best_checkpoint": str(best.relative_to(run.path)),
+            "checkpoint_sha256": run.checkpoint_digests(),
             "best_val_iou": previous["best_val_iou"] if evaluate_only else _best_score(trainer),
             "epochs": previous["epochs"] if evaluate_only else trainer.current_epoch,
             "status": "finished",
