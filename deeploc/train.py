@@ -85,12 +85,16 @@ def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning Trainer with the configured callbacks and loggers, plus deeploc.cluster's requeue-on-signal
-    callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md)."""
+    callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md), writing checkpoints
+    atomically in their own folder (deeploc.checkpointing)."""
     from deeploc import cluster
+    from deeploc.checkpointing import with_atomic_checkpoints
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, **cluster.trainer_extras(cfg.trainer, callbacks))
+    extras = cluster.trainer_extras(cfg.trainer, callbacks)
+    extras["plugins"] = with_atomic_checkpoints(extras.get("plugins", []))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, **extras)
     cluster.check_launch(trainer)
     return trainer
 
