@@ -70,3 +70,8 @@ def with_atomic_checkpoints(plugins: Iterable[Any]) -> list[Any]:
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     return plugins
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The global step a checkpoint was taken at (where a run resumed from it continues)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])

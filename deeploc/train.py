@@ -21,8 +21,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from deeploc.checkpointing import checkpoint_step
 from deeploc.config import CONF_DIR, to_primitive
 from deeploc.export import check_run_checkpoint, read_checkpoint
+from deeploc.monitoring import continue_history
 from deeploc.runs import RunDir
 
 log = logging.getLogger("deeploc.train")
@@ -182,12 +184,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (run.path / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, model = build_components(cfg)
     trainer = build_trainer(cfg)
+    evaluate_only = run.finished and cfg.if_finished == "eval"
+    resume = None if evaluate_only else resume_path(cfg, run)
+    if not evaluate_only:  # earlier attempts' logs are kept up to the step training continues from
+        continue_history(trainer.loggers, checkpoint_step(resume) if resume else 0)
     for logger in trainer.loggers:
         logger.log_hyperparams(to_primitive(cfg))
     try:
-        evaluate_only = run.finished and cfg.if_finished == "eval"
         if not evaluate_only:
-            resume = resume_path(cfg, run)
             if resume:
                 log.info("resuming from %s", resume)
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
