@@ -1,4 +1,11 @@
-"""Monitoring that survives resumes: CSV and TensorBoard logs that keep the history of earlier attempts.
+"""Monitoring that never stops or loses training: W&B trouble falls back, logs survive resumes.
+
+W&B is started when the loggers are built (:func:`build_loggers`), with a bounded wait for its server
+(``logger.wandb.settings.init_timeout``). If it cannot start online (no network, no server, no login), the run
+logs to W&B offline instead; if it cannot start at all (its folder is read-only, not a folder, the disk is full),
+the run goes on without W&B. Either way ONE warning says what happened and what to do (``wandb sync`` later).
+
+CSV and TensorBoard logs keep the history of earlier attempts of a run.
 
 Lightning's CSVLogger deletes ``metrics.csv`` when a run resumes, and both loggers buffer what they log (CSV rows
 until 100 steps, TensorBoard events for up to two minutes), so a killed run loses them. Here:
@@ -12,19 +19,91 @@ until 100 steps, TensorBoard events for up to two minutes), so a killed run lose
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["ResumableCSVLogger", "ResumableTensorBoardLogger", "continue_history"]
+__all__ = ["ResumableCSVLogger", "ResumableTensorBoardLogger", "build_loggers", "continue_history"]
+
+log = logging.getLogger(__name__)
+
+_OFFLINE_MODES = ("offline", "dryrun", "disabled")
+
+
+def build_loggers(configs: Mapping[str, Any] | None) -> list[Logger]:
+    """The configured loggers (Hydra ``logger`` group), W&B already started or replaced by its fallback."""
+    loggers = []
+    for config in (configs or {}).values():
+        if config is None:
+            continue
+        logger = instantiate(config)
+        if isinstance(logger, WandbLogger):
+            logger = _start_wandb(logger, config)
+        if logger is not None:
+            loggers.append(logger)
+    return loggers
+
+
+def _start_wandb(logger: WandbLogger, config: Any) -> WandbLogger | None:
+    """``logger`` once its run has started; else the same run offline, else None; one warning when it falls back."""
+    try:
+        _ = logger.experiment  # wandb.init, bounded by settings.init_timeout (other ranks get a dummy)
+        return logger
+    except Exception as exc:  # W&B raises many kinds of errors; none of them may stop training
+        problem = _reason(exc)
+    _reset_wandb()
+    folder = Path(str(config.get("save_dir") or ".")) / "wandb"
+    was_offline = bool(config.get("offline")) or os.environ.get("WANDB_MODE", "") in _OFFLINE_MODES
+    if not was_offline:
+        try:
+            fallback = instantiate(config, offline=True)
+            offline_run = Path(fallback.experiment.dir).parent
+        except Exception as exc:
+            _reset_wandb()
+            problem += f"; offline in {folder}: {_reason(exc)}"
+        else:
+            log.warning(
+                "W&B could not start online (%s). Training goes on and logs to W&B offline in %s; upload it when "
+                "W&B is reachable with: wandb sync %s",
+                problem,
+                offline_run,
+                offline_run,
+            )
+            return fallback
+    cause = f"it cannot use its folder {folder}" if was_offline else "it could start neither online nor offline"
+    log.warning(
+        "W&B is off for this run: %s (%s). Training goes on; the metrics are in the run's other logs "
+        "(csv/metrics.csv with the default loggers). Check the network and make %s a writable folder (permissions, "
+        "free space) for W&B to log again from the next run on.",
+        cause,
+        problem,
+        folder,
+    )
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {' '.join(line.strip() for line in lines[:2])}"
+
+
+def _reset_wandb() -> None:
+    """A failed wandb.init leaves its run registered in W&B's service process: stop it so a retry can start."""
+    import wandb
+
+    with contextlib.suppress(Exception):
+        wandb.teardown()
 
 
 def continue_history(loggers: Iterable[Logger], step: int) -> None:

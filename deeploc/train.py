@@ -24,7 +24,7 @@ from omegaconf.errors import MissingMandatoryValue
 from deeploc.checkpointing import checkpoint_step
 from deeploc.config import CONF_DIR, to_primitive
 from deeploc.export import check_run_checkpoint, read_checkpoint
-from deeploc.monitoring import continue_history
+from deeploc.monitoring import build_loggers, continue_history
 from deeploc.runs import RunDir
 
 log = logging.getLogger("deeploc.train")
@@ -93,7 +93,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     from deeploc.checkpointing import with_atomic_checkpoints
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = build_loggers(cfg.get("logger"))
     extras = cluster.trainer_extras(cfg.trainer, callbacks)
     extras["plugins"] = with_atomic_checkpoints(extras.get("plugins", []))
     trainer = instantiate(cfg.trainer, logger=loggers or False, **extras)
