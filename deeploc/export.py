@@ -261,8 +261,12 @@ def write_export(out: str | os.PathLike[str], state: Mapping[str, torch.Tensor],
     meta["decoder_sha256"] = decoder_digest(tensors)
     text = json.dumps(meta, sort_keys=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, tmp, metadata={METADATA_KEY: text, DIGEST_KEY: metadata_digest(text)})
-    os.replace(tmp, out)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: text, DIGEST_KEY: metadata_digest(text)})
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
