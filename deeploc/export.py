@@ -230,12 +230,11 @@ def check_run_checkpoint(run_dir: Path, ckpt_path: Path, info: Mapping[str, Any]
     trained = _checkpoint_model_settings(info)
     if expected is not None and expected != trained:
         differing = "; ".join(
-            f"{k} {trained[k]} (checkpoint) vs {expected[k]} (run)" for k in expected if expected[k] != trained[k]
+            f"its {k} is {trained[k]}, the run's is {expected[k]}" for k in expected if expected[k] != trained[k]
         )
         raise IncompatibleModelError(
-            f"checkpoint {ckpt_path} does not belong to run {run_dir}: {differing}, as its config_resolved.yaml "
-            "says. The file comes from another run: restore the run's own checkpoint, or use this one from the "
-            "run directory it was trained in"
+            f"checkpoint {ckpt_path} was not trained by run {run_dir}: {differing} (config_resolved.yaml). "
+            "Restore the run's own checkpoint, or use this file from the run directory it was trained in"
         )
 
 
