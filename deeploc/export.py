@@ -20,7 +20,8 @@ Format 1 exports (deeploc 0.1) had no such digest and are refused with the comma
 Loading reads only safetensors tensors and JSON: nothing is unpickled. Run directories and Lightning ``.ckpt``
 files (our own training outputs) are read with ``torch.load(weights_only=True)``, which refuses arbitrary
 pickled objects as well. A checkpoint inside a run directory must be the run's own: its sha256 must equal the one
-metrics.json recorded, and its decoder and encoder must be those of the run's config_resolved.yaml.
+metrics.json recorded, and its decoder and encoder must be those the run records (metrics.json's config; for an
+unfinished run, config_resolved.yaml).
 
 The encoder is rebuilt from the identity: random-weight encoders from their seed, checkpoint-based ones from a
 SAM2 checkpoint file whose sha256 must equal the recorded digest (``--sam2-checkpoint``; a run directory or
@@ -54,6 +55,7 @@ __all__ = [
     "IncompatibleModelError",
     "MissingCheckpointError",
     "ModelError",
+    "check_checkpoint_digest",
     "check_compatible",
     "check_run_checkpoint",
     "decoder_digest",
@@ -175,10 +177,20 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     return state, info
 
 
-def _run_model_settings(run_dir: Path) -> dict[str, str] | None:
-    """The decoder and encoder the run's config_resolved.yaml asks for (None when it has none)."""
+def _run_model_settings(run_dir: Path) -> tuple[dict[str, str], str] | None:
+    """The decoder and encoder a run says it trained, and the file that says it (None when neither does).
+
+    A finished run's metrics.json ``config`` describes what produced its results; config_resolved.yaml is rewritten
+    by every later launch in the directory (even a refused one), so it only speaks for unfinished runs.
+    """
     import yaml
 
+    config = (RunDir(run_dir).read_metrics() or {}).get("config")
+    if isinstance(config, dict) and all(k in config for k in ("depth", "feature", "encoder", "image_size")):
+        settings = _model_settings(
+            config["feature"], config["depth"], config["encoder"], config["image_size"], config.get("encoder_weights")
+        )
+        return settings, "metrics.json"
     try:
         model = (yaml.safe_load((run_dir / "config_resolved.yaml").read_text()) or {}).get("model")
     except (OSError, yaml.YAMLError):
@@ -187,54 +199,68 @@ def _run_model_settings(run_dir: Path) -> dict[str, str] | None:
         return None
     encoder = model["encoder"]
     weights = f"random:seed={encoder.get('seed')}" if encoder.get("random_init") else encoder.get("checkpoint")
-    return _model_settings(model["feature"], model["depth"], encoder, weights)
+    settings = _model_settings(
+        model["feature"], model["depth"], encoder.get("config"), encoder.get("image_size"), weights
+    )
+    return settings, "config_resolved.yaml"
 
 
-def _checkpoint_model_settings(info: Mapping[str, Any]) -> dict[str, str]:
-    """The decoder and encoder a checkpoint was trained with (:func:`read_checkpoint`'s ``info``)."""
+def _checkpoint_model_settings(info: Mapping[str, Any], seeded: bool) -> dict[str, str]:
+    """The decoder and encoder a checkpoint was trained with (:func:`read_checkpoint`'s ``info``); ``seeded=False``
+    reduces random weights to ``random``, as metrics.json records them."""
     identity = info["encoder"]
-    weights = identity["weights"]
-    if not str(weights).startswith("random:"):
-        weights = info.get("encoder_checkpoint_path")  # the run's config names the SAM2 file by its path
-    return _model_settings(info["feature"], info["depth"], identity, weights)
+    weights = str(identity["weights"])
+    if not weights.startswith("random:"):
+        weights = info.get("encoder_checkpoint_path")  # runs name the SAM2 file by its path
+    elif not seeded:
+        weights = "random"
+    return _model_settings(info["feature"], info["depth"], identity["config"], identity["image_size"], weights)
 
 
-def _model_settings(feature: str, depth: int, encoder: Mapping[str, Any], weights: Any) -> dict[str, str]:
+def _model_settings(feature: str, depth: int, encoder: str, image_size: int, weights: Any) -> dict[str, str]:
     return {
         "decoder": f"CONV-{int(depth)} on {feature}",
-        "encoder": f"{encoder.get('config')} at {encoder.get('image_size')} px with weights {weights}"
-        + (f" and overrides {dict(encoder['overrides'])}" if encoder.get("overrides") else ""),
+        "encoder": f"{encoder} at {image_size} px with weights {weights}",
     }
+
+
+def check_checkpoint_digest(run_dir: Path, ckpt_path: Path) -> None:
+    """Refuse a run's checkpoint whose sha256 differs from the one its metrics.json recorded (if it recorded one)."""
+    from deeploc.models.encoder import file_digest
+
+    relative = ckpt_path.resolve().relative_to(run_dir.resolve()).as_posix()
+    recorded = ((RunDir(run_dir).read_metrics() or {}).get("checkpoint_sha256") or {}).get(relative)
+    if recorded is None:
+        return
+    actual = f"sha256:{file_digest(ckpt_path)}"
+    if actual != recorded:
+        raise IncompatibleModelError(
+            f"checkpoint {ckpt_path} ({actual}) is not the one run {run_dir} finished with (its metrics.json "
+            f"records {recorded} for {relative}): the file was replaced or modified after the run. Restore the "
+            "run's own checkpoint, or train the run again (deeploc-train with the same overrides and "
+            "if_finished=retrain)"
+        )
 
 
 def check_run_checkpoint(run_dir: Path, ckpt_path: Path, info: Mapping[str, Any]) -> None:
     """Refuse a checkpoint inside a run directory that is not the run's own, naming both sides and the fix.
 
     Its sha256 must equal the one the run recorded in metrics.json (runs of deeploc <= 0.1 recorded none), and the
-    decoder and encoder it was trained with must be those of the run's config_resolved.yaml.
+    decoder and encoder it was trained with must be those the run records (:func:`_run_model_settings`).
     """
-    from deeploc.models.encoder import file_digest
-
-    relative = ckpt_path.resolve().relative_to(run_dir.resolve()).as_posix()
-    recorded = ((RunDir(run_dir).read_metrics() or {}).get("checkpoint_sha256") or {}).get(relative)
-    if recorded is not None:
-        actual = f"sha256:{file_digest(ckpt_path)}"
-        if actual != recorded:
-            raise IncompatibleModelError(
-                f"checkpoint {ckpt_path} ({actual}) is not the one run {run_dir} finished with (its metrics.json "
-                f"records {recorded} for {relative}): the file was replaced or modified after the run. Restore the "
-                "run's own checkpoint, or train the run again (deeploc-train with the same overrides and "
-                "if_finished=retrain)"
-            )
-    expected = _run_model_settings(run_dir)
-    trained = _checkpoint_model_settings(info)
-    if expected is not None and expected != trained:
+    check_checkpoint_digest(run_dir, ckpt_path)
+    recorded = _run_model_settings(run_dir)
+    if recorded is None:
+        return
+    expected, source = recorded
+    trained = _checkpoint_model_settings(info, seeded=source != "metrics.json")
+    if expected != trained:
         differing = "; ".join(
             f"its {k} is {trained[k]}, the run's is {expected[k]}" for k in expected if expected[k] != trained[k]
         )
         raise IncompatibleModelError(
-            f"checkpoint {ckpt_path} was not trained by run {run_dir}: {differing} (config_resolved.yaml). "
-            "Restore the run's own checkpoint, or use this file from the run directory it was trained in"
+            f"checkpoint {ckpt_path} was not trained by run {run_dir}: {differing} ({source}). Restore the run's "
+            "own checkpoint, or use this file from the run directory it was trained in"
         )
 
 

@@ -23,7 +23,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from deeploc.checkpointing import checkpoint_step
 from deeploc.config import CONF_DIR, to_primitive
-from deeploc.export import check_run_checkpoint, read_checkpoint
+from deeploc.export import check_checkpoint_digest
 from deeploc.monitoring import build_loggers, continue_history
 from deeploc.runs import RunDir
 
@@ -200,8 +200,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
                 )
         best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
-        if evaluate_only:
-            check_run_checkpoint(run.path, best, read_checkpoint(best)[1])
+        if evaluate_only:  # the decoder/encoder fit is checked when Lightning loads it (module.on_load_checkpoint)
+            check_checkpoint_digest(run.path, best)
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = {
             "config": summarise_config(cfg, datamodule.data_root),

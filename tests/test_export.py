@@ -362,12 +362,16 @@ def test_a_run_whose_checkpoint_was_replaced_is_refused_naming_both(
     with pytest.raises(IncompatibleModelError, match=theirs):
         load_model(best)  # the .ckpt inside the run directory is checked too
 
-    # A run without recorded digests (deeploc <= 0.1) is still checked against its own config.
+    # A run without recorded digests (deeploc <= 0.1) is still checked against the config its metrics.json
+    # records, and an unfinished run (no metrics.json) against its config_resolved.yaml.
     metrics = json.loads((run / "metrics.json").read_text())
     del metrics["checkpoint_sha256"]
     (run / "metrics.json").write_text(json.dumps(metrics))
     for err in _refusals(run, tmp_path, capsys):
-        assert "CONV-12" in err and "CONV-4" in err and "config_resolved.yaml" in err, err
+        assert "CONV-12" in err and "CONV-4" in err and "(metrics.json)" in err, err
+    (run / "metrics.json").unlink()
+    for err in _refusals(run, tmp_path, capsys):
+        assert "CONV-12" in err and "CONV-4" in err and "(config_resolved.yaml)" in err, err
 
     # Re-testing the run with deeploc-train (if_finished=eval) refuses it as well.
     shutil.rmtree(run)
