@@ -47,6 +47,17 @@ class RunDir:
         metrics = self.read_metrics()
         return bool(metrics and metrics.get("status") == "finished")
 
+    def checkpoint_digests(self) -> dict[str, str]:
+        """``sha256:<hex>`` of the best and last checkpoints, keyed by their path in the run (for metrics.json):
+        a later tool that loads the run's checkpoint can tell that it is still the one the run finished with."""
+        from deeploc.models.encoder import file_digest
+
+        return {
+            path.relative_to(self.path).as_posix(): f"sha256:{file_digest(path)}"
+            for path in (self.best_checkpoint, self.last_checkpoint)
+            if path.is_file()
+        }
+
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         """Write metrics.json atomically (a reader never sees half a file)."""
         return write_json_atomic(self.metrics_file, metrics)

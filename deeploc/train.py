@@ -21,8 +21,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from deeploc.checkpointing import checkpoint_step
 from deeploc.config import CONF_DIR, to_primitive
+from deeploc.export import check_checkpoint_digest
 from deeploc.metrics import check_convention, recorded_convention
+from deeploc.monitoring import build_loggers, continue_history
 from deeploc.runs import RunDir
 
 log = logging.getLogger("deeploc.train")
@@ -85,12 +88,16 @@ def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning Trainer with the configured callbacks and loggers, plus deeploc.cluster's requeue-on-signal
-    callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md)."""
+    callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md), writing checkpoints
+    atomically in their own folder (deeploc.checkpointing)."""
     from deeploc import cluster
+    from deeploc.checkpointing import with_atomic_checkpoints
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, **cluster.trainer_extras(cfg.trainer, callbacks))
+    loggers = build_loggers(cfg.get("logger"))
+    extras = cluster.trainer_extras(cfg.trainer, callbacks)
+    extras["plugins"] = with_atomic_checkpoints(extras.get("plugins", []))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, **extras)
     cluster.check_launch(trainer)
     return trainer
 
@@ -216,12 +223,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (run.path / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, model = build_components(cfg)
     trainer = build_trainer(cfg)
+    evaluate_only = run.finished and cfg.if_finished == "eval"
+    resume = None if evaluate_only else resume_path(cfg, run)
+    if not evaluate_only:  # earlier attempts' logs are kept up to the step training continues from
+        continue_history(trainer.loggers, checkpoint_step(resume) if resume else 0)
     for logger in trainer.loggers:
         logger.log_hyperparams(to_primitive(cfg))
     try:
-        evaluate_only = run.finished and cfg.if_finished == "eval"
         if not evaluate_only:
-            resume = resume_path(cfg, run)
             if resume:
                 log.info("resuming from %s", resume)
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
@@ -230,12 +239,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
                 )
         best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
+        if evaluate_only:  # the decoder/encoder fit is checked when Lightning loads it (module.on_load_checkpoint)
+            check_checkpoint_digest(run.path, best)
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = {
             "config": summarise_config(cfg, datamodule, model),
             "convention": model.hparams.metric_convention,
             "test": model.test_results,
             "best_checkpoint": str(best.relative_to(run.path)),
+            "checkpoint_sha256": run.checkpoint_digests(),
             "best_val_iou": previous["best_val_iou"] if evaluate_only else _best_score(trainer),
             "epochs": previous["epochs"] if evaluate_only else trainer.current_epoch,
             "status": "finished",
