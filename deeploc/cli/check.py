@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from deeploc.cli.app import add_verbose_flag
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import (
     SPLITS,
@@ -16,6 +17,7 @@ from deeploc.data.layout import (
     resolve_root,
     validate_samples,
 )
+from deeploc.errors import DeeplocError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="celebahq", help="source folder under data/ (default: celebahq)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
     p.add_argument("--cache", default=None, help="validation cache file (re-checks only changed files)")
+    add_verbose_flag(p)
     return p
 
 
@@ -45,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_count_table(count_table(samples)))
         start = time.perf_counter()
         validate_samples(samples, cache_file=args.cache, workers=max(1, args.workers))
-    except DatasetError as exc:
+    except DeeplocError as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-check: {exc}", file=sys.stderr)
         return 1
     print(f"OK: {len(samples)} samples valid ({time.perf_counter() - start:.1f} s)")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from deeploc.errors import DeeplocError
 
-class DatasetError(ValueError):
+
+class DatasetError(DeeplocError, ValueError):
     """A dataset is missing, incomplete, malformed or cannot provide the requested split.
 
     Messages name the paths involved and, where there is one, the fix.
