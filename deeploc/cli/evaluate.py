@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from deeploc.config import run_label
+from deeploc.cli.app import add_verbose_flag
+from deeploc.errors import DeeplocError
+from deeploc.naming import eval_dir_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,20 +18,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="dataset root (wacv_data or its data/ child); default: the training data")
     parser.add_argument("--subsets", nargs="+", help="subsets to test on; default: the training run's subsets")
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    parser.add_argument("--out", help="output folder; default: <run>/eval/<data>-<split> (or ./eval/... for exports)")
+    parser.add_argument(
+        "--out",
+        help="output folder; default: <run>/eval/<data folder name>-<split>-<digest of the data folder and subsets> "
+        "(./eval/... for exports)",
+    )
     parser.add_argument("--sam2-checkpoint", help="SAM2 checkpoint, when the model used one (checked by digest)")
     parser.add_argument("--features-dir", help="feature cache folder to reuse/fill (default: no cache)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--no-validate", action="store_true", help="skip decoding every file once before scoring")
+    add_verbose_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from deeploc.data.errors import DatasetError
     from deeploc.evaluate import evaluate, index_for_eval, write_results
     from deeploc.export import ModelError, describe_model, load_model_and_metadata
 
@@ -42,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelError("the model does not record its training data: pass --data-root and --subsets")
         by_subset = index_for_eval(root, subsets, args.split, validate=not args.no_validate)
         results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir)
-    except (DatasetError, ModelError, ValueError) as exc:
+    except (DeeplocError, ValueError) as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-eval: {exc}", file=sys.stderr)
         return 1
     source = Path(args.model)
     base = source if source.is_dir() else (source.parent.parent if source.suffix == ".ckpt" else Path("eval"))
-    out = Path(args.out) if args.out else base / "eval" / run_label(f"{Path(root).name}-{args.split}")
+    out = Path(args.out) if args.out else base / "eval" / eval_dir_name(root, args.split, subsets)
     context = {"model": str(source), "described": describe_model(meta), "data": str(root), "split": args.split}
     json_path, csv_path = write_results(out, results, context)
     for name, scores in results.items():
