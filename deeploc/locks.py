@@ -22,11 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class LockHeldError(DeeplocError):
-    """Another process holds the lock; ``holder`` is what it wrote into the lock file (pid, host, since, what)."""
-
-    def __init__(self, message: str, holder: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.holder = holder
+    """Another process holds the lock (the message names it: pid, host, since when)."""
 
 
 @contextlib.contextmanager
@@ -55,10 +51,8 @@ def exclusive_or_fail(path: Path, what: str, fix: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(path)
-            raise LockHeldError(
-                f"{what} is in use by another process ({describe_holder(holder)}; lock file {path}): {fix}", holder
-            ) from None
+            holder = describe_holder(_read_holder(path))
+            raise LockHeldError(f"{what} is in use by another process ({holder}; lock file {path}): {fix}") from None
         try:
             handle.seek(0)
             handle.truncate()

@@ -47,10 +47,6 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _positive_number(value: Any) -> bool:
-    return _number(value) and value > 0
-
-
 def _non_negative_number(value: Any) -> bool:
     return _number(value) and value >= 0
 
@@ -94,7 +90,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("split.n_train", _optional_positive_int, "must be a positive integer, or null (all images)"),
     ("split.n_valid", _optional_positive_int, "must be a positive integer, or null (all images)"),
     ("features.batch_size", _positive_int, "must be a positive integer"),
-    ("model.lr", _positive_number, "must be a positive number"),
+    # 0 is allowed: a frozen decoder (tests of the schedule use it).
+    ("model.lr", _non_negative_number, "must be a number >= 0"),
     ("model.weight_decay", _non_negative_number, "must be a number >= 0"),
     ("model.plateau_patience", _positive_int, "must be a positive integer (epochs)"),
     ("model.plateau_factor", _fraction, "must be a number between 0 and 1"),

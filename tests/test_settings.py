@@ -54,9 +54,9 @@ def _problem(*overrides: str) -> str:
             "trainer.max_epochs=-1 must be a positive integer (-1, Lightning's 'no limit', would train forever",
         ),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 must be a positive integer"),
-        ("model.lr=abc", "model.lr='abc' must be a positive number"),
-        ("model.lr=-0.1", "model.lr=-0.1 must be a positive number"),
-        ("model.lr=nan", "model.lr=nan must be a positive number"),
+        ("model.lr=abc", "model.lr='abc' must be a number >= 0"),
+        ("model.lr=-0.1", "model.lr=-0.1 must be a number >= 0"),
+        ("model.lr=nan", "model.lr=nan must be a number >= 0"),
         ("model.weight_decay=-1", "model.weight_decay=-1 must be a number >= 0"),
         ("trainer.devices=0", "trainer.devices=0 must be a positive integer, -1 (all), 'auto' or a list"),
         ("trainer.devices=two", "trainer.devices='two' must be"),
@@ -73,8 +73,8 @@ def test_bad_settings_are_refused_naming_the_key_and_the_rule(override: str, mes
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    text = _problem("data.batch_size=abc", "model.lr=0", "trainer.max_epochs=-1")
-    assert "data.batch_size='abc'" in text and "model.lr=0" in text and "trainer.max_epochs=-1" in text
+    text = _problem("data.batch_size=abc", "model.lr=-1", "trainer.max_epochs=-1")
+    assert "data.batch_size='abc'" in text and "model.lr=-1" in text and "trainer.max_epochs=-1" in text
 
 
 @pytest.mark.parametrize(
@@ -88,6 +88,7 @@ def test_every_problem_is_reported_at_once() -> None:
         ("trainer.fast_dev_run=true",),
         ("trainer.fast_dev_run=2",),
         ("data.eval_batch_size=64", "model.lr=1", "model.weight_decay=0"),
+        ("model.lr=0",),
         ("schedule=declip",),
         ("experiment=leave_one_out",),
         ("optimized_metric=val/loss",),
