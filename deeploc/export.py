@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from deeploc.errors import DeeplocError
 from deeploc.labels import describe_training
 from deeploc.models.decoders import ConvDecoder, count_parameters
 from deeploc.models.encoder import CHECKPOINT_NAMES, EncoderError, file_digest, same_encoder
@@ -88,7 +89,7 @@ _RANDOM_WEIGHTS = re.compile(r"^random:seed=(-?\d+)$")
 _SHA256_WEIGHTS = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
-class ModelError(RuntimeError):
+class ModelError(DeeplocError, RuntimeError):
     """A model path, export file or SAM2 checkpoint that cannot be used; the message names it and the fix."""
 
 

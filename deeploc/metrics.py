@@ -78,6 +78,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from deeploc.errors import ConfigError
+
 __all__ = [
     "CONVENTIONS",
     "DEFAULT_CONVENTION",
@@ -108,7 +110,7 @@ _STATE_NAMES = (*_SCORE_NAMES, "f1_no_positive", "ap_undefined")
 def check_convention(convention: str) -> str:
     """``convention`` if it is one of :data:`CONVENTIONS`, else a ValueError naming the config key and the fix."""
     if convention not in CONVENTIONS:
-        raise ValueError(
+        raise ConfigError(
             f"metrics.convention={convention!r} is not one of {CONVENTIONS}: pass metrics.convention=study "
             "(DeCLIP's formulas, the study's numbers; the default) or metrics.convention=trufor (TruFor's, "
             "deeploc <= 0.1)"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeploc.errors import DeeplocError
 from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention
 from deeploc.models.decoders import ConvDecoder
 from deeploc.models.encoder import SAM2FeatureEncoder, same_encoder
@@ -17,7 +18,7 @@ SCHEDULES = ("fixed", "plateau")
 METRIC_NAMES = ("iou", "f1_fixed", "f1_best", "ap")
 
 
-class IncompatibleCheckpointError(RuntimeError):
+class IncompatibleCheckpointError(DeeplocError, RuntimeError):
     """A checkpoint trained with another encoder, feature or decoder than the current config."""
 
 

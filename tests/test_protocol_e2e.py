@@ -142,6 +142,17 @@ def test_eval_on_masks_drawn_white_is_manipulated(
     assert json.loads((tmp_path / "c" / "eval.json").read_text())["test"]["copy-move"] == original
 
 
+def test_eval_folders_of_different_data_never_collide(finished_run: Path, tmp_path: Path) -> None:
+    data = Path(_metrics(finished_run)["config"]["data"])
+    copies = [tmp_path / parent / data.name for parent in ("a", "b")]  # two datasets with one folder name
+    for copy in copies:
+        shutil.copytree(data, copy)
+        assert eval_main([str(finished_run), "--data-root", str(copy), "--subsets", "copy-move"]) == 0
+    folders = sorted((finished_run / "eval").glob(f"{data.name}-test-*"))
+    assert len(folders) == 2
+    assert {json.loads((folder / "eval.json").read_text())["data"] for folder in folders} == {str(c) for c in copies}
+
+
 def test_retesting_with_another_decoder_is_refused(finished_run: Path, shared_workdir: Path) -> None:
     _, proc = _train(
         shared_workdir,

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Mapping
 
+from deeploc.cli.app import add_verbose_flag
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import (
     SPLITS,
@@ -23,6 +24,7 @@ from deeploc.data.layout import (
     resolve_root,
 )
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules, MaskStats
+from deeploc.errors import DeeplocError
 from deeploc.metrics import ERODE_SIZE
 
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest mean manipulated share of each image in a split (data.max_manipulated_fraction; default: "
         f"{MAX_MANIPULATED_FRACTION})",
     )
+    add_verbose_flag(p)
     return p
 
 
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if not subsets:
             raise DatasetError(f"no localization subsets (fake/<subset>/masks) under {root / args.source}")
         samples, problems = find_samples(root, subsets, args.splits, args.source, args.mask_polarity)
-    except (DatasetError, ValueError) as exc:
+    except (DeeplocError, ValueError) as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-check: {exc}", file=sys.stderr)
         return 1
     print(f"dataset root: {root}")

@@ -7,9 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from deeploc.config import run_label
+from deeploc.cli.app import add_verbose_flag
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
+from deeploc.errors import DeeplocError
 from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
+from deeploc.naming import eval_dir_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="dataset root (wacv_data or its data/ child); default: the training data")
     parser.add_argument("--subsets", nargs="+", help="subsets to test on; default: the training run's subsets")
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    parser.add_argument("--out", help="output folder; default: <run>/eval/<data>-<split> (or ./eval/... for exports)")
+    parser.add_argument(
+        "--out",
+        help="output folder; default: <run>/eval/<data folder name>-<split>-<digest of the data folder and subsets> "
+        "(./eval/... for exports)",
+    )
     parser.add_argument("--sam2-checkpoint", help="SAM2 checkpoint, when the model used one (checked by digest)")
     parser.add_argument("--features-dir", help="feature cache folder to reuse/fill (default: no cache)")
     parser.add_argument("--device", default="auto")
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_MANIPULATED_FRACTION,
         help=f"largest mean manipulated share of each image in a split (default: {MAX_MANIPULATED_FRACTION})",
     )
+    add_verbose_flag(parser)
     return parser
 
 
@@ -69,7 +76,6 @@ def format_scores(results: dict[str, dict[str, float]], trained: dict) -> list[s
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from deeploc.data.errors import DatasetError
     from deeploc.evaluate import evaluate, index_for_eval, write_results
     from deeploc.export import ModelError, describe_model, load_model_and_metadata
 
@@ -84,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
         by_subset = index_for_eval(root, subsets, args.split, not args.no_validate, polarity, rules)
         results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir, args.convention)
-    except (DatasetError, ModelError, ValueError) as exc:
+    except (DeeplocError, ValueError) as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-eval: {exc}", file=sys.stderr)
         return 1
     source = Path(args.model)
     base = source if source.is_dir() else (source.parent.parent if source.suffix == ".ckpt" else Path("eval"))
-    out = Path(args.out) if args.out else base / "eval" / run_label(f"{Path(root).name}-{args.split}")
+    out = Path(args.out) if args.out else base / "eval" / eval_dir_name(root, args.split, subsets, args.convention)
     context = {
         "model": str(source),
         "described": describe_model(meta),

@@ -29,6 +29,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR, to_primitive
 
 log = logging.getLogger("deeploc.extract")
@@ -47,8 +48,10 @@ _OUTPUT_OVERRIDES = (
 def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
     from deeploc.features.store import cache_allowed
+    from deeploc.settings import check_settings
     from deeploc.train import build_components, open_feature_store
 
+    check_settings(cfg)  # the same checks of settings as deeploc-train, before any work
     if not cfg.features.enabled:
         msg = "features.enabled=false (features=none): this run reads no feature cache, nothing to extract"
         print(f"deeploc-extract: {msg}")
@@ -101,12 +104,12 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point: ``deeploc-extract [hydra overrides]``."""
+    """Console entry point: ``deeploc-extract [--verbose] [hydra overrides]`` (errors a user can fix: one line)."""
     # Before the user's overrides (which win), after flags such as -m: argparse wants the overrides in one block.
     args = sys.argv[1:]
     at = next((i for i, a in enumerate(args) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(args))
     sys.argv[1 + at : 1 + at] = list(_OUTPUT_OVERRIDES)
-    _app()
+    run_hydra_app("deeploc-extract", _app)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from deeploc.errors import DeeplocError
+
 LIST_LIMIT = 20
 
 
-class DatasetError(ValueError):
+class DatasetError(DeeplocError, ValueError):
     """A dataset is missing, incomplete, malformed or cannot provide the requested split.
 
     Messages name the paths involved and, where there is one, the fix.

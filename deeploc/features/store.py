@@ -53,7 +53,6 @@ Safety
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -75,7 +74,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from deeploc.data.datasets import image_tensor, mask_tensor, read_target
 from deeploc.data.layout import read_rgb
+from deeploc.errors import DeeplocError
 from deeploc.features_spec import feature_info, feature_shape
+from deeploc.locks import exclusive as _locked
 
 if TYPE_CHECKING:
     from deeploc.data.layout import Sample
@@ -102,7 +103,7 @@ _HASH_MEMO = "image_hashes.json"
 _LIST_LIMIT = 5
 
 
-class FeatureStoreError(RuntimeError):
+class FeatureStoreError(DeeplocError, RuntimeError):
     """A feature store that cannot be used as asked; the message names the folder or file and the fix."""
 
 
@@ -143,22 +144,6 @@ def _atomic_write_bytes(path: Path, chunks: Iterable[bytes | memoryview]) -> Non
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-@contextlib.contextmanager
-def _locked(path: Path, what: str) -> Iterator[None]:
-    """Exclusive flock on ``path``; says so when it has to wait for another process."""
-    with open(path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("%s: another process holds %s; waiting for it to finish", what, path)
-            print(f"[feature store] waiting for another process holding {path}", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sha256_file(path: str, chunk: int = 1 << 20) -> str:

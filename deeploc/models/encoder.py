@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from deeploc.errors import DeeplocError
 from deeploc.features_spec import FEATURES, feature_info
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ CHECKPOINT_NAMES = {
 _HIERA_SIZES = {(96, 12): "hiera_t", (96, 16): "hiera_s", (112, 24): "hiera_b+", (144, 48): "hiera_l"}
 
 
-class EncoderError(ValueError):
+class EncoderError(DeeplocError, ValueError):
     """A SAM2 config or checkpoint that cannot be used; the message names it and the fix."""
 
 
