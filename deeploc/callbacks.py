@@ -1,8 +1,9 @@
-"""Lightning callbacks: a one-line console summary per epoch, and prediction panels for W&B."""
+"""Lightning callbacks: a one-line console summary per epoch, the best validation scores, prediction panels for W&B."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -17,22 +18,66 @@ from deeploc.visualize import panel
 log = logging.getLogger(__name__)
 
 
+# Scores logged as percentages (0-100): printed with two decimals, never in scientific notation.
+_PERCENT_KEYS = ("val/iou", "val/f1_fixed", "val/f1_best", "val/ap")
+_SUMMARY_KEYS = ("train/loss_epoch", "val/loss", "val/iou", "val/f1_best", "val/ap")
+
+
+def epoch_line(epoch: int, max_epochs: int | None, metrics: dict[str, float], lr: float, seconds: float) -> str:
+    """The epoch summary: losses (4 decimals), percentages (2 decimals), learning rate and duration."""
+    parts = [f"epoch {epoch + 1}/{max_epochs}"]
+    for key in _SUMMARY_KEYS:
+        if key in metrics:
+            digits = 2 if key in _PERCENT_KEYS else 4
+            parts.append(f"{key.replace('_epoch', '')} {float(metrics[key]):.{digits}f}")
+    parts.append(f"lr {lr:.2g}")
+    parts.append(f"{seconds:.1f}s")
+    return " | ".join(parts)
+
+
 class EpochSummary(L.Callback):
-    """Logs one line per epoch: losses, validation IoU, learning rate and duration."""
+    """Logs one line per epoch: losses, validation IoU, learning rate and duration (:func:`epoch_line`)."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = trainer.callback_metrics
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
-        for key in ("train/loss_epoch", "val/loss", "val/iou", "val/f1_best", "val/ap"):
-            if key in metrics:
-                parts.append(f"{key.replace('_epoch', '')} {float(metrics[key]):.4g}")
-        parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2g}")
-        parts.append(f"{time.perf_counter() - getattr(self, '_start', time.perf_counter()):.1f}s")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in _SUMMARY_KEYS}
+        seconds = time.perf_counter() - getattr(self, "_start", time.perf_counter())
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
         if trainer.is_global_zero:
-            log.info(" | ".join(parts))
+            log.info(epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
+
+
+class BestValidation(L.Callback):
+    """The best value of each validation metric over the run (``directions``: metric -> "max" or "min").
+
+    Stateful: saved in checkpoints, so a resumed run knows the bests of the epochs before the interruption.
+    """
+
+    def __init__(self, directions: dict[str, str]) -> None:
+        self.directions = dict(directions)
+        self.best: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the module's on_validation_epoch_end, which logs the epoch's scores.
+        if trainer.sanity_checking:
+            return
+        for key, direction in self.directions.items():
+            if key not in trainer.callback_metrics:
+                continue
+            value = float(trainer.callback_metrics[key])
+            if math.isnan(value):  # an undefined score is no candidate for the best
+                continue
+            previous = self.best.get(key)
+            better = max if direction == "max" else min
+            self.best[key] = value if previous is None else better(previous, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = {str(k): float(v) for k, v in state_dict.get("best", {}).items()}
 
 
 def render_panels(pl_module: Any, samples: list[Any]) -> list[np.ndarray]:
@@ -40,7 +85,7 @@ def render_panels(pl_module: Any, samples: list[Any]) -> list[np.ndarray]:
     images = [read_rgb(s.image) for s in samples]
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in images]).float().div(255)
     probs = pl_module.predict_probabilities(batch.to(pl_module.device)).cpu().numpy()
-    return [panel(im, p, read_mask(s.mask) != 255) for im, p, s in zip(images, probs, samples)]
+    return [panel(im, p, read_mask(s.mask, s.mask_polarity) != 255) for im, p, s in zip(images, probs, samples)]
 
 
 class PredictionPanel(L.Callback):

@@ -65,6 +65,7 @@ __all__ = [
     "SubmititLocalEnvironment",
     "check_launch",
     "checkpoint_candidates",
+    "is_first_process",
     "newest_checkpoint",
     "parse_signal",
     "request_requeue",
@@ -371,6 +372,16 @@ def check_launch(trainer: L.Trainer) -> None:
             "(one submitit job per run, tasks_per_node=trainer.devices) or hydra/launcher=slurm, or run the "
             "configuration as a single run (no -m). See docs/cluster.md."
         )
+
+
+# Variables through which launchers (Lightning's DDP subprocesses, torchrun, SLURM, submitit) tell a process its rank.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID")
+
+
+def is_first_process() -> bool:
+    """Whether this process is rank 0 of its job, as the environment says before any Trainer exists (the other
+    ranks of a DDP run are started with a non-zero rank variable); True outside any launcher."""
+    return all(os.environ.get(name, "0").strip() in ("", "0") for name in _RANK_VARIABLES)
 
 
 # ------------------------------------------------------------------------------------------ resume choice

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from deeploc.errors import ConfigError
+from deeploc.naming import run_dir_name, run_label, run_name
+
 # Absolute, because Hydra resolves a relative config_path as a Python module ("conf") when the entry point runs
 # as a console script, and fails with "Primary config module 'conf' not found".
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-\[\]]")
-_MAX_NAME = 120
-
-
-def run_label(override_dirname: str) -> str:
-    """A directory name derived from a run's overrides: stable, filesystem-safe, never empty."""
-    if not override_dirname:
-        return "default"
-    label = _UNSAFE.sub("_", override_dirname)
-    if len(label) > _MAX_NAME:
-        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
-        label = f"{label[: _MAX_NAME - 11]}-{digest}"
-    return label
+__all__ = ["CONF_DIR", "register_resolvers", "run_label", "stable_id", "subset_at", "to_primitive"]
 
 
 def stable_id(text: str) -> str:
@@ -37,13 +27,20 @@ def subset_at(subsets: Any, index: int) -> str:
     """``data.subsets[index]`` with an error that says what is valid (sweeps pick subsets by position)."""
     names = list(subsets)
     if not 0 <= int(index) < len(names):
-        raise ValueError(f"subset_index={index} is out of range for data.subsets={names} (0..{len(names) - 1})")
+        raise ConfigError(f"subset_index={index} is out of range for data.subsets={names} (0..{len(names) - 1})")
     return str(names[int(index)])
 
 
 def register_resolvers() -> None:
     """Register the resolvers conf/ uses; safe to call more than once."""
-    for name, fn in (("run_label", run_label), ("stable_id", stable_id), ("subset_at", subset_at)):
+    resolvers = {
+        "run_label": run_label,
+        "run_name": run_name,
+        "run_dir_name": run_dir_name,
+        "stable_id": stable_id,
+        "subset_at": subset_at,
+    }
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

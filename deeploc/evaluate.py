@@ -1,6 +1,7 @@
 """Evaluate a trained decoder on any list of subsets and splits, without retraining.
 
-Scores are the study's (per image, then averaged): the same :class:`LocalizationMetrics` the training run uses.
+Scores are the study's (per image, then averaged): the same :class:`LocalizationMetrics` the training run uses,
+in the metric convention asked for (``study`` by default, or ``trufor``), which the outputs record.
 Features come from the feature store when a cache folder is given, so the frozen encoder never runs twice on
 the same image across evaluations.
 """
@@ -19,21 +20,29 @@ from tqdm import tqdm
 
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.layout import Sample, index_subsets, resolve_root, validate_samples
-from deeploc.metrics import LocalizationMetrics
+from deeploc.data.masks import DEFAULT_POLARITY, MaskRules
+from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention
 from deeploc.runs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 SCORE_KEYS = ("iou", "f1_fixed", "f1_best", "ap", "n_images")
+UNDEFINED_KEYS = ("n_ap_undefined", "n_f1_no_positive")  # counts of the cases the convention decides
 
 
 def index_for_eval(
-    root: str | Path, subsets: Sequence[str], split: str = "test", validate: bool = True
+    root: str | Path,
+    subsets: Sequence[str],
+    split: str = "test",
+    validate: bool = True,
+    mask_polarity: str = DEFAULT_POLARITY,
+    rules: MaskRules | None = None,
 ) -> dict[str, list[Sample]]:
-    """Samples of ``split`` for each subset, validated (bad files fail naming themselves)."""
-    samples = index_subsets(resolve_root(root), list(subsets), splits=(split,))
+    """Samples of ``split`` for each subset, masks read in ``mask_polarity``, validated with the mask ``rules``
+    (bad files and inverted or empty masks fail naming themselves)."""
+    samples = index_subsets(resolve_root(root), list(subsets), splits=(split,), mask_polarity=mask_polarity)
     if validate:
-        validate_samples(samples)
+        validate_samples(samples, rules=rules)
     return {name: [s for s in samples if s.subset == name] for name in subsets}
 
 
@@ -57,12 +66,14 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 0,
     feature_dir: str | None = None,
+    convention: str = DEFAULT_CONVENTION,
 ) -> dict[str, dict[str, float]]:
-    """Mean per-image scores of ``model`` (a LocalizationModule in eval mode) for each subset."""
+    """Mean per-image scores of ``model`` (a LocalizationModule in eval mode) for each subset, in ``convention``."""
+    check_convention(convention)
     model.eval()
     results: dict[str, dict[str, float]] = {}
     for name, dataset in _datasets(model, by_subset, feature_dir, batch_size).items():
-        metric = LocalizationMetrics().to(model.device)
+        metric = LocalizationMetrics(convention=convention).to(model.device)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
         for batch in tqdm(loader, desc=f"eval {name}", unit="batch"):
             batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -73,13 +84,24 @@ def evaluate(
 
 
 def write_results(out_dir: Path, results: dict[str, dict[str, float]], context: dict[str, Any]) -> tuple[Path, Path]:
-    """``eval.json`` (context + per-subset scores) and ``eval.csv`` (one row per subset)."""
+    """``eval.json`` (context + per-subset scores) and ``eval.csv`` (one row per subset).
+
+    ``context`` holds at least ``split`` and ``convention``; both are repeated on every CSV row.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = write_json_atomic(out_dir / "eval.json", {**context, "test": results})
     csv_path = out_dir / "eval.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["subset", "split", *SCORE_KEYS])
+        writer.writerow(["subset", "split", "convention", *SCORE_KEYS, *UNDEFINED_KEYS])
         for name, scores in results.items():
-            writer.writerow([name, context["split"], *(f"{scores[k]:.4f}" for k in SCORE_KEYS)])
+            writer.writerow(
+                [
+                    name,
+                    context["split"],
+                    context["convention"],
+                    *(f"{scores[k]:.4f}" for k in SCORE_KEYS),
+                    *(f"{scores[k]:.0f}" for k in UNDEFINED_KEYS),
+                ]
+            )
     return json_path, csv_path

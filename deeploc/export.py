@@ -12,9 +12,16 @@ document that says how to rebuild everything else:
 * ``training`` / ``test``: the run's metrics.json summary (data, split, subsets, best val IoU, test scores);
 * ``deeploc_version``, ``format`` and ``format_version``.
 
+The header's second key, ``deeploc_sha256``, is the sha256 of that JSON text exactly as stored: it covers every
+metadata field and, through ``decoder_sha256``, the tensors, so any edit of the file is refused on load. It is an
+integrity check against damage and hand edits, not a signature against forgery (anyone can recompute it).
+Format 1 exports (deeploc 0.1) had no such digest and are refused with the command that re-exports them.
+
 Loading reads only safetensors tensors and JSON: nothing is unpickled. Run directories and Lightning ``.ckpt``
 files (our own training outputs) are read with ``torch.load(weights_only=True)``, which refuses arbitrary
-pickled objects as well.
+pickled objects as well. A checkpoint inside a run directory must be the run's own: its sha256 must equal the one
+metrics.json recorded, and its decoder and encoder must be those the run records (metrics.json's config; for an
+unfinished run, config_resolved.yaml).
 
 The encoder is rebuilt from the identity: random-weight encoders from their seed, checkpoint-based ones from a
 SAM2 checkpoint file whose sha256 must equal the recorded digest (``--sam2-checkpoint``; a run directory or
@@ -36,6 +43,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from deeploc.errors import DeeplocError
+from deeploc.labels import describe_training
 from deeploc.models.decoders import ConvDecoder, count_parameters
 from deeploc.models.encoder import CHECKPOINT_NAMES, EncoderError, file_digest, same_encoder
 from deeploc.runs import RunDir
@@ -48,7 +57,9 @@ __all__ = [
     "IncompatibleModelError",
     "MissingCheckpointError",
     "ModelError",
+    "check_checkpoint_digest",
     "check_compatible",
+    "check_run_checkpoint",
     "decoder_digest",
     "deeploc_version",
     "describe_model",
@@ -57,6 +68,7 @@ __all__ = [
     "load_exported",
     "load_model",
     "load_model_and_metadata",
+    "metadata_digest",
     "read_checkpoint",
     "read_export",
     "resolve_checkpoint",
@@ -67,8 +79,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "deeploc-decoder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "deeploc"
+DIGEST_KEY = "deeploc_sha256"
 EXPORT_SUFFIX = ".safetensors"
 DEFAULT_EXPORT_NAME = "decoder.safetensors"
 _SAFETENSORS_MAX_HEADER = 100_000_000
@@ -76,7 +89,7 @@ _RANDOM_WEIGHTS = re.compile(r"^random:seed=(-?\d+)$")
 _SHA256_WEIGHTS = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
-class ModelError(RuntimeError):
+class ModelError(DeeplocError, RuntimeError):
     """A model path, export file or SAM2 checkpoint that cannot be used; the message names it and the fix."""
 
 
@@ -166,6 +179,93 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     return state, info
 
 
+def _run_model_settings(run_dir: Path) -> tuple[dict[str, str], str] | None:
+    """The decoder and encoder a run says it trained, and the file that says it (None when neither does).
+
+    A finished run's metrics.json ``config`` describes what produced its results; config_resolved.yaml is rewritten
+    by every later launch in the directory (even a refused one), so it only speaks for unfinished runs.
+    """
+    import yaml
+
+    config = (RunDir(run_dir).read_metrics() or {}).get("config")
+    if isinstance(config, dict) and all(k in config for k in ("depth", "feature", "encoder", "image_size")):
+        settings = _model_settings(
+            config["feature"], config["depth"], config["encoder"], config["image_size"], config.get("encoder_weights")
+        )
+        return settings, "metrics.json"
+    try:
+        model = (yaml.safe_load((run_dir / "config_resolved.yaml").read_text()) or {}).get("model")
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(model, dict) or not isinstance(model.get("encoder"), dict):
+        return None
+    encoder = model["encoder"]
+    weights = f"random:seed={encoder.get('seed')}" if encoder.get("random_init") else encoder.get("checkpoint")
+    settings = _model_settings(
+        model["feature"], model["depth"], encoder.get("config"), encoder.get("image_size"), weights
+    )
+    return settings, "config_resolved.yaml"
+
+
+def _checkpoint_model_settings(info: Mapping[str, Any], seeded: bool) -> dict[str, str]:
+    """The decoder and encoder a checkpoint was trained with (:func:`read_checkpoint`'s ``info``); ``seeded=False``
+    reduces random weights to ``random``, as metrics.json records them."""
+    identity = info["encoder"]
+    weights = str(identity["weights"])
+    if not weights.startswith("random:"):
+        weights = info.get("encoder_checkpoint_path")  # runs name the SAM2 file by its path
+    elif not seeded:
+        weights = "random"
+    return _model_settings(info["feature"], info["depth"], identity["config"], identity["image_size"], weights)
+
+
+def _model_settings(feature: str, depth: int, encoder: str, image_size: int, weights: Any) -> dict[str, str]:
+    return {
+        "decoder": f"CONV-{int(depth)} on {feature}",
+        "encoder": f"{encoder} at {image_size} px with weights {weights}",
+    }
+
+
+def check_checkpoint_digest(run_dir: Path, ckpt_path: Path) -> None:
+    """Refuse a run's checkpoint whose sha256 differs from the one its metrics.json recorded (if it recorded one)."""
+    from deeploc.models.encoder import file_digest
+
+    relative = ckpt_path.resolve().relative_to(run_dir.resolve()).as_posix()
+    recorded = ((RunDir(run_dir).read_metrics() or {}).get("checkpoint_sha256") or {}).get(relative)
+    if recorded is None:
+        return
+    actual = f"sha256:{file_digest(ckpt_path)}"
+    if actual != recorded:
+        raise IncompatibleModelError(
+            f"checkpoint {ckpt_path} ({actual}) is not the one run {run_dir} finished with (its metrics.json "
+            f"records {recorded} for {relative}): the file was replaced or modified after the run. Restore the "
+            "run's own checkpoint, or train the run again (deeploc-train with the same overrides and "
+            "if_finished=retrain)"
+        )
+
+
+def check_run_checkpoint(run_dir: Path, ckpt_path: Path, info: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint inside a run directory that is not the run's own, naming both sides and the fix.
+
+    Its sha256 must equal the one the run recorded in metrics.json (runs of deeploc <= 0.1 recorded none), and the
+    decoder and encoder it was trained with must be those the run records (:func:`_run_model_settings`).
+    """
+    check_checkpoint_digest(run_dir, ckpt_path)
+    recorded = _run_model_settings(run_dir)
+    if recorded is None:
+        return
+    expected, source = recorded
+    trained = _checkpoint_model_settings(info, seeded=source != "metrics.json")
+    if expected != trained:
+        differing = "; ".join(
+            f"its {k} is {trained[k]}, the run's is {expected[k]}" for k in expected if expected[k] != trained[k]
+        )
+        raise IncompatibleModelError(
+            f"checkpoint {ckpt_path} was not trained by run {run_dir}: {differing} ({source}). Restore the run's "
+            "own checkpoint, or use this file from the run directory it was trained in"
+        )
+
+
 # ------------------------------------------------------------------------------------------------- export
 
 
@@ -186,10 +286,20 @@ def write_export(out: str | os.PathLike[str], state: Mapping[str, torch.Tensor],
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     meta = dict(metadata)
     meta["decoder_sha256"] = decoder_digest(tensors)
+    text = json.dumps(meta, sort_keys=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, out)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: text, DIGEST_KEY: metadata_digest(text)})
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
+
+
+def metadata_digest(text: str) -> str:
+    """sha256 of the metadata JSON text exactly as stored in the header (covers the tensors via decoder_sha256)."""
+    return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
 def _data_config(run_dir: Path | None) -> dict[str, Any] | None:
@@ -262,6 +372,8 @@ def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[st
         raise ModelError(f"{ckpt_path} is already an exported decoder; export takes a run directory or a .ckpt")
     state, info = read_checkpoint(ckpt_path)
     run_dir = src if src.is_dir() else _run_dir_of(ckpt_path)
+    if run_dir is not None:
+        check_run_checkpoint(run_dir, ckpt_path, info)
     metrics = RunDir(run_dir).read_metrics() if run_dir is not None else None
     if metrics is None:
         log.warning("no metrics.json next to %s: the export carries no training or test summary", ckpt_path)
@@ -304,6 +416,42 @@ def _is_safetensors(path: Path) -> bool:
     return 0 < int.from_bytes(head[:8], "little") < _SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
 
 
+def _verified_metadata(p: Path, header: Mapping[str, str]) -> dict[str, Any]:
+    """The export's metadata, after checking that its text is exactly what deeploc-export wrote."""
+    text, recorded = header[METADATA_KEY], header.get(DIGEST_KEY)
+    reexport = f"re-export it from its run directory (deeploc-export RUN_DIR --out {p}) or use an unmodified copy"
+    if recorded is not None and metadata_digest(text) != recorded:
+        raise ModelError(
+            f"{p}: the deeploc metadata was modified after export (its digest {metadata_digest(text)} differs from "
+            f"the recorded {recorded}); {reexport}"
+        )
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{p}: the deeploc metadata is not valid JSON ({exc})") from exc
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{p}: the deeploc metadata is not a JSON object")
+    if metadata.get("format") != FORMAT:
+        raise ModelError(f"{p}: metadata format {metadata.get('format')!r} is not {FORMAT!r}")
+    version = metadata.get("format_version")
+    if not isinstance(version, int):
+        raise ModelError(f"{p}: the deeploc metadata has no valid format_version ({version!r})")
+    if version > FORMAT_VERSION:
+        raise ModelError(
+            f"{p} uses export format version {version}, newer than this deeploc "
+            f"({deeploc_version()}, format {FORMAT_VERSION}); upgrade deeploc"
+        )
+    if recorded is None and version < 2:
+        raise ModelError(
+            f"{p} was written by deeploc 0.1 (export format {version}): its metadata is not covered by a digest, so "
+            f"an edited field (a score, the encoder seed) could not be detected. Re-export the run with this deeploc: "
+            f"deeploc-export RUN_DIR --out {p}"
+        )
+    if recorded is None:
+        raise ModelError(f"{p}: the header has no metadata digest ('{DIGEST_KEY}'): it was modified; {reexport}")
+    return metadata
+
+
 def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Decoder tensors and metadata of an exported file (safetensors + JSON only), with integrity checks."""
     p = Path(path).expanduser()
@@ -312,22 +460,14 @@ def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
     try:
         with safe_open(str(p), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
+            if METADATA_KEY not in header:
+                raise ModelError(
+                    f"{p} is a safetensors file but not a deeploc decoder export (no '{METADATA_KEY}' metadata)"
+                )
+            metadata = _verified_metadata(p, header)
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no iter
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{p} is not a readable safetensors file: {exc}") from exc
-    if METADATA_KEY not in header:
-        raise ModelError(f"{p} is a safetensors file but not a deeploc decoder export (no '{METADATA_KEY}' metadata)")
-    try:
-        metadata = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{p}: the deeploc metadata is not valid JSON ({exc})") from exc
-    if metadata.get("format") != FORMAT:
-        raise ModelError(f"{p}: metadata format {metadata.get('format')!r} is not {FORMAT!r}")
-    if int(metadata.get("format_version", -1)) > FORMAT_VERSION:
-        raise ModelError(
-            f"{p} uses export format version {metadata['format_version']}, newer than this deeploc "
-            f"({deeploc_version()}, format {FORMAT_VERSION}); upgrade deeploc"
-        )
     for key in ("decoder", "encoder", "decoder_sha256"):
         if key not in metadata:
             raise ModelError(f"{p}: the deeploc metadata lacks {key!r}")
@@ -503,6 +643,8 @@ def load_model_and_metadata(
     ckpt_path = resolve_checkpoint(p)
     state, info = read_checkpoint(ckpt_path)
     run_dir = p if p.is_dir() else _run_dir_of(ckpt_path)
+    if run_dir is not None:
+        check_run_checkpoint(run_dir, ckpt_path, info)
     metrics = RunDir(run_dir).read_metrics() if run_dir is not None else None
     metadata = _export_metadata(info, metrics, {"run": str(run_dir) if run_dir else None, "checkpoint": str(ckpt_path)})
     source = f"checkpoint {ckpt_path}"
@@ -532,7 +674,5 @@ def describe_model(metadata: Mapping[str, Any]) -> str:
     """One line: CONV-N on feature, encoder identity, and the training subset when known."""
     dec = metadata["decoder"]
     text = f"CONV-{dec['depth']} on {dec['feature']}, encoder {_describe_identity(metadata['encoder'])}"
-    config = (metadata.get("training") or {}).get("config") or {}
-    if config.get("subset"):
-        text += f", trained on {config.get('split', '?')}/{config['subset']}"
-    return text
+    training = describe_training((metadata.get("training") or {}).get("config") or {})
+    return f"{text}, {training}" if training else text

@@ -1,11 +1,19 @@
 """Per-image localization metrics (IoU, F1_fixed, F1_best, AP) and their torchmetrics aggregate.
 
 Every score is computed per image and then averaged over images; pixels are never pooled across
-images. Scores are percentages (0-100). The definitions follow protocol.md ("Metrics"); the F1 follows
-TruFor's metric code (grip-unina/TruFor, ``metrics.py``: ``extractGTs``, ``computeMetricsContinue``,
-``computeF1``), read for its facts and re-implemented here. Conventions, including the undefined cases:
+images. Scores are percentages (0-100). The definitions follow protocol.md ("Metrics"). Two conventions
+differ only in the undefined cases (an image with no F1 positive left after erosion, an empty mask, a
+single distinct score); ``convention`` selects one (config ``metrics.convention``, recorded as
+``"convention"`` in metrics.json and eval.json):
 
-Prediction and ground truth
+``study`` (default)
+    DeCLIP's metric code (bit-ml/DeCLIP ``utils/utils.py``), which the poster reused and whose numbers the
+    study reports; read for its facts and re-implemented here.
+``trufor``
+    TruFor's metric code (grip-unina/TruFor ``metrics.py``: ``extractGTs``, ``computeMetricsContinue``,
+    ``computeF1``); deeploc <= 0.1 used it, so a metrics.json without ``"convention"`` is ``trufor``.
+
+Prediction and ground truth (both conventions)
     * ``prob = sigmoid(logits)`` (in float32, also for half-precision logits), then resized bilinearly
       (``align_corners=False``, no antialiasing) to the mask's native size. For upsampling (the study's case,
       decoder output <= mask size) this equals torchvision's ``resize`` used by DeCLIP; the two differ only
@@ -13,41 +21,45 @@ Prediction and ground truth
     * Ground truth: ``mask > 0.5`` (bool masks are used as they are).
     * A pixel is predicted manipulated iff ``prob > threshold`` (strict), threshold 0.5 by default.
 
-IoU
+IoU (both conventions)
     ``100 * (inter + 1e-8) / (union + 1e-8)``; an empty prediction on an empty mask scores 100, an
     empty prediction on a non-empty mask (or the reverse) scores ~0.
 
 F1 (boundary pixels ignored)
     * Positives: ground-truth pixels that survive a 15x15 square erosion. Negatives: pixels outside the
       11x11 square dilation of the ground truth. All other pixels (a band around the mask boundary) are
-      ignored. Pixels outside the image never take part in the min/max: a region touching the image border
-      is not eroded from the border side. This is what TruFor's ``scipy.ndimage.minimum_filter`` (mode
-      ``reflect``) does, and equally ``cv2.erode`` with its default border value and DeCLIP's +inf padding.
-    * ``F1 = 2 TP / (2 TP + FP + FN)`` over the non-ignored pixels, and 0 when the denominator is 0
-      (TruFor's ``computeF1`` clamps the denominator to 1e-32).
+      ignored; the rest are the *kept* pixels. Pixels outside the image never take part in the min/max: a
+      region touching the image border is not eroded from the border side (DeCLIP pads the erosion with
+      +inf; TruFor's ``scipy.ndimage.minimum_filter`` in ``reflect`` mode and ``cv2.erode`` do the same).
+    * F1 over the kept pixels, in percent:
+        - ``study``: ``(2 TP + 1e-32) / max(2 TP + FP + FN, 1e-32)``. With no positive left and nothing
+          kept predicted positive it is 0/0 -> 100; with TP = 0 otherwise ~0 (1e-32 / count).
+        - ``trufor``: ``2 TP / (2 TP + FP + FN)``, and 0 when the denominator is 0.
     * F1_fixed: at ``threshold`` (0.5).
-    * Threshold sweep (TruFor's ``computeMetricsContinue``): every distinct probability among the non-ignored
-      pixels is a threshold ``t`` with prediction ``prob > t``. The largest one (nothing predicted) is
-      included; a threshold below the minimum (everything predicted) is not, as in TruFor.
-      F1_best = max(best F1 of the sweep, F1_fixed) (DeCLIP's / the poster's rule, protocol.md).
+    * Threshold sweep: the distinct scores ``t`` of the kept pixels, each predicting ``prob > t``; only
+      the end of a run of equal scores is an operating point (a threshold cannot split ties).
+        - ``study``: the largest distinct score (nothing predicted) is excluded, as in DeCLIP. With a
+          single distinct kept score the sweep is empty and F1_best = F1_fixed (DeCLIP's code then takes
+          ``torch.max`` of an empty tensor, records NaN, and its dataset mean becomes NaN).
+        - ``trufor``: the largest is included (nothing predicted, F1 = 0); a threshold below the minimum
+          (everything predicted) is not, as in TruFor.
+    * F1_best = max(best F1 of the sweep, F1_fixed) (DeCLIP's / the poster's rule, protocol.md).
     * No polarity inversion: TruFor's ``computeLocalizationMetrics`` takes ``max(F1, F1 of the inverted
       map)``; DeCLIP, the poster and protocol.md do not, and it would reward predicting the complement.
-    * No positive pixel after erosion (empty mask, or every region thinner than 15 px): F1 is 0 at every
-      threshold (TruFor's formula: TP = 0). The image stays in the F1 means; ``compute`` reports how many such
-      images there are as ``n_f1_no_positive``. The same holds when no pixel is left at all (TruFor raises
-      and records NaN there). DeCLIP / the poster would instead score 100 when there is also no false
-      positive (their numerator carries +1e-32); we keep TruFor's 0. TruFor's fixed-threshold F1 also
-      becomes NaN when sklearn's confusion matrix collapses to 1x1 (a single class among labels and
-      predictions); that artefact is not reproduced, the formula above is used.
+    * No positive pixel after erosion (empty mask, or every region thinner than 15 px): ``study`` scores
+      100 at a threshold that predicts no kept pixel and ~0 at any other, ``trufor`` scores 0. The image
+      stays in the F1 means either way; ``compute`` reports how many such images there are as
+      ``n_f1_no_positive``. TruFor's fixed-threshold F1 also becomes NaN when sklearn's confusion matrix
+      collapses to 1x1 (a single class among labels and predictions); that artefact is not reproduced.
 
 AP
     Binary average precision over the image's pixels with torchmetrics ``binary_average_precision``
     semantics (thresholds=None, exact; equal to sklearn's ``average_precision_score``):
     ``sum_k (R_k - R_{k-1}) P_k`` over the distinct probabilities in descending order. ``prob`` must already
     be probabilities (torchmetrics would apply a sigmoid to values outside [0, 1]; we do not).
-    An image whose mask has no manipulated pixel has undefined AP: it is NaN, excluded from the AP mean,
-    and counted in ``n_ap_undefined``. (torchmetrics returns 0 there with a warning and DeCLIP/the poster
-    averaged that 0 in; their number is ``ap * (n_images - n_ap_undefined) / n_images``.)
+    An image whose mask has no manipulated pixel has undefined AP, counted in ``n_ap_undefined``:
+    ``study`` scores it 0 (torchmetrics' value, averaged in as DeCLIP does); ``trufor`` makes it NaN and
+    leaves it out of the AP mean. So ``ap_study = ap_trufor * (n_images - n_ap_undefined) / n_images``.
 
 Aggregation (``LocalizationMetrics``)
     Means over unique images. Per-image scores and dataset indices are "cat" states, so DDP gathers them
@@ -58,22 +70,59 @@ Aggregation (``LocalizationMetrics``)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["DILATE_SIZE", "ERODE_SIZE", "LocalizationMetrics", "image_scores", "resize_probs"]
+from deeploc.errors import ConfigError
+
+__all__ = [
+    "CONVENTIONS",
+    "DEFAULT_CONVENTION",
+    "DILATE_SIZE",
+    "ERODE_SIZE",
+    "LEGACY_CONVENTION",
+    "LocalizationMetrics",
+    "check_convention",
+    "image_scores",
+    "recorded_convention",
+    "resize_probs",
+]
 
 ERODE_SIZE = 15  # TruFor's erodeKernSize: gt pixels surviving this erosion are the F1 positives
 DILATE_SIZE = 11  # TruFor's dilateKernSize: pixels outside this dilation are the F1 negatives
 GT_THRESHOLD = 0.5  # ground truth is mask > 0.5
 
-# Per-image values kept as "cat" states; "f1_no_positive" is a 0/1 flag for the undefined F1 case.
+CONVENTIONS = ("study", "trufor")
+DEFAULT_CONVENTION = "study"
+LEGACY_CONVENTION = "trufor"  # what a metrics.json / eval.json without "convention" was computed with
+_F1_EPS = 1e-32  # DeCLIP's compute_f1: numerator + eps over max(denominator, eps)
+
+# Per-image values kept as "cat" states; the last two are 0/1 flags of the undefined cases.
 _SCORE_NAMES = ("iou", "f1_fixed", "f1_best", "ap")
-_STATE_NAMES = (*_SCORE_NAMES, "f1_no_positive")
+_STATE_NAMES = (*_SCORE_NAMES, "f1_no_positive", "ap_undefined")
+
+
+def check_convention(convention: str) -> str:
+    """``convention`` if it is one of :data:`CONVENTIONS`, else a ValueError naming the config key and the fix."""
+    if convention not in CONVENTIONS:
+        raise ConfigError(
+            f"metrics.convention={convention!r} is not one of {CONVENTIONS}: pass metrics.convention=study "
+            "(DeCLIP's formulas, the study's numbers; the default) or metrics.convention=trufor (TruFor's, "
+            "deeploc <= 0.1)"
+        )
+    return convention
+
+
+def recorded_convention(record: Mapping[str, Any]) -> str:
+    """The convention a metrics.json / eval.json object was computed with (no key: deeploc <= 0.1, trufor)."""
+    return str(record.get("convention", LEGACY_CONVENTION))
+
+
 # Bound the working set of the batched sort/cumsum (elements per chunk of images).
 _MAX_CHUNK_ELEMENTS = 1 << 23
 
@@ -123,10 +172,13 @@ def _f1_split(gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return eroded[:, 0] > 0.5, dilated[:, 0] < 0.5
 
 
-def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """F1 in percent from integer counts; 0 when 2TP + FP + FN = 0 (TruFor's convention)."""
-    den = (2 * tp + fp + fn).clamp(min=1)  # integer counts: clamping only changes the 0/0 case (to 0/1)
-    return 100.0 * ((2 * tp).to(dtype) / den.to(dtype))
+def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, dtype: torch.dtype, convention: str) -> torch.Tensor:
+    """F1 in percent from integer counts; 0/0 is 100 (``study``) or 0 (``trufor``), see the module docstring."""
+    den = 2 * tp + fp + fn
+    if convention == "study":
+        return 100.0 * (((2 * tp).to(dtype) + _F1_EPS) / den.to(dtype).clamp(min=_F1_EPS))
+    # Integer counts: clamping only changes the 0/0 case (to 0/1).
+    return 100.0 * ((2 * tp).to(dtype) / den.clamp(min=1).to(dtype))
 
 
 def _last_of_ties(sorted_values: torch.Tensor) -> torch.Tensor:
@@ -136,20 +188,27 @@ def _last_of_ties(sorted_values: torch.Tensor) -> torch.Tensor:
     return last
 
 
-def _best_f1_sweep(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Best F1 over thresholds = each distinct value among non-ignored pixels (``BxN`` flattened inputs)."""
+def _best_f1_sweep(
+    v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, dtype: torch.dtype, convention: str
+) -> torch.Tensor:
+    """Best F1 over thresholds = distinct values among kept pixels (``BxN`` flattened); -inf if there is none."""
     # Ignored pixels go to +inf: they sort last and never create a threshold below a real one; the +inf
     # group's counts equal those of the largest real threshold (nothing predicted), which TruFor includes.
-    keyed = v.masked_fill(~(pos | neg), float("inf"))
+    kept = pos | neg
+    keyed = v.masked_fill(~kept, float("inf"))
     sorted_v, order = keyed.sort(dim=1)
     fn = pos.gather(1, order).cumsum(1)  # positives with value <= t are predicted negative
     tn = neg.gather(1, order).cumsum(1)
     tp = pos.sum(1, keepdim=True) - fn
     fp = neg.sum(1, keepdim=True) - tn
-    f1 = _f1(tp, fp, fn, dtype)
-    # Only the end of a tie run is a real operating point (a threshold cannot split equal values);
-    # F1 >= 0, so zeroing the others leaves the max unchanged (the last position is always valid).
-    return f1.masked_fill(~_last_of_ties(sorted_v), 0.0).amax(1)
+    f1 = _f1(tp, fp, fn, dtype, convention)
+    # Only the end of a tie run is a real operating point (a threshold cannot split equal values).
+    valid = _last_of_ties(sorted_v)
+    if convention == "study":
+        # DeCLIP excludes the largest kept value: a position counts only if a larger kept value follows it.
+        valid[:, :-1] &= kept.gather(1, order)[:, 1:]
+        valid[:, -1] = False
+    return f1.masked_fill(~valid, float("-inf")).amax(1)
 
 
 def _average_precision(v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -169,7 +228,7 @@ def _average_precision(v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype) ->
     return torch.where(n_pos > 0, ap, torch.full_like(ap, float("nan")))
 
 
-def _batch_scores(probs: torch.Tensor, gt: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+def _batch_scores(probs: torch.Tensor, gt: torch.Tensor, threshold: float, convention: str) -> dict[str, torch.Tensor]:
     """Per-image scores for ``BxHxW`` probabilities and bool ground truth of the same size (1-D tensors)."""
     if probs.shape != gt.shape:
         raise ValueError(f"probabilities {tuple(probs.shape)} and masks {tuple(gt.shape)} differ in size")
@@ -187,36 +246,45 @@ def _batch_scores(probs: torch.Tensor, gt: torch.Tensor, threshold: float) -> di
     iou = 100.0 * ((inter + 1e-8) / (union + 1e-8))
 
     tp = (pred & pos).sum(1)
-    f1_fixed = _f1(tp, (pred & neg).sum(1), pos.sum(1) - tp, dtype)
+    f1_fixed = _f1(tp, (pred & neg).sum(1), pos.sum(1) - tp, dtype, convention)
 
     # The sweep and AP sort every pixel: chunk the batch so huge masks do not blow up memory.
     step = max(1, _MAX_CHUNK_ELEMENTS // max(1, v.shape[1]))
     sweep, ap = [], []
     for s in range(0, b, step):
         sl = slice(s, s + step)
-        sweep.append(_best_f1_sweep(v[sl], pos[sl], neg[sl], dtype))
+        sweep.append(_best_f1_sweep(v[sl], pos[sl], neg[sl], dtype, convention))
         ap.append(_average_precision(v[sl], g[sl], dtype))
-    f1_best = torch.maximum(torch.cat(sweep), f1_fixed)
+    f1_best = torch.maximum(torch.cat(sweep), f1_fixed)  # an empty sweep (-inf) leaves F1_fixed
+    ap_undefined = ~g.any(1)
+    ap_all = torch.cat(ap)
+    if convention == "study":
+        ap_all = ap_all.masked_fill(ap_undefined, 0.0)  # torchmetrics' value, averaged in by DeCLIP
 
     return {
         "iou": iou,
         "f1_fixed": f1_fixed,
         "f1_best": f1_best,
-        "ap": torch.cat(ap),
+        "ap": ap_all,
         "f1_no_positive": (pos.sum(1) == 0).to(dtype),
+        "ap_undefined": ap_undefined.to(dtype),
     }
 
 
 @torch.no_grad()
-def image_scores(prob: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
-    """Scores of one image in percent: ``{"iou", "f1_fixed", "f1_best", "ap"}`` (AP is NaN for an empty mask).
+def image_scores(
+    prob: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5, convention: str = DEFAULT_CONVENTION
+) -> dict[str, float]:
+    """Scores of one image in percent: ``{"iou", "f1_fixed", "f1_best", "ap"}``.
 
     ``prob``: HxW probabilities in [0, 1], already at the mask's size; ``mask``: HxW, > 0.5 = manipulated.
+    ``convention``: ``study`` or ``trufor`` (module docstring); an empty mask's AP is 0 or NaN respectively.
     """
+    check_convention(convention)
     if prob.ndim != 2 or prob.shape != mask.shape:
         raise ValueError(f"expected two HxW tensors of one size, got {tuple(prob.shape)} and {tuple(mask.shape)}")
     gt = _binarise_masks(mask.unsqueeze(0)).to(prob.device)
-    scores = _batch_scores(prob.detach().unsqueeze(0), gt, threshold)
+    scores = _batch_scores(prob.detach().unsqueeze(0), gt, threshold, convention)
     return {name: float(scores[name][0]) for name in _SCORE_NAMES}
 
 
@@ -224,7 +292,8 @@ class LocalizationMetrics(Metric):
     """Mean per-image IoU / F1_fixed / F1_best / AP over unique images, DDP-safe (see module docstring).
 
     ``compute`` returns ``iou``, ``f1_fixed``, ``f1_best``, ``ap`` (percent), ``n_images`` and the counts of
-    the undefined cases ``n_ap_undefined`` (excluded from ``ap``) and ``n_f1_no_positive`` (F1 = 0 there).
+    the undefined cases, in either ``convention``: ``n_ap_undefined`` (empty masks: AP 0 averaged in for
+    ``study``, left out for ``trufor``) and ``n_f1_no_positive`` (no positive left after erosion).
     Counts are float tensors so that Lightning can log them without a dtype warning.
     """
 
@@ -232,9 +301,10 @@ class LocalizationMetrics(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, threshold: float = 0.5, **kwargs) -> None:
+    def __init__(self, threshold: float = 0.5, convention: str = DEFAULT_CONVENTION, **kwargs) -> None:
         super().__init__(**kwargs)
         self.threshold = float(threshold)
+        self.convention = check_convention(convention)
         for name in _STATE_NAMES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
         # Dataset index per row, -1 = unknown (always counted).
@@ -245,7 +315,7 @@ class LocalizationMetrics(Metric):
         gt = _binarise_masks(masks.detach())
         with torch.no_grad():
             probs = resize_probs(logits, gt.shape[-2:])
-            scores = _batch_scores(probs, gt.to(probs.device), self.threshold)
+            scores = _batch_scores(probs, gt.to(probs.device), self.threshold, self.convention)
         b = probs.shape[0]
         if indices is None:
             idx = torch.full((b,), -1, dtype=torch.long, device=probs.device)
@@ -277,9 +347,9 @@ class LocalizationMetrics(Metric):
             "iou": values["iou"].mean(),
             "f1_fixed": values["f1_fixed"].mean(),
             "f1_best": values["f1_best"].mean(),
-            "ap": ap.nanmean(),  # NaN if no image has a manipulated pixel
+            "ap": ap.nanmean(),  # trufor: NaN if no image has a manipulated pixel
             "n_images": torch.tensor(float(keep.sum()), dtype=count_dtype, device=ap.device),
-            "n_ap_undefined": ap.isnan().sum().to(count_dtype),
+            "n_ap_undefined": values["ap_undefined"].sum().to(count_dtype),
             "n_f1_no_positive": values["f1_no_positive"].sum().to(count_dtype),
         }
 
@@ -298,3 +368,20 @@ def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
         chosen[first] = True
         keep[known] = chosen
     return keep
+
+
+def f1_positive_count(masks: torch.Tensor) -> torch.Tensor:
+    """How many F1 positives each mask has: ground-truth pixels that survive the ``ERODE_SIZE`` square erosion of
+    :func:`_f1_split` (0 = the image has no F1 positive: an empty mask, or every region thinner than ``ERODE_SIZE``).
+
+    ``masks`` as :func:`image_scores` takes them (``Bx1xHxW`` or ``BxHxW``; bool, or manipulated > 0.5); returns
+    int64 counts of shape ``B``. The erosion is ``_f1_split``'s (pixels outside the image never erode; tested equal),
+    computed with OpenCV because deeploc-check runs it on every mask of a dataset and ``cv2.erode`` is several
+    hundred times faster than ``max_pool2d`` on the CPU.
+    """
+    import cv2  # the data layer's reader: imported here so that the metrics themselves do not depend on it
+    import numpy as np
+
+    kernel = np.ones((ERODE_SIZE, ERODE_SIZE), np.uint8)
+    gt = _binarise_masks(masks).cpu().numpy().astype(np.uint8)
+    return torch.tensor([cv2.countNonZero(cv2.erode(m, kernel)) for m in gt], dtype=torch.int64)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeploc.metrics import LocalizationMetrics
+from deeploc.errors import DeeplocError
+from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention
 from deeploc.models.decoders import ConvDecoder
 from deeploc.models.encoder import SAM2FeatureEncoder, same_encoder
 
@@ -17,7 +18,7 @@ SCHEDULES = ("fixed", "plateau")
 METRIC_NAMES = ("iou", "f1_fixed", "f1_best", "ap")
 
 
-class IncompatibleCheckpointError(RuntimeError):
+class IncompatibleCheckpointError(DeeplocError, RuntimeError):
     """A checkpoint trained with another encoder, feature or decoder than the current config."""
 
 
@@ -35,6 +36,8 @@ class LocalizationModule(L.LightningModule):
         schedule: ``fixed`` (the study: constant LR) or ``plateau`` (DeCLIP: LR / ``plateau_factor`` after
             ``plateau_patience`` epochs without val IoU improvement, stop once LR < ``min_lr``).
         channels_last: run the decoder in channels-last memory format (faster convolutions on GPUs).
+        metric_convention: ``study`` or ``trufor``, how validation and test scores treat the undefined cases
+            (config ``metrics.convention``; deeploc.metrics).
     """
 
     def __init__(
@@ -49,8 +52,10 @@ class LocalizationModule(L.LightningModule):
         plateau_factor: float = 0.1,
         min_lr: float = 1e-6,
         channels_last: bool = False,
+        metric_convention: str = DEFAULT_CONVENTION,
     ) -> None:
         super().__init__()
+        check_convention(metric_convention)
         if schedule not in SCHEDULES:
             raise ValueError(f"model.schedule={schedule!r} is not one of {SCHEDULES}")
         self.save_hyperparameters()
@@ -59,7 +64,7 @@ class LocalizationModule(L.LightningModule):
         if channels_last:
             self.decoder = self.decoder.to(memory_format=torch.channels_last)
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.val_metrics = LocalizationMetrics()
+        self.val_metrics = LocalizationMetrics(convention=metric_convention)
         self.test_metrics = nn.ModuleList()
         self.test_names: list[str] = []
         self.test_results: dict[str, dict[str, float]] = {}
@@ -155,7 +160,9 @@ class LocalizationModule(L.LightningModule):
         names = list(getattr(self.trainer.datamodule, "test_subsets", None) or [])
         count = len(self.trainer.test_dataloaders) if isinstance(self.trainer.test_dataloaders, list) else 1
         self.test_names = names if len(names) == count else [f"test_{i}" for i in range(count)]
-        self.test_metrics = nn.ModuleList(LocalizationMetrics() for _ in self.test_names).to(self.device)
+        self.test_metrics = nn.ModuleList(
+            LocalizationMetrics(convention=self.hparams.metric_convention) for _ in self.test_names
+        ).to(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(self.features(batch))

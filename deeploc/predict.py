@@ -30,6 +30,7 @@ import torch
 
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import IMAGE_EXTENSIONS, read_rgb
+from deeploc.errors import DeeplocError
 from deeploc.visualize import heatmap, overlay
 
 __all__ = [
@@ -72,7 +73,7 @@ CSV_FIELDS = (
 )
 
 
-class InputError(ValueError):
+class InputError(DeeplocError, ValueError):
     """Inputs that cannot be predicted on at all (a missing path, a glob that matches nothing, a bad image)."""
 
 

@@ -1,26 +1,46 @@
 """Sweep directory -> the study's tables and figures.
 
 `collect_runs` finds every run directory under a sweep (one holding `.hydra/config.yaml` or `metrics.json`) and
-reads its `metrics.json` (format: docs/architecture.md). `build_matrices` arranges the test scores into one
-row-subset x test-subset matrix per (decoder, feature); `summary_table` gives ID (mean of the diagonal cells) and
-OOD (mean of the off-diagonal cells) exactly as reference/protocol.md defines them; `write_report` writes CSV,
-Markdown and PNG files. Incomplete matrices are reported with a marker and the missing cells, never dropped.
+reads its `metrics.json` (format: docs/architecture.md) and the settings that produced it (`deeploc.provenance`).
+`build_matrices` arranges the test scores into one row-subset x test-subset matrix per configuration, a
+configuration being every setting that changes results (decoder, feature, encoder, weights, input size, epochs,
+schedule, lr, batch size, split sizes, data, metric convention...): runs that differ in any of them are never
+averaged, they become separate rows named by the settings that differ. Repeats of one configuration with several
+seeds give mean +- sample std over seeds and n. `summary_table` gives ID (mean of the diagonal cells) and OOD (mean of
+the off-diagonal cells) exactly as reference/protocol.md defines them; `write_report` writes CSV, Markdown (with a
+provenance header) and PNG files. Incomplete matrices are reported with a marker and the missing cells, never dropped.
+Subsets are ordered as the runs' `data.subsets`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, stdev
+from typing import Any
 
+from deeploc import __version__
 from deeploc.features_spec import FEATURES
+from deeploc.provenance import (
+    LABELS,
+    OTHER_KEYS,
+    Settings,
+    caption,
+    common_value,
+    read_settings,
+    sort_key,
+    study_gaps,
+    varying_keys,
+    version_text,
+)
 
 METRICS = ("iou", "f1_fixed", "f1_best", "ap")
 METRIC_LABELS = {"iou": "IoU", "f1_fixed": "F1_fixed", "f1_best": "F1_best", "ap": "AP"}
@@ -33,25 +53,35 @@ STUDY_NOTE = (
     "published rounded to two decimals, so they can differ from the poster by 0.01 (67.28 / 11.02 vs 67.27 / 11.01). "
     "The poster prints OOD 14.77 / 15.12 for conv4 / conv12, which those matrices give as 15.48 / 16.09."
 )
+SEED_NOTE = (
+    "Values are means over seeds; ± is the sample standard deviation over seeds (n - 1), shown when every cell "
+    "behind a value has the same n >= 2 seeds; `seeds` is the number of seeds per cell (a range when cells differ)."
+)
 
-ConfigKey = tuple[str, str]  # (decoder, feature)
 Cell = tuple[str, str]  # (row subset, test subset)
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """One finished run: its configuration and its per-test-subset scores (percentages)."""
+    """One finished run: what produced it and its per-test-subset scores (percentages)."""
 
     path: Path
-    decoder: str
-    feature: str
+    settings: Settings
     split: str
     subset: str  # training subset; the held-out subset for leave_one_out
     test: dict[str, dict[str, float]]
+    seed: Any = None  # int, or None when metrics.json records none
+    subsets: tuple[str, ...] = ()  # the run's data.subsets, in order
+    version: str | None = None  # deeploc version that wrote metrics.json (None: <= 0.1.0)
+    epochs: int | None = None  # epochs actually trained
 
     @property
-    def key(self) -> ConfigKey:
-        return (self.decoder, self.feature)
+    def decoder(self) -> str:
+        return self.settings.decoder
+
+    @property
+    def feature(self) -> str:
+        return self.settings.feature
 
 
 @dataclass(frozen=True)
@@ -62,41 +92,84 @@ class MissingRun:
     reason: str
 
 
+@dataclass(frozen=True)
+class Stat:
+    """A mean over seeds, its sample std (None: fewer than 2 seeds, or unequal seed sets) and the seeds per cell."""
+
+    mean: float | None
+    std: float | None = None
+    n_min: int = 0
+    n_max: int = 0
+
+    @property
+    def seeds(self) -> str:
+        return "" if not self.n_max else f"{self.n_min}" + (f"–{self.n_max}" if self.n_max != self.n_min else "")
+
+
 @dataclass
 class Matrix:
-    """Scores of one (decoder, feature): cell (row, test) holds the score dict of every run that filled it.
+    """Scores of one configuration: cell (row, test) -> seed -> the score dicts of the runs with that seed.
 
-    Rows are training subsets (split "cross", fed by cross and in_domain runs) or held-out subsets
-    (split "leave_one_out", where the diagonal is the held-out score and `id_mean` the held-out mean).
+    Rows are training subsets (split "cross", fed by cross and in_domain runs, which train identically) or held-out
+    subsets (split "leave_one_out", where the diagonal is the held-out score and `id_mean` the held-out mean).
+    Runs repeating a seed in a cell are duplicates of one measurement: averaged, and counted as one seed.
     """
 
     decoder: str
     feature: str
     split: str
     subsets: list[str]
-    runs: dict[Cell, list[dict[str, float]]] = field(default_factory=dict)
+    settings: Settings | None = None  # None for the study's published matrices
+    label_keys: tuple[str, ...] = ()  # the settings that tell this matrix apart from the others of its split
+    runs: dict[Cell, dict[Any, list[dict[str, float]]]] = field(default_factory=dict)
     paths: list[Path] = field(default_factory=list)
+    versions: list[str | None] = field(default_factory=list)
     cross: bool = False  # a cross run exists, so off-diagonal cells are expected
 
     @property
-    def key(self) -> ConfigKey:
-        return (self.decoder, self.feature)
+    def label(self) -> str:
+        """decoder/feature, plus the settings that differ between matrices of this split."""
+        if not self.label_keys or self.settings is None:
+            return f"{self.decoder}/{self.feature}"
+        return f"{self.decoder}/{self.feature} ({self.variant})"
 
     @property
-    def label(self) -> str:
-        return f"{self.decoder}/{self.feature}"
+    def variant(self) -> str:
+        assert self.settings is not None
+        return ", ".join(f"{LABELS[k]} {self.settings.show(k)}" for k in self.label_keys)
 
     def add(self, run: RunResult) -> None:
         """Record the scores of `run` (row = its subset)."""
         for test, scores in run.test.items():
-            self.runs.setdefault((run.subset, test), []).append(scores)
+            self.runs.setdefault((run.subset, test), {}).setdefault(run.seed, []).append(scores)
         self.paths.append(run.path)
+        self.versions.append(run.version)
         self.cross = self.cross or run.split == "cross"
 
+    def per_seed(self, cell: Cell, metric: str = "iou") -> dict[Any, float]:
+        """`metric` of a cell per seed (duplicates of a seed averaged)."""
+        by_seed = {seed: [s[metric] for s in runs if metric in s] for seed, runs in self.runs.get(cell, {}).items()}
+        return {seed: fmean(values) for seed, values in by_seed.items() if values}
+
+    def stat(self, cells: Iterable[Cell], metric: str = "iou") -> Stat:
+        """Mean of the cell means of `cells`, with the std over seeds of the per-seed mean when seeds allow one."""
+        present = [p for p in (self.per_seed(c, metric) for c in cells) if p]
+        if not present:
+            return Stat(None)
+        sizes = [len(p) for p in present]
+        mean = fmean(fmean(p.values()) for p in present)
+        seed_sets = {frozenset(p) for p in present}
+        std = None
+        if len(seed_sets) == 1 and sizes[0] >= 2:
+            std = stdev([fmean(p[seed] for p in present) for seed in next(iter(seed_sets))])
+        return Stat(mean, std, min(sizes), max(sizes))
+
+    def cell(self, row: str, test: str, metric: str = "iou") -> Stat:
+        return self.stat([(row, test)], metric)
+
     def value(self, row: str, test: str, metric: str = "iou") -> float | None:
-        """Mean `metric` of the runs in a cell, None when no run reported it."""
-        values = [s[metric] for s in self.runs.get((row, test), []) if metric in s]
-        return fmean(values) if values else None
+        """Mean `metric` of a cell over seeds, None when no run reported it."""
+        return self.cell(row, test, metric).mean
 
     def expected(self) -> list[Cell]:
         """Cells a complete matrix has: the diagonal, plus the off-diagonal when cross runs were made."""
@@ -106,25 +179,51 @@ class Matrix:
         """Expected cells without a `metric` score."""
         return [cell for cell in self.expected() if self.value(*cell, metric) is None]
 
+    def id_stat(self, metric: str = "iou") -> Stat:
+        """Over the available diagonal cells (train subset == test subset)."""
+        return self.stat([(s, s) for s in self.subsets], metric)
+
+    def ood_stat(self, metric: str = "iou") -> Stat:
+        """Over the available off-diagonal cells."""
+        return self.stat([(a, b) for a in self.subsets for b in self.subsets if a != b], metric)
+
     def id_mean(self, metric: str = "iou") -> float | None:
-        """Mean of the available diagonal cells (train subset == test subset)."""
-        return _mean(self.value(s, s, metric) for s in self.subsets)
+        return self.id_stat(metric).mean
 
     def ood_mean(self, metric: str = "iou") -> float | None:
-        """Mean of the available off-diagonal cells."""
-        return _mean(self.value(a, b, metric) for a in self.subsets for b in self.subsets if a != b)
+        return self.ood_stat(metric).mean
+
+    def seeds(self) -> Stat:
+        """Seeds per cell over every cell with a result (n_min, n_max)."""
+        return self.stat(list(self.runs))
+
+    def duplicates(self) -> list[str]:
+        """Cells where one seed has several runs, e.g. "lama→ldm seed 42 (2 runs)"."""
+        return [
+            f"{a}→{b} seed {seed} ({len(runs)} runs)"
+            for (a, b), seeds in self.runs.items()
+            for seed, runs in seeds.items()
+            if len(runs) > 1
+        ]
 
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """One line of the results table: ID and OOD means per metric, and the cells they lack."""
+    """One line of the results table: ID and OOD per metric over seeds, and the cells they lack."""
 
-    decoder: str
-    feature: str
-    id: dict[str, float | None]
-    ood: dict[str, float | None]
+    matrix: Matrix
+    id: dict[str, Stat]
+    ood: dict[str, Stat]
     missing: dict[str, list[Cell]]
     n_runs: int
+
+    @property
+    def decoder(self) -> str:
+        return self.matrix.decoder
+
+    @property
+    def feature(self) -> str:
+        return self.matrix.feature
 
     @property
     def complete(self) -> bool:
@@ -140,8 +239,8 @@ class ReportPaths:
     summary_csv: Path
     cells_csv: Path
     missing_csv: Path
-    matrix_csvs: dict[ConfigKey, Path]
-    loo_csvs: dict[ConfigKey, Path]
+    matrix_csvs: dict[Settings, Path]
+    loo_csvs: dict[Settings, Path]
     comparison_csv: Path | None
     figures: list[Path]
     n_runs: int
@@ -195,34 +294,60 @@ def _read_run(run_dir: Path) -> RunResult | MissingRun:
     }
     if not any(scores.values()):
         return MissingRun(run_dir, "metrics.json has no test scores")
-    return RunResult(run_dir, config["decoder"], config["feature"], config["split"], config["subset"], scores)
+    subsets = config.get("subsets")
+    return RunResult(
+        run_dir,
+        read_settings(run_dir, data),
+        config["split"],
+        config["subset"],
+        scores,
+        seed=config.get("seed"),
+        subsets=tuple(str(s) for s in subsets) if isinstance(subsets, list) else (),
+        version=config.get("deeploc_version"),
+        epochs=data.get("epochs") if isinstance(data.get("epochs"), int) else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- tables
 
 
-def build_matrices(runs: Iterable[RunResult], split: str = "cross") -> dict[ConfigKey, Matrix]:
-    """One Matrix per (decoder, feature), in the study's order.
+def in_family(run: RunResult, split: str) -> bool:
+    """Whether `run` feeds the matrices of `split` ("cross": cross and in_domain runs; "leave_one_out")."""
+    return (run.split == LOO) == (split == LOO)
+
+
+def build_matrices(runs: Iterable[RunResult], split: str = "cross") -> dict[Settings, Matrix]:
+    """One Matrix per configuration (Settings), in the study's order.
 
     split="cross" uses cross and in_domain runs (rows = training subset); split="leave_one_out" uses the
-    leave-one-out runs (rows = held-out subset). Every matrix spans all subsets seen in those runs.
+    leave-one-out runs (rows = held-out subset). Every matrix spans all subsets seen in those runs, in the runs'
+    data.subsets order. Matrices are labelled by the settings that differ between them.
     """
-    family = [r for r in runs if (r.split == LOO) == (split == LOO)]
-    subsets = _ordered_subsets({r.subset for r in family} | {t for r in family for t in r.test})
-    matrices: dict[ConfigKey, Matrix] = {}
+    family = [r for r in runs if in_family(r, split)]
+    subsets = subset_order(family)
+    label_keys = tuple(varying_keys([r.settings for r in family]))
+    matrices: dict[Settings, Matrix] = {}
     for run in family:
-        matrices.setdefault(run.key, Matrix(run.decoder, run.feature, split, subsets)).add(run)
-    return dict(sorted(matrices.items(), key=lambda item: _config_order(item[0])))
+        if run.settings not in matrices:
+            matrices[run.settings] = Matrix(run.decoder, run.feature, split, subsets, run.settings, label_keys)
+        matrices[run.settings].add(run)
+    return dict(sorted(matrices.items(), key=lambda item: (_config_order(item[1]), sort_key(item[0]))))
 
 
-def summary_table(matrices: dict[ConfigKey, Matrix]) -> list[SummaryRow]:
-    """ID and OOD means of every metric per configuration, with the expected cells each mean lacks."""
+def subset_order(runs: Sequence[RunResult]) -> list[str]:
+    """The subsets the runs used, ordered as their data.subsets (first run first); unlisted ones after them."""
+    used = {r.subset for r in runs} | {t for r in runs for t in r.test}
+    listed = [s for s in dict.fromkeys(s for r in runs for s in r.subsets) if s in used]
+    return listed + _ordered_subsets(used - set(listed))
+
+
+def summary_table(matrices: dict[Settings, Matrix]) -> list[SummaryRow]:
+    """ID and OOD of every metric per configuration, with the expected cells each lacks."""
     return [
         SummaryRow(
-            m.decoder,
-            m.feature,
-            id={k: m.id_mean(k) for k in METRICS},
-            ood={k: m.ood_mean(k) for k in METRICS},
+            m,
+            id={k: m.id_stat(k) for k in METRICS},
+            ood={k: m.ood_stat(k) for k in METRICS},
             missing={k: m.missing(k) for k in METRICS},
             n_runs=len(m.paths),
         )
@@ -231,28 +356,46 @@ def summary_table(matrices: dict[ConfigKey, Matrix]) -> list[SummaryRow]:
 
 
 @dataclass(frozen=True)
+class ComparisonRow:
+    """Our ID / OOD IoU of one configuration beside the study's, and how its setup differs from the study's."""
+
+    matrix: Matrix
+    id: float | None
+    id_study: float | None
+    ood: float | None
+    ood_study: float | None
+    complete: bool
+    gaps: list[str]  # empty = comparable
+
+    @property
+    def comparable(self) -> bool:
+        return not self.gaps
+
+
+@dataclass(frozen=True)
 class StudyComparison:
     """Our ID / OOD IoU next to the study's, recomputed over the same subsets; `rows` empty when not applicable."""
 
     applies: bool
     note: str
-    rows: list[tuple[str, str, float | None, float | None, float | None, float | None, bool]]  # ..., complete
+    rows: list[ComparisonRow]
 
 
-def study_matrix(key: ConfigKey, split: str = "cross") -> Matrix | None:
+def study_matrix(decoder: str, feature: str, split: str = "cross") -> Matrix | None:
     """The study's published IoU matrix of one configuration (None when the study did not run it)."""
     data = json.loads(resources.files("deeploc").joinpath("resources/study_results.json").read_text("utf-8"))
-    table = data[split].get(f"{key[0]}/{key[1]}")
+    table = data[split].get(f"{decoder}/{feature}")
     if table is None:
         return None
-    matrix = Matrix(key[0], key[1], split, _ordered_subsets(table), cross=split != LOO)
-    matrix.runs = {(a, b): [{"iou": v}] for a, row in table.items() for b, v in row.items()}
+    matrix = Matrix(decoder, feature, split, _ordered_subsets(table), cross=split != LOO)
+    matrix.runs = {(a, b): {None: [{"iou": v}]} for a, row in table.items() for b, v in row.items()}
     return matrix
 
 
-def study_comparison(matrices: dict[ConfigKey, Matrix], split: str = "cross") -> StudyComparison:
-    """Our ID / OOD IoU per configuration beside the study's, when the subsets are Dolos's."""
-    subsets = sorted({s for m in matrices.values() for s in m.subsets})
+def study_comparison(matrices: dict[Settings, Matrix], split: str = "cross") -> StudyComparison:
+    """Our ID / OOD IoU per configuration beside the study's when the subsets are Dolos's, with the differences
+    between each configuration's setup and the study's (random weights, another encoder, input size, ...)."""
+    subsets = list(dict.fromkeys(s for m in matrices.values() for s in m.subsets))
     foreign = [s for s in subsets if s not in DOLOS_SUBSETS]
     if foreign or not subsets:
         note = (
@@ -261,18 +404,22 @@ def study_comparison(matrices: dict[ConfigKey, Matrix], split: str = "cross") ->
         )
         return StudyComparison(False, note, [])
     rows = []
-    for key, ours in matrices.items():
-        theirs = study_matrix(key, split)
+    for ours in matrices.values():
+        theirs = study_matrix(ours.decoder, ours.feature, split)
         if theirs is not None:
             theirs.subsets = ours.subsets
+        gaps = study_gaps(ours.settings, split) if ours.settings is not None else []
+        if theirs is None:
+            gaps = [*gaps, "the study did not run this configuration"]
         rows.append(
-            (
-                *key,
+            ComparisonRow(
+                ours,
                 ours.id_mean(),
                 theirs.id_mean() if theirs else None,
                 ours.ood_mean(),
                 theirs.ood_mean() if theirs else None,
                 not ours.missing(),
+                gaps,
             )
         )
     note = STUDY_NOTE
@@ -287,8 +434,12 @@ def study_comparison(matrices: dict[ConfigKey, Matrix], split: str = "cross") ->
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compare_study: bool = False) -> ReportPaths:
     """Collect the sweep and write CSV tables, Markdown (summary.md, matrices.md, report.md) and PNG figures.
 
-    `out_dir` defaults to `<sweep_dir>/report`. With `compare_study`, the study's ID / OOD go beside ours.
+    `out_dir` defaults to `<sweep_dir>/report`. With `compare_study`, the study's ID / OOD go beside ours in the
+    tables, each row saying whether its setup is comparable with the study's. The ID-vs-OOD chart always draws the
+    study's values beside the comparable rows, and says why for the others.
     """
+    from deeploc import report_figures
+
     sweep = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -296,37 +447,25 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compa
     cross, loo = build_matrices(runs, "cross"), build_matrices(runs, LOO)
     rows = summary_table(cross)
 
-    header = ["decoder", "feature"] + [f"{w}_{k}" for k in METRICS for w in ("id", "ood")]
-    _write_csv(
-        out / "summary.csv",
-        [*header, "complete", "missing_cells", "n_runs"],
-        [[r.decoder, r.feature, *_means(r), r.complete, _missing_text(r.missing), r.n_runs] for r in rows],
-    )
-    _write_csv(
-        out / "cells.csv",
-        ["decoder", "feature", "split", "row_subset", "test_subset", *METRICS, "n_runs"],
-        [
-            [*m.key, m.split, a, b, *(_num(m.value(a, b, k)) for k in METRICS), len(m.runs[(a, b)])]
-            for m in [*cross.values(), *loo.values()]
-            for a in m.subsets
-            for b in m.subsets
-            if (a, b) in m.runs
-        ],
-    )
+    _write_csv(out / "summary.csv", *_summary_csv(rows))
+    _write_csv(out / "cells.csv", *_cells_csv([*cross.values(), *loo.values()]))
     _write_csv(out / "missing_runs.csv", ["path", "reason"], [[_rel(r.path, sweep), r.reason] for r in missing])
     matrix_csvs = {k: _write_matrix_csv(m, out / f"matrix_{_slug(m)}.csv") for k, m in cross.items()}
     loo_csvs = {k: _write_matrix_csv(m, out / f"loo_matrix_{_slug(m)}.csv") for k, m in loo.items()}
 
     comparisons = [(s, study_comparison(ms, s)) for s, ms in (("cross", cross), (LOO, loo)) if ms]
-    comparison_rows = [[s, *row] for s, c in comparisons for row in c.rows] if compare_study else []
-    comparison_csv = out / "comparison.csv" if comparison_rows else None
-    if comparison_csv:
-        columns = ["split", "decoder", "feature", "id_iou", "id_iou_study", "ood_iou", "ood_iou_study", "complete"]
-        _write_csv(comparison_csv, columns, _nums(comparison_rows))
+    comparison_rows = [(s, row) for s, c in comparisons for row in c.rows] if compare_study else []
+    comparison_csv = _write_csv(out / "comparison.csv", *_comparison_csv(comparison_rows)) if comparison_rows else None
 
-    summary = "## Results (means over test images, %)\n\n" + (_summary_md(rows) if rows else "No results.")
+    summary = "## Results (means over test images, %)\n\n" + (
+        _summary_md(rows, _label_keys(cross)) if rows else "No results."
+    )
     matrices_md = "\n\n".join(_matrix_md(m) for m in cross.values())
-    sections = [f"# deeploc report: {sweep}\n\n{len(runs)} finished runs, {len(missing)} missing or failed.", summary]
+    sections = [
+        f"# deeploc report: {sweep}\n\n{len(runs)} finished runs, {len(missing)} missing or failed.",
+        _provenance_md(runs),
+        summary,
+    ]
     if compare_study:
         sections.append(_comparison_md(comparisons))
     if matrices_md:
@@ -336,22 +475,24 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compa
     if missing:
         listing = _md_table(["run", "reason"], [[_rel(r.path, sweep), r.reason] for r in missing])
         sections.append("## Missing or failed runs\n\n" + listing)
-    averaged = [
-        f"{m.label} {a}→{b} ({len(v)} runs)"
-        for m in [*cross.values(), *loo.values()]
-        for (a, b), v in m.runs.items()
-        if len(v) > 1
-    ]
-    if averaged:
-        sections.append("Cells averaged over several runs: " + ", ".join(averaged) + ".")
+    duplicates = [f"{m.label} {d}" for m in [*cross.values(), *loo.values()] for d in m.duplicates()]
+    if duplicates:
+        sections.append(
+            "Cells with several runs of the same seed (averaged, counted as one seed): " + ", ".join(duplicates) + "."
+        )
     (out / "summary.md").write_text(summary + "\n", encoding="utf-8")
     (out / "matrices.md").write_text((matrices_md or "No matrices.") + "\n", encoding="utf-8")
     (out / "report.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
 
-    figures = [_heatmap(m, out / f"heatmap_{_slug(m)}.png") for m in cross.values()]
-    figures += [_heatmap(m, out / f"heatmap_loo_{_slug(m)}.png") for m in loo.values()]
+    figures = [
+        report_figures.save(report_figures.heatmap_figure(m, heatmap_caption(m)), out / f"{prefix}{_slug(m)}.png")
+        for prefix, ms in (("heatmap_", cross), ("heatmap_loo_", loo))
+        for m in ms.values()
+    ]
     if rows:
-        figures.append(_bar_chart(rows, out / "id_ood.png"))
+        study, note = study_bars(dict(comparisons)["cross"])
+        figure = report_figures.id_ood_figure(rows, study, note, bar_caption(rows, runs))
+        figures.append(report_figures.save(figure, out / "id_ood.png"))
     return ReportPaths(
         out_dir=out,
         report_md=out / "report.md",
@@ -393,6 +534,82 @@ def log_wandb(paths: ReportPaths, project: str | None = None) -> Path:
     return run_dir
 
 
+# ---------------------------------------------------------------------------------------------------- provenance
+
+FAMILY_TITLES = {"cross": "matrix runs (cross, in_domain)", LOO: "leave-one-out runs"}
+
+
+def _provenance_md(runs: list[RunResult]) -> str:
+    """A table of what produced the numbers, one column per split family: each setting's value, or how it varies."""
+    families = [(s, [r for r in runs if in_family(r, s)]) for s in ("cross", LOO)]
+    families = [(s, f) for s, f in families if f]
+    if not families:
+        return "## Provenance\n\nNo finished run."
+    body = [[LABELS[k], *(common_value([r.settings for r in f], k) for _, f in families)] for k in OTHER_KEYS]
+    body += [
+        ["subsets (data.subsets order)", *(", ".join(subset_order(f)) for _, f in families)],
+        ["seeds", *(_values([r.seed for r in f]) for _, f in families)],
+        ["epochs trained", *(_values([r.epochs for r in f]) for _, f in families)],
+        ["deeploc (runs)", *(version_text([r.version for r in f]) for _, f in families)],
+    ]
+    table = _md_table(["setting", *(FAMILY_TITLES[s] for s, _ in families)], body)
+    return (
+        f"## Provenance\n\n{table}\n\nReport written by deeploc {__version__}. Runs that differ in any setting "
+        "other than the seed are never averaged: a setting that varies is a column of the tables below, naming "
+        "each configuration. Generated data are identified by their parameters, real data by their root folder."
+    )
+
+
+def _values(values: Iterable[Any]) -> str:
+    shown = sorted({"not recorded" if v is None else str(v) for v in values}, key=_natural)
+    return ", ".join(shown)
+
+
+def _natural(text: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+def heatmap_caption(m: Matrix) -> str:
+    """The legend of a heatmap's marks, then what produced its numbers."""
+    if m.split == LOO:
+        legend = "Outlined: the held-out subset's own test split (never trained on). Rows: held-out subset."
+    else:
+        legend = "Outlined: in-domain cells (tested on the training subset). Rows: training subset."
+    legend += " * = incomplete matrix: means over the available cells only; — = no run."
+    seeds = m.seeds()
+    if seeds.n_max > 1:
+        legend += f" Values: mean ± std over seeds ({seeds.seeds} seeds per cell)."
+    settings = [m.settings] if m.settings is not None else []
+    return f"{legend}\n{caption(settings, m.versions)}"
+
+
+def bar_caption(rows: list[SummaryRow], runs: list[RunResult]) -> str:
+    """The legend of the ID-vs-OOD chart's marks, then what produced its numbers."""
+    legend = "* = incomplete matrix: means over the available cells only."
+    if any(r.matrix.seeds().n_max > 1 for r in rows):
+        legend += " Error bars: std over seeds, where every cell has the same seeds."
+    family = [r for r in runs if in_family(r, "cross")]
+    return f"{legend}\n{caption([r.settings for r in family], [r.version for r in family])}"
+
+
+def study_bars(comparison: StudyComparison) -> tuple[list[tuple[float | None, float | None] | None], str]:
+    """The study's (ID, OOD) per row where comparable, else None; and a note saying which values are drawn and why
+    the others are not."""
+    if not comparison.applies:
+        return [], f"Study values not drawn: {comparison.note}"
+    bars = [(r.id_study, r.ood_study) if r.comparable else None for r in comparison.rows]
+    why: dict[str, list[str]] = {}
+    for r in comparison.rows:
+        if not r.comparable:
+            why.setdefault("; ".join(r.gaps), []).append(r.matrix.label)
+    parts = ["Hatched bars: the study's values over the same subsets."] if any(bars) else []
+    if why:
+        everywhere = len(why) == 1 and len(next(iter(why.values()))) == len(comparison.rows)
+        reasons = list(why) if everywhere else [f"{', '.join(labels)}: {reason}" for reason, labels in why.items()]
+        parts.append("Study values not drawn (not comparable): " + " | ".join(reasons))
+    return bars, " ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
@@ -400,25 +617,28 @@ def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return fmean(present) if present else None
-
-
 def _ordered_subsets(names: Iterable[str]) -> list[str]:
     """Dolos subsets in the protocol's order, then any others alphabetically."""
     return sorted(names, key=lambda s: (DOLOS_SUBSETS.index(s) if s in DOLOS_SUBSETS else len(DOLOS_SUBSETS), s))
 
 
-def _config_order(key: ConfigKey) -> tuple[int, str, int, str]:
-    decoder, feature = key
-    digits = re.findall(r"\d+", decoder)
-    rank = list(FEATURES).index(feature) if feature in FEATURES else len(FEATURES)
-    return (rank, feature, int(digits[0]) if digits else 0, decoder)
+def _config_order(m: Matrix) -> tuple[int, str, int, str]:
+    digits = re.findall(r"\d+", m.decoder)
+    rank = list(FEATURES).index(m.feature) if m.feature in FEATURES else len(FEATURES)
+    return (rank, m.feature, int(digits[0]) if digits else 0, m.decoder)
+
+
+def _label_keys(matrices: dict[Settings, Matrix]) -> tuple[str, ...]:
+    return next(iter(matrices.values())).label_keys if matrices else ()
 
 
 def _slug(m: Matrix) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{m.decoder}_{m.feature}")
+    """A file-name part: decoder_feature, then the distinguishing settings (shortened with a digest when long)."""
+    text = f"{m.decoder}_{m.feature}" + (f"_{m.variant}" if m.label_keys else "")
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")
+    if len(slug) > 80:
+        slug = f"{slug[:70]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return slug
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -429,17 +649,29 @@ def _num(v: float | None) -> float | str:
     return "" if v is None else round(v, 4)
 
 
-def _nums(rows: list[list]) -> list[list]:
-    return [[_num(v) if v is None or isinstance(v, float) else v for v in row] for row in rows]
+def _settings_cells(m: Matrix) -> list[str]:
+    """decoder, feature and every other setting of a matrix, as printed."""
+    assert m.settings is not None
+    return [m.decoder, m.feature, *(m.settings.show(k) for k in OTHER_KEYS)]
 
 
-def _means(r: SummaryRow) -> list[float | str]:
-    """ID and OOD of each metric, in the summary's column order."""
-    return [_num(d[k]) for k in METRICS for d in (r.id, r.ood)]
+def _stats(r: SummaryRow) -> list[float | str]:
+    """Mean and std of ID and OOD of each metric, in the summary's column order."""
+    return [_num(getattr(d[k], a)) for k in METRICS for d in (r.id, r.ood) for a in ("mean", "std")]
 
 
 def _fmt(v: float | None, incomplete: bool = False) -> str:
     return "—" if v is None else f"{v:.2f}" + ("*" if incomplete else "")
+
+
+def _fmt_stat(s: Stat, incomplete: bool = False, with_n: bool = False) -> str:
+    """A value as `62.50` or `62.50 ± 1.00`, `(n=3)` added when asked and several seeds; `*` = incomplete matrix."""
+    if s.mean is None:
+        return "—"
+    text = f"{s.mean:.2f}" + ("" if s.std is None else f" ± {s.std:.2f}")
+    if with_n and s.n_max > 1:
+        text += f" (n={s.seeds})"
+    return text + ("*" if incomplete else "")
 
 
 def _cells(cells: list[Cell]) -> str:
@@ -461,6 +693,42 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
+def _summary_csv(rows: list[SummaryRow]) -> tuple[list[str], list[list]]:
+    """summary.csv: every setting, then mean and std of ID and OOD per metric, seeds per cell, completeness."""
+    stats = [f"{w}_{k}{s}" for k in METRICS for w in ("id", "ood") for s in ("", "_std")]
+    header = ["decoder", "feature", *OTHER_KEYS, *stats, "seeds", "complete", "missing_cells", "n_runs"]
+    body = [
+        [*_settings_cells(r.matrix), *_stats(r), r.matrix.seeds().seeds, r.complete, _missing_text(r.missing), r.n_runs]
+        for r in rows
+    ]
+    return header, body
+
+
+def _cells_csv(matrices: list[Matrix]) -> tuple[list[str], list[list]]:
+    """cells.csv: one line per filled cell of every matrix, mean and std over seeds per metric."""
+    header = ["decoder", "feature", *OTHER_KEYS, "split", "row_subset", "test_subset", *METRICS]
+    header += [*(f"{k}_std" for k in METRICS), "seeds", "n_runs"]
+    body = [_cell_line(m, a, b) for m in matrices for a in m.subsets for b in m.subsets if (a, b) in m.runs]
+    return header, body
+
+
+def _cell_line(m: Matrix, row: str, test: str) -> list:
+    stats = [m.cell(row, test, k) for k in METRICS]
+    n_runs = sum(map(len, m.runs[row, test].values()))
+    means, stds = [_num(s.mean) for s in stats], [_num(s.std) for s in stats]
+    return [*_settings_cells(m), m.split, row, test, *means, *stds, stats[0].seeds, n_runs]
+
+
+def _comparison_csv(rows: list[tuple[str, ComparisonRow]]) -> tuple[list[str], list[list]]:
+    """comparison.csv: our ID / OOD IoU beside the study's, and whether the setups are comparable."""
+    header = ["split", "decoder", "feature", *OTHER_KEYS, "id_iou", "id_iou_study", "ood_iou", "ood_iou_study"]
+    header += ["complete", "comparable", "differences_from_study"]
+    values = [[_num(v) for v in (r.id, r.id_study, r.ood, r.ood_study)] for _, r in rows]
+    flags = [[r.complete, r.comparable, "; ".join(r.gaps)] for _, r in rows]
+    body = [[split, *_settings_cells(r.matrix), *v, *f] for (split, r), v, f in zip(rows, values, flags)]
+    return header, body
+
+
 def _write_matrix_csv(m: Matrix, path: Path) -> Path:
     corner = "held_out\\test" if m.split == LOO else "train\\test"
     rows = [[a, *(_num(m.value(a, b)) for b in m.subsets)] for a in m.subsets]
@@ -472,30 +740,35 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |" for line in lines)
 
 
-def _summary_md(rows: list[SummaryRow]) -> str:
-    header = ["decoder", "feature"] + [f"{w} {METRIC_LABELS[k]}" for k in METRICS for w in ("ID", "OOD")]
+def _summary_md(rows: list[SummaryRow], keys: tuple[str, ...]) -> str:
+    header = ["decoder", "feature", *(LABELS[k] for k in keys)]
+    header += [f"{w} {METRIC_LABELS[k]}" for k in METRICS for w in ("ID", "OOD")] + ["seeds"]
     body = [
-        [r.decoder, r.feature, *(_fmt(d[k], bool(r.missing[k])) for k in METRICS for d in (r.id, r.ood))] for r in rows
+        [r.decoder, r.feature, *(r.matrix.settings.show(k) for k in keys)]  # type: ignore[union-attr]
+        + [_fmt_stat(d[k], bool(r.missing[k])) for k in METRICS for d in (r.id, r.ood)]
+        + [r.matrix.seeds().seeds]
+        for r in rows
     ]
-    notes = [f"- {r.decoder}/{r.feature}: missing {_missing_text(r.missing)}" for r in rows if not r.complete]
+    notes = [f"- {r.matrix.label}: missing {_missing_text(r.missing)}" for r in rows if not r.complete]
     if notes:
         notes.insert(0, "\n\\* incomplete matrix: mean of the available cells only. Missing cells (train→test):")
+    if any(r.matrix.seeds().n_max > 1 for r in rows):
+        notes.append("\n" + SEED_NOTE)
     return _md_table(header, body) + "\n".join(["", *notes])
 
 
 def _matrix_md(m: Matrix) -> str:
     corner = "held-out \\ test" if m.split == LOO else "train \\ test"
-    body = [
-        [a, *(f"**{_fmt(m.value(a, b))}**" if a == b else _fmt(m.value(a, b)) for b in m.subsets)] for a in m.subsets
-    ]
+    text = {(a, b): _fmt_stat(m.cell(a, b), with_n=True) for a in m.subsets for b in m.subsets}
+    body = [[a, *(f"**{text[a, b]}**" if a == b else text[a, b] for b in m.subsets)] for a in m.subsets]
     return f"### {m.label}\n\n" + _md_table([corner, *m.subsets], body)
 
 
-def _loo_md(loo: dict[ConfigKey, Matrix]) -> str:
+def _loo_md(loo: dict[Settings, Matrix]) -> str:
     text = ["## Leave-one-out (rows: held-out subset, columns: test subset; IoU)"]
     for m in loo.values():
         gaps = m.missing()
-        mean = _fmt(m.id_mean(), bool(gaps))
+        mean = _fmt_stat(m.id_stat(), bool(gaps), with_n=True)
         text.append(f"{_matrix_md(m)}\n\nHeld-out mean IoU: {mean}")
         if gaps:
             text[-1] += f" (\\* missing held-out cells: {', '.join(a for a, _ in gaps)})"
@@ -505,81 +778,43 @@ def _loo_md(loo: dict[ConfigKey, Matrix]) -> str:
 def _comparison_md(comparisons: list[tuple[str, StudyComparison]]) -> str:
     text = ["## Comparison with the study (IoU, %)"]
     for split, c in comparisons:
-        if c.applies:
-            first, second = ("held-out", "seen") if split == LOO else ("ID", "OOD")
-            header = ["decoder", "feature", first, f"{first} (study)", f"Δ {first}"]
-            header += [second, f"{second} (study)", f"Δ {second}"]
-            body = [
-                [dec, feat, _fmt(i, not ok), _fmt(i_s), _delta(i, i_s), _fmt(o, not ok), _fmt(o_s), _delta(o, o_s)]
-                for dec, feat, i, i_s, o, o_s, ok in c.rows
-            ]
-            text.append(f"### {split}\n\n" + _md_table(header, body))
+        if not c.applies:
+            continue
+        keys = _label_keys({r.matrix.settings: r.matrix for r in c.rows})  # type: ignore[misc]
+        first, second = ("held-out", "seen") if split == LOO else ("ID", "OOD")
+        header = ["decoder", "feature", *(LABELS[k] for k in keys), first, f"{first} (study)", f"Δ {first}"]
+        header += [second, f"{second} (study)", f"Δ {second}", "comparable with the study"]
+        body = [_comparison_line(r, keys) for r in c.rows]
+        section = f"### {split}\n\n"
+        if not all(r.comparable for r in c.rows):
+            section += (
+                "**⚠ Rows marked NO are NOT comparable with the study: their setup differs from it (last column); "
+                "the Δ columns then measure that difference, not a reproduction gap.**\n\n"
+            )
+        text.append(section + _md_table(header, body))
     text += list(dict.fromkeys(c.note for _, c in comparisons)) or ["No results to compare."]
     return "\n\n".join(text)
 
 
+def _comparison_line(r: ComparisonRow, keys: tuple[str, ...]) -> list[str]:
+    """A comparison table row; its last column says loudly when the setup is not the study's."""
+    m = r.matrix
+    settings = [m.settings.show(k) for k in keys] if m.settings is not None else []
+    ours_id, ours_ood = _fmt_stat(m.id_stat(), not r.complete), _fmt_stat(m.ood_stat(), not r.complete)
+    comparable = "yes" if r.comparable else f"**NO**: {'; '.join(r.gaps)}"
+    ours = [
+        ours_id,
+        _fmt(r.id_study),
+        _delta(r.id, r.id_study),
+        ours_ood,
+        _fmt(r.ood_study),
+        _delta(r.ood, r.ood_study),
+    ]
+    return [m.decoder, m.feature, *settings, *ours, comparable]
+
+
 def _delta(ours: float | None, theirs: float | None) -> str:
     return "—" if ours is None or theirs is None else f"{ours - theirs:+.2f}"
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _heatmap(m: Matrix, path: Path) -> Path:
-    """Annotated IoU heatmap of one matrix; missing cells grey with a dash."""
-    import matplotlib
-    import numpy as np
-
-    n = len(m.subsets)
-    values = np.array([[m.value(a, b) if m.value(a, b) is not None else np.nan for b in m.subsets] for a in m.subsets])
-    fig = _figure(2.5 + 1.3 * n, 1.8 + 1.1 * n)
-    ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100)
-    for i in range(n):
-        for j in range(n):
-            v = values[i, j]
-            text, colour = ("—", "black") if np.isnan(v) else (f"{v:.1f}", "white" if v < 60 else "black")
-            ax.text(j, i, text, ha="center", va="center", color=colour)
-    ax.set_xticks(range(n), labels=m.subsets, rotation=30, ha="right")
-    ax.set_yticks(range(n), labels=m.subsets)
-    ax.set_xlabel("test subset")
-    ax.set_ylabel("held-out subset" if m.split == LOO else "training subset")
-    first, second = ("held-out", "seen") if m.split == LOO else ("ID", "OOD")
-    incomplete = "*" if m.missing() else ""
-    ax.set_title(f"{m.label}{incomplete}\n{first} {_fmt(m.id_mean())}  {second} {_fmt(m.ood_mean())}")
-    fig.colorbar(image, ax=ax, label="IoU (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def _bar_chart(rows: list[SummaryRow], path: Path) -> Path:
-    """Grouped bars of ID and OOD IoU per configuration (* = incomplete matrix)."""
-    import numpy as np
-
-    x = np.arange(len(rows))
-    fig = _figure(2.0 + 1.4 * len(rows), 4.5)
-    ax = fig.add_subplot()
-    for offset, name, values in ((-0.2, "ID", [r.id["iou"] for r in rows]), (0.2, "OOD", [r.ood["iou"] for r in rows])):
-        heights = [np.nan if v is None else v for v in values]
-        bars = ax.bar(x + offset, heights, 0.4, label=name)
-        ax.bar_label(bars, labels=["—" if v is None else f"{v:.1f}" for v in values], fontsize=8)
-    labels = [f"{r.decoder}\n{r.feature}{'' if r.complete else '*'}" for r in rows]
-    ax.set_xticks(x, labels=labels, fontsize=8)
-    ax.set_ylabel("mean IoU (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("In-domain vs out-of-domain IoU")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def _wandb_table(wandb_module, path: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -46,17 +47,49 @@ class RunDir:
         metrics = self.read_metrics()
         return bool(metrics and metrics.get("status") == "finished")
 
+    def checkpoint_digests(self) -> dict[str, str]:
+        """``sha256:<hex>`` of the best and last checkpoints, keyed by their path in the run (for metrics.json):
+        a later tool that loads the run's checkpoint can tell that it is still the one the run finished with."""
+        from deeploc.models.encoder import file_digest
+
+        return {
+            path.relative_to(self.path).as_posix(): f"sha256:{file_digest(path)}"
+            for path in (self.best_checkpoint, self.last_checkpoint)
+            if path.is_file()
+        }
+
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         """Write metrics.json atomically (a reader never sees half a file)."""
         return write_json_atomic(self.metrics_file, metrics)
 
 
 def write_json_atomic(path: Path, payload: Any) -> Path:
-    """Write JSON through a temporary file in the same folder and rename it into place."""
+    """Write strict JSON through a temporary file in the same folder and rename it into place.
+
+    NaN and +-inf (an undefined score, e.g. trufor's AP when every mask is empty) become ``null``: JSON has no
+    such numbers, and strict readers (jq, JavaScript, many JSON libraries) reject Python's bare ``NaN``. The
+    counts of undefined cases next to the means say why a value is null. On any error nothing is replaced
+    and no temporary file stays behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_finite_or_null(payload), handle, indent=2, sort_keys=False, allow_nan=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def _finite_or_null(value: Any) -> Any:
+    """A copy of a JSON-like value with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value

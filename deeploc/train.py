@@ -1,12 +1,23 @@
 """`deeploc-train`: compose conf/, train one decoder, test it on every test subset, write the run's results.
 
-Run directories are derived from the overrides, so re-running a command finds its earlier work: a finished run
-is skipped (``if_finished=eval`` re-tests its best checkpoint, ``retrain`` starts over in place) and an
-interrupted one resumes from ``checkpoints/last.ckpt``.
+Run directories are derived from the overrides (:mod:`deeploc.naming`), so re-running a command finds its earlier
+work: a finished run is skipped (``if_finished=eval`` re-tests its best checkpoint, ``retrain`` starts over in
+place) and an interrupted one resumes from ``checkpoints/last.ckpt``.
+
+* Settings are checked before any work (:mod:`deeploc.settings`).
+* One process at a time works in a run directory: it holds ``<run>/.lock`` (``fcntl.flock``, released by the
+  kernel when the process ends, however it ends); a second command on the same directory is refused, naming the
+  first one's pid.
+* ``metrics.json`` is written last: a run directory without it is unfinished, whatever else it holds, and the next
+  run resumes from its checkpoint or starts from scratch.
+* ``trainer.fast_dev_run`` runs a debug pass and writes no checkpoint, metrics.json or overlays.
+* The value returned to Hydra (for sweepers such as Optuna) is the best validation value of ``optimized_metric``
+  over the run, never a test score.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import warnings
@@ -17,19 +28,31 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
+from deeploc.callbacks import BestValidation
+from deeploc.checkpointing import checkpoint_step
+from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR, to_primitive
+from deeploc.errors import ConfigError, deeploc_error
+from deeploc.export import check_checkpoint_digest
+from deeploc.metrics import recorded_convention
+from deeploc.monitoring import build_loggers, continue_history
+from deeploc.naming import changed_inputs
 from deeploc.runs import RunDir
+from deeploc.settings import OPTIMIZED_METRICS, check_choices, check_config
 
 log = logging.getLogger("deeploc.train")
 
 # The frozen SAM2 encoder stays in eval mode on purpose (module.py); Lightning would warn about it on every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
-IF_FINISHED = ("skip", "eval", "retrain")
+RUN_LOCK = ".lock"
+RESOLVED_CONFIG = "config_resolved.yaml"
 
 
 def run_directory(cfg: DictConfig) -> RunDir:
@@ -84,12 +107,23 @@ def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning Trainer with the configured callbacks and loggers, plus deeploc.cluster's requeue-on-signal
-    callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md)."""
+    callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md), writing checkpoints
+    atomically in their own folder (deeploc.checkpointing)."""
     from deeploc import cluster
+    from deeploc.checkpointing import with_atomic_checkpoints
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, **cluster.trainer_extras(cfg.trainer, callbacks))
+    callbacks.append(BestValidation(OPTIMIZED_METRICS))
+    loggers = build_loggers(cfg.get("logger"))
+    extras = cluster.trainer_extras(cfg.trainer, callbacks)
+    extras["plugins"] = with_atomic_checkpoints(extras.get("plugins", []))
+    try:
+        trainer = instantiate(cfg.trainer, logger=loggers or False, **extras)
+    except InstantiationException as exc:
+        # Lightning's own checks of its arguments (precision, strategy, accelerator, devices available).
+        if isinstance(exc.__cause__, (MisconfigurationException, ValueError)):
+            raise ConfigError(f"Lightning refused the trainer settings (trainer.*): {exc.__cause__}") from exc
+        raise
     cluster.check_launch(trainer)
     return trainer
 
@@ -103,21 +137,50 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     return None if newest is None else str(newest)
 
 
-def summarise_config(cfg: DictConfig, data_root: Path) -> dict[str, Any]:
-    """The few keys that identify a run in tables (the full config is in .hydra/ and config_resolved.yaml)."""
+def summarise_config(cfg: DictConfig, datamodule: Any, model: Any) -> dict[str, Any]:
+    """What identifies a run in tables: every setting that changes its scores (deeploc.provenance reads them back)
+    and the data it used. The full config is in .hydra/ and config_resolved.yaml. Values are primitives."""
+    from deeploc import __version__
+
+    counts = datamodule.describe()
+    split = cfg.data.split
+    plateau = cfg.model.schedule == "plateau"
     return {
         "decoder": cfg.decoder.name,
         "depth": cfg.decoder.depth,
         "feature": cfg.feature.name,
-        "split": cfg.data.split.mode,
+        "split": split.mode,
         "subset": cfg.subset,
         "subsets": list(cfg.data.subsets),
         "encoder": cfg.encoder.config,
+        "encoder_overrides": to_primitive(cfg.encoder.overrides) or {},
         "encoder_weights": "random" if cfg.encoder.random_init else str(cfg.encoder.checkpoint),
+        # sha256 of the checkpoint or the random-weight seed, as the encoder computed it for its identity.
+        "weights": model.encoder.weights,
         "image_size": cfg.encoder.image_size,
-        "data": str(data_root),
+        "max_epochs": cfg.trainer.max_epochs,
+        "schedule": cfg.model.schedule,
+        "plateau": (
+            {"patience": cfg.model.plateau_patience, "factor": cfg.model.plateau_factor, "min_lr": cfg.model.min_lr}
+            if plateau
+            else None
+        ),
+        "lr": cfg.model.lr,
+        "weight_decay": cfg.model.weight_decay,
+        "batch_size": cfg.data.batch_size,
+        "precision": str(cfg.trainer.precision),
+        "augment": to_primitive(cfg.data.get("augment")),
+        "n_train": counts["n_train"],
+        "n_valid": counts["n_valid"],
+        "split_n_train": split.get("n_train"),
+        "split_n_valid": split.get("n_valid"),
+        "split_seed": split.get("seed"),
+        "data": str(datamodule.data_root),
         "generated_data": cfg.data.get("synthetic") is not None,
+        "data_params": to_primitive(cfg.data.get("synthetic")),
+        "mask_polarity": cfg.data.get("mask_polarity", "black_is_manipulated"),
         "seed": cfg.seed,
+        "deeploc_version": __version__,
     }
 
 
@@ -142,30 +205,45 @@ def write_overlays(model: Any, datamodule: Any, run: RunDir, count: int) -> list
     return written
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Fail before any work on values the user still has to provide, naming the key and how to set it."""
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as exc:
-        raise ValueError(f"config value {exc.full_key} is not set: pass {exc.full_key}=...") from None
-    if cfg.data.get("root") is None and cfg.data.get("synthetic") is None:
-        raise ValueError(
-            "data.root is not set: pass data.root=/path/to/wacv_data (the unzipped Dolos folder) or set DOLOS_ROOT; "
-            "without Dolos, use data=synthetic"
-        )
-    if cfg.if_finished not in IF_FINISHED:
-        raise ValueError(f"if_finished={cfg.if_finished!r} must be one of {IF_FINISHED}")
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; returns the content of the run's metrics.json."""
+    from deeploc.cluster import is_first_process
+    from deeploc.locks import exclusive_or_fail
+
     check_config(cfg)
+    check_choices(HydraConfig.get())
     run = run_directory(cfg)
-    previous = run.read_metrics()
-    if run.finished and cfg.if_finished == "skip":
+    # Only the first process of a job locks: the other DDP ranks belong to the same run.
+    lock = (
+        exclusive_or_fail(
+            run.path / RUN_LOCK,
+            f"run directory {run.path}",
+            fix="wait for it to finish, or stop it; the same command then resumes the run",
+        )
+        if is_first_process()
+        else contextlib.nullcontext()
+    )
+    with lock:
+        return _train_in(run, cfg)
+
+
+def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
+    debug = bool(cfg.trainer.get("fast_dev_run"))
+    previous = None if debug else run.read_metrics()
+    if not debug:
+        check_run_inputs(run, cfg)
+    if run.finished and cfg.if_finished == "skip" and not debug:
         log.info("run %s already finished; skipping (if_finished=eval re-tests, =retrain starts over)", run.path)
+        if recorded_convention(previous) != cfg.metrics.convention:
+            log.warning(
+                "its scores were computed with metrics.convention=%s, not %s as asked; they are left as they are: "
+                "if_finished=eval re-tests its best checkpoint with %s",
+                recorded_convention(previous),
+                cfg.metrics.convention,
+                cfg.metrics.convention,
+            )
         return previous
-    if cfg.if_finished == "retrain" and run.finished:
+    if cfg.if_finished == "retrain" and run.finished and not debug:
         # Only a finished run starts over; an interrupted (e.g. requeued) retrain resumes like any other run.
         shutil.rmtree(run.checkpoints, ignore_errors=True)
         for stale in run.path.glob("hpc_ckpt_*.ckpt"):
@@ -174,15 +252,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     L.seed_everything(cfg.seed, workers=True)
     run.path.mkdir(parents=True, exist_ok=True)
-    (run.path / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    datamodule, model = build_components(cfg)
+    (run.path / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # The Trainer first: Lightning checks its settings before the data is indexed and features are extracted.
     trainer = build_trainer(cfg)
+    datamodule, model = build_components(cfg)
+    evaluate_only = run.finished and cfg.if_finished == "eval" and not debug
+    resume = None if evaluate_only or debug else resume_path(cfg, run)
+    if not evaluate_only:  # earlier attempts' logs are kept up to the step training continues from
+        continue_history(trainer.loggers, checkpoint_step(resume) if resume else 0)
     for logger in trainer.loggers:
         logger.log_hyperparams(to_primitive(cfg))
     try:
-        evaluate_only = run.finished and cfg.if_finished == "eval"
         if not evaluate_only:
-            resume = resume_path(cfg, run)
             if resume:
                 log.info("resuming from %s", resume)
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
@@ -190,37 +271,85 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 raise KeyboardInterrupt(
                     f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
                 )
+        if debug:
+            return _debug_results(cfg, trainer, model, datamodule)
         best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
+        if evaluate_only:  # the decoder/encoder fit is checked when Lightning loads it (module.on_load_checkpoint)
+            check_checkpoint_digest(run.path, best)
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = {
-            "config": summarise_config(cfg, datamodule.data_root),
+            "config": summarise_config(cfg, datamodule, model),
+            "convention": model.hparams.metric_convention,
             "test": model.test_results,
             "best_checkpoint": str(best.relative_to(run.path)),
+            "checkpoint_sha256": run.checkpoint_digests(),
             "best_val_iou": previous["best_val_iou"] if evaluate_only else _best_score(trainer),
+            "best_val": previous.get("best_val", {}) if evaluate_only else _best_values(trainer),
             "epochs": previous["epochs"] if evaluate_only else trainer.current_epoch,
             "status": "finished",
         }
         if trainer.is_global_zero:
-            run.write_metrics(metrics)
             write_overlays(model, datamodule, run, cfg.overlays)
+            run.write_metrics(metrics)  # last: the mark of a finished run
             log.info("%s", format_results(metrics, run))
         return metrics
     finally:
         _finish_wandb()
 
 
+def check_run_inputs(run: RunDir, cfg: DictConfig) -> None:
+    """Refuse to continue or skip a run whose directory was made with another EXISTING dataset or checkpoint.
+
+    Run names keep only the last two components of a path (so a moved dataset keeps its runs): two folders with the
+    same last components would share a run directory. A run directory without results or checkpoints holds nothing
+    to reuse and is never refused.
+    """
+    from deeploc.cluster import checkpoint_candidates
+
+    earlier = run.path / RESOLVED_CONFIG
+    if not earlier.is_file() or not (run.metrics_file.exists() or checkpoint_candidates(run.path)):
+        return
+    moved, conflicts = changed_inputs(OmegaConf.load(earlier), cfg)
+    for line in moved:
+        log.info("the run's input was moved (%s): continuing the run", line)
+    if conflicts:
+        raise ConfigError(
+            f"run directory {run.path} holds a run made with {'; '.join(conflicts)}: both folders exist and have "
+            "the same last two path components, so they share a run name. Rename one of them, or give this command "
+            "its own directory: hydra.run.dir=/path/to/new/run (in a sweep: hydra.sweep.dir=...)"
+        )
+
+
+def _debug_results(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule: Any) -> dict[str, Any]:
+    """Test the in-memory model of a ``trainer.fast_dev_run`` pass; nothing is written (no checkpoint exists)."""
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    scores = ", ".join(f"{subset} {s['iou']:.2f}" for subset, s in model.test_results.items())
+    log.warning(
+        "fast_dev_run=%s: a debug pass (%s batch(es) per loop); nothing saved (no checkpoint, metrics.json or "
+        "overlays). Test IoU (%%): %s",
+        cfg.trainer.fast_dev_run, int(cfg.trainer.fast_dev_run), scores,
+    )  # fmt: skip
+    return {"test": model.test_results, "best_val": _best_values(trainer), "status": "fast_dev_run"}
+
+
 def format_results(metrics: dict[str, Any], run: RunDir) -> str:
-    """A console table of the test scores, with what produced them and where the artefacts are."""
+    """A console table of the test scores, each subset labelled by its role (in-domain / out-of-domain, or held
+    out / seen for leave-one-out), with what produced them and where the artefacts are."""
+    from deeploc.labels import subset_role, training_phrase
+
     config = metrics["config"]
+    split, subset = config["split"], config["subset"]
+    labels = {name: f"{name} ({subset_role(split, subset, name)})" for name in metrics["test"]}
+    width = max([len("test subset"), *map(len, labels.values())]) + 2
     lines = [
-        f"test results (%, mean over images) of CONV-{config['depth']} on {config['feature']}, "
-        f"{config['split']} split, trained on {config['subset']}:",
-        f"  {'test subset':<28}{'IoU':>8}{'F1':>8}{'F1 best':>9}{'AP':>8}{'images':>8}",
+        f"test results (%, mean over images) of CONV-{config['depth']} on {config['feature']}, {split} split, "
+        f"{training_phrase(split, subset, config.get('subsets'))}; metric convention "
+        f"{metrics.get('convention', 'trufor')}:",
+        f"  {'test subset':<{width}}{'IoU':>8}{'F1':>8}{'F1 best':>9}{'AP':>8}{'images':>8}",
     ]
-    for subset, scores in metrics["test"].items():
-        mark = " (in-domain)" if subset == config["subset"] else ""
+    for name, scores in metrics["test"].items():
         lines.append(
-            f"  {subset + mark:<28}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
+            f"  {labels[name]:<{width}}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
             f"{scores['ap']:8.2f}{scores['n_images']:8.0f}"
         )
     if config.get("generated_data"):
@@ -235,6 +364,23 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
         )
     lines.append(f"  results: {run.metrics_file}; overlays: {run.path / 'overlays'}; checkpoints: {run.checkpoints}")
     return "\n".join(lines)
+
+
+def _best_values(trainer: L.Trainer) -> dict[str, float]:
+    """The best value of each validation metric over the run (see :class:`deeploc.callbacks.BestValidation`)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, BestValidation):
+            return dict(callback.best)
+    return {}
+
+
+def best_validation_value(metrics: dict[str, Any] | None, metric: str) -> float | None:
+    """The best validation value of ``metric`` recorded in a run's metrics (deeploc <= 0.1 recorded val/iou only)."""
+    metrics = metrics or {}
+    best = metrics.get("best_val") or {}
+    if metric in best:
+        return float(best[metric])
+    return metrics.get("best_val_iou") if metric == "val/iou" else None
 
 
 def _best_score(trainer: L.Trainer) -> float | None:
@@ -253,11 +399,24 @@ def _finish_wandb() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns the mean test IoU of the training subset (for Hydra sweepers)."""
-    metrics = train(cfg)
-    scores = (metrics or {}).get("test", {}).get(str(cfg.subset))
-    return None if scores is None else scores["iou"]
+def train_job(cfg: DictConfig) -> float | None:
+    """One Hydra job: train and test ``cfg``. Returns the best validation value of ``optimized_metric`` over the
+    run (what a Hydra sweeper optimises; never a test score)."""
+    try:
+        metrics = train(cfg)
+    except Exception as exc:
+        if HydraConfig.get().mode == RunMode.MULTIRUN and deeploc_error(exc) is not None:
+            log.error("%s", deeploc_error(exc))  # in this job's log; the sweep reports the first failure at its end
+        raise
+    value = best_validation_value(metrics, cfg.optimized_metric)
+    log.info("best validation %s of the run: %s (the value returned to Hydra)", cfg.optimized_metric, value)
+    return value
+
+
+def main() -> None:
+    """Console entry point ``deeploc-train [--verbose] [Hydra options] [overrides]``: errors a user can fix print one
+    line (the traceback with --verbose or HYDRA_FULL_ERROR=1) and exit with status 1."""
+    run_hydra_app("deeploc-train", train_job)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from deeploc.data.datamodule import EpochSeededSampler, LocalizationDataModule
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import index_subsets
-from deeploc.data.synthetic import SUBSETS
+from deeploc.data.synthetic import SUBSETS, dataset_folder_name, generate_dataset
 
 STRONG_AUG = {"jpeg": {"p": 1.0, "quality": [20, 40]}, "blur": 1.0, "color_jitter": 1.0}
 
@@ -234,11 +234,38 @@ def test_dataset_factory_extension_point(synthetic_data: Path) -> None:
 def test_synthetic_generation_from_datamodule(tmp_path: Path) -> None:
     synth = {"n_train": 3, "n_valid": 2, "n_test": 2, "size": 32, "n_real": 0}
     dm = _dm(tmp_path / "gen", synthetic=synth, split={"mode": "in_domain", "subset": "copy-move"})
-    assert dm.data_root == tmp_path / "gen" / "wacv_data" / "data"
+    assert dm.data_root == tmp_path / "gen" / dataset_folder_name(synth) / "wacv_data" / "data"
     assert next(iter(dm.train_dataloader()))["image"].shape == (3, 3, 32, 32)
     # a root named wacv_data is the dataset itself; generation is idempotent
-    dm2 = _dm(tmp_path / "gen" / "wacv_data", synthetic=synth, split={"mode": "in_domain", "subset": "copy-move"})
+    dm2 = _dm(dm.data_root.parent, synthetic=synth, split={"mode": "in_domain", "subset": "copy-move"})
     assert dm2.data_root == dm.data_root
+
+
+def test_generated_data_is_keyed_by_its_parameters(tmp_path: Path) -> None:
+    """A small-data run and the demo share one data.root without refusing each other (issue 15, item 7)."""
+    split = {"mode": "in_domain", "subset": "copy-move"}
+    small = {"n_train": 3, "n_valid": 2, "n_test": 2, "size": 32, "n_real": 0}
+    other = {**small, "n_train": 4, "seed": 1}
+    a = _dm(tmp_path / "gen", synthetic=small, split=split)
+    b = _dm(tmp_path / "gen", synthetic=other, split=split)
+    assert (len(a.plan.train), len(b.plan.train)) == (3, 4)
+    assert a.data_root.parents[2] == b.data_root.parents[2] == tmp_path / "gen"
+    assert a.data_root.parents[1].name.startswith("train3-valid2-test2-real0-32px-seed0-")
+    assert b.data_root.parents[1].name.startswith("train4-valid2-test2-real0-32px-seed1-")
+    # Defaults written out or left implicit name the same data; workers never change the bytes.
+    assert dataset_folder_name({**small, "seed": 0, "workers": 1}) == dataset_folder_name(small)
+    assert _dm(tmp_path / "gen", synthetic=small, split=split).data_root == a.data_root
+    with pytest.raises(DatasetError, match=r"data\.synthetic\.n_trian is not a generator setting"):
+        dataset_folder_name({**small, "n_trian": 3})
+    # A dataset generated straight into the root (deeploc-make-data OUT, or deeploc <= 0.1) with these very
+    # parameters is used as it is; with other parameters the keyed folder is generated beside it.
+    legacy = generate_dataset(tmp_path / "made", **small)
+    assert _dm(tmp_path / "made", synthetic=small, split=split).data_root == legacy / "data"
+    keyed = tmp_path / "made" / b.data_root.parents[1].name / "wacv_data" / "data"
+    assert _dm(tmp_path / "made", synthetic=other, split=split).data_root == keyed
+    # An explicit .../wacv_data root is the dataset itself: other parameters are refused, never mixed.
+    with pytest.raises(DatasetError, match="other parameters"):
+        _dm(legacy, synthetic=other, split=split)
 
 
 def test_bad_configuration_fails_early(synthetic_data: Path) -> None:

@@ -197,17 +197,17 @@ def test_non_binary_mask_is_named(synthetic_copy: Path) -> None:
 
 def test_gray_and_rgba_images_are_convertible(tmp_path: Path) -> None:
     gray, rgba, mask = tmp_path / "g.png", tmp_path / "a.png", tmp_path / "m.png"
-    cv2.imwrite(str(gray), np.full((16, 16), 7, np.uint8))
-    bgra = np.zeros((16, 16, 4), np.uint8)
+    cv2.imwrite(str(gray), np.full((32, 32), 7, np.uint8))
+    bgra = np.zeros((32, 32, 4), np.uint8)
     bgra[..., 0], bgra[..., 2], bgra[..., 3] = 10, 200, 255  # B=10, R=200
     cv2.imwrite(str(rgba), bgra)
-    m = np.full((16, 16), 255, np.uint8)
+    m = np.full((32, 32), 255, np.uint8)
     m[:4] = 0
     cv2.imwrite(str(mask), m)
     validate_samples([Sample(gray, mask, "s", "train", "g"), Sample(rgba, mask, "s", "train", "a")])
-    assert read_rgb(gray).shape == (16, 16, 3) and (read_rgb(gray) == 7).all()
+    assert read_rgb(gray).shape == (32, 32, 3) and (read_rgb(gray) == 7).all()
     assert read_rgb(rgba)[0, 0].tolist() == [200, 0, 10]  # RGB order
-    assert (read_mask(mask) != 255).sum() == 4 * 16
+    assert (read_mask(mask) != 255).sum() == 4 * 32
 
 
 def test_many_problems_are_listed_with_a_count(synthetic_copy: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -13,7 +14,7 @@ import pytest
 from conftest import SYNTH_KWARGS
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.synthetic import MANIFEST_NAME, SUBSETS, generate_dataset, read_manifest
+from deeploc.data.synthetic import DEFAULTS, MANIFEST_NAME, SUBSETS, generate_dataset, read_manifest
 
 SPLITS = ("train", "valid", "test")
 
@@ -154,3 +155,9 @@ def test_rejects_bad_parameters(tmp_path: Path) -> None:
         generate_dataset(tmp_path, n_train=1, n_valid=0, n_test=1)
     with pytest.raises(DatasetError, match="size"):
         generate_dataset(tmp_path, n_train=1, n_valid=1, n_test=1, size=8)
+
+
+def test_folder_defaults_are_the_generator_defaults() -> None:
+    """dataset_folder_name fills in DEFAULTS: they must be generate_dataset's own defaults."""
+    params = inspect.signature(generate_dataset).parameters
+    assert {key: params[key].default for key in DEFAULTS} == DEFAULTS

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deeploc.cli.evaluate import main as eval_main
 from deeploc.cli.export import main as export_main
 from deeploc.cli.predict import main as predict_main
 from deeploc.export import (
@@ -26,7 +31,7 @@ from deeploc.models.decoders import ConvDecoder
 from deeploc.models.encoder import file_digest, save_random_checkpoint
 from deeploc.module import LocalizationModule
 from deeploc.predict import predict_images
-from tests.test_predict import shared_base, train_run
+from tests.test_predict import TRAIN_OVERRIDES, shared_base, train_run
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights"),
@@ -123,7 +128,8 @@ def test_export_for_another_encoder_or_feature_is_refused_naming_both(exported: 
 
 def test_damaged_or_foreign_files_are_refused(exported: Path, tmp_path: Path) -> None:
     state, metadata = read_export(exported)
-    header = {"deeploc": json.dumps(metadata)}
+    with safe_open(str(exported), framework="pt") as handle:
+        header = handle.metadata()  # the signed metadata, unchanged: only the tensors differ
     tampered = {k: v.clone() for k, v in state.items()}
     tampered["head.bias"] += 1
     save_file(tampered, tmp_path / "tampered.safetensors", metadata=header)
@@ -208,3 +214,176 @@ def test_export_cli_refuses_what_it_cannot_export(tmp_path: Path, capsys) -> Non
     (tmp_path / "empty-run").mkdir()
     assert export_main([str(tmp_path / "empty-run")]) == 1
     assert "has no checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- metadata covered by a digest
+
+_MARK = "\x00field\x00"
+
+
+def _fields(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """Every leaf of a JSON document with its path (dict keys and list positions)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _fields(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _fields(value, (*path, index))
+    else:
+        yield path, node
+
+
+def _replaced(document: Any, path: tuple, value: Any) -> Any:
+    changed = copy.deepcopy(document)
+    node = changed
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return changed
+
+
+def _other_byte(byte: int) -> int:
+    char = chr(byte)
+    if char.isdigit():
+        return ord(str((int(char) + 1) % 10))
+    if char.isalpha():
+        return ord(char.swapcase())
+    return ord("x")
+
+
+def _edit_one_byte(data: bytes, text: str, metadata: dict[str, Any], path: tuple) -> bytes:
+    """The export file with ONE byte of the stored JSON text of metadata field ``path`` changed in place."""
+    # Where the field's value starts in the stored text: everything before it serialises identically.
+    start = json.dumps(_replaced(metadata, path, _MARK), sort_keys=True).index(json.dumps(_MARK))
+    value = json.dumps(_value(metadata, path))
+    offset = start + (1 if value.startswith('"') and len(value) > 2 else 0)
+    # Inside the safetensors header the text is a JSON string: locate it with its escaping.
+    escaped = json.dumps(text)[1:-1].encode()
+    assert data.count(escaped) == 1
+    position = data.index(escaped) + len(json.dumps(text[:offset])[1:-1].encode())
+    return data[:position] + bytes([_other_byte(data[position])]) + data[position + 1 :]
+
+
+def _value(document: Any, path: tuple) -> Any:
+    for key in path:
+        document = document[key]
+    return document
+
+
+def test_a_one_byte_edit_of_any_metadata_field_is_refused(exported: Path, tmp_path: Path) -> None:
+    with safe_open(str(exported), framework="pt") as handle:
+        text = handle.metadata()["deeploc"]
+    metadata = json.loads(text)
+    assert json.dumps(metadata, sort_keys=True) == text  # the stored text is the canonical serialisation
+    data = exported.read_bytes()
+    fields = list(_fields(metadata))
+    assert len(fields) > 50 and ("training", "best_val_iou") in dict(fields) and ("encoder", "weights") in dict(fields)
+    for index, (path, _) in enumerate(fields):
+        edited = tmp_path / f"edited-{index}.safetensors"
+        edited.write_bytes(_edit_one_byte(data, text, metadata, path))
+        assert sum(a != b for a, b in zip(data, edited.read_bytes())) == 1
+        with pytest.raises(ModelError) as refused:
+            read_export(edited)
+        message = str(refused.value)
+        assert str(edited) in message, path
+        assert "modified" in message and "deeploc-export" in message, (path, message)
+        edited.unlink()
+    # The recorded digest itself is covered too.
+    with safe_open(str(exported), framework="pt") as handle:
+        digest = handle.metadata()["deeploc_sha256"]
+    position = data.index(digest.encode()) + len("sha256:")
+    edited = tmp_path / "edited-digest.safetensors"
+    edited.write_bytes(data[:position] + bytes([_other_byte(data[position])]) + data[position + 1 :])
+    with pytest.raises(ModelError, match="modified"):
+        read_export(edited)
+
+
+def test_an_unsigned_export_of_an_older_deeploc_is_refused_with_the_fix(exported: Path, tmp_path: Path) -> None:
+    # deeploc 0.1 wrote format 1: the metadata JSON alone, covered by no digest.
+    state, metadata = read_export(exported)
+    old = tmp_path / "old.safetensors"
+    save_file(state, old, metadata={"deeploc": json.dumps({**metadata, "format_version": 1}, sort_keys=True)})
+    with pytest.raises(ModelError, match=r"export format 1.*not covered by a digest.*deeploc-export RUN_DIR"):
+        load_model(old)
+    # A current export whose digest was stripped from the header is not mistaken for an old one.
+    stripped = tmp_path / "stripped.safetensors"
+    save_file(state, stripped, metadata={"deeploc": json.dumps(metadata, sort_keys=True)})
+    with pytest.raises(ModelError, match=r"no metadata digest.*modified"):
+        load_model(stripped)
+
+
+# ------------------------------------------------------------------------ a run's checkpoint is its own
+
+
+@pytest.fixture(scope="module")
+def conv12_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another run on the same data and encoder, with another decoder (CONV-12)."""
+    return train_run(shared_base(tmp_path_factory), "conv12", "decoder=conv12", "trainer.max_epochs=1")
+
+
+def _refusals(run: Path, tmp_path: Path, capsys) -> list[str]:
+    """The error output of deeploc-eval, deeploc-predict and deeploc-export on ``run`` (each must exit 1)."""
+    image = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    calls = [
+        (eval_main, [str(run), "--out", str(tmp_path / "eval")]),
+        (predict_main, [str(image), "--model", str(run), "--out", str(tmp_path / "pred"), "--quiet"]),
+        (export_main, [str(run), "--out", str(tmp_path / "x.safetensors")]),
+    ]
+    errors = []
+    for main, args in calls:
+        assert main(args) == 1, main.__module__
+        errors.append(capsys.readouterr().err)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "x.safetensors").exists()
+    return errors
+
+
+def test_metrics_json_records_the_checkpoint_digests(run_dir: Path) -> None:
+    recorded = json.loads((run_dir / "metrics.json").read_text())["checkpoint_sha256"]
+    assert recorded == {
+        f"checkpoints/{name}": f"sha256:{file_digest(run_dir / 'checkpoints' / name)}"
+        for name in ("best.ckpt", "last.ckpt")
+    }
+
+
+def test_a_run_whose_checkpoint_was_replaced_is_refused_naming_both(
+    run_dir: Path, conv12_run: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    best = run / "checkpoints" / "best.ckpt"
+    shutil.copyfile(conv12_run / "checkpoints" / "best.ckpt", best)
+    ours = json.loads((run / "metrics.json").read_text())["checkpoint_sha256"]["checkpoints/best.ckpt"]
+    theirs = f"sha256:{file_digest(best)}"
+    for err in _refusals(run, tmp_path, capsys):
+        assert ours in err and theirs in err and "replaced or modified" in err, err
+    with pytest.raises(IncompatibleModelError, match=theirs):
+        load_model(best)  # the .ckpt inside the run directory is checked too
+
+    # A run without recorded digests (deeploc <= 0.1) is still checked against the config its metrics.json
+    # records, and an unfinished run (no metrics.json) against its config_resolved.yaml.
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["checkpoint_sha256"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for err in _refusals(run, tmp_path, capsys):
+        assert "CONV-12" in err and "CONV-4" in err and "(metrics.json)" in err, err
+    (run / "metrics.json").unlink()
+    for err in _refusals(run, tmp_path, capsys):
+        assert "CONV-12" in err and "CONV-4" in err and "(config_resolved.yaml)" in err, err
+
+    # Re-testing the run with deeploc-train (if_finished=eval) refuses it as well.
+    shutil.rmtree(run)
+    shutil.copytree(run_dir, run)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["decoder.head.bias"] += 1  # same architecture, other weights: only the digest tells
+    torch.save(ckpt, best)
+    args = [*TRAIN_OVERRIDES, "trainer.max_epochs=2", f"hydra.run.dir={run}", "if_finished=eval"]
+    base = run_dir.parent
+    args += [f"data.root={base / 'data'}", f"features.dir={base / 'features'}"]
+    from tests.e2e import run_cli
+
+    proc = run_cli("deeploc.train", args, tmp_path, check=False)
+    assert proc.returncode != 0 and "replaced or modified" in proc.stdout + proc.stderr
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())

@@ -232,6 +232,44 @@ def test_truncated_or_corrupted_entries_are_detected(tmp_path: Path, encoder: SA
         torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
 
 
+def _flip_a_data_byte(path: str | Path) -> None:
+    """Damage an entry without changing its size or header: only the crc32 can tell."""
+    with open(path, "r+b") as handle:
+        handle.seek(HEADER_SIZE + 1000)
+        byte = handle.read(1)
+        handle.seek(HEADER_SIZE + 1000)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_damaged_entry_names_the_file_to_delete_and_both_fixes_work(
+    tmp_path: Path, encoder: SAM2FeatureEncoder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = make_samples(tmp_path / "data", 3)
+    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store.extract(samples, encoder, progress=False)
+    ds = store.dataset(samples)
+    damaged = ds.paths[1]
+    _flip_a_data_byte(damaged)
+    with pytest.raises(FeatureStoreError) as err:
+        ds[1]
+    msg = str(err.value)
+    assert f"feature entry {damaged} is corrupt: crc32 mismatch" in msg
+    assert f"rm {damaged}" in msg and "deeploc-extract" in msg
+    # Fix 1, as advised: delete the file; the next extraction (training's own step) recomputes exactly that entry.
+    Path(damaged).unlink()
+    assert store.extract(samples, encoder, progress=False) == 1
+    expected = reference(encoder, samples)
+    torch.testing.assert_close(store.dataset(samples)[1]["features"].float(), expected[1], rtol=1e-3, atol=1e-3)
+    # Fix 2, as advised: a verifying extraction (deeploc-extract) finds the damage, says so and recomputes it.
+    _flip_a_data_byte(damaged)
+    capsys.readouterr()
+    assert store.extract(samples, encoder, progress=False) == 0  # the cheap checks cannot see it ...
+    assert store.extract(samples, encoder, progress=False, verify=True) == 1  # ... the crc32 check can
+    out = capsys.readouterr().out
+    assert f"1 damaged entry recomputed: {damaged} (crc32 mismatch)" in out
+    torch.testing.assert_close(store.dataset(samples)[1]["features"].float(), expected[1], rtol=1e-3, atol=1e-3)
+
+
 class OverflowingEncoder(SAM2FeatureEncoder):
     """Features beyond the float16 range."""
 
@@ -408,7 +446,7 @@ def test_cache_allowed_only_without_augmentations() -> None:
 
 
 def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) -> None:
-    from tests.e2e import TINY_DATA, env_for
+    from tests.e2e import TINY_DATA, env_for, run_cli
 
     data = ["data.synthetic.n_train=8", "data.synthetic.n_valid=4", "data.synthetic.n_test=4"]
     args = [f"data.root={tmp_path / 'data'}", f"features.dir={tmp_path / 'features'}", *TINY_DATA, *data]
@@ -428,3 +466,20 @@ def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) ->
     store = FeatureStore(tmp_path / "features", enc.identity(), "high_res_feats_1")
     assert f"at {store.path}: 28 images" in first.stdout
     assert n_entries(store) == 28
+    # A damaged entry (same size, crc32 mismatch) stops training naming the file; deeploc-extract, as the message
+    # advises, finds and recomputes it, and the same training command then works (issue 16, item 11).
+    train_image = sorted((tmp_path / "data").glob("**/fake/inpaint-telea/images/train/*.png"))[0]
+    damaged = store.entry_path(store.content_hashes([Sample(train_image, train_image, "x", "train", "x")])[0])
+    _flip_a_data_byte(damaged)
+    train = [*args, "trainer.max_epochs=1", "overlays=0", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"]
+    failed = run_cli("deeploc.train", train, tmp_path, check=False)
+    assert failed.returncode != 0
+    assert f"feature entry {damaged} is corrupt: crc32 mismatch" in failed.stderr
+    assert "deeploc-extract" in failed.stderr
+    repair = subprocess.run(
+        [*command, *args], cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert repair.returncode == 0, repair.stderr[-4000:]
+    assert f"1 damaged entry recomputed: {damaged} (crc32 mismatch)" in repair.stdout
+    run_cli("deeploc.train", train, tmp_path)
+    assert (tmp_path / "run" / "metrics.json").is_file()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -37,7 +39,7 @@ def test_in_domain_runs_are_identical_with_the_same_seed(shared_workdir: Path, t
 
 
 def test_leave_one_out_trains_on_the_other_subsets_and_tests_the_held_out_first(
-    shared_workdir: Path, tmp_path: Path
+    shared_workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir, proc = _train(
         shared_workdir,
@@ -56,6 +58,13 @@ def test_leave_one_out_trains_on_the_other_subsets_and_tests_the_held_out_first(
     log = proc.stdout + proc.stderr
     # 12 train + 4 valid images from each of the three seen subsets.
     assert "train 36, valid 12" in log
+    # Every printout says which subset was held out and which were seen (never "in-domain").
+    assert "trained on inpaint-telea, copy-move, splice-jpeg (held out: blur-noise)" in log
+    assert "blur-noise (held out)" in log and log.count("(seen)") == 3 and "in-domain" not in log
+    features = str(shared_workdir / "features")
+    assert eval_main([str(run_dir), "--out", str(tmp_path / "eval"), "--features-dir", features]) == 0
+    printed = capsys.readouterr().out
+    assert "blur-noise (held out)" in printed and printed.count("(seen)") == 3 and "in-domain" not in printed
 
 
 def test_leave_one_out_asking_for_more_images_than_exist_fails_clearly(shared_workdir: Path, tmp_path: Path) -> None:
@@ -99,7 +108,9 @@ def test_eval_reproduces_the_run_and_tests_other_subsets(
     run_dir = finished_run
     out = tmp_path / "eval"
     assert eval_main([str(run_dir), "--out", str(out), "--features-dir", str(shared_workdir / "features")]) == 0
-    evaluated = json.loads((out / "eval.json").read_text())["test"]
+    evaluated_file = json.loads((out / "eval.json").read_text())
+    assert evaluated_file["convention"] == _metrics(run_dir)["convention"] == "study"  # both default
+    evaluated = evaluated_file["test"]
     trained = _metrics(run_dir)["test"]
     for subset, scores in trained.items():
         for key in ("iou", "f1_fixed", "f1_best", "ap"):
@@ -109,6 +120,37 @@ def test_eval_reproduces_the_run_and_tests_other_subsets(
     out2 = tmp_path / "eval2"
     assert eval_main([str(run_dir), "--out", str(out2), "--subsets", "copy-move", "--split", "valid"]) == 0
     assert list(json.loads((out2 / "eval.json").read_text())["test"]) == ["copy-move"]
+
+
+def test_eval_on_masks_drawn_white_is_manipulated(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same test images with inverted masks: refused as inverted, then scored exactly as the originals once
+    deeploc-eval is told the polarity (issue 16, item 2)."""
+    data = Path(_metrics(finished_run)["config"]["data"])
+    inverted = tmp_path / "inverted" / "data"
+    shutil.copytree(data, inverted)
+    for mask in inverted.glob("celebahq/fake/copy-move/masks/test/*.png"):
+        cv2.imwrite(str(mask), 255 - cv2.imread(str(mask)))
+    common = [str(finished_run), "--subsets", "copy-move"]
+    assert eval_main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert eval_main([*common, "--data-root", str(inverted), "--out", str(tmp_path / "b")]) == 1
+    assert "--mask-polarity white_is_manipulated" in capsys.readouterr().err
+    white = ["--data-root", str(inverted), "--mask-polarity", "white_is_manipulated", "--out", str(tmp_path / "c")]
+    assert eval_main([*common, *white]) == 0
+    original = json.loads((tmp_path / "a" / "eval.json").read_text())["test"]["copy-move"]
+    assert json.loads((tmp_path / "c" / "eval.json").read_text())["test"]["copy-move"] == original
+
+
+def test_eval_folders_of_different_data_never_collide(finished_run: Path, tmp_path: Path) -> None:
+    data = Path(_metrics(finished_run)["config"]["data"])
+    copies = [tmp_path / parent / data.name for parent in ("a", "b")]  # two datasets with one folder name
+    for copy in copies:
+        shutil.copytree(data, copy)
+        assert eval_main([str(finished_run), "--data-root", str(copy), "--subsets", "copy-move"]) == 0
+    folders = sorted((finished_run / "eval").glob(f"{data.name}-test-*"))
+    assert len(folders) == 2
+    assert {json.loads((folder / "eval.json").read_text())["data"] for folder in folders} == {str(c) for c in copies}
 
 
 def test_retesting_with_another_decoder_is_refused(finished_run: Path, shared_workdir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -115,9 +116,27 @@ def _decoder_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def _csv_validation_rows(run_dir: Path) -> dict[int, dict[str, str]]:
+    """The validation rows of a run's metrics.csv by epoch (each epoch must appear once)."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/iou")]
+    epochs = [int(row["epoch"]) for row in rows]
+    assert len(epochs) == len(set(epochs)), f"duplicated validation rows: {epochs}"
+    return {epoch: {k: row[k] for k in ("step", "val/iou", "val/loss", "val/ap")} for epoch, row in zip(epochs, rows)}
+
+
+def _tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar as TensorBoard shows it (events purged by a later restart are dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
 def test_resume_after_kill_equals_an_uninterrupted_run(shared_workdir: Path, tmp_path: Path) -> None:
     epochs = 6
-    common = train_args(shared_workdir, f"trainer.max_epochs={epochs}", "overlays=0", "logger=csv")
+    common = train_args(shared_workdir, f"trainer.max_epochs={epochs}", "overlays=0", "logger=[csv,tensorboard]")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli("deeploc.train", [*common, f"hydra.run.dir={straight}"], tmp_path)
 
@@ -144,6 +163,13 @@ def test_resume_after_kill_equals_an_uninterrupted_run(shared_workdir: Path, tmp
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert (resumed / "metrics.json").is_file()
+    # The monitoring history of the interrupted attempt is kept: every epoch's validation row, once, as straight.
+    straight_rows = _csv_validation_rows(straight)
+    assert sorted(straight_rows) == list(range(epochs))
+    assert _csv_validation_rows(resumed) == straight_rows
+    for tag in ("val/iou", "val/loss"):
+        expected = _tensorboard_scalars(straight, tag)
+        assert len(expected) == epochs and _tensorboard_scalars(resumed, tag) == expected
 
 
 def test_resumed_run_continues_the_same_wandb_run(shared_workdir: Path, tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from deeploc import __version__
+from deeploc.cli.report import main as report_main
 from deeploc.data.layout import read_mask
 from tests.e2e import run_cli, train_args
 
@@ -38,6 +41,7 @@ def _constant_predictor_iou(run_dir: Path, subset: str) -> float:
 def test_train_learns_and_writes_run_artefacts(trained_run: Path) -> None:
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["status"] == "finished"
+    assert metrics["convention"] == "study"  # the default metrics.convention
     config = metrics["config"]
     assert config["decoder"] == "conv4" and config["feature"] == "high_res_feats_1" and config["split"] == "cross"
     subsets = config["subsets"]
@@ -83,6 +87,41 @@ def test_rerunning_a_finished_run_skips_it(trained_run: Path, shared_workdir: Pa
     )
     assert "already finished; skipping" in proc.stdout + proc.stderr
     assert (trained_run / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_the_run_records_what_produced_its_scores_and_the_report_shows_it(trained_run: Path, tmp_path: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    config = metrics["config"]
+    resolved = yaml.safe_load((trained_run / "config_resolved.yaml").read_text())
+    assert config["weights"] == f"random:seed={resolved['encoder']['seed']}"
+    assert config["max_epochs"] == resolved["trainer"]["max_epochs"] == 25
+    assert (config["lr"], config["weight_decay"]) == (resolved["model"]["lr"], resolved["model"]["weight_decay"])
+    assert config["batch_size"] == resolved["data"]["batch_size"] == 8 and config["schedule"] == "fixed"
+    assert config["data_params"] == resolved["data"]["synthetic"] and config["generated_data"]
+    assert (config["n_train"], config["n_valid"]) == (32, 8)  # TINY_DATA's generated sizes
+    assert config["deeploc_version"] == __version__
+    # The console table (also in train.log) labels the training subset's row in-domain, the others out-of-domain.
+    log = (trained_run / "train.log").read_text()
+    assert f"{config['subset']} (in-domain)" in log and log.count("(out-of-domain)") == len(config["subsets"]) - 1
+
+    out = tmp_path / "report"
+    assert report_main([str(trained_run), "--out", str(out), "--compare-study"]) == 0
+    report = (out / "report.md").read_text()
+    for line in (
+        "| encoder | sam2.1_hiera_micro |",
+        "| weights | random (seed 0) |",
+        "| input size | 256 |",
+        "| max epochs | 25 |",
+        "| batch size | 8 |",
+        f"| metric convention | {metrics.get('convention', 'trufor')} |",
+        f"| deeploc (runs) | {__version__} |",
+    ):
+        assert line in report, line
+    assert "| data | generated: " in report and "size=128" in report
+    # Subsets in data.subsets order (not alphabetical), and no comparison with the study on generated subsets.
+    assert "| train \\ test | " + " | ".join(config["subsets"]) + " |" in report
+    assert "does not apply" in report
+    assert {p.name for p in out.glob("*.png")} == {"heatmap_conv4_high_res_feats_1.png", "id_ood.png"}
 
 
 def test_unknown_config_option_fails_naming_it(tmp_path: Path) -> None:

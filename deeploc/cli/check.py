@@ -1,28 +1,39 @@
-"""``deeploc-check ROOT``: index and validate a Dolos-layout dataset, print counts; exit 1 on bad data."""
+"""``deeploc-check ROOT``: index and validate a Dolos-layout dataset, print counts; exit 1 on bad data.
+
+One pass lists every problem of the dataset (layout, files, mask rules, image sizes), not only the first kind.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Mapping
 
+from deeploc.cli.app import add_verbose_flag
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import (
     SPLITS,
+    Sample,
     available_subsets,
     count_table,
+    dataset_problems,
+    find_samples,
     format_count_table,
-    index_subsets,
+    inspect_samples,
     resolve_root,
-    validate_samples,
 )
+from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules, MaskStats
+from deeploc.errors import DeeplocError
+from deeploc.metrics import ERODE_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deeploc-check",
-        description="Validate every image and mask of a Dolos-layout dataset (decode, size, binary masks) "
-        "and print the counts per subset and split.",
+        description="Validate every image and mask of a Dolos-layout dataset (decode, size, binary gray masks, "
+        "polarity, empty masks) and print the counts per subset and split, and per subset how many masks are empty "
+        "or too thin for the F1 metric.",
     )
     p.add_argument("root", help="the unzipped wacv_data folder (or its data/ child)")
     p.add_argument("--subsets", nargs="+", default=None, help="subsets to check (default: all with masks)")
@@ -30,23 +41,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="celebahq", help="source folder under data/ (default: celebahq)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
     p.add_argument("--cache", default=None, help="validation cache file (re-checks only changed files)")
+    p.add_argument(
+        "--mask-polarity",
+        default=DEFAULT_POLARITY,
+        choices=POLARITIES,
+        help=f"how the masks are drawn, as data.mask_polarity (default: {DEFAULT_POLARITY}, Dolos)",
+    )
+    p.add_argument(
+        "--allow-empty-masks",
+        action="store_true",
+        help="accept masks with no manipulated pixel (data.allow_empty_masks)",
+    )
+    p.add_argument(
+        "--max-manipulated-fraction",
+        type=float,
+        default=MAX_MANIPULATED_FRACTION,
+        help="largest mean manipulated share of each image in a split (data.max_manipulated_fraction; default: "
+        f"{MAX_MANIPULATED_FRACTION})",
+    )
+    add_verbose_flag(p)
     return p
+
+
+def format_mask_table(stats: Mapping[Sample, MaskStats]) -> str:
+    """Per subset: masks, empty ones, thin ones (no F1 positive), mean manipulated share, image size(s)."""
+    rows: dict[str, list[MaskStats]] = {}
+    for sample, st in stats.items():
+        rows.setdefault(sample.subset, []).append(st)
+    width = max([len("subset"), *(len(s) for s in rows)])
+    lines = [f"{'subset':<{width}}  {'masks':>6}  {'empty':>6}  {'thin':>6}  {'manip%':>7}  size (WxH)"]
+    for subset, group in rows.items():
+        empty = sum(st.manipulated == 0 for st in group)
+        thin = sum(st.manipulated > 0 and st.f1_positive == 0 for st in group)
+        share = 100.0 * sum(st.fraction for st in group) / len(group)
+        sizes = sorted({st.size for st in group})
+        size = sizes[0] if len(sizes) == 1 else f"{len(sizes)} sizes: {', '.join(sizes[:3])}"
+        lines.append(f"{subset:<{width}}  {len(group):>6}  {empty:>6}  {thin:>6}  {share:>7.2f}  {size}")
+    lines.append(
+        "masks = those that passed the file checks; thin = every region is thinner than the metrics' "
+        f"{ERODE_SIZE}x{ERODE_SIZE} erosion, so F1 has no positive pixel in that image (see deeploc.metrics)"
+    )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
         root = resolve_root(args.root)
         subsets = args.subsets or available_subsets(root, args.source)
         if not subsets:
             raise DatasetError(f"no localization subsets (fake/<subset>/masks) under {root / args.source}")
-        samples = index_subsets(root, subsets, splits=args.splits, source=args.source)
-        print(f"dataset root: {root}")
-        print(format_count_table(count_table(samples)))
-        start = time.perf_counter()
-        validate_samples(samples, cache_file=args.cache, workers=max(1, args.workers))
-    except DatasetError as exc:
+        samples, problems = find_samples(root, subsets, args.splits, args.source, args.mask_polarity)
+    except (DeeplocError, ValueError) as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-check: {exc}", file=sys.stderr)
+        return 1
+    print(f"dataset root: {root}")
+    print(format_count_table(count_table(samples)))
+    start = time.perf_counter()
+    stats, file_problems = inspect_samples(samples, cache_file=args.cache, workers=max(1, args.workers))
+    problems += file_problems + dataset_problems(stats, rules)
+    if stats:
+        print(format_mask_table(stats))
+    if problems:
+        listed = "\n  - ".join(problems)
+        print(
+            f"deeploc-check: {len(problems)} problem(s) in {root} ({len(samples)} samples indexed):\n  - {listed}\n"
+            "Fix or replace these files, or pass the named option. deeploc never skips a bad file: skipping would "
+            "silently change the sample counts and the metrics.",
+            file=sys.stderr,
+        )
         return 1
     print(f"OK: {len(samples)} samples valid ({time.perf_counter() - start:.1f} s)")
     return 0

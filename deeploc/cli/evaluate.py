@@ -7,7 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from deeploc.config import run_label
+from deeploc.cli.app import add_verbose_flag
+from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
+from deeploc.errors import DeeplocError
+from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
+from deeploc.naming import eval_dir_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,20 +20,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="dataset root (wacv_data or its data/ child); default: the training data")
     parser.add_argument("--subsets", nargs="+", help="subsets to test on; default: the training run's subsets")
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    parser.add_argument("--out", help="output folder; default: <run>/eval/<data>-<split> (or ./eval/... for exports)")
+    parser.add_argument(
+        "--out",
+        help="output folder; default: <run>/eval/<data folder name>-<split>-<digest of the data folder and subsets> "
+        "(./eval/... for exports)",
+    )
     parser.add_argument("--sam2-checkpoint", help="SAM2 checkpoint, when the model used one (checked by digest)")
     parser.add_argument("--features-dir", help="feature cache folder to reuse/fill (default: no cache)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--no-validate", action="store_true", help="skip decoding every file once before scoring")
+    parser.add_argument(
+        "--convention",
+        default=DEFAULT_CONVENTION,
+        choices=CONVENTIONS,
+        help="metric convention for the undefined cases (thin regions, empty masks): study = DeCLIP's formulas "
+        "(default), trufor = TruFor's (deeploc <= 0.1); recorded in eval.json and eval.csv",
+    )
+    parser.add_argument(
+        "--mask-polarity",
+        choices=POLARITIES,
+        help="how the masks are drawn (data.mask_polarity); default: the training run's, else black_is_manipulated",
+    )
+    parser.add_argument(
+        "--allow-empty-masks",
+        action="store_true",
+        help="accept masks with no manipulated pixel (data.allow_empty_masks)",
+    )
+    parser.add_argument(
+        "--max-manipulated-fraction",
+        type=float,
+        default=MAX_MANIPULATED_FRACTION,
+        help=f"largest mean manipulated share of each image in a split (default: {MAX_MANIPULATED_FRACTION})",
+    )
+    add_verbose_flag(parser)
     return parser
+
+
+def format_scores(results: dict[str, dict[str, float]], trained: dict) -> list[str]:
+    """One console line per subset, the subset labelled by its role in the model's training when that is known
+    (in-domain / out-of-domain; held out / seen for leave-one-out)."""
+    from deeploc.labels import subset_role
+
+    known = bool(trained.get("split") and trained.get("subset"))
+    names = {n: f"{n} ({subset_role(trained['split'], trained['subset'], n)})" if known else n for n in results}
+    width = max(map(len, names.values()))
+    return [
+        f"  {names[n]:<{width}}  IoU {s['iou']:6.2f}  F1 {s['f1_fixed']:6.2f} / best {s['f1_best']:6.2f}  "
+        f"AP {s['ap']:6.2f}  (n={s['n_images']:.0f}{_undefined_note(s)})"
+        for n, s in results.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from deeploc.data.errors import DatasetError
     from deeploc.evaluate import evaluate, index_for_eval, write_results
     from deeploc.export import ModelError, describe_model, load_model_and_metadata
 
@@ -40,22 +86,38 @@ def main(argv: list[str] | None = None) -> int:
         subsets = args.subsets or trained.get("subsets")
         if not root or not subsets:
             raise ModelError("the model does not record its training data: pass --data-root and --subsets")
-        by_subset = index_for_eval(root, subsets, args.split, validate=not args.no_validate)
-        results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir)
-    except (DatasetError, ModelError, ValueError) as exc:
+        polarity = args.mask_polarity or trained.get("mask_polarity") or DEFAULT_POLARITY
+        rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
+        by_subset = index_for_eval(root, subsets, args.split, not args.no_validate, polarity, rules)
+        results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir, args.convention)
+    except (DeeplocError, ValueError) as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-eval: {exc}", file=sys.stderr)
         return 1
     source = Path(args.model)
     base = source if source.is_dir() else (source.parent.parent if source.suffix == ".ckpt" else Path("eval"))
-    out = Path(args.out) if args.out else base / "eval" / run_label(f"{Path(root).name}-{args.split}")
-    context = {"model": str(source), "described": describe_model(meta), "data": str(root), "split": args.split}
+    out = Path(args.out) if args.out else base / "eval" / eval_dir_name(root, args.split, subsets, args.convention)
+    context = {
+        "model": str(source),
+        "described": describe_model(meta),
+        "data": str(root),
+        "split": args.split,
+        "convention": args.convention,
+        "mask_polarity": polarity,
+    }
     json_path, csv_path = write_results(out, results, context)
-    for name, scores in results.items():
-        print(
-            f"{name:>20}: IoU {scores['iou']:6.2f}  F1 {scores['f1_fixed']:6.2f} / best {scores['f1_best']:6.2f}  AP {scores['ap']:6.2f}  (n={scores['n_images']:.0f})"
-        )
+    print(f"{describe_model(meta)}; {args.split} split of {root}")
+    print(f"{args.split} scores (%, mean over images), metric convention {args.convention}:")
+    print("\n".join(format_scores(results, trained)))
     print(f"wrote {json_path} and {csv_path}")
     return 0
+
+
+def _undefined_note(scores: dict[str, float]) -> str:
+    """How many images the convention decided for (thin regions, empty masks), when there are any."""
+    no_positive, empty = scores.get("n_f1_no_positive", 0), scores.get("n_ap_undefined", 0)
+    return f"; {no_positive:.0f} without F1 positive, {empty:.0f} empty masks" if no_positive or empty else ""
 
 
 if __name__ == "__main__":

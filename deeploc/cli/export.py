@@ -7,6 +7,9 @@ import json
 import logging
 import sys
 
+from deeploc.cli.app import add_verbose_flag
+from deeploc.errors import DeeplocError
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -18,18 +21,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory of deeploc-train, or one of its .ckpt files")
     p.add_argument("--out", default=None, help="output file (default: <run dir>/decoder.safetensors)")
     p.add_argument("--show", action="store_true", help="print the metadata that was written")
+    add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="deeploc-export: %(message)s")
-    from deeploc.export import ModelError, describe_model, export_decoder, read_export
+    from deeploc.export import describe_model, export_decoder, read_export
 
     try:
         path = export_decoder(args.model, args.out)
         _, metadata = read_export(path)
-    except (ModelError, OSError) as exc:
+    except (DeeplocError, OSError) as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-export: {exc}", file=sys.stderr)
         return 1
     size_kib = path.stat().st_size / 1024

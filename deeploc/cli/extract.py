@@ -11,6 +11,10 @@ jobs start from a full cache instead of waiting on each other's extraction::
 It never writes into the training run or sweep directories: its own Hydra output goes to
 ``${paths.output_dir}/extract/``.
 
+Damaged entries: besides computing what is missing, it checks the crc32 of every entry already cached and recomputes
+the damaged ones, listing them (training itself only runs the cheap header/size checks and finds a damaged entry
+when it reads it, naming the file). ``verify=false`` skips that check (it reads the whole store once).
+
 Split across jobs: ``shard=K num_shards=N`` extracts only shard K of N of the samples (disjoint shards, together all
 of them; :func:`deeploc.cluster.shard_samples`); the per-image entries of the shards add up to the full cache, e.g.
 ``deeploc-extract -m hydra/launcher=slurm shard=0,1,2,3 num_shards=4 ...`` (docs/cluster.md).
@@ -25,6 +29,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR, to_primitive
 
 log = logging.getLogger("deeploc.extract")
@@ -36,14 +41,17 @@ _OUTPUT_OVERRIDES = (
     "hydra.output_subdir=null",
     "++shard=0",  # shard K of num_shards N (defaults: everything); set with shard=K num_shards=N
     "++num_shards=1",
+    "++verify=true",  # check the crc32 of every cached entry, recompute the damaged ones; verify=false skips it
 )
 
 
 def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
     from deeploc.features.store import cache_allowed
+    from deeploc.settings import check_settings
     from deeploc.train import build_components, open_feature_store
 
+    check_settings(cfg)  # the same checks of settings as deeploc-train, before any work
     if not cfg.features.enabled:
         msg = "features.enabled=false (features=none): this run reads no feature cache, nothing to extract"
         print(f"deeploc-extract: {msg}")
@@ -53,15 +61,18 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
         print(f"deeploc-extract: nothing to extract, the run will not use the cache: {reason}")
         return {"status": "skipped", "reason": reason}
     shard, num_shards = int(cfg.get("shard") or 0), int(cfg.get("num_shards") or 1)
+    verify = bool(cfg.get("verify", True))
     if (shard, num_shards) != (0, 1):  # shard_samples checks 0 <= shard < num_shards
-        return _extract_shard(cfg, shard, num_shards)
-    _, model = build_components(cfg)  # data module + model + attach_feature_store, exactly as deeploc-train
-    store, _ = open_feature_store(cfg, model)
+        return _extract_shard(cfg, shard, num_shards, verify)
+    datamodule, model = build_components(cfg)  # data module + model + attach_feature_store, exactly as deeploc-train
+    store, device = open_feature_store(cfg, model)
+    if verify:  # training's step above ran the cheap checks only; a damaged entry passes them
+        store.extract(datamodule.plan.all_samples(), model.encoder, cfg.features.batch_size, device, verify=True)
     print(f"deeploc-extract: {store.describe()}")
     return {"status": "done", "store": str(store.path)}
 
 
-def _extract_shard(cfg: DictConfig, shard: int, num_shards: int) -> dict[str, Any]:
+def _extract_shard(cfg: DictConfig, shard: int, num_shards: int, verify: bool) -> dict[str, Any]:
     """Shard ``shard`` of ``num_shards`` of what :func:`extract` computes (same data module, model and device rule)."""
     from hydra.utils import instantiate
 
@@ -80,6 +91,7 @@ def _extract_shard(cfg: DictConfig, shard: int, num_shards: int) -> dict[str, An
         model.encoder,
         batch_size=cfg.features.batch_size,
         device=device,
+        verify=verify,
         lock_scope=f"shard-{shard}-of-{num_shards}",  # disjoint shards fill one store in parallel
     )
     print(f"deeploc-extract: {store.describe()}")
@@ -92,12 +104,12 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point: ``deeploc-extract [hydra overrides]``."""
+    """Console entry point: ``deeploc-extract [--verbose] [hydra overrides]`` (errors a user can fix: one line)."""
     # Before the user's overrides (which win), after flags such as -m: argparse wants the overrides in one block.
     args = sys.argv[1:]
     at = next((i for i, a in enumerate(args) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(args))
     sys.argv[1 + at : 1 + at] = list(_OUTPUT_OVERRIDES)
-    _app()
+    run_hydra_app("deeploc-extract", _app)
 
 
 if __name__ == "__main__":

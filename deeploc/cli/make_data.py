@@ -6,9 +6,10 @@ import argparse
 import sys
 import time
 
-from deeploc.data.errors import DatasetError
+from deeploc.cli.app import add_verbose_flag
 from deeploc.data.layout import count_table, format_count_table, index_subsets
 from deeploc.data.synthetic import SUBSET_DESCRIPTIONS, SUBSETS, generate_dataset
+from deeploc.errors import DeeplocError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256, as Dolos)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="threads (speed only, never the bytes)")
+    add_verbose_flag(p)
     return p
 
 
@@ -43,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
             workers=max(1, args.workers),
         )
         samples = index_subsets(path, list(SUBSETS))
-    except DatasetError as exc:
+    except DeeplocError as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-make-data: {exc}", file=sys.stderr)
         return 1
     print(f"dataset: {path} ({time.perf_counter() - start:.1f} s)")
     print(format_count_table(count_table(samples)))
     for name in SUBSETS:
         print(f"  {name}: {SUBSET_DESCRIPTIONS[name]}")
-    print(f"use it with: data.root={path}")
+    print(f"use it with: data.root={path} data.synthetic=null  (data=synthetic: these subsets, no regeneration)")
     return 0
 
 

@@ -10,7 +10,9 @@ import sys
 import warnings
 from typing import Any
 
-from deeploc.predict import DEFAULT_MAX_PIXELS, IMAGE_SCORE, InputError, collect_inputs
+from deeploc.cli.app import add_verbose_flag
+from deeploc.errors import DeeplocError
+from deeploc.predict import DEFAULT_MAX_PIXELS, IMAGE_SCORE, collect_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse images with more pixels than this (default: {DEFAULT_MAX_PIXELS:.0e})",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_verbose_flag(p)
     return p
 
 
@@ -54,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="deeploc-predict: %(message)s")
     _quiet_opencv()
-    from deeploc.export import ModelError, describe_model, load_model_and_metadata
-    from deeploc.models.encoder import EncoderError
+    from deeploc.export import describe_model, load_model_and_metadata
     from deeploc.predict import predict_paths
 
     if not 0.0 <= args.threshold <= 1.0:
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             # The loader states random-weight encoders itself, once, below.
             warnings.filterwarnings("ignore", message="SAM2 encoder .* RANDOM weights")
             model, metadata = _load(args, load_model_and_metadata)
-    except (InputError, ModelError, EncoderError) as exc:
+    except DeeplocError as exc:
+        if args.verbose:
+            raise
         print(f"deeploc-predict: {exc}", file=sys.stderr)
         return 1
     print(f"model: {describe_model(metadata)}", file=sys.stderr)

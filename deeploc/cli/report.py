@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from deeploc.cli.app import add_verbose_flag
+from deeploc.errors import DeeplocError
 from deeploc.report import log_wandb, write_report
 
 
@@ -21,11 +23,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compare-study", action="store_true", help="put the study's published ID / OOD beside ours (Dolos only)"
     )
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"deeploc-report: sweep directory not found: {args.sweep_dir}", file=sys.stderr)
         return 2
-    paths = write_report(args.sweep_dir, args.out, compare_study=args.compare_study)
+    try:
+        paths = write_report(args.sweep_dir, args.out, compare_study=args.compare_study)
+    except DeeplocError as exc:
+        if args.verbose:
+            raise
+        print(f"deeploc-report: {exc}", file=sys.stderr)
+        return 1
     print(paths.report_md.read_text(encoding="utf-8"))
     if args.wandb:
         print(f"W&B run written to {log_wandb(paths)}")

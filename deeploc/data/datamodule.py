@@ -34,8 +34,10 @@ from deeploc.data.layout import (
     resolve_root,
     validate_samples,
 )
+from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, MaskRules, check_polarity
 from deeploc.data.splits import SPLIT_MODES, SplitPlan, make_split, subsets_needed
-from deeploc.data.synthetic import generate_dataset
+from deeploc.data.synthetic import dataset_home, generate_dataset
+from deeploc.metrics import ERODE_SIZE
 
 __all__ = ["DatasetFactory", "EpochSeededSampler", "LocalizationDataModule", "seed_worker"]
 
@@ -135,12 +137,18 @@ class LocalizationDataModule(L.LightningDataModule):
             leave_one_out); ``n_*``/``seed`` apply to leave_one_out only (absent or null = the defaults).
         batch_size / eval_batch_size: training / evaluation batch size (eval defaults to batch_size).
         augment: ``deeploc.data.augment`` config for training images; None = off.
-        validate: decode and check every used image and mask in ``setup`` (fails naming bad files).
+        validate: decode and check every used image and mask in ``setup`` (fails naming bad files), and apply the
+            mask and size rules (:mod:`deeploc.data.masks`; one image size per batch).
+        synthetic: when given, ``generate_dataset(**synthetic)`` writes a dataset first if there is none; the
+            data then live in ``<root>/<dataset_folder_name(synthetic)>/wacv_data`` (``synthetic.dataset_home``:
+            one folder per parameter set), or in ``root`` itself if it is named ``wacv_data``.
+        seed: seeds the training order and augmentation (the split's own seed is ``split["seed"]``).
         validate_cache: validation cache file; "auto" = ``$XDG_CACHE_HOME/deeploc/validated/<hash of root>.json``,
             None = no cache.
-        synthetic: when given, ``generate_dataset(**synthetic)`` writes a dataset first if there is none; the
-            data then live in ``<root>/wacv_data`` (or in ``root`` itself if it is named ``wacv_data``).
-        seed: seeds the training order and augmentation (the split's own seed is ``split["seed"]``).
+        mask_polarity: how the masks are drawn: ``black_is_manipulated`` (Dolos) or ``white_is_manipulated``.
+        allow_empty_masks: accept masks with no manipulated pixel (refused by default: usually a wrong file).
+        max_manipulated_fraction: refuse a ``<subset>/<split>`` whose masks mark more than this share of each
+            image as manipulated on average (inverted polarity).
     """
 
     def __init__(
@@ -157,6 +165,9 @@ class LocalizationDataModule(L.LightningDataModule):
         synthetic: dict | None = None,
         seed: int = 0,
         validate_cache: str | None = "auto",
+        mask_polarity: str = DEFAULT_POLARITY,
+        allow_empty_masks: bool = False,
+        max_manipulated_fraction: float = MAX_MANIPULATED_FRACTION,
     ) -> None:
         super().__init__()
         # Plain containers only (an OmegaConf DictConfig in the saved hyperparameters breaks weights_only loading).
@@ -192,6 +203,8 @@ class LocalizationDataModule(L.LightningDataModule):
         self.validate_cache = validate_cache
         self.synthetic = synthetic
         self.seed = int(seed)
+        self.mask_polarity = check_polarity(mask_polarity)
+        self.mask_rules = MaskRules(allow_empty_masks, max_manipulated_fraction)
         self.save_hyperparameters()
         # Fail on a bad augmentation config now, not in the first training step.
         build_augmentations(self.augment)
@@ -205,7 +218,9 @@ class LocalizationDataModule(L.LightningDataModule):
 
     def _synthetic_target(self) -> Path:
         root = Path(self.root).expanduser().absolute()
-        return root.parent if root.name == "wacv_data" else root
+        if root.name == "wacv_data":  # the dataset folder itself: used as named (other parameters are refused)
+            return root.parent
+        return dataset_home(root, self.synthetic or {})
 
     def prepare_data(self) -> None:
         """Generate the synthetic dataset if one is configured (idempotent; Lightning runs this on one process)."""
@@ -224,7 +239,7 @@ class LocalizationDataModule(L.LightningDataModule):
         root = self._resolve()
         mode, subset = self.split["mode"], self.split["subset"]
         needed = subsets_needed(mode, subset, self.subsets)
-        samples = index_subsets(root, needed)
+        samples = index_subsets(root, needed, mask_polarity=self.mask_polarity)
         plan = make_split(
             samples,
             mode,
@@ -237,7 +252,21 @@ class LocalizationDataModule(L.LightningDataModule):
         used = plan.all_samples()
         if self.validate:
             cache = _default_cache_file(root) if self.validate_cache == "auto" else self.validate_cache
-            validate_samples(used, cache_file=cache, workers=max(1, self.num_workers))
+            # Every loader stacks its batches, so each needs one image size.
+            batches = {"the train split": plan.train, "the valid split": plan.valid}
+            batches.update({f"the test split of {name}": samples for name, samples in plan.test.items()})
+            stats = validate_samples(
+                used, cache_file=cache, workers=max(1, self.num_workers), rules=self.mask_rules, batches=batches
+            )
+            thin = sum(st.manipulated > 0 and st.f1_positive == 0 for st in stats.values())
+            if thin:
+                log.info(
+                    "%d of %d masks have regions thinner than the metrics' %dx%d erosion (no F1 positive)",
+                    thin,
+                    len(stats),
+                    ERODE_SIZE,
+                    ERODE_SIZE,
+                )
         self.data_root = root
         self.plan = plan
         log.info(

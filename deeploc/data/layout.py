@@ -10,7 +10,8 @@ Layout (the archive unzips to a folder named ``wacv_data``)::
 
 Only ``fake/<subset>`` folders that hold a ``masks/`` folder are localization subsets. Nothing here skips a bad
 file: a silently skipped file changes the sample counts and therefore the metrics, so every problem raises a
-:class:`DatasetError` naming the files and the fix.
+:class:`DatasetError` naming the files and the fix. What a mask must look like is :mod:`deeploc.data.masks`' job;
+each :class:`Sample` carries the polarity its mask is drawn in, so every reader reads it the same way.
 
 Images and masks are decoded with OpenCV (``cv2.imdecode``) everywhere in deeploc; :func:`read_rgb` and
 :func:`read_mask` are the two readers the datasets use too, so validation checks exactly what training reads.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,19 +30,33 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from deeploc.data.errors import DatasetError
+from deeploc.data.errors import LIST_LIMIT, DatasetError, format_list
+from deeploc.data.masks import (
+    DEFAULT_POLARITY,
+    MASK_MANIPULATED_MAX,
+    MASK_MAX_AMBIGUOUS_FRACTION,
+    MaskRules,
+    MaskStats,
+    check_polarity,
+    empty_mask_problem,
+    inspect_mask,
+    polarity_problem,
+    to_dolos,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "MASK_MANIPULATED_MAX",
-    "MASK_MAX_AMBIGUOUS_FRACTION",
+    "MIN_IMAGE_SIDE",
     "SPLITS",
     "DatasetError",
     "Sample",
     "available_subsets",
     "count_table",
+    "dataset_problems",
+    "find_samples",
     "format_count_table",
     "index_subsets",
+    "inspect_samples",
     "read_mask",
     "read_rgb",
     "resolve_root",
@@ -53,18 +68,14 @@ log = logging.getLogger(__name__)
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
-# Mask tolerance. The loader's rule (the Dolos convention) is ``manipulated = mask[..., 0] != 255``: any value
-# other than exactly 255 counts as manipulated. Values close to 0 are therefore harmless noise (they are
-# manipulated either way), but a value such as 250 would silently turn a real pixel into a manipulated one.
-# So a mask pixel is "clean" when it is exactly 255 or <= MASK_MANIPULATED_MAX, and a mask is accepted when at
-# most MASK_MAX_AMBIGUOUS_FRACTION of its pixels are not clean (room for anti-aliased region edges, not for a
-# JPEG-saved or resampled mask, whose real area is full of 250-254 values).
-MASK_MANIPULATED_MAX = 32
-MASK_MAX_AMBIGUOUS_FRACTION = 0.01
+# The smallest image side accepted. The encoder resizes any image to its input size, so this is a sanity floor,
+# not a technical limit: below it an image holds next to nothing for SAM2 to see (a 32 px image is upsampled 32x
+# to 1024) and the metrics' 15x15 erosion / 11x11 dilation band covers most of it. Dolos images are 256 px, the
+# generator's smallest are 32 px.
+MIN_IMAGE_SIDE = 32
 
-# Bump when the validation rules change: older cache entries are then ignored.
-_VALIDATION_VERSION = 1
-_LIST_LIMIT = 20
+# Bump when the validation rules or the cached statistics change: older cache entries are then ignored.
+_VALIDATION_VERSION = 2
 
 DOWNLOAD_HINT = (
     "The Dolos download server is often down (bit-ml/dolos issue #3); to work without it, generate a "
@@ -74,13 +85,15 @@ DOWNLOAD_HINT = (
 
 @dataclass(frozen=True)
 class Sample:
-    """One manipulated image and its mask. ``name`` is the file stem, shared across subsets in Dolos."""
+    """One manipulated image and its mask. ``name`` is the file stem, shared across subsets in Dolos;
+    ``mask_polarity`` says how the mask is drawn (:mod:`deeploc.data.masks`)."""
 
     image: Path
     mask: Path
     subset: str
     split: str
     name: str
+    mask_polarity: str = DEFAULT_POLARITY
 
 
 # --------------------------------------------------------------------------------------------------- root
@@ -116,13 +129,13 @@ def resolve_root(root: str | os.PathLike[str]) -> Path:
     zips = sorted(p.name for p in path.glob("*.zip"))
     if zips:
         raise DatasetError(
-            f"{path} holds {_fmt_list(zips)} but no unzipped dataset: unzip it there, then set "
+            f"{path} holds {format_list(zips)} but no unzipped dataset: unzip it there, then set "
             f"data.root={path / 'wacv_data'}. {DOWNLOAD_HINT}"
         )
     found = sorted(p.name for p in path.iterdir())
     raise DatasetError(
         f"{path} is not a Dolos dataset root: expected {path / 'data' / 'celebahq'} (data.root=<...>/wacv_data) "
-        f"or {path / 'celebahq'} (data.root=<...>/wacv_data/data); it holds: {_fmt_list(found) or 'nothing'}. "
+        f"or {path / 'celebahq'} (data.root=<...>/wacv_data/data); it holds: {format_list(found) or 'nothing'}. "
         f"{DOWNLOAD_HINT}"
     )
 
@@ -136,14 +149,6 @@ def available_subsets(root: str | os.PathLike[str], source: str = "celebahq") ->
 
 
 # -------------------------------------------------------------------------------------------------- index
-
-
-def _fmt_list(items: Sequence[object], limit: int = _LIST_LIMIT) -> str:
-    items = list(items)
-    shown = ", ".join(str(x) for x in items[:limit])
-    if len(items) > limit:
-        shown += f" (+{len(items) - limit} more)"
-    return shown
 
 
 def _scan(folder: Path) -> tuple[dict[str, Path], list[str], list[str], list[str]]:
@@ -172,18 +177,18 @@ def _scan(folder: Path) -> tuple[dict[str, Path], list[str], list[str], list[str
     return by_stem, sorted(other), sorted(dups), sorted(subdirs)
 
 
-def index_subsets(
+def find_samples(
     root: str | os.PathLike[str],
     subsets: Sequence[str] | str,
     splits: Sequence[str] = SPLITS,
     source: str = "celebahq",
-) -> list[Sample]:
-    """Index ``<source>/fake/<subset>/{images,masks}/<split>`` for each subset and split.
+    mask_polarity: str = DEFAULT_POLARITY,
+) -> tuple[list[Sample], list[str]]:
+    """:func:`index_subsets` without raising on problems of the layout: ``(samples found, problems)``.
 
-    Returns samples ordered by subset (as given), split (as given), then file name. Every problem found
-    (missing subset, missing or empty split, image without mask, mask without image, non-image files) is
-    collected and raised together as one :class:`DatasetError`.
+    Problems that leave nothing to index (no dataset root, no source or ``fake`` folder) still raise.
     """
+    check_polarity(mask_polarity)
     if isinstance(subsets, str):
         subsets = [subsets]
     subsets = list(dict.fromkeys(subsets))
@@ -196,7 +201,7 @@ def index_subsets(
     src = base / source
     if not src.is_dir():
         sources = sorted(p.name for p in base.iterdir() if p.is_dir())
-        raise DatasetError(f"no {src} folder; sources found under {base}: {_fmt_list(sources) or 'none'}")
+        raise DatasetError(f"no {src} folder; sources found under {base}: {format_list(sources) or 'none'}")
     fake = src / "fake"
     if not fake.is_dir():
         raise DatasetError(f"no {fake} folder: the manipulated images are missing. {DOWNLOAD_HINT}")
@@ -208,14 +213,14 @@ def index_subsets(
         sdir = fake / subset
         if not sdir.is_dir():
             problems.append(
-                f"missing subset folder {sdir}; localization subsets present: {_fmt_list(existing) or 'none'}. "
+                f"missing subset folder {sdir}; localization subsets present: {format_list(existing) or 'none'}. "
                 "Check the subset name, or download/extract that subset."
             )
             continue
         if not (sdir / "masks").is_dir():
             problems.append(
                 f"{sdir} has no masks/ folder, so it is not a localization subset (fully synthetic sets such as "
-                f"p2 have no masks); choose from: {_fmt_list(existing) or 'none'}"
+                f"p2 have no masks); choose from: {format_list(existing) or 'none'}"
             )
             continue
         for split in splits:
@@ -231,16 +236,16 @@ def index_subsets(
             for folder, other in ((idir, img_other), (mdir, mask_other)):
                 if other:
                     problems.append(
-                        f"{len(other)} non-image file(s) in {folder}: {_fmt_list(other)}; remove or move them"
+                        f"{len(other)} non-image file(s) in {folder}: {format_list(other)}; remove or move them"
                     )
             for folder, dups in ((idir, img_dups), (mdir, mask_dups)):
                 if dups:
                     problems.append(
-                        f"{len(dups)} name(s) with several image files in {folder}: {_fmt_list(dups)}; "
+                        f"{len(dups)} name(s) with several image files in {folder}: {format_list(dups)}; "
                         "keep one file per name"
                     )
             if not images:
-                nested = f" (it has subfolders {_fmt_list(img_dirs)}; nested folders are not searched)"
+                nested = f" (it has subfolders {format_list(img_dirs)}; nested folders are not searched)"
                 problems.append(
                     f"empty split: {idir} holds no images{nested if img_dirs else ''}; re-extract the archive"
                 )
@@ -248,18 +253,36 @@ def index_subsets(
             no_mask = sorted(images.keys() - masks.keys())
             if no_mask:
                 problems.append(
-                    f"{len(no_mask)} image(s) without a mask: {_fmt_list([images[n].name for n in no_mask])} "
+                    f"{len(no_mask)} image(s) without a mask: {format_list([images[n].name for n in no_mask])} "
                     f"in {idir} have no file of the same name in {mdir}; restore the masks or remove the images"
                 )
             no_image = sorted(masks.keys() - images.keys())
             if no_image:
                 problems.append(
-                    f"{len(no_image)} mask(s) without an image: {_fmt_list([masks[n].name for n in no_image])} "
+                    f"{len(no_image)} mask(s) without an image: {format_list([masks[n].name for n in no_image])} "
                     f"in {mdir} have no file of the same name in {idir}; restore the images or remove the masks"
                 )
             for name in sorted(images.keys() & masks.keys()):
-                samples.append(Sample(images[name], masks[name], subset, split, name))
+                samples.append(Sample(images[name], masks[name], subset, split, name, mask_polarity))
+    return samples, problems
+
+
+def index_subsets(
+    root: str | os.PathLike[str],
+    subsets: Sequence[str] | str,
+    splits: Sequence[str] = SPLITS,
+    source: str = "celebahq",
+    mask_polarity: str = DEFAULT_POLARITY,
+) -> list[Sample]:
+    """Index ``<source>/fake/<subset>/{images,masks}/<split>`` for each subset and split.
+
+    Returns samples ordered by subset (as given), split (as given), then file name, each carrying
+    ``mask_polarity``. Every problem found (missing subset, missing or empty split, image without mask, mask
+    without image, non-image files) is collected and raised together as one :class:`DatasetError`.
+    """
+    samples, problems = find_samples(root, subsets, splits, source, mask_polarity)
     if problems:
+        base = resolve_root(root)
         raise DatasetError(f"Dolos dataset at {base} ({source}) has problems:\n  - " + "\n  - ".join(problems))
     return samples
 
@@ -312,55 +335,60 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     return out
 
 
-def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a Dolos mask as HxW uint8: channel 0 in RGB order (``mask[..., 0]``), 255 = real, else manipulated."""
+def read_mask(path: str | os.PathLike[str], polarity: str = DEFAULT_POLARITY) -> np.ndarray:
+    """Read a mask as HxW uint8 in the Dolos convention (255 = real, else manipulated) whatever ``polarity`` it is
+    drawn in: channel 0 in RGB order (``mask[..., 0]``); validation checks that the other channels agree."""
     p = Path(path)
     out = _read_rgb_or_reason(p)
     if isinstance(out, str):
         raise DatasetError(f"mask {p}: {out}")
-    return np.ascontiguousarray(out[..., 0])
+    return np.ascontiguousarray(to_dolos(out[..., 0], polarity))
 
 
 # ----------------------------------------------------------------------------------------------- validate
 
 
-def _check_sample(sample: Sample) -> list[str]:
-    """Reasons why a sample is unusable (empty when it is fine)."""
+def _check_sample(sample: Sample) -> tuple[list[str], MaskStats | None]:
+    """Reasons why a sample is unusable (empty when it is fine), and its mask's statistics when it is."""
     reasons: list[str] = []
     img = _read_rgb_or_reason(sample.image)
     if isinstance(img, str):
         reasons.append(f"image {sample.image}: {img}")
+    elif min(img.shape[:2]) < MIN_IMAGE_SIDE:
+        reasons.append(
+            f"image {sample.image}: {img.shape[1]}x{img.shape[0]} pixels, smaller than {MIN_IMAGE_SIDE} px per side "
+            "(too small to localize anything in); remove it or replace it with the full-size file"
+        )
     mask = _read_rgb_or_reason(sample.mask)
     if isinstance(mask, str):
         reasons.append(f"mask {sample.mask}: {mask}")
-        return reasons
-    red = mask[..., 0]
-    ambiguous = int(np.count_nonzero((red > MASK_MANIPULATED_MAX) & (red < 255)))
-    if ambiguous > MASK_MAX_AMBIGUOUS_FRACTION * red.size:
-        reasons.append(
-            f"mask {sample.mask}: not binary, {ambiguous} pixels ({100.0 * ambiguous / red.size:.1f}%) are neither "
-            f"255 (real) nor <= {MASK_MANIPULATED_MAX} (manipulated); was it saved as JPEG or resized?"
-        )
+        return reasons, None
+    mask_reasons, stats = inspect_mask(mask, sample.mask_polarity)
+    reasons.extend(f"mask {sample.mask}: {reason}" for reason in mask_reasons)
     if not isinstance(img, str) and img.shape[:2] != mask.shape[:2]:
         reasons.append(
             f"mask {sample.mask}: size {mask.shape[1]}x{mask.shape[0]} differs from its image {sample.image} "
             f"({img.shape[1]}x{img.shape[0]}, WxH)"
         )
-    return reasons
+    return reasons, (None if reasons else stats)
 
 
 def _stat_key(sample: Sample) -> tuple[str, list[int]] | None:
     """Cache key and fingerprint of image and mask; None if a file is missing.
 
-    The fingerprint is (size, mtime_ns, ctime_ns, inode) of both files: ctime changes on every write and on
-    ``touch``/``utime``, and cannot be set back, so a rewritten file is never mistaken for a validated one.
+    The key holds the mask polarity (the statistics depend on it). The fingerprint is (size, mtime_ns, ctime_ns,
+    inode) of both files: ctime changes on every write and on ``touch``/``utime``, and cannot be set back, so a
+    rewritten file is never mistaken for a validated one.
     """
     try:
         si, sm = os.stat(sample.image), os.stat(sample.mask)
     except OSError:
         return None
     fp = [si.st_size, si.st_mtime_ns, si.st_ctime_ns, si.st_ino, sm.st_size, sm.st_mtime_ns, sm.st_ctime_ns, sm.st_ino]
-    return f"{sample.image}\t{sample.mask}", fp
+    return f"{sample.image}\t{sample.mask}\t{sample.mask_polarity}", fp
+
+
+_FINGERPRINT_LEN = 8  # cache entry = fingerprint + (height, width, manipulated, f1_positive)
 
 
 def _cache_header() -> dict[str, object]:
@@ -368,6 +396,7 @@ def _cache_header() -> dict[str, object]:
         "version": _VALIDATION_VERSION,
         "mask_manipulated_max": MASK_MANIPULATED_MAX,
         "mask_max_ambiguous_fraction": MASK_MAX_AMBIGUOUS_FRACTION,
+        "min_image_side": MIN_IMAGE_SIDE,
     }
 
 
@@ -379,7 +408,7 @@ def _load_cache(cache_file: Path | None) -> dict[str, list[int]]:
         if data.get("header") != _cache_header():
             return {}
         entries = data["entries"]
-        return {str(k): list(v) for k, v in entries.items()}
+        return {str(k): [int(x) for x in v] for k, v in entries.items() if len(v) == _FINGERPRINT_LEN + 4}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         log.warning("ignoring unreadable validation cache %s", cache_file)
         return {}
@@ -395,67 +424,130 @@ def _save_cache(cache_file: Path, entries: dict[str, list[int]]) -> None:
         log.warning("could not write validation cache %s: %s", cache_file, exc)
 
 
-def validate_samples(
+def inspect_samples(
     samples: Iterable[Sample],
     cache_file: str | os.PathLike[str] | None = None,
     workers: int = 2,
-) -> None:
-    """Decode every image and mask and check them; raise :class:`DatasetError` listing the bad files.
+) -> tuple[dict[Sample, MaskStats], list[str]]:
+    """Decode and check every image and mask: ``(statistics of the good samples, every problem found)``.
 
-    Checks: both files decode (corrupt, truncated and non-image files fail); the image is RGB or convertible
-    (gray, RGBA, 16 bit); the mask has the image's height and width; the mask is binary up to noise (see
-    ``MASK_MANIPULATED_MAX`` / ``MASK_MAX_AMBIGUOUS_FRACTION`` above). ``workers`` threads decode in parallel
-    (OpenCV releases the GIL).
+    Checks per sample: both files decode (corrupt, truncated and non-image files fail); the image is RGB or
+    convertible (gray, RGBA, 16 bit) and at least ``MIN_IMAGE_SIDE`` px per side; the mask has the image's height
+    and width and follows :func:`deeploc.data.masks.inspect_mask` (binary up to noise, channels agree).
+    ``workers`` threads decode in parallel (OpenCV releases the GIL).
 
-    With ``cache_file``, samples that passed are remembered by (path, size, mtime_ns, ctime_ns, inode) of both
-    files, so re-validating an unchanged dataset only costs a ``stat`` per file; any rewrite, replacement or
-    ``touch`` of a file invalidates its entry, as does a change of the validation rules. Failed samples are
-    never cached. The cache is a JSON file replaced atomically; concurrent writers can only lose entries.
+    With ``cache_file``, samples that passed are remembered with their statistics by (path, polarity, size,
+    mtime_ns, ctime_ns, inode) of both files, so re-validating an unchanged dataset only costs a ``stat`` per file;
+    any rewrite, replacement or ``touch`` of a file invalidates its entry, as does a change of the rules. Failed
+    samples are never cached. The cache is a JSON file replaced atomically; concurrent writers can only lose
+    entries.
     """
     samples = list(samples)
     cache_path = Path(cache_file) if cache_file is not None else None
     cache = _load_cache(cache_path)
-    missing: list[str] = []
-    todo: list[tuple[Sample, str | None, list[int] | None]] = []
+    problems: list[str] = []
+    stats: dict[Sample, MaskStats] = {}
+    todo: list[tuple[Sample, str, list[int]]] = []
     for s in samples:
         keyed = _stat_key(s)
         if keyed is None:
             which = [str(p) for p in (s.image, s.mask) if not p.exists()]
-            missing.append(f"{_fmt_list(which)}: file is missing")
+            problems.append(f"{format_list(which)}: file is missing")
             continue
         key, fp = keyed
-        if cache.get(key) != fp:
+        hit = cache.get(key)
+        if hit is not None and hit[:_FINGERPRINT_LEN] == fp:
+            stats[s] = MaskStats(*hit[_FINGERPRINT_LEN:])
+        else:
             todo.append((s, key, fp))
-
-    def check(item: tuple[Sample, str | None, list[int] | None]) -> list[str]:
-        return _check_sample(item[0])
 
     if todo:
         log.info("validating %d of %d samples (%d cached)", len(todo), len(samples), len(samples) - len(todo))
     if workers > 1 and len(todo) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(check, todo, chunksize=64))
+            results = list(pool.map(lambda item: _check_sample(item[0]), todo, chunksize=64))
     else:
-        results = [check(item) for item in todo]
+        results = [_check_sample(item[0]) for item in todo]
 
-    bad = list(missing)
-    changed = False
-    for (_, key, fp), reasons in zip(todo, results):
-        if reasons:
-            bad.extend(reasons)
-        elif key is not None and fp is not None:
-            cache[key] = fp
-            changed = True
-    if cache_path is not None and changed:
+    for (sample, key, fp), (reasons, found) in zip(todo, results):
+        problems.extend(reasons)
+        if found is not None:
+            stats[sample] = found
+            cache[key] = [*fp, found.height, found.width, found.manipulated, found.f1_positive]
+    if cache_path is not None and any(found is not None for _, found in results):
         _save_cache(cache_path, cache)
+    return {s: stats[s] for s in samples if s in stats}, problems
+
+
+def _size_problem(group: str, members: Sequence[Sample], stats: Mapping[Sample, MaskStats]) -> str | None:
+    by_size: dict[tuple[int, int], list[Sample]] = {}
+    for s in members:
+        if s in stats:
+            by_size.setdefault((stats[s].height, stats[s].width), []).append(s)
+    if len(by_size) < 2:
+        return None
+    sizes = sorted(by_size)
+    counts = ", ".join(f"{w}x{h}: {len(by_size[(h, w)])}" for h, w in sizes)
+    rarest = min(sizes, key=lambda hw: len(by_size[hw]))
+    return (
+        f"{group} mixes image sizes ({counts}, WxH), but a batch needs one size: e.g. "
+        f"{format_list([s.image for s in by_size[rarest]], 5)} are {rarest[1]}x{rarest[0]}. Resize the images and "
+        "masks of the odd size (masks with nearest-neighbour interpolation) or remove them"
+    )
+
+
+def dataset_problems(
+    stats: Mapping[Sample, MaskStats],
+    rules: MaskRules | None = None,
+    batches: Mapping[str, Sequence[Sample]] | None = None,
+) -> list[str]:
+    """The rules on groups of samples, from their statistics (:func:`inspect_samples`): empty masks (unless
+    ``rules.allow_empty``), masks that mark most of each image as manipulated across a ``<subset>/<split>``
+    folder (wrong polarity), and mixed image sizes within a batch group (``batches``: name -> samples; default:
+    each ``<subset>/<split>`` folder)."""
+    rules = rules or MaskRules()
+    problems: list[str] = []
+    folders: dict[str, list[Sample]] = {}
+    for s in stats:
+        folders.setdefault(f"{s.subset}/{s.split}", []).append(s)
+    if not rules.allow_empty:
+        for polarity in sorted({s.mask_polarity for s in stats}):
+            empty = [s.mask for s in stats if s.mask_polarity == polarity and stats[s].manipulated == 0]
+            if empty:
+                problems.append(empty_mask_problem(empty, polarity))
+    for group, members in folders.items():
+        problem = polarity_problem(group, [stats[s] for s in members], members[0].mask_polarity, rules)
+        if problem:
+            problems.append(problem)
+    for group, members in (batches if batches is not None else folders).items():
+        problem = _size_problem(group, members, stats)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def validate_samples(
+    samples: Iterable[Sample],
+    cache_file: str | os.PathLike[str] | None = None,
+    workers: int = 2,
+    rules: MaskRules | None = None,
+    batches: Mapping[str, Sequence[Sample]] | None = None,
+) -> dict[Sample, MaskStats]:
+    """:func:`inspect_samples` then :func:`dataset_problems`; raise one :class:`DatasetError` listing every
+    problem (the first ``LIST_LIMIT`` of them, and how many more), or return each sample's statistics."""
+    samples = list(samples)
+    stats, bad = inspect_samples(samples, cache_file, workers)
+    bad += dataset_problems(stats, rules, batches)
     if bad:
-        shown = "\n  - ".join(bad[:_LIST_LIMIT])
-        more = f"\n  (+{len(bad) - _LIST_LIMIT} more)" if len(bad) > _LIST_LIMIT else ""
+        shown = "\n  - ".join(bad[:LIST_LIMIT])
+        more = f"\n  (+{len(bad) - LIST_LIMIT} more)" if len(bad) > LIST_LIMIT else ""
         raise DatasetError(
             f"{len(bad)} problem(s) in {len(samples)} samples:\n  - {shown}{more}\n"
-            "Fix or replace these files (re-extract the archive, or regenerate a synthetic dataset). Bad files are "
-            "never skipped, because skipping would silently change the sample counts and the metrics."
+            "Fix or replace these files (re-extract the archive, or regenerate a synthetic dataset), or change the "
+            "named setting. Bad files are never skipped, because skipping would silently change the sample counts "
+            "and the metrics."
         )
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------- counts

@@ -23,24 +23,40 @@ Deterministic: every file depends only on (seed, global index, size), so the sam
 files. Idempotent and safe against interruption: files are written into a hidden ``.wacv_data.partial-*`` folder,
 the manifest last, and the folder is renamed to ``wacv_data`` in one step; a later call with the same parameters
 returns at once, and one with other parameters fails instead of mixing two datasets.
+
+Under a shared data root (``data=synthetic``: ``outputs/data/synthetic``) each parameter set gets its own folder,
+:func:`dataset_folder_name` (e.g. ``train160-valid32-test48-real16-256px-seed0-<digest>/wacv_data``), so a small-data
+run and the demo never refuse each other; :func:`dataset_home` picks it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from deeploc.data.errors import DatasetError
 
-__all__ = ["MANIFEST_NAME", "SUBSETS", "SUBSET_DESCRIPTIONS", "generate_dataset", "read_manifest"]
+__all__ = [
+    "DEFAULTS",
+    "MANIFEST_NAME",
+    "SUBSETS",
+    "SUBSET_DESCRIPTIONS",
+    "dataset_folder_name",
+    "dataset_home",
+    "generate_dataset",
+    "read_manifest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +72,9 @@ MANIFEST_NAME = "deeploc_synthetic.json"
 GENERATOR_VERSION = 1
 _SPLITS = ("train", "valid", "test")
 _PARTIAL_PREFIX = ".wacv_data.partial-"
+# generate_dataset's defaults (its signature repeats them; a test keeps the two equal). "workers" is not a parameter
+# of the data: it only changes speed.
+DEFAULTS: dict[str, int] = {"n_train": 256, "n_valid": 64, "n_test": 64, "size": 256, "seed": 0, "n_real": 16}
 
 # Streams of the per-index random generators, so that each kind of image has its own sequence.
 _STREAM_FAKE, _STREAM_P2, _STREAM_FFHQ = 0, 1, 2
@@ -226,6 +245,41 @@ def _params(n_train: int, n_valid: int, n_test: int, size: int, seed: int, n_rea
         "seed": seed,
         "subsets": list(SUBSETS),
     }
+
+
+def _settings_params(settings: Mapping[str, Any]) -> dict[str, object]:
+    """The manifest parameters of ``generate_dataset(root, **settings)``; unknown keys are refused."""
+    unknown = sorted(set(settings) - set(DEFAULTS) - {"workers"})
+    if unknown:
+        raise DatasetError(
+            f"data.synthetic.{unknown[0]} is not a generator setting; the settings are {', '.join(DEFAULTS)} "
+            "(and workers)"
+        )
+    merged = {**DEFAULTS, **{k: v for k, v in settings.items() if k in DEFAULTS}}
+    return _params(*(int(merged[k]) for k in ("n_train", "n_valid", "n_test", "size", "seed", "n_real")))
+
+
+def dataset_folder_name(settings: Mapping[str, Any]) -> str:
+    """The folder name of the dataset ``generate_dataset(root, **settings)`` makes, under a shared data root:
+    readable counts, size and seed, then a digest of every parameter (the generator version included)."""
+    p = _settings_params(settings)
+    digest = hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:8]
+    counts = f"train{p['n_train']}-valid{p['n_valid']}-test{p['n_test']}-real{p['n_real']}"
+    return f"{counts}-{p['size']}px-seed{p['seed']}-{digest}"
+
+
+def dataset_home(root: str | os.PathLike[str], settings: Mapping[str, Any]) -> Path:
+    """The folder to pass to :func:`generate_dataset` for ``settings`` under the shared data root ``root``.
+
+    ``root / dataset_folder_name(settings)``, except when ``root/wacv_data`` already holds exactly this dataset
+    (made by ``deeploc-make-data root`` or by deeploc <= 0.1, which wrote there): then ``root``, since the
+    generator is deterministic and the two would be byte-identical.
+    """
+    root = Path(root).expanduser().absolute()
+    manifest = read_manifest(root / "wacv_data")
+    if manifest is not None and manifest.get("params") == _settings_params(settings):
+        return root
+    return root / dataset_folder_name(settings)
 
 
 def _expected_counts(params: dict[str, object]) -> dict[str, int]:

@@ -36,10 +36,13 @@ Safety
       the work done (flock is advisory, local file systems and NFSv4 honour it; some network file systems do not).
     * Detected on every read of an entry: missing file, wrong magic, unparsable header, an entry for another image
       (key), wrong shape or dtype, truncated or extended file (exact size check), any change of the feature bytes
-      (crc32). A crc failure during training raises :class:`FeatureStoreError` naming the file.
+      (crc32). A crc failure during training raises :class:`FeatureStoreError` naming the file and the two fixes
+      that work: delete that file (the next extraction computes it again), or run ``deeploc-extract``, which
+      verifies the crc32 of every entry (``verify=True``) and recomputes the damaged ones, listing them.
       :meth:`missing` and :meth:`extract` use the cheap checks (header, key, shape, dtype, size; no crc unless
-      ``verify=True``) and recompute what fails them. Maps that are not finite in float16 (NaN, overflow beyond
-      +-65504) are refused at write time.
+      ``verify=True``: reading a whole store at every training start would cost one epoch of reads) and recompute
+      what fails them. Maps that are not finite in float16 (NaN, overflow beyond +-65504) are refused at write
+      time.
     * NOT detected: an entry deliberately rewritten with a consistent header and crc (the store is no defence
       against tampering); a bit flip in an entry's data when nothing reads it with the crc check; features that
       were wrong when computed (e.g. an encoder whose ``identity()`` misses something that changes its output,
@@ -50,12 +53,12 @@ Safety
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import mmap
 import os
+import shlex
 import shutil
 import struct
 import time
@@ -71,7 +74,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from deeploc.data.datasets import image_tensor, mask_tensor, read_target
 from deeploc.data.layout import read_rgb
+from deeploc.errors import DeeplocError
 from deeploc.features_spec import feature_info, feature_shape
+from deeploc.locks import exclusive as _locked
 
 if TYPE_CHECKING:
     from deeploc.data.layout import Sample
@@ -98,7 +103,7 @@ _HASH_MEMO = "image_hashes.json"
 _LIST_LIMIT = 5
 
 
-class FeatureStoreError(RuntimeError):
+class FeatureStoreError(DeeplocError, RuntimeError):
     """A feature store that cannot be used as asked; the message names the folder or file and the fix."""
 
 
@@ -139,22 +144,6 @@ def _atomic_write_bytes(path: Path, chunks: Iterable[bytes | memoryview]) -> Non
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-@contextlib.contextmanager
-def _locked(path: Path, what: str) -> Iterator[None]:
-    """Exclusive flock on ``path``; says so when it has to wait for another process."""
-    with open(path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("%s: another process holds %s; waiting for it to finish", what, path)
-            print(f"[feature store] waiting for another process holding {path}", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -263,13 +252,40 @@ def _check_header(
     return meta, ""
 
 
+class _EntryProblem(Exception):
+    """Why an entry is unusable, in a few words (e.g. "crc32 mismatch")."""
+
+
+def _checked_data(path: Path, key: str, shape: tuple[int, ...], keep: bool) -> np.ndarray | None:
+    """Run every check of the module docstring on the entry at ``path``; return a copy of its data when ``keep``.
+    Raises :class:`_EntryProblem`."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < HEADER_SIZE:
+                raise _EntryProblem(f"{size} bytes, shorter than its header")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                meta, problem = _check_header(path, mapped[:HEADER_SIZE], size, key, shape)
+                if meta is None:
+                    raise _EntryProblem(problem)
+                view = memoryview(mapped)[HEADER_SIZE:]
+                try:
+                    if zlib.crc32(view) != meta["crc32"]:
+                        raise _EntryProblem("crc32 mismatch")
+                    return np.frombuffer(view, dtype=DTYPE).reshape(shape).copy() if keep else None
+                finally:
+                    view.release()
+    except FileNotFoundError:
+        raise _EntryProblem("missing") from None
+
+
 def _entry_problem(path: Path, key: str, shape: tuple[int, ...], verify: bool = False) -> str:
     """Why the entry at ``path`` is unusable; "" when it is fine. Cheap checks (header, key, shape, dtype, size)
     always; ``verify`` also reads the data and checks its crc32."""
     if verify:
         try:
-            read_entry(path, key, shape)
-        except FeatureStoreError as exc:
+            _checked_data(path, key, shape, keep=False)
+        except _EntryProblem as exc:
             return str(exc)
         return ""
     try:
@@ -285,30 +301,24 @@ def _entry_problem(path: Path, key: str, shape: tuple[int, ...], verify: bool = 
 
 def read_entry(path: str | Path, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The float16 ``C x H x W`` tensor of one entry, read through a memory map, with every check of the module
-    docstring (header, key, shape, dtype, exact size, crc32). Raises :class:`FeatureStoreError` naming the file."""
+    docstring (header, key, shape, dtype, exact size, crc32). Raises :class:`FeatureStoreError` naming the file and
+    a fix that works: a missing entry is computed by the next extraction; a damaged one must be deleted first (the
+    training command's extraction step only runs the cheap checks) or found by deeploc-extract, which verifies."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < HEADER_SIZE:
-                raise FeatureStoreError(f"feature entry {path} is corrupt: {size} bytes, shorter than its header")
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                meta, problem = _check_header(path, mapped[:HEADER_SIZE], size, key, shape)
-                if meta is None:
-                    raise FeatureStoreError(f"feature entry {path} is corrupt: {problem}. {_FIX}")
-                view = memoryview(mapped)[HEADER_SIZE:]
-                try:
-                    if zlib.crc32(view) != meta["crc32"]:
-                        raise FeatureStoreError(f"feature entry {path} is corrupt: crc32 mismatch. {_FIX}")
-                    data = np.frombuffer(view, dtype=DTYPE).reshape(shape).copy()
-                finally:
-                    view.release()
-    except FileNotFoundError:
-        raise FeatureStoreError(f"feature entry {path} is missing. {_FIX}") from None
+        data = _checked_data(path, key, shape, keep=True)
+    except _EntryProblem as exc:
+        if str(exc) == "missing":
+            raise FeatureStoreError(
+                f"feature entry {path} is missing. Run the extraction again (the training command itself, or "
+                "deeploc-extract with the run's overrides): it computes missing entries."
+            ) from None
+        raise FeatureStoreError(
+            f"feature entry {path} is corrupt: {exc}. Delete it (rm {shlex.quote(str(path))}) and run the command "
+            "again: its extraction step recomputes missing entries. To find and recompute every damaged entry of "
+            "this store, run deeploc-extract with the run's overrides (it checks each entry's crc32)."
+        ) from None
     return torch.from_numpy(data)
-
-
-_FIX = "Run the extraction again (deeploc-extract or FeatureStore.extract): it recomputes entries that fail checks."
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -521,6 +531,7 @@ def extract_features(
             locks.enter_context(_locked(lock, f"feature store {store.path}"))
         # Under the locks: what is missing now (another job may just have computed it).
         todo: dict[str, tuple[Sample, list[FeatureStore]]] = {}
+        damaged: dict[str, list[str]] = {}  # feature -> "<entry path> (<problem>)" of entries present but unusable
         for store in stores:
             if lock_scope is None:  # other scopes may be writing their temporary files right now
                 store._remove_stale_tmp()
@@ -529,16 +540,28 @@ def extract_features(
                 if digest in seen:
                     continue
                 seen.add(digest)
-                if _entry_problem(store.entry_path(digest), digest, store.shape, verify):
+                problem = _entry_problem(store.entry_path(digest), digest, store.shape, verify)
+                if problem:
                     todo.setdefault(digest, (sample, []))[1].append(store)
+                if problem not in ("", "missing"):
+                    damaged.setdefault(store.feature, []).append(f"{store.entry_path(digest)} ({problem})")
         counts = {store.feature: sum(store in needing for _, needing in todo.values()) for store in stores}
         for store in stores:
             if not counts[store.feature]:
-                print(f"[feature store] all {n_unique} images already cached in {store.path}", flush=True)
+                checked = ", crc32 verified" if verify else ""
+                print(f"[feature store] all {n_unique} images already cached in {store.path}{checked}", flush=True)
         if not todo:
             return dict.fromkeys(counts, 0)
         _check_disk_space(stores, counts, n_unique)
-        return _compute(todo, encoder, batch_size, device, num_workers, progress, counts)
+        done = _compute(todo, encoder, batch_size, device, num_workers, progress, counts)
+        for feature, entries in damaged.items():
+            more = f" (+{len(entries) - _LIST_LIMIT} more)" if len(entries) > _LIST_LIMIT else ""
+            print(
+                f"[feature store] {feature}: {len(entries)} damaged {'entry' if len(entries) == 1 else 'entries'} "
+                f"recomputed: {', '.join(entries[:_LIST_LIMIT])}{more}",
+                flush=True,
+            )
+        return done
 
 
 def _check_disk_space(stores: Sequence[FeatureStore], counts: dict[str, int], n_unique: int) -> None:
@@ -653,7 +676,9 @@ class CachedFeatureDataset(Dataset):
         sample = self.samples[index]
         return {
             "features": read_entry(self.paths[index], self.keys[index], self.shape),
-            "mask": mask_tensor(read_target(sample.mask)),  # masks only: no image decoded on this hot path
+            "mask": mask_tensor(
+                read_target(sample.mask, sample.mask_polarity)
+            ),  # masks only: no image decoded on this hot path
             "name": sample.name,
             "subset": sample.subset,
             "index": index,

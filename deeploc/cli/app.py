@@ -1,0 +1,99 @@
+"""How deeploc's console commands report errors: one clear line and exit status 1 for problems a user can fix.
+
+Argparse commands add ``--verbose`` (:func:`add_verbose_flag`) and re-raise with it. The Hydra commands
+(``deeploc-train``, ``deeploc-extract``) run through :func:`run_hydra_app`: Hydra would print a (trimmed)
+traceback for any exception raised by a job, so the app runs with ``HYDRA_FULL_ERROR=1`` (Hydra then re-raises)
+and the errors a user can fix are printed here as one line. ``--verbose`` or a ``HYDRA_FULL_ERROR=1`` set by the
+user keep Hydra's full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from deeploc.errors import deeploc_error
+
+VERBOSE_FLAG = "--verbose"
+# Set together with HYDRA_FULL_ERROR by run_hydra_app, so that processes it starts (DDP ranks re-run the command
+# line) report errors like their parent instead of taking HYDRA_FULL_ERROR for the user's choice.
+_COMPACT_ENV = "DEEPLOC_COMPACT_ERRORS"
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``: show the full traceback of an error instead of its one-line message."""
+    parser.add_argument(VERBOSE_FLAG, action="store_true", help="show the full traceback of an error")
+
+
+def run_hydra_app(prog: str, app: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` function; errors a user can fix end the process with one line and exit status 1."""
+    verbose = VERBOSE_FLAG in sys.argv[1:]
+    if verbose:
+        sys.argv.remove(VERBOSE_FLAG)
+    user_full = os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_COMPACT_ENV) != "1"
+    if verbose or user_full:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        os.environ.pop(_COMPACT_ENV, None)
+        app()
+        return
+    os.environ.update({"HYDRA_FULL_ERROR": "1", _COMPACT_ENV: "1"})
+    try:
+        app()
+    except Exception as exc:
+        message = error_message(exc)
+        if message is None:
+            raise
+        print(f"{prog}: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def error_message(exc: BaseException) -> str | None:
+    """The one-line report of an error a user can fix, or None (a bug: the caller shows the traceback)."""
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    own = deeploc_error(exc)
+    if own is not None:
+        return str(own)
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE and exc.filename:
+        return unwritable_message(Path(exc.filename), exc.strerror or str(exc))
+    if isinstance(exc, CompactHydraException):  # unknown config option, missing key: Hydra's own short message
+        cause = exc.__cause__
+        return str(exc) + (f"\n{cause}" if isinstance(cause, OmegaConfBaseException) else "")
+    return None
+
+
+def unwritable_message(path: Path, reason: str) -> str:
+    """What to do when ``path`` cannot be written: name the output folder setting when ``path`` lies under it."""
+    output_dir = _output_dir()
+    if _is_within(path, output_dir):
+        return (
+            f"cannot write {path} ({reason}): the output folder {output_dir} is not writable. deeploc writes its "
+            "runs, caches and generated data there: set DEEPLOC_OUTPUTS=/a/writable/folder (or pass "
+            "paths.output_dir=/a/writable/folder), or make the folder writable"
+        )
+    return (
+        f"cannot write {path} ({reason}): point the setting that names this folder (e.g. features.dir, "
+        "paths.cache_dir, paths.data_dir, hydra.run.dir) at a writable folder, or make it writable"
+    )
+
+
+def _output_dir() -> Path:
+    """``paths.output_dir`` as this command line resolves it: an override, else $DEEPLOC_OUTPUTS, else ./outputs."""
+    value = os.environ.get("DEEPLOC_OUTPUTS", "outputs")
+    for arg in sys.argv[1:]:
+        key, _, typed = arg.lstrip("+").partition("=")
+        if key == "paths.output_dir" and typed:
+            value = typed.strip("'\"")
+    return Path(value).expanduser().absolute()
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path = path.expanduser().absolute()
+    return path == folder or folder in path.parents

@@ -1,0 +1,297 @@
+"""What produced a run's numbers: the settings that change results, and how they compare with the study's setup.
+
+Settings come from metrics.json's ``config`` (written by ``deeploc.train.summarise_config``). For runs written before
+deeploc recorded a setting there, it is read from the run's ``config_resolved.yaml``; what neither holds is shown as
+"unknown" (and so never equals a recorded value). A metrics.json without a top-level ``convention`` was computed
+with the TruFor metric convention (deeploc <= 0.1). Decisions: docs/decisions.md "Reports".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOO = "leave_one_out"
+UNKNOWN = "unknown"
+LEGACY_CONVENTION = "trufor"
+
+# The study's setup (protocol.md): what a run must match for its numbers to be comparable with the poster's.
+STUDY_ENCODER = "sam2.1_hiera_s"
+STUDY_IMAGE_SIZE = 1024
+STUDY_EPOCHS = 20
+STUDY_CONVENTION = "study"
+STUDY_LOO = (3000, 300, 42)  # per seen subset: train images, valid images, name-shuffle seed
+
+LABELS = {
+    "decoder": "decoder",
+    "feature": "feature",
+    "encoder": "encoder",
+    "encoder_overrides": "encoder overrides",
+    "weights": "weights",
+    "image_size": "input size",
+    "max_epochs": "max epochs",
+    "schedule": "schedule",
+    "lr": "lr",
+    "weight_decay": "weight decay",
+    "batch_size": "batch size",
+    "precision": "precision",
+    "augment": "augmentation",
+    "split_sizes": "split sizes",
+    "data": "data",
+    "mask_polarity": "mask polarity",
+    "convention": "metric convention",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting that changes a run's scores, except its subset (a matrix row) and its seed (averaged over).
+
+    Runs with equal Settings repeat one experiment; runs that differ in any field are never averaged together.
+    None = the run did not record the setting.
+    """
+
+    decoder: str
+    feature: str
+    encoder: str | None
+    encoder_overrides: str  # compact JSON of encoder.overrides, "{}" = none
+    weights: str | None  # "sha256:<hex>", "random:seed=<n>", or "file:<name>" for runs that recorded no digest
+    image_size: int | None
+    max_epochs: int | None
+    schedule: str | None  # "fixed" or "plateau(patience=5, factor=0.1, min_lr=1e-06)"
+    lr: float | None
+    weight_decay: float | None
+    batch_size: int | None
+    precision: str | None
+    augment: str  # compact JSON of data.augment, "null" = none
+    split_sizes: str | None  # "full subsets" (cross, in_domain) or the leave-one-out sizes
+    data: str | None  # "generated: <parameters>" or the dataset root
+    mask_polarity: str  # how masks are read (data.mask_polarity); Dolos' black_is_manipulated before it existed
+    convention: str
+
+    def show(self, key: str) -> str:
+        """The value of `key` as tables and captions print it."""
+        return show(key, getattr(self, key))
+
+    @property
+    def generated(self) -> bool:
+        return bool(self.data and self.data.startswith("generated"))
+
+
+KEYS: tuple[str, ...] = tuple(f.name for f in fields(Settings))
+OTHER_KEYS: tuple[str, ...] = KEYS[2:]  # everything but decoder and feature, which every table names anyway
+
+
+def show(key: str, value: Any) -> str:
+    """A setting value as printed: "unknown" for None, "none" for empty overrides, short weight digests."""
+    if value is None:
+        return UNKNOWN
+    if key in ("encoder_overrides", "augment") and value in ("{}", "null"):
+        return "none"
+    if key == "weights":
+        kind, _, rest = str(value).partition(":")
+        if kind == "random":
+            return f"random ({rest.replace('=', ' ')})"
+        if kind == "sha256":
+            return f"sha256:{rest[:12]}"
+        if kind == "file":
+            return f"{rest} (no digest recorded)"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def read_settings(run_dir: Path, metrics: Mapping[str, Any]) -> Settings:
+    """The Settings of a finished run from its metrics.json (`metrics`), falling back to config_resolved.yaml."""
+    config = metrics["config"]
+    resolved = _Resolved(run_dir / "config_resolved.yaml")
+
+    def get(key: str, *path: str) -> Any:  # metrics.json's value, else config_resolved.yaml's
+        return config[key] if key in config else resolved.get(*path)
+
+    split = config.get("split")
+    return Settings(
+        decoder=config["decoder"],
+        feature=config["feature"],
+        encoder=_scalar(config.get("encoder")),
+        encoder_overrides=_compact(get("encoder_overrides", "encoder", "overrides") or {}),
+        weights=_weights(config, resolved),
+        image_size=_scalar(config.get("image_size")),
+        max_epochs=_scalar(get("max_epochs", "trainer", "max_epochs")),
+        schedule=_schedule(config, resolved),
+        lr=_float(get("lr", "model", "lr")),
+        weight_decay=_float(get("weight_decay", "model", "weight_decay")),
+        batch_size=_scalar(get("batch_size", "data", "batch_size")),
+        precision=_str(get("precision", "trainer", "precision")),
+        augment=_compact(get("augment", "data", "augment")),
+        split_sizes=_split_sizes(split, config, resolved),
+        data=_data(config, resolved),
+        mask_polarity=str(get("mask_polarity", "data", "mask_polarity") or "black_is_manipulated"),
+        convention=str(metrics.get("convention", LEGACY_CONVENTION)),
+    )
+
+
+def varying_keys(settings: Sequence[Settings]) -> list[str]:
+    """The keys besides decoder and feature whose value differs between `settings`."""
+    return [k for k in OTHER_KEYS if len({getattr(s, k) for s in settings}) > 1]
+
+
+def common_value(settings: Sequence[Settings], key: str) -> str:
+    """The value all `settings` share for `key`, or "varies: a; b" listing the values."""
+    values = list(dict.fromkeys(s.show(key) for s in settings))
+    return values[0] if len(values) == 1 else "varies: " + "; ".join(values)
+
+
+def study_gaps(s: Settings, split: str) -> list[str]:
+    """How `s` differs from the study's setup (protocol.md); empty when the numbers are comparable."""
+    gaps = []
+    if s.weights is None:
+        gaps.append("encoder weights not recorded")
+    elif s.weights.startswith("random"):
+        gaps.append("RANDOM encoder weights")
+    if s.encoder != STUDY_ENCODER:
+        gaps.append(f"encoder {s.show('encoder')} (study: {STUDY_ENCODER})")
+    if s.encoder_overrides != "{}":
+        gaps.append(f"encoder overrides {s.encoder_overrides}")
+    if s.image_size != STUDY_IMAGE_SIZE:
+        gaps.append(f"input {s.show('image_size')} (study: {STUDY_IMAGE_SIZE})")
+    if not isinstance(s.max_epochs, int) or s.max_epochs < STUDY_EPOCHS:
+        gaps.append(f"{s.show('max_epochs')} epochs (study: {STUDY_EPOCHS})")
+    if s.data is None:
+        gaps.append("data not recorded")
+    elif s.generated:
+        gaps.append("GENERATED data (study: Dolos)")
+    if s.convention != STUDY_CONVENTION:
+        gaps.append(f"{s.convention} metric convention (study: DeCLIP's, metrics.convention={STUDY_CONVENTION})")
+    if split == LOO and s.split_sizes != loo_sizes(*STUDY_LOO):
+        gaps.append(f"split sizes {s.show('split_sizes')} (study: {loo_sizes(*STUDY_LOO)})")
+    return gaps
+
+
+CAPTION_KEYS = (
+    "encoder",
+    "encoder_overrides",
+    "weights",
+    "image_size",
+    "max_epochs",
+    "split_sizes",
+    "data",
+    "convention",
+)
+
+
+def caption(settings: Sequence[Settings], versions: Sequence[str | None] = ()) -> str:
+    """One line naming what produced a figure: encoder, weights, input size, epochs, data, metric convention and
+    deeploc version; settings that differ between the figure's configurations are named, not listed."""
+    shared, varying = [], []
+    for k in CAPTION_KEYS:
+        values = list(dict.fromkeys(s.show(k) for s in settings))
+        if len(values) > 1:
+            varying.append(LABELS[k])
+        elif values and values[0] not in ("none", "full subsets"):
+            shared.append(f"{LABELS[k]} {values[0]}")
+    text = ", ".join([*shared, f"deeploc {version_text(versions)}"])
+    return text + (f"; differing between configurations (see their labels): {', '.join(varying)}" if varying else "")
+
+
+def version_text(versions: Sequence[str | None]) -> str:
+    """The deeploc versions that wrote the runs ("not recorded" for runs of deeploc <= 0.1.0)."""
+    shown = dict.fromkeys(v or "not recorded (<= 0.1.0)" for v in versions)
+    return " / ".join(shown) or UNKNOWN
+
+
+def loo_sizes(n_train: Any, n_valid: Any, seed: Any) -> str:
+    return f"{n_train} train + {n_valid} valid per seen subset, seed {seed}"
+
+
+def sort_key(s: Settings) -> tuple:
+    """A sort key (None sorts first)."""
+    return tuple((v is not None, str(v)) for v in astuple(s))
+
+
+class _Resolved:
+    """config_resolved.yaml of a run, read on first use (only runs of older deeploc versions need it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data: dict | None = None
+
+    def get(self, *path: str) -> Any:
+        if self._data is None:
+            try:
+                self._data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                self._data = {}
+        node: Any = self._data
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _scalar(value: Any) -> Any:
+    """`value` itself when it is a JSON scalar, else its compact JSON (a hand-edited file must not break the report)."""
+    return value if value is None or isinstance(value, str | int | float | bool) else _compact(value)
+
+
+def _float(value: Any) -> Any:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _scalar(value)
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _weights(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
+    if "weights" in config:
+        return _str(config["weights"])
+    legacy = config.get("encoder_weights")  # deeploc <= 0.1: "random" or the checkpoint path
+    if legacy is None:
+        return None
+    if legacy == "random":
+        seed = resolved.get("encoder", "seed")
+        return f"random:seed={UNKNOWN if seed is None else seed}"
+    return f"file:{Path(str(legacy)).name}"
+
+
+def _schedule(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
+    if "schedule" in config:
+        name, plateau = _scalar(config["schedule"]), config.get("plateau")
+    else:
+        name = resolved.get("model", "schedule")
+        plateau = {k: resolved.get("model", f"plateau_{k}") for k in ("patience", "factor")}
+        plateau["min_lr"] = resolved.get("model", "min_lr")
+    if name != "plateau":
+        return name
+    plateau = plateau if isinstance(plateau, dict) else {}
+    return "plateau(" + ", ".join(f"{k}={show(k, plateau.get(k))}" for k in ("patience", "factor", "min_lr")) + ")"
+
+
+def _split_sizes(split: Any, config: Mapping[str, Any], resolved: _Resolved) -> str | None:
+    if split != LOO:
+        return "full subsets"
+    if "split_n_train" in config:
+        values = [config.get(f"split_{k}") for k in ("n_train", "n_valid", "seed")]
+    else:
+        values = [resolved.get("data", "split", k) for k in ("n_train", "n_valid", "seed")]
+    return None if None in values else loo_sizes(*values)
+
+
+def _data(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
+    """Generated data are identified by their parameters (generation is deterministic), real data by their root."""
+    if config.get("generated_data"):
+        params = config["data_params"] if "data_params" in config else resolved.get("data", "synthetic")
+        if not isinstance(params, dict):
+            return "generated: parameters not recorded"
+        return "generated: " + ", ".join(f"{k}={params[k]}" for k in sorted(params))
+    return _str(config.get("data"))

@@ -1,0 +1,142 @@
+"""The report's figures: IoU heatmaps with the diagonal outlined, and the ID-vs-OOD bar chart with the study's values
+beside ours when comparable. Every figure carries a caption: its legend and what produced the numbers."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from deeploc.report import Matrix, SummaryRow
+
+OUTLINE = "red"
+CAPTION_SIZE = 7.5
+
+
+def heatmap_figure(m: Matrix, caption: str) -> Figure:
+    """Annotated IoU heatmap of one matrix (mean ± std over seeds); missing cells grey with a dash."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    n = len(m.subsets)
+    cells = [[m.cell(a, b) for b in m.subsets] for a in m.subsets]
+    values = np.array([[np.nan if c.mean is None else c.mean for c in row] for row in cells])
+    fig = _figure(3.2 + 1.3 * n, 1.8 + 1.1 * n)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100)
+    for i, row in enumerate(cells):
+        for j, cell in enumerate(row):
+            if cell.mean is None:
+                ax.text(j, i, "—", ha="center", va="center", color="black")
+                continue
+            text = f"{cell.mean:.1f}" + ("" if cell.std is None else f"\n±{cell.std:.1f}")
+            ax.text(j, i, text, ha="center", va="center", color="white" if cell.mean < 60 else "black")
+    for i in range(n):
+        ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=OUTLINE, linewidth=2.5))
+    ax.set_xticks(range(n), labels=m.subsets, rotation=30, ha="right")
+    ax.set_yticks(range(n), labels=m.subsets)
+    ax.set_xlabel("test subset")
+    ax.set_ylabel("held-out subset" if m.split == "leave_one_out" else "training subset")
+    first, second = ("held-out", "seen") if m.split == "leave_one_out" else ("ID", "OOD")
+    incomplete = "*" if m.missing() else ""
+    title = textwrap.fill(f"{m.label}{incomplete}", int(fig.get_size_inches()[0] * 11))
+    ax.set_title(f"{title}\n{first} {_stat_text(m.id_stat())}  {second} {_stat_text(m.ood_stat())}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="IoU (%)")
+    _add_caption(fig, caption)
+    return fig
+
+
+def id_ood_figure(
+    rows: Sequence[SummaryRow], study: Sequence[tuple[float | None, float | None] | None], note: str, caption: str
+) -> Figure:
+    """Grouped bars of ID and OOD IoU per configuration (error bars: std over seeds), with the study's values
+    (hatched) beside each row whose `study` entry is not None; `note` (drawn in red) says why values are absent."""
+    import numpy as np
+
+    x = np.arange(len(rows))
+    with_study = any(s is not None for s in study)
+    width = 0.2 if with_study else 0.4
+    series = [
+        ("ID", "tab:blue", "", [r.id["iou"].mean for r in rows], [r.id["iou"].std for r in rows]),
+        ("OOD", "tab:orange", "", [r.ood["iou"].mean for r in rows], [r.ood["iou"].std for r in rows]),
+    ]
+    if with_study:
+        series.insert(1, ("ID (study)", "tab:blue", "//", [s[0] if s else None for s in study], [None] * len(rows)))
+        series.append(("OOD (study)", "tab:orange", "//", [s[1] if s else None for s in study], [None] * len(rows)))
+    fig = _figure(3.0 + (2.0 if with_study else 1.4) * len(rows), 4.8)
+    ax = fig.add_subplot()
+    for k, (name, colour, hatch, values, stds) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * width
+        heights = [np.nan if v is None else v for v in values]
+        errors = [0.0 if s is None else s for s in stds]
+        bars = ax.bar(
+            x + offset,
+            heights,
+            width,
+            label=name,
+            color=colour,
+            alpha=0.45 if hatch else 1.0,
+            hatch=hatch,
+            edgecolor=colour if hatch else None,
+            yerr=errors if any(errors) else None,
+            capsize=3,
+        )
+        ax.bar_label(bars, labels=["" if v is None else f"{v:.1f}" for v in values], fontsize=7, padding=2)
+    labels = []
+    for r in rows:
+        text = f"{r.decoder}\n{r.feature}{'' if r.complete else '*'}"
+        if r.matrix.label_keys:
+            text += "\n" + textwrap.fill(r.matrix.variant, 24)
+        if r.matrix.seeds().n_max > 1:
+            text += f"\n{r.matrix.seeds().seeds} seeds"
+        labels.append(text)
+    ax.set_xticks(x, labels=labels, fontsize=8)
+    ax.set_ylabel("mean IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("In-domain (ID) vs out-of-domain (OOD) IoU")
+    ax.legend(fontsize=8)
+    _add_caption(fig, caption, note)
+    return fig
+
+
+def save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _stat_text(stat) -> str:
+    if stat.mean is None:
+        return "—"
+    return f"{stat.mean:.2f}" + ("" if stat.std is None else f" ± {stat.std:.2f}")
+
+
+def _add_caption(fig: Figure, caption: str, note: str = "") -> None:
+    """Wrap `caption` (and a red `note` above it) under the axes, growing the figure to make room."""
+    width_in, height_in = fig.get_size_inches()
+    chars = max(40, int(width_in * 15))
+    blocks = [(textwrap.fill(note, chars), "darkred")] if note else []
+    blocks += [("\n".join(textwrap.fill(p, chars) for p in caption.split("\n")), "black")]
+    lines = sum(text.count("\n") + 1 for text, _ in blocks)
+    extra = 0.16 * lines + 0.15  # inches of caption
+    fig.set_size_inches(width_in, height_in + extra)
+    fraction = extra / (height_in + extra)
+    fig.tight_layout(rect=(0, fraction, 1, 1))
+    y = 0.02 / (height_in + extra)
+    for text, colour in reversed(blocks):
+        fig.text(0.01, y, text, fontsize=CAPTION_SIZE, color=colour, ha="left", va="bottom")
+        y += (0.16 * (text.count("\n") + 1) + 0.04) / (height_in + extra)

@@ -1,0 +1,55 @@
+"""Run a deeploc console module with one real fault injected at a precise moment (used by the reliability tests).
+
+    python tests/faults.py FAULT MODULE [ARGS...]
+
+FAULT is one of
+  kill-before-checkpoint-rename  SIGKILL the process as a checkpoint file is about to be renamed into place
+                                 (its bytes are written: the worst moment for an interruption);
+  disk-full-on-checkpoint-write  the disk fills up (RLIMIT_FSIZE: writes past 64 KiB fail with EFBIG, as ENOSPC
+                                 would) as soon as a file in a ``checkpoints/`` folder is opened for writing.
+
+The hooks are Python audit hooks (PEP 578): the process, its files and the failure are all real.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import runpy
+import signal
+import sys
+from typing import Any
+
+DISK_LIMIT = 64 * 1024
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _kill_before_checkpoint_rename(event: str, args: tuple[Any, ...]) -> None:
+    if event == "os.rename" and str(args[1]).endswith(".ckpt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _disk_full_on_checkpoint_write(event: str, args: tuple[Any, ...]) -> None:
+    if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path, mode, flags = os.fsdecode(args[0]), args[1], args[2]
+    writing = ("w" in mode or "a" in mode or "+" in mode) if isinstance(mode, str) else bool(flags & _WRITE_FLAGS)
+    if writing and f"{os.sep}checkpoints{os.sep}" in path:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+FAULTS = {
+    "kill-before-checkpoint-rename": _kill_before_checkpoint_rename,
+    "disk-full-on-checkpoint-write": _disk_full_on_checkpoint_write,
+}
+
+
+def main() -> None:
+    fault, module, *args = sys.argv[1:]
+    sys.addaudithook(FAULTS[fault])
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

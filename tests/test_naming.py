@@ -1,0 +1,115 @@
+"""Run directory and evaluation folder names: readable, stable, old names still found (real Hydra composition)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from deeploc.config import CONF_DIR, run_label
+from deeploc.naming import MAX_NAME, changed_inputs, eval_dir_name, run_dir_name, run_name
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def _tail_digest(*parts: str) -> str:
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:8]
+
+
+def test_sweep_keys_lead_and_paths_become_name_plus_digest_of_their_last_two_parts() -> None:
+    name = run_name(["data.root=/mnt/big/dolos/wacv_data", "trainer.max_epochs=3", "arch=conv4_image_embed",
+                     "subset_index=2", "seed=7"])  # fmt: skip
+    expected_root = f"data.root=wacv_data-{_tail_digest('dolos', 'wacv_data')}"
+    assert name == f"subset_index=2,arch=conv4_image_embed,seed=7,{expected_root},trainer.max_epochs=3"
+
+
+def test_moving_a_dataset_keeps_the_name_another_parent_folder_changes_it() -> None:
+    here = run_name(["data.root=/home/me/dolos/wacv_data"])
+    assert run_name(["data.root=/scratch/copy/of/dolos/wacv_data"]) == here
+    assert run_name(["data.root=/home/me/dolos_v2/wacv_data"]) != here
+    # Relative paths are made absolute first (the same folder typed two ways is one name).
+    assert run_name(["data.root=./dolos/wacv_data"]) == run_name([f"data.root={Path.cwd()}/dolos/wacv_data"])
+
+
+def test_long_values_unsafe_characters_and_long_names_are_bounded() -> None:
+    long_value = "x" * 100
+    name = run_name([f"data.subsets=[{long_value}]"])
+    assert len(name) < 60 and name.startswith("data.subsets=[xxxxxxxxxxxxxxx-")
+    assert run_name(["+foo='a b'"]) == "+foo=a_b"
+    many = [f"key{i:03d}={'v' * 20}" for i in range(30)]
+    cut = run_name(["subset_index=3", *many])
+    assert len(cut) <= MAX_NAME and cut.startswith("subset_index=3,")
+    assert run_name(["subset_index=3", *many[:-1], "key029=" + "w" * 20]) != cut  # the digest covers the cut part
+    assert run_name([]) == "default"
+
+
+def test_excluded_keys_do_not_name_runs() -> None:
+    assert run_name(
+        ["data.num_workers=3", "resume=false", "decoder=conv4"], exclude=["data.num_workers", "resume"]
+    ) == ("decoder=conv4")
+
+
+def test_hydra_names_run_and_sweep_directories_with_the_new_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEEPLOC_OUTPUTS", str(tmp_path))
+    cfg = _compose("data.root=/d/dolos/wacv_data", "arch=conv4_image_embed", "subset_index=1", "data.num_workers=0")
+    expected = f"subset_index=1,arch=conv4_image_embed,data.root=wacv_data-{_tail_digest('dolos', 'wacv_data')}"
+    assert cfg.hydra.run.dir == f"{tmp_path}/runs/{expected}"
+    assert cfg.hydra.sweep.subdir == expected
+
+
+def test_a_directory_named_the_old_way_is_used_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPLOC_OUTPUTS", str(tmp_path))
+    overrides = ["data.root=/d/dolos/wacv_data", "subset_index=1", "seed=3"]
+    cfg = _compose(*overrides)
+    # deeploc <= 0.1 named the directory run_label(Hydra's override_dirname): sorted "key=value", "/" -> "_".
+    old = tmp_path / "runs" / run_label(cfg.hydra.job.override_dirname)
+    assert old.name == "data.root=_d_dolos_wacv_data,seed=3,subset_index=1"
+    new_name = Path(cfg.hydra.run.dir).name
+    assert new_name != old.name
+    old.mkdir(parents=True)
+    assert _compose(*overrides).hydra.run.dir == str(old)
+    # Once a new-style directory exists, it wins.
+    (tmp_path / "runs" / new_name).mkdir()
+    assert _compose(*overrides).hydra.run.dir == str(tmp_path / "runs" / new_name)
+    assert run_dir_name(str(tmp_path / "nowhere"), ["a=1"], [], "a=1") == "a=1"
+
+
+def test_eval_folders_differ_for_different_data_and_subsets(tmp_path: Path) -> None:
+    a, b = tmp_path / "a" / "wacv_data", tmp_path / "b" / "wacv_data"
+    name = eval_dir_name(a, "test", ["lama", "ldm"])
+    assert name.startswith("wacv_data-test-")
+    assert eval_dir_name(b, "test", ["lama", "ldm"]) != name
+    assert eval_dir_name(a, "valid", ["lama", "ldm"]) != name
+    assert eval_dir_name(a, "test", ["lama"]) != name
+    assert eval_dir_name(a, "test", ["ldm", "lama"]) == name
+    assert eval_dir_name(a, "test", ["lama", "ldm"], "trufor") != name  # scores in another metric convention
+
+
+def test_changed_inputs_tell_a_moved_folder_from_another_existing_one(tmp_path: Path) -> None:
+    here, there = tmp_path / "x" / "wacv_data", tmp_path / "y" / "wacv_data"
+    here.mkdir(parents=True)
+    there.mkdir(parents=True)
+    run = OmegaConf.create({"data": {"root": str(here)}, "encoder": {"checkpoint": None}})
+    same = OmegaConf.create({"data": {"root": str(here)}, "encoder": {"checkpoint": None}})
+    other = OmegaConf.create({"data": {"root": str(there)}, "encoder": {"checkpoint": None}})
+    assert changed_inputs(run, same) == ([], [])
+    moved, conflicts = changed_inputs(run, other)
+    assert moved == [] and len(conflicts) == 1 and str(here) in conflicts[0] and str(there) in conflicts[0]
+    here.rmdir()  # the run's folder is gone: the dataset was moved
+    moved, conflicts = changed_inputs(run, other)
+    assert conflicts == [] and moved == [f"data.root: {here} -> {there}"]
+
+
+@pytest.mark.parametrize("value", ["val/iou", "val/loss"])
+def test_optimized_metric_does_not_name_runs(value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPLOC_OUTPUTS", str(tmp_path))
+    cfg = _compose(f"optimized_metric={value}", "seed=1")
+    assert Path(cfg.hydra.run.dir).name == "seed=1"
