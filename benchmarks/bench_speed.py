@@ -5,7 +5,7 @@ Baseline (the study's code path): every epoch of every decoder configuration, im
 HxWx3 uint8 and passed to ``SAM2ImagePredictor.set_image_batch`` (fp32, per-image transforms), and the decoder
 trains on ``predictor._features``. One decoder configuration per run.
 
-deeploc: the three feature maps are computed ONCE with ``SAM2FeatureEncoder`` into ``FeatureStore``s (one encoder
+deeploc: the three feature maps are computed ONCE with ``SAM2Encoder`` into ``FeatureStore``s (one encoder
 pass for all three, ``extract_features``) and every decoder trains from the memory-mapped fp16 cache.
 
 Both sides use the same images, the same SAM2 weights, the same decoders (``ConvDecoder``), seeds, batch size and
@@ -51,9 +51,8 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from deeploc.data.datasets import ImageMaskDataset  # noqa: E402
 from deeploc.data.layout import Sample  # noqa: E402
 from deeploc.features.store import FeatureStore, extract_features, format_bytes  # noqa: E402
-from deeploc.features_spec import feature_shape  # noqa: E402
-from deeploc.models.decoders import ConvDecoder  # noqa: E402
-from deeploc.models.encoder import SAM2FeatureEncoder  # noqa: E402
+from deeploc.models.decoders import Decoder, build_decoder  # noqa: E402
+from deeploc.models.encoders.sam2 import FEATURE_SPECS, SAM2Encoder  # noqa: E402
 
 # The study's five configurations: (label, feature, depth).
 CONFIGS: tuple[tuple[str, str, int], ...] = (
@@ -179,7 +178,7 @@ def decoder_train_flops(feature: str, depth: int, image_size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        decoder = ConvDecoder(feature, depth)
+        decoder = build_decoder("conv", FEATURE_SPECS, 4.0, inputs=feature, depth=depth)
         x = torch.empty(2, *feature_shape(feature, image_size))
         target = torch.empty(2, 1, image_size // 4, image_size // 4)
     with FlopCounterMode(display=False) as counter:
@@ -187,7 +186,7 @@ def decoder_train_flops(feature: str, depth: int, image_size: int) -> float:
     return counter.get_total_flops() / 2
 
 
-def encoder_flops(encoder: SAM2FeatureEncoder) -> float:
+def encoder_flops(encoder: SAM2Encoder) -> float:
     """FLOPs of one image through the frozen encoder (all three maps), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -226,9 +225,15 @@ def make_step(
     return step
 
 
-def new_decoder(feature: str, depth: int) -> ConvDecoder:
+def feature_shape(feature: str, image_size: int) -> tuple[int, int, int]:
+    """(C, h, w) of a SAM2 map at a square input of ``image_size``."""
+    spec = FEATURE_SPECS[feature]
+    return (spec.channels, image_size // int(spec.stride), image_size // int(spec.stride))
+
+
+def new_decoder(feature: str, depth: int) -> Decoder:
     torch.manual_seed(0)
-    return ConvDecoder(feature, depth)
+    return build_decoder("conv", FEATURE_SPECS, 4.0, inputs=feature, depth=depth)
 
 
 class NumpyImages(Dataset):
@@ -264,7 +269,7 @@ def loader(dataset: Dataset, args: argparse.Namespace, collate: Any = None, shuf
     )
 
 
-def make_predictor(encoder: SAM2FeatureEncoder) -> Any:
+def make_predictor(encoder: SAM2Encoder) -> Any:
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     predictor = SAM2ImagePredictor(encoder.model)
@@ -282,7 +287,7 @@ def predictor_feature(predictor: Any, feature: str) -> torch.Tensor:
 
 
 def bench_extraction(
-    args: argparse.Namespace, encoder: SAM2FeatureEncoder, samples: list[Sample], work: Path
+    args: argparse.Namespace, encoder: SAM2Encoder, samples: list[Sample], work: Path
 ) -> tuple[dict[str, Any], list[FeatureStore]]:
     """Seconds for one pass of the predictor loop and for deeploc's extraction (reading, hashing, writing included),
     alternated for ``--extract-rounds`` rounds (each deeploc round into a fresh cache); the best round of each
@@ -301,7 +306,7 @@ def bench_extraction(
             predictor.set_image_batch(images)
         sync(device)
         rounds["predictor"].append(time.perf_counter() - t0)
-        stores = [FeatureStore(work / f"cache-{r}", encoder.identity(), f) for f in FEATURE_NAMES]
+        stores = [FeatureStore.for_encoder(work / f"cache-{r}", encoder, f) for f in FEATURE_NAMES]
         t0 = time.perf_counter()
         counts = extract_features(stores, samples, encoder, args.batch_size, device, args.workers, progress=False)
         sync(device)
@@ -321,7 +326,7 @@ def train_from_store(
     t0 = time.perf_counter()
     for _ in range(epochs):
         for batch in batches:
-            step(batch["features"], batch["mask"])
+            step(batch["features"][feature], batch["mask"])
     sync(device)
     return time.perf_counter() - t0
 
@@ -368,8 +373,8 @@ def bench_rss(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Peak RSS of one epoch of cached training (conv4 on the largest map) at N and 4N images, in subprocesses."""
     n = args.rss_images
     samples = make_images(work / "rss-data", 4 * n, seed=1)
-    encoder = SAM2FeatureEncoder(RSS_ENCODER, random_init=True, image_size=args.image_size).to(args.device)
-    store = FeatureStore(work / "rss-cache", encoder.identity(), RSS_FEATURE)
+    encoder = SAM2Encoder(RSS_ENCODER, random_init=True, image_size=args.image_size).to(args.device)
+    store = FeatureStore.for_encoder(work / "rss-cache", encoder, RSS_FEATURE)
     store.extract(samples, encoder, args.batch_size, args.device, args.workers, progress=False)
     listing = work / "rss-listing.json"
     listing.write_text(json.dumps([[str(s.image), str(s.mask), s.name] for s in samples]))
@@ -377,7 +382,8 @@ def bench_rss(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     for count in (n, 4 * n):
         spec = {
             "root": str(work / "rss-cache"),
-            "identity": encoder.identity(),
+            "identity": encoder.cache_identity(),
+            "shape": list(encoder.feature_shape(RSS_FEATURE)),
             "listing": str(listing),
             "n": count,
             "batch_size": args.batch_size,
@@ -400,17 +406,17 @@ def rss_worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
     rows = json.loads(Path(spec["listing"]).read_text())[: spec["n"]]
     samples = [Sample(Path(i), Path(m), "bench", "train", name) for i, m, name in rows]
-    store = FeatureStore(spec["root"], spec["identity"], RSS_FEATURE)
+    store = FeatureStore(spec["root"], spec["identity"], RSS_FEATURE, spec["shape"])
     device = torch.device(spec["device"])
     step = make_step(new_decoder(RSS_FEATURE, 4), device, bf16=False, channels_last=False)
     batches = DataLoader(store.dataset(samples), batch_size=spec["batch_size"], shuffle=True)
     iterator = iter(batches)
     first = next(iterator)
-    step(first["features"], first["mask"])  # imports, allocator and kernels warm before the baseline
+    step(first["features"][RSS_FEATURE], first["mask"])  # imports, allocator and kernels warm before the baseline
     before = peak_rss_kib()
     t0 = time.perf_counter()
     for batch in iterator:
-        step(batch["features"], batch["mask"])
+        step(batch["features"][RSS_FEATURE], batch["mask"])
     sync(device)
     print(
         json.dumps(
@@ -455,7 +461,7 @@ def _run(args: argparse.Namespace, device: torch.device, work: Path, started: fl
         flush=True,
     )
     samples = make_images(work / "data", args.images, seed=0)
-    encoder = SAM2FeatureEncoder(
+    encoder = SAM2Encoder(
         args.config, checkpoint=args.checkpoint, random_init=args.checkpoint is None, image_size=args.image_size
     ).to(device)
     # FLOPs (meta device: no computation)

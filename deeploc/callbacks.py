@@ -13,13 +13,12 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from deeploc.data.layout import read_mask, read_rgb
+from deeploc.metrics import metric_names
 from deeploc.visualize import panel
 
 log = logging.getLogger(__name__)
 
 
-# Scores logged as percentages (0-100): printed with two decimals, never in scientific notation.
-_PERCENT_KEYS = ("val/iou", "val/f1_fixed", "val/f1_best", "val/ap")
 _SUMMARY_KEYS = ("train/loss_epoch", "val/loss", "val/iou", "val/f1_best", "val/ap")
 
 
@@ -28,7 +27,8 @@ def epoch_line(epoch: int, max_epochs: int | None, metrics: dict[str, float], lr
     parts = [f"epoch {epoch + 1}/{max_epochs}"]
     for key in _SUMMARY_KEYS:
         if key in metrics:
-            digits = 2 if key in _PERCENT_KEYS else 4
+            # Scores are percentages (0-100): two decimals, never scientific notation; losses four.
+            digits = 2 if key.removeprefix("val/") in metric_names() else 4
             parts.append(f"{key.replace('_epoch', '')} {float(metrics[key]):.{digits}f}")
     parts.append(f"lr {lr:.2g}")
     parts.append(f"{seconds:.1f}s")

@@ -10,10 +10,8 @@ next successful save in that folder (one process writes a run's checkpoints: ran
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from deeploc.io import atomic_write_bytes
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -39,29 +39,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Serialised in memory first: torch's zip writer would mask a disk error (ENOSPC) with its own RuntimeError.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(buffer.getbuffer())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, target)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
-        _fsync_folder(target.parent)
+        atomic_write_bytes(target, [buffer.getbuffer()], suffix=PARTIAL_SUFFIX, fsync=True)
         for stale in target.parent.glob(f".*{PARTIAL_SUFFIX}"):
             stale.unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (a crash right after it must not bring the old file back)."""
-    with contextlib.suppress(OSError):  # some file systems cannot open or fsync a directory
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def with_atomic_checkpoints(plugins: Iterable[Any]) -> list[Any]:

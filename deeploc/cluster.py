@@ -16,7 +16,7 @@ One owner of the requeue signal
     "Run again" means: on SLURM, ``scontrol requeue <job>`` (same job id, same array index); in a submitit *local*
     job, the exit code 144 itself (submitit's local controller restarts tasks that exit with it); elsewhere, nothing
     (the message says to re-run the same command). The job's overrides are unchanged, so it lands in the SAME run
-    directory, :func:`newest_checkpoint` picks ``requeue.ckpt`` there and the W&B id (derived from the run
+    directory, :meth:`deeploc.runs.RunDir.resume_checkpoint` picks ``requeue.ckpt`` there and the W&B id (derived from the run
     directory) is the same.
 
 Ranks of a submitit local job
@@ -43,6 +43,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 
+from deeploc.runs import REQUEUE_CHECKPOINT
+
 log = logging.getLogger("deeploc.cluster")
 
 try:  # the code submitit's local controller restarts a job on; keep in step with it
@@ -50,7 +52,6 @@ try:  # the code submitit's local controller restarts a job on; keep in step wit
 except ImportError:  # pragma: no cover - submitit is a dependency of the launcher configs only
     REQUEUE_EXIT_CODE = 144
 
-REQUEUE_CHECKPOINT = "requeue.ckpt"
 SIGNAL_ENV = "DEEPLOC_REQUEUE_SIGNAL"
 DEFAULT_SIGNAL = "USR1"
 _OFF = {"", "0", "off", "none", "false", "no"}
@@ -58,15 +59,12 @@ _OFF = {"", "0", "off", "none", "false", "no"}
 T = TypeVar("T")
 
 __all__ = [
-    "REQUEUE_CHECKPOINT",
     "REQUEUE_EXIT_CODE",
     "RequeueOnSignal",
     "RequeueRequested",
     "SubmititLocalEnvironment",
     "check_launch",
-    "checkpoint_candidates",
     "is_first_process",
-    "newest_checkpoint",
     "parse_signal",
     "request_requeue",
     "shard_of",
@@ -385,40 +383,6 @@ def is_first_process() -> bool:
 
 
 # ------------------------------------------------------------------------------------------ resume choice
-
-
-def checkpoint_candidates(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Checkpoints a run may resume from: ``checkpoints/last.ckpt``, ``checkpoints/requeue.ckpt`` and Lightning's
-    ``hpc_ckpt_<n>.ckpt`` (in ``checkpoints/`` or the run directory, where Lightning's own SLURM requeue puts them)."""
-    run = Path(run_dir)
-    ckpts = run / "checkpoints"
-    found = [ckpts / "last.ckpt", ckpts / REQUEUE_CHECKPOINT]
-    found += sorted(ckpts.glob("hpc_ckpt_*.ckpt")) + sorted(run.glob("hpc_ckpt_*.ckpt"))
-    return [p for p in found if p.is_file()]
-
-
-def _progress(path: Path) -> tuple[int, int] | None:
-    """(global_step, mtime_ns) of a checkpoint, or None when it cannot be read (e.g. killed while written)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        step = int(ckpt.get("global_step", -1))
-        del ckpt
-        return step, path.stat().st_mtime_ns
-    except Exception as exc:  # any unreadable file is skipped, with the reason
-        log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
-        return None
-
-
-def newest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The most advanced readable checkpoint of :func:`checkpoint_candidates`: highest ``global_step``; on equal
-    steps the later file (``last.ckpt`` written after the epoch's validation beats a requeue checkpoint taken at
-    that epoch's last batch). None when there is none."""
-    best: tuple[tuple[int, int], Path] | None = None
-    for path in checkpoint_candidates(run_dir):
-        key = _progress(path)
-        if key is not None and (best is None or key > best[0]):
-            best = (key, path)
-    return None if best is None else best[1]
 
 
 # ------------------------------------------------------------------------------------------------- shards

@@ -21,12 +21,11 @@ from tqdm import tqdm
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.layout import Sample, index_subsets, resolve_root, validate_samples
 from deeploc.data.masks import DEFAULT_POLARITY, MaskRules
-from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention
-from deeploc.runs import write_json_atomic
+from deeploc.io import write_json_atomic
+from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention, metric_names
 
 log = logging.getLogger(__name__)
 
-SCORE_KEYS = ("iou", "f1_fixed", "f1_best", "ap", "n_images")
 UNDEFINED_KEYS = ("n_ap_undefined", "n_f1_no_positive")  # counts of the cases the convention decides
 
 
@@ -51,12 +50,17 @@ def _datasets(
 ) -> dict[str, Any]:
     if feature_dir is None:
         return {name: ImageMaskDataset(samples) for name, samples in by_subset.items()}
-    from deeploc.features.store import FeatureStore
+    from deeploc.features.store import FeatureCache
 
-    store = FeatureStore(feature_dir, model.encoder.identity(), model.hparams.feature)
+    cache = FeatureCache(feature_dir, model.encoder, model.decoder.inputs)
     every = [s for samples in by_subset.values() for s in samples]
-    store.extract(every, model.encoder, batch_size=batch_size, device=model.device)
-    return {name: store.dataset(samples) for name, samples in by_subset.items()}
+    cache.extract(every, model.encoder, batch_size=batch_size, device=model.device)
+    return {name: cache.dataset(samples) for name, samples in by_subset.items()}
+
+
+def score_keys() -> tuple[str, ...]:
+    """The columns of eval.csv: every registered metric, then the number of images."""
+    return (*metric_names(), "n_images")
 
 
 @torch.no_grad()
@@ -79,7 +83,7 @@ def evaluate(
             batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             metric.update(model(model.features(batch)), batch["mask"], batch["index"])
         results[name] = {key: float(value) for key, value in metric.compute().items()}
-        log.info("%s: %s", name, ", ".join(f"{k} {results[name][k]:.2f}" for k in SCORE_KEYS))
+        log.info("%s: %s", name, ", ".join(f"{k} {results[name][k]:.2f}" for k in score_keys()))
     return results
 
 
@@ -93,14 +97,14 @@ def write_results(out_dir: Path, results: dict[str, dict[str, float]], context: 
     csv_path = out_dir / "eval.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["subset", "split", "convention", *SCORE_KEYS, *UNDEFINED_KEYS])
+        writer.writerow(["subset", "split", "convention", *score_keys(), *UNDEFINED_KEYS])
         for name, scores in results.items():
             writer.writerow(
                 [
                     name,
                     context["split"],
                     context["convention"],
-                    *(f"{scores[k]:.4f}" for k in SCORE_KEYS),
+                    *(f"{scores[k]:.4f}" for k in score_keys()),
                     *(f"{scores[k]:.0f}" for k in UNDEFINED_KEYS),
                 ]
             )

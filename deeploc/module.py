@@ -1,7 +1,13 @@
-"""The LightningModule: frozen SAM2 encoder (or cached features) -> CONV-N decoder -> BCE loss and the study's metrics."""
+"""The LightningModule: a frozen encoder (or its cached maps) -> a decoder -> BCE loss and the study's metrics.
+
+The module never names an architecture: it receives an encoder (:class:`~deeploc.models.encoders.FrozenEncoder`)
+and a decoder (:class:`~deeploc.models.decoders.Decoder`, or a factory Hydra built from ``conf/decoder``) and records
+both as plain values in its hyperparameters and checkpoints, from which :mod:`deeploc.inference` rebuilds them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -10,28 +16,67 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeploc.errors import DeeplocError
-from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention
-from deeploc.models.decoders import ConvDecoder
-from deeploc.models.encoder import SAM2FeatureEncoder, same_encoder
+from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention, metric_names
+from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
+from deeploc.models.encoders import FrozenEncoder, build_encoder, same_encoder
+from deeploc.models.state_dicts import state_dict_mismatch
 
 SCHEDULES = ("fixed", "plateau")
-METRIC_NAMES = ("iou", "f1_fixed", "f1_best", "ap")
+
+DecoderFactory = Callable[..., Decoder]
 
 
 class IncompatibleCheckpointError(DeeplocError, RuntimeError):
-    """A checkpoint trained with another encoder, feature or decoder than the current config."""
+    """A checkpoint trained with another encoder or decoder than the current config."""
+
+
+def as_encoder(encoder: FrozenEncoder | Mapping[str, Any]) -> FrozenEncoder:
+    """An encoder instance, or one built from plain keywords (``{"kind": "sam2", ...}``)."""
+    if isinstance(encoder, FrozenEncoder):
+        return encoder
+    options = dict(encoder)
+    return build_encoder(str(options.pop("kind", "sam2")), **options)
+
+
+def as_decoder(decoder: Decoder | DecoderFactory | Mapping[str, Any], encoder: FrozenEncoder) -> Decoder:
+    """A decoder instance; a factory (Hydra's ``_partial_`` node) given the encoder's maps; or a record."""
+    if isinstance(decoder, Mapping):
+        built = decoder_from_record(decoder)
+    elif isinstance(decoder, Decoder):
+        built = decoder
+    else:
+        built = decoder(feature_specs=encoder.feature_specs, target_stride=encoder.target_stride)
+        if not isinstance(built, Decoder):
+            raise DecoderError(
+                f"decoder config builds a {type(built).__name__}, not a deeploc Decoder: its _target_ must be a "
+                "subclass of deeploc.models.decoders.Decoder (docs/extending.md)"
+            )
+    for name, spec in built.in_specs.items():
+        if encoder.feature_specs.get(name) != spec:
+            raise DecoderError(
+                f"decoder {built.label} reads {name} as {spec}, but encoder {encoder.describe()} provides "
+                f"{encoder.feature_specs.get(name, 'no such map')}; its maps: {list(encoder.feature_specs)}"
+            )
+    return built
+
+
+def same_decoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two decoder records build the same architecture (name, options, input maps)."""
+    keys = ("name", "options", "feature_specs", "target_stride")
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 class LocalizationModule(L.LightningModule):
-    """Trains a CONV-N decoder on one frozen SAM2 feature map to predict per-pixel manipulation logits.
+    """Trains a decoder on the maps of a frozen encoder to predict per-pixel manipulation logits.
 
-    Batches carry either ``image`` (the encoder runs here, without gradients) or ``features`` (read from the
-    feature store), plus ``mask`` at native resolution and ``index`` (dataset position, for exact DDP metrics).
+    Batches carry either ``image`` (the encoder runs here, without gradients) or ``features`` (a dict of the maps
+    the decoder reads, from the feature cache), plus ``mask`` at native resolution and ``index`` (dataset
+    position, for exact DDP metrics).
 
     Args:
-        feature: SAM2 feature map to decode (``image_embed``, ``high_res_feats_0``, ``high_res_feats_1``).
-        depth: N of CONV-N.
-        encoder: keyword arguments of :class:`SAM2FeatureEncoder` (primitive, so checkpoints stay loadable).
+        encoder: the frozen encoder, or its plain keywords (``FrozenEncoder.init_config()``).
+        decoder: the decoder, a factory taking ``feature_specs`` and ``target_stride`` (``conf/decoder`` with
+            ``_partial_: true``), or a record (``Decoder.record()``).
         lr, weight_decay: Adam settings (study: 1e-3, 0).
         schedule: ``fixed`` (the study: constant LR) or ``plateau`` (DeCLIP: LR / ``plateau_factor`` after
             ``plateau_patience`` epochs without val IoU improvement, stop once LR < ``min_lr``).
@@ -42,9 +87,8 @@ class LocalizationModule(L.LightningModule):
 
     def __init__(
         self,
-        feature: str = "image_embed",
-        depth: int = 20,
-        encoder: dict[str, Any] | None = None,
+        encoder: FrozenEncoder | Mapping[str, Any],
+        decoder: Decoder | DecoderFactory | Mapping[str, Any],
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         schedule: str = "fixed",
@@ -58,9 +102,11 @@ class LocalizationModule(L.LightningModule):
         check_convention(metric_convention)
         if schedule not in SCHEDULES:
             raise ValueError(f"model.schedule={schedule!r} is not one of {SCHEDULES}")
-        self.save_hyperparameters()
-        self.encoder = SAM2FeatureEncoder(**(encoder or {}))
-        self.decoder = ConvDecoder(feature, depth)
+        self.encoder = as_encoder(encoder)
+        self.decoder = as_decoder(decoder, self.encoder)
+        # Plain values only (checkpoints load with weights_only): the components are recorded, not pickled.
+        self.save_hyperparameters(ignore=["encoder", "decoder"])
+        self.hparams.update(encoder=self.encoder.init_config(), decoder=self.decoder.record())
         if channels_last:
             self.decoder = self.decoder.to(memory_format=torch.channels_last)
         self.loss_fn = nn.BCEWithLogitsLoss()
@@ -73,19 +119,17 @@ class LocalizationModule(L.LightningModule):
         self._plateau = {"best": float("-inf"), "bad_epochs": 0}
 
     # ----------------------------------------------------------------- forward
-    def features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The decoder's input for a batch: cached features, or the frozen encoder run on the images."""
-        if "features" in batch:
-            feats = batch["features"]
-        else:
-            feats = self.encoder(batch["image"], names=(self.hparams.feature,))[self.hparams.feature]
-        feats = feats.float()
-        if self.hparams.channels_last:
-            feats = feats.contiguous(memory_format=torch.channels_last)
-        return feats
+    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The decoder's input maps for a batch: cached features, or the frozen encoder run on the images."""
+        maps = batch["features"] if "features" in batch else self.encoder(batch["image"], names=self.decoder.inputs)
+        out = {}
+        for name in self.decoder.inputs:
+            fmap = maps[name].float()
+            out[name] = fmap.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else fmap
+        return out
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Decoder logits ``B x 1 x h x w`` (stride 4 of the encoder input)."""
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decoder logits ``B x 1 x h x w`` at the encoder's target stride."""
         return self.decoder(features)
 
     @torch.no_grad()
@@ -132,7 +176,7 @@ class LocalizationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         scores = self.val_metrics.compute()
         self.val_metrics.reset()
-        for name in METRIC_NAMES:
+        for name in metric_names():
             self.log(f"val/{name}", scores[name], prog_bar=name == "iou")
         if self.hparams.schedule == "plateau" and not self.trainer.sanity_checking:
             self._plateau_step(float(scores["iou"]))
@@ -174,7 +218,7 @@ class LocalizationModule(L.LightningModule):
             scores = {key: float(value) for key, value in metric.compute().items()}
             metric.reset()
             self.test_results[name] = scores
-            for key in METRIC_NAMES:
+            for key in metric_names():
                 self.log(f"test/{name}/{key}", scores[key], add_dataloader_idx=False)
 
     # --------------------------------------------------------------- optimiser
@@ -188,9 +232,15 @@ class LocalizationModule(L.LightningModule):
             raise RuntimeError("refusing to drop encoder weights from the checkpoint: some are trainable")
         for key in frozen:
             del checkpoint["state_dict"][key]
-        checkpoint["deeploc"] = {"encoder": self.encoder.identity(), "plateau": dict(self._plateau)}
+        checkpoint["deeploc"] = {
+            "encoder": self.encoder.identity(),
+            "decoder": self.decoder.record(),
+            "plateau": dict(self._plateau),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from deeploc.checkpoints import checkpoint_decoder_record
+
         meta = checkpoint.get("deeploc")
         if meta is None:
             raise IncompatibleCheckpointError("checkpoint was not written by deeploc's LocalizationModule")
@@ -200,16 +250,14 @@ class LocalizationModule(L.LightningModule):
                 f"checkpoint was trained on encoder {meta['encoder']}, but the current config builds {ours}; "
                 "use the encoder settings the run was trained with (its .hydra/config.yaml)"
             )
-        own, theirs = self.state_dict(), checkpoint["state_dict"]
-        missing = sorted(k for k in set(own) - set(theirs) if not k.startswith("encoder."))
-        unexpected = sorted(set(theirs) - set(own))
-        reshaped = sorted(k for k in set(theirs) & set(own) if theirs[k].shape != own[k].shape)
-        if missing or unexpected or reshaped:
-            trained = checkpoint.get("hyper_parameters", {})
+        theirs = checkpoint_decoder_record(checkpoint)
+        decoder_state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("encoder.")}
+        own_state = {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        problems = state_dict_mismatch(own_state, decoder_state)
+        if problems or not same_decoder(theirs, self.decoder.record()):
             raise IncompatibleCheckpointError(
-                f"checkpoint decoder weights do not fit this model (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}, other shapes {reshaped[:3]}): it was trained as CONV-{trained.get('depth', '?')} "
-                f"on {trained.get('feature', '?')}, the config asks for another decoder: CONV-{self.hparams.depth} "
-                f"on {self.hparams.feature}. Use the decoder and feature the run was trained with."
+                f"checkpoint holds decoder {theirs.get('label')} on {theirs.get('inputs')}, but the config asks for "
+                f"{self.decoder.label} on {list(self.decoder.inputs)}{f' ({problems})' if problems else ''}. Use "
+                "the decoder and feature the run was trained with."
             )
         self._plateau = dict(meta.get("plateau", self._plateau))

@@ -23,7 +23,6 @@ import contextlib
 import csv
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+from deeploc.io import atomic_file
 
 __all__ = ["ResumableCSVLogger", "ResumableTensorBoardLogger", "build_loggers", "continue_history"]
 
@@ -175,16 +176,10 @@ class _ContinuingWriter(ExperimentWriter):
 
 def _write_rows(path: Path, fieldnames: list[str], rows: list[Mapping[str, str]]) -> None:
     """Replace a CSV file atomically (a partial file next to it, renamed into place)."""
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", suffix=".partial", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class ResumableTensorBoardLogger(TensorBoardLogger):

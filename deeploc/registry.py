@@ -54,20 +54,22 @@ class Registry(Generic[T]):
         """Class decorator: make ``cls`` known as ``name`` and record the name on it (``cls.registry_name``)."""
 
         def add(cls: T) -> T:
-            known = self._classes.get(name)
-            if (
-                known is not None
-                and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}"
-            ):
-                raise ValueError(
-                    f"{self.kind} name {name!r} is already registered by {known.__module__}.{known.__qualname__}; "
-                    f"choose another name for {cls.__module__}.{cls.__qualname__}"
-                )
+            self.add(name, cls)
             cls.registry_name = name  # type: ignore[attr-defined]
-            self._classes[name] = cls
             return cls
 
         return add
+
+    def add(self, name: str, obj: T) -> T:
+        """Make ``obj`` known as ``name``; re-registering the same definition (a module imported twice) is fine."""
+        known = self._classes.get(name)
+        if known is not None and _origin(known) != _origin(obj):
+            raise ValueError(
+                f"{self.kind} name {name!r} is already registered by {_origin(known)}; choose another name for "
+                f"{_origin(obj)}"
+            )
+        self._classes[name] = obj
+        return obj
 
     def _discover(self) -> None:
         """Import the built-in modules and load the entry points, once."""
@@ -113,6 +115,11 @@ class Registry(Generic[T]):
         self._discover()
         return sorted(self._classes)
 
+    def items(self) -> list[tuple[str, T]]:
+        """Every (name, plug-in) in registration order: built-ins of the package first."""
+        self._discover()
+        return list(self._classes.items())
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
@@ -120,6 +127,11 @@ class Registry(Generic[T]):
         if name not in self._classes:
             self._discover()
         return name in self._classes
+
+
+def _origin(obj: object) -> str:
+    target = getattr(obj, "score", obj)  # a metric spec is known by its function
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
 
 
 def import_modules(modules: list[str] | tuple[str, ...] | None) -> None:

@@ -28,7 +28,7 @@ from statistics import fmean, stdev
 from typing import Any
 
 from deeploc import __version__
-from deeploc.features_spec import FEATURES
+from deeploc.metrics import metric_label, metric_names
 from deeploc.provenance import (
     LABELS,
     OTHER_KEYS,
@@ -42,8 +42,8 @@ from deeploc.provenance import (
     version_text,
 )
 
-METRICS = ("iou", "f1_fixed", "f1_best", "ap")
-METRIC_LABELS = {"iou": "IoU", "f1_fixed": "F1_fixed", "f1_best": "F1_best", "ap": "AP"}
+# The study's maps first, in the protocol's order; other maps (other decoders, encoders) after, by name.
+STUDY_FEATURES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
 DOLOS_SUBSETS = ("repaint-p2-9k", "ldm", "lama", "pluralistic")
 SPLITS = ("cross", "in_domain", "leave_one_out")
 LOO = "leave_one_out"
@@ -74,6 +74,7 @@ class RunResult:
     subsets: tuple[str, ...] = ()  # the run's data.subsets, in order
     version: str | None = None  # deeploc version that wrote metrics.json (None: <= 0.1.0)
     epochs: int | None = None  # epochs actually trained
+    parameters: int | None = None  # the decoder's trainable parameters (None: not recorded, deeploc <= 0.1)
 
     @property
     def decoder(self) -> str:
@@ -123,6 +124,7 @@ class Matrix:
     label_keys: tuple[str, ...] = ()  # the settings that tell this matrix apart from the others of its split
     runs: dict[Cell, dict[Any, list[dict[str, float]]]] = field(default_factory=dict)
     paths: list[Path] = field(default_factory=list)
+    parameters: int | None = None  # the decoder's, equal in every run of one configuration
     versions: list[str | None] = field(default_factory=list)
     cross: bool = False  # a cross run exists, so off-diagonal cells are expected
 
@@ -144,6 +146,7 @@ class Matrix:
             self.runs.setdefault((run.subset, test), {}).setdefault(run.seed, []).append(scores)
         self.paths.append(run.path)
         self.versions.append(run.version)
+        self.parameters = self.parameters or run.parameters
         self.cross = self.cross or run.split == "cross"
 
     def per_seed(self, cell: Cell, metric: str = "iou") -> dict[Any, float]:
@@ -288,7 +291,7 @@ def _read_run(run_dir: Path) -> RunResult | MissingRun:
         return MissingRun(run_dir, f"unknown split {config['split']!r} (expected one of {', '.join(SPLITS)})")
     test = data.get("test")
     scores = {
-        str(subset): {m: float(v) for m, v in cell.items() if m in METRICS and _is_number(v)}
+        str(subset): {m: float(v) for m, v in cell.items() if m in metric_names() and _is_number(v)}
         for subset, cell in (test.items() if isinstance(test, dict) else [])
         if isinstance(cell, dict)
     }
@@ -305,6 +308,7 @@ def _read_run(run_dir: Path) -> RunResult | MissingRun:
         subsets=tuple(str(s) for s in subsets) if isinstance(subsets, list) else (),
         version=config.get("deeploc_version"),
         epochs=data.get("epochs") if isinstance(data.get("epochs"), int) else None,
+        parameters=config.get("parameters") if isinstance(config.get("parameters"), int) else None,
     )
 
 
@@ -346,9 +350,9 @@ def summary_table(matrices: dict[Settings, Matrix]) -> list[SummaryRow]:
     return [
         SummaryRow(
             m,
-            id={k: m.id_stat(k) for k in METRICS},
-            ood={k: m.ood_stat(k) for k in METRICS},
-            missing={k: m.missing(k) for k in METRICS},
+            id={k: m.id_stat(k) for k in metric_names()},
+            ood={k: m.ood_stat(k) for k in metric_names()},
+            missing={k: m.missing(k) for k in metric_names()},
             n_runs=len(m.paths),
         )
         for m in matrices.values()
@@ -624,7 +628,7 @@ def _ordered_subsets(names: Iterable[str]) -> list[str]:
 
 def _config_order(m: Matrix) -> tuple[int, str, int, str]:
     digits = re.findall(r"\d+", m.decoder)
-    rank = list(FEATURES).index(m.feature) if m.feature in FEATURES else len(FEATURES)
+    rank = STUDY_FEATURES.index(m.feature) if m.feature in STUDY_FEATURES else len(STUDY_FEATURES)
     return (rank, m.feature, int(digits[0]) if digits else 0, m.decoder)
 
 
@@ -657,7 +661,7 @@ def _settings_cells(m: Matrix) -> list[str]:
 
 def _stats(r: SummaryRow) -> list[float | str]:
     """Mean and std of ID and OOD of each metric, in the summary's column order."""
-    return [_num(getattr(d[k], a)) for k in METRICS for d in (r.id, r.ood) for a in ("mean", "std")]
+    return [_num(getattr(d[k], a)) for k in metric_names() for d in (r.id, r.ood) for a in ("mean", "std")]
 
 
 def _fmt(v: float | None, incomplete: bool = False) -> str:
@@ -695,7 +699,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 def _summary_csv(rows: list[SummaryRow]) -> tuple[list[str], list[list]]:
     """summary.csv: every setting, then mean and std of ID and OOD per metric, seeds per cell, completeness."""
-    stats = [f"{w}_{k}{s}" for k in METRICS for w in ("id", "ood") for s in ("", "_std")]
+    stats = [f"{w}_{k}{s}" for k in metric_names() for w in ("id", "ood") for s in ("", "_std")]
     header = ["decoder", "feature", *OTHER_KEYS, *stats, "seeds", "complete", "missing_cells", "n_runs"]
     body = [
         [*_settings_cells(r.matrix), *_stats(r), r.matrix.seeds().seeds, r.complete, _missing_text(r.missing), r.n_runs]
@@ -706,14 +710,14 @@ def _summary_csv(rows: list[SummaryRow]) -> tuple[list[str], list[list]]:
 
 def _cells_csv(matrices: list[Matrix]) -> tuple[list[str], list[list]]:
     """cells.csv: one line per filled cell of every matrix, mean and std over seeds per metric."""
-    header = ["decoder", "feature", *OTHER_KEYS, "split", "row_subset", "test_subset", *METRICS]
-    header += [*(f"{k}_std" for k in METRICS), "seeds", "n_runs"]
+    header = ["decoder", "feature", *OTHER_KEYS, "split", "row_subset", "test_subset", *metric_names()]
+    header += [*(f"{k}_std" for k in metric_names()), "seeds", "n_runs"]
     body = [_cell_line(m, a, b) for m in matrices for a in m.subsets for b in m.subsets if (a, b) in m.runs]
     return header, body
 
 
 def _cell_line(m: Matrix, row: str, test: str) -> list:
-    stats = [m.cell(row, test, k) for k in METRICS]
+    stats = [m.cell(row, test, k) for k in metric_names()]
     n_runs = sum(map(len, m.runs[row, test].values()))
     means, stds = [_num(s.mean) for s in stats], [_num(s.std) for s in stats]
     return [*_settings_cells(m), m.split, row, test, *means, *stds, stats[0].seeds, n_runs]
@@ -741,11 +745,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _summary_md(rows: list[SummaryRow], keys: tuple[str, ...]) -> str:
-    header = ["decoder", "feature", *(LABELS[k] for k in keys)]
-    header += [f"{w} {METRIC_LABELS[k]}" for k in METRICS for w in ("ID", "OOD")] + ["seeds"]
+    header = ["decoder", "feature", "params", *(LABELS[k] for k in keys)]
+    header += [f"{w} {metric_label(k)}" for k in metric_names() for w in ("ID", "OOD")] + ["seeds"]
     body = [
-        [r.decoder, r.feature, *(r.matrix.settings.show(k) for k in keys)]  # type: ignore[union-attr]
-        + [_fmt_stat(d[k], bool(r.missing[k])) for k in METRICS for d in (r.id, r.ood)]
+        [r.decoder, r.feature, _params(r.matrix.parameters), *(r.matrix.settings.show(k) for k in keys)]  # type: ignore[union-attr]
+        + [_fmt_stat(d[k], bool(r.missing[k])) for k in metric_names() for d in (r.id, r.ood)]
         + [r.matrix.seeds().seeds]
         for r in rows
     ]
@@ -755,6 +759,11 @@ def _summary_md(rows: list[SummaryRow], keys: tuple[str, ...]) -> str:
     if any(r.matrix.seeds().n_max > 1 for r in rows):
         notes.append("\n" + SEED_NOTE)
     return _md_table(header, body) + "\n".join(["", *notes])
+
+
+def _params(count: int | None) -> str:
+    """A decoder's parameter count as the tables print it (``3.08 M``, ``0.13 M``); ``?`` when not recorded."""
+    return "?" if count is None else f"{count / 1e6:.2f} M"
 
 
 def _matrix_md(m: Matrix) -> str:

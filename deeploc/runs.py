@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deeploc.io import file_digest, write_json_atomic
+
 METRICS_FILE = "metrics.json"
+# Written when a cluster job is signalled before its time limit (deeploc.cluster.RequeueOnSignal).
+REQUEUE_CHECKPOINT = "requeue.ckpt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,42 @@ class RunDir:
         return self.checkpoints / "best.ckpt"
 
     @property
+    def export_file(self) -> Path:
+        """Where deeploc-export writes the run's decoder by default."""
+        return self.path / "decoder.safetensors"
+
+    def eval_dir(self, root: str | os.PathLike[str], split: str, subsets: list[str], convention: str) -> Path:
+        """Where deeploc-eval writes its results for this data, split, subsets and metric convention."""
+        from deeploc.naming import eval_dir_name
+
+        return self.path / "eval" / eval_dir_name(root, split, subsets, convention)
+
+    def model_checkpoint(self) -> Path | None:
+        """The checkpoint that stands for the trained model: metrics.json's best, else best.ckpt, else last.ckpt."""
+        best = (self.read_metrics() or {}).get("best_checkpoint")
+        candidates = [self.path / best] if best else []
+        return next((c for c in [*candidates, self.best_checkpoint, self.last_checkpoint] if c.is_file()), None)
+
+    def resume_candidates(self) -> list[Path]:
+        """Checkpoints a run may resume from: ``checkpoints/last.ckpt``, ``checkpoints/requeue.ckpt`` and
+        Lightning's ``hpc_ckpt_<n>.ckpt`` (in ``checkpoints/`` or the run directory, where Lightning's own SLURM
+        requeue puts them)."""
+        found = [self.last_checkpoint, self.checkpoints / REQUEUE_CHECKPOINT]
+        found += sorted(self.checkpoints.glob("hpc_ckpt_*.ckpt")) + sorted(self.path.glob("hpc_ckpt_*.ckpt"))
+        return [p for p in found if p.is_file()]
+
+    def resume_checkpoint(self) -> Path | None:
+        """The most advanced readable checkpoint of :meth:`resume_candidates`: highest ``global_step``; on equal
+        steps the later file (``last.ckpt`` written after the epoch's validation beats a requeue checkpoint taken
+        at that epoch's last batch). None when there is none."""
+        best: tuple[tuple[int, int], Path] | None = None
+        for path in self.resume_candidates():
+            key = _progress(path)
+            if key is not None and (best is None or key > best[0]):
+                best = (key, path)
+        return None if best is None else best[1]
+
+    @property
     def metrics_file(self) -> Path:
         return self.path / METRICS_FILE
 
@@ -50,8 +91,6 @@ class RunDir:
     def checkpoint_digests(self) -> dict[str, str]:
         """``sha256:<hex>`` of the best and last checkpoints, keyed by their path in the run (for metrics.json):
         a later tool that loads the run's checkpoint can tell that it is still the one the run finished with."""
-        from deeploc.models.encoder import file_digest
-
         return {
             path.relative_to(self.path).as_posix(): f"sha256:{file_digest(path)}"
             for path in (self.best_checkpoint, self.last_checkpoint)
@@ -63,33 +102,15 @@ class RunDir:
         return write_json_atomic(self.metrics_file, metrics)
 
 
-def write_json_atomic(path: Path, payload: Any) -> Path:
-    """Write strict JSON through a temporary file in the same folder and rename it into place.
+def _progress(path: Path) -> tuple[int, int] | None:
+    """(global_step, mtime_ns) of a checkpoint, or None when it cannot be read (e.g. killed while written)."""
+    import torch
 
-    NaN and +-inf (an undefined score, e.g. trufor's AP when every mask is empty) become ``null``: JSON has no
-    such numbers, and strict readers (jq, JavaScript, many JSON libraries) reject Python's bare ``NaN``. The
-    counts of undefined cases next to the means say why a value is null. On any error nothing is replaced
-    and no temporary file stays behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_finite_or_null(payload), handle, indent=2, sort_keys=False, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _finite_or_null(value: Any) -> Any:
-    """A copy of a JSON-like value with every non-finite float replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
-    return value
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = int(ckpt.get("global_step", -1))
+        del ckpt
+        return step, path.stat().st_mtime_ns
+    except Exception as exc:  # any unreadable file is skipped, with the reason
+        log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
+        return None

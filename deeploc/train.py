@@ -36,11 +36,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from deeploc.callbacks import BestValidation
 from deeploc.checkpointing import checkpoint_step
+from deeploc.checkpoints import check_checkpoint_digest
 from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR, to_primitive
 from deeploc.errors import ConfigError, deeploc_error
-from deeploc.export import check_checkpoint_digest
-from deeploc.metrics import recorded_convention
+from deeploc.metrics import metric_specs, recorded_convention
 from deeploc.monitoring import build_loggers, continue_history
 from deeploc.naming import changed_inputs
 from deeploc.runs import RunDir
@@ -60,13 +60,21 @@ def run_directory(cfg: DictConfig) -> RunDir:
     return RunDir(Path(HydraConfig.get().runtime.output_dir))
 
 
+def build_model(cfg: DictConfig) -> Any:
+    """The LightningModule: ``conf/encoder`` and ``conf/decoder`` instantiated by Hydra (``_target_``), handed to
+    ``conf/model``. The decoder node is a factory (``_partial_: true``) completed with the encoder's maps."""
+    encoder = instantiate(cfg.encoder)
+    decoder = instantiate(cfg.decoder)
+    return instantiate(cfg.model, encoder=encoder, decoder=decoder)
+
+
 def build_components(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate the data module and the LightningModule, and wire the feature store when it can be used."""
+    """Instantiate the data module and the LightningModule, and wire the feature cache when it can be used."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(cfg.model)
-    attach_feature_store(cfg, datamodule, model)
+    model = build_model(cfg)
+    attach_feature_cache(cfg, datamodule, model)
     return datamodule, model
 
 
@@ -76,20 +84,20 @@ def extraction_device(cfg: DictConfig) -> str:
     return "cuda" if torch.cuda.is_available() and wants_gpu else "cpu"
 
 
-def open_feature_store(cfg: DictConfig, model: Any) -> tuple[Any, str]:
-    """The feature store of this run's encoder and feature, and the device to fill it on.
+def open_feature_cache(cfg: DictConfig, model: Any) -> tuple[Any, str]:
+    """The feature cache (``features.dir``) of the maps this run's decoder reads, and the device to fill it on.
 
     The encoder moves to that device first: its identity (the cache key) includes the precision it computes in.
     """
-    from deeploc.features.store import FeatureStore
+    from deeploc.features.store import FeatureCache
 
     device = extraction_device(cfg)
     model.encoder.to(device)
-    return FeatureStore(cfg.features.dir, model.encoder.identity(), model.hparams.feature), device
+    return FeatureCache(cfg.features.dir, model.encoder, model.decoder.inputs), device
 
 
-def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
-    """Serve cached encoder features instead of images when config and augmentations allow it."""
+def attach_feature_cache(cfg: DictConfig, datamodule: Any, model: Any) -> None:
+    """Serve cached encoder maps instead of images when config and augmentations allow it."""
     from deeploc.features.store import cache_allowed
 
     if not cfg.features.enabled:
@@ -99,10 +107,10 @@ def attach_feature_store(cfg: DictConfig, datamodule: Any, model: Any) -> None:
     if not allowed:
         log.warning("feature cache not used: %s; the encoder runs on every batch", reason)
         return
-    store, device = open_feature_store(cfg, model)
-    store.extract(datamodule.plan.all_samples(), model.encoder, batch_size=cfg.features.batch_size, device=device)
+    cache, device = open_feature_cache(cfg, model)
+    cache.extract(datamodule.plan.all_samples(), model.encoder, batch_size=cfg.features.batch_size, device=device)
     model.encoder.to("cpu")
-    datamodule.set_dataset_factory(lambda samples, stage: store.dataset(samples))
+    datamodule.set_dataset_factory(lambda samples, stage: cache.dataset(samples))
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -131,9 +139,7 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     """The checkpoint an interrupted run continues from, if any (``resume=false`` ignores it): the most advanced of
     ``checkpoints/last.ckpt`` and the requeue / HPC checkpoints written when a cluster job was signalled."""
-    from deeploc.cluster import newest_checkpoint
-
-    newest = newest_checkpoint(run.path) if cfg.resume else None
+    newest = run.resume_checkpoint() if cfg.resume else None
     return None if newest is None else str(newest)
 
 
@@ -145,19 +151,26 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any) -> dict[str, 
     counts = datamodule.describe()
     split = cfg.data.split
     plateau = cfg.model.schedule == "plateau"
+    decoder = model.decoder.record()
+    encoder = model.encoder.identity()
     return {
-        "decoder": cfg.decoder.name,
-        "depth": cfg.decoder.depth,
-        "feature": cfg.feature.name,
+        "decoder": decoder["label"],
+        "depth": decoder["options"].get("depth"),
+        "decoder_name": decoder["name"],
+        "decoder_options": decoder["options"],
+        "parameters": decoder["parameters"],
+        # The map(s) the decoder reads, joined by "+" for decoders that read several.
+        "feature": "+".join(decoder["inputs"]),
         "split": split.mode,
         "subset": cfg.subset,
         "subsets": list(cfg.data.subsets),
-        "encoder": cfg.encoder.config,
-        "encoder_overrides": to_primitive(cfg.encoder.overrides) or {},
-        "encoder_weights": "random" if cfg.encoder.random_init else str(cfg.encoder.checkpoint),
+        "encoder_kind": encoder["kind"],
+        "encoder": encoder.get("config", encoder["kind"]),
+        "encoder_overrides": encoder.get("overrides") or {},
+        "encoder_weights": "random" if model.encoder.weights.startswith("random") else str(model.encoder.checkpoint),
         # sha256 of the checkpoint or the random-weight seed, as the encoder computed it for its identity.
         "weights": model.encoder.weights,
-        "image_size": cfg.encoder.image_size,
+        "image_size": model.encoder.image_size,
         "max_epochs": cfg.trainer.max_epochs,
         "schedule": cfg.model.schedule,
         "plateau": (
@@ -304,10 +317,8 @@ def check_run_inputs(run: RunDir, cfg: DictConfig) -> None:
     same last components would share a run directory. A run directory without results or checkpoints holds nothing
     to reuse and is never refused.
     """
-    from deeploc.cluster import checkpoint_candidates
-
     earlier = run.path / RESOLVED_CONFIG
-    if not earlier.is_file() or not (run.metrics_file.exists() or checkpoint_candidates(run.path)):
+    if not earlier.is_file() or not (run.metrics_file.exists() or run.resume_candidates()):
         return
     moved, conflicts = changed_inputs(OmegaConf.load(earlier), cfg)
     for line in moved:
@@ -341,17 +352,17 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
     split, subset = config["split"], config["subset"]
     labels = {name: f"{name} ({subset_role(split, subset, name)})" for name in metrics["test"]}
     width = max([len("test subset"), *map(len, labels.values())]) + 2
+    specs = metric_specs()
+    columns = [max(8, len(spec.label) + 2) for spec in specs]
     lines = [
-        f"test results (%, mean over images) of CONV-{config['depth']} on {config['feature']}, {split} split, "
+        f"test results (%, mean over images) of {config['decoder']} on {config['feature']}, {split} split, "
         f"{training_phrase(split, subset, config.get('subsets'))}; metric convention "
         f"{metrics.get('convention', 'trufor')}:",
-        f"  {'test subset':<{width}}{'IoU':>8}{'F1':>8}{'F1 best':>9}{'AP':>8}{'images':>8}",
+        f"  {'test subset':<{width}}" + "".join(f"{s.label:>{w}}" for s, w in zip(specs, columns)) + f"{'images':>8}",
     ]
     for name, scores in metrics["test"].items():
-        lines.append(
-            f"  {labels[name]:<{width}}{scores['iou']:8.2f}{scores['f1_fixed']:8.2f}{scores['f1_best']:9.2f}"
-            f"{scores['ap']:8.2f}{scores['n_images']:8.0f}"
-        )
+        values = "".join(f"{_number(scores.get(s.name)):>{w}}" for s, w in zip(specs, columns))
+        lines.append(f"  {labels[name]:<{width}}{values}{scores['n_images']:8.0f}")
     if config.get("generated_data"):
         lines.append(
             "  NOTE: trained and tested on deeploc's GENERATED Dolos-format data (four classical manipulations), "
@@ -364,6 +375,11 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
         )
     lines.append(f"  results: {run.metrics_file}; overlays: {run.path / 'overlays'}; checkpoints: {run.checkpoints}")
     return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    """A percentage with two decimals (never scientific notation); ``-`` for an undefined (null) one."""
+    return "-" if value is None else f"{float(value):.2f}"
 
 
 def _best_values(trainer: L.Trainer) -> dict[str, float]:

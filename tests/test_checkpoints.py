@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from deeploc.checkpointing import AtomicCheckpointIO
-from deeploc.features_spec import feature_shape
 from deeploc.module import LocalizationModule
+from tests.decoder_contract import sam2_conv
 from tests.e2e import env_for, run_cli, train_args
 
 pytestmark = [
@@ -39,8 +39,10 @@ def _sha(path: Path) -> str:
 
 def _fitted_trainer(root: Path) -> L.Trainer:
     """A real Trainer that has fitted LocalizationModule for one step on cached-feature batches."""
-    channels, side, _ = feature_shape("high_res_feats_1", 64)
-    batches = [{"features": torch.randn(2, channels, side, side), "mask": (torch.rand(2, 1, 64, 64) > 0.7).float()}]
+    model = LocalizationModule(encoder=MICRO, decoder=sam2_conv("high_res_feats_1", 4))
+    channels, side, _ = model.encoder.feature_shape("high_res_feats_1")
+    maps = {"high_res_feats_1": torch.randn(2, channels, side, side)}
+    batches = [{"features": maps, "mask": (torch.rand(2, 1, 64, 64) > 0.7).float()}]
     trainer = L.Trainer(
         default_root_dir=root,
         max_epochs=1,
@@ -51,7 +53,6 @@ def _fitted_trainer(root: Path) -> L.Trainer:
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
-    model = LocalizationModule(feature="high_res_feats_1", depth=4, encoder=MICRO)
     trainer.fit(model, DataLoader(batches, batch_size=None))
     return trainer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -17,6 +18,8 @@ from types import ModuleType
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
@@ -314,16 +317,18 @@ def test_conv_decoder_on_clip_maps_gives_256_logits(micro: CLIPEncoder) -> None:
 
 # ------------------------------------------------------------------------------------------------------ configs
 def test_encoder_configs_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    micro_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "clip_micro.yaml"), resolve=True)
+    micro_cfg = OmegaConf.load(CONF / "clip_micro.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        encoder = build_encoder(**micro_cfg)
+        encoder = instantiate(micro_cfg)
     assert encoder.identity()["config"] == "clip_micro" and list(encoder.feature_specs) == ["layer2"]
     monkeypatch.delenv("CLIP_CHECKPOINT", raising=False)
-    vitl = OmegaConf.to_container(OmegaConf.load(CONF / "clip_vitl14.yaml"), resolve=True)
-    assert (vitl["kind"], vitl["config"], vitl["layers"], vitl["image_size"]) == ("clip", "ViT-L-14", [20], 224)
-    with pytest.raises(EncoderError, match=r"encoder.checkpoint is not set.*ViT-L-14\.pt"):
-        build_encoder(**vitl)
+    vitl = OmegaConf.load(CONF / "clip_vitl14.yaml")
+    assert (vitl["config"], vitl["layers"], vitl["image_size"]) == ("ViT-L-14", [20], 224)
+    with pytest.raises(InstantiationException) as refused:
+        instantiate(vitl)
+    assert re.search(r"encoder.checkpoint is not set.*ViT-L-14\.pt", str(refused.value.__cause__))
     monkeypatch.setenv("CLIP_CHECKPOINT", "/nowhere/ViT-L-14.pt")
     vitl = OmegaConf.to_container(OmegaConf.load(CONF / "clip_vitl14.yaml"), resolve=True)
+    assert vitl["_target_"] == "deeploc.models.encoders.clip.CLIPEncoder"
     assert vitl["checkpoint"] == "/nowhere/ViT-L-14.pt"

@@ -15,22 +15,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deeploc.checkpoints import IncompatibleModelError, MissingCheckpointError, ModelError
 from deeploc.cli.evaluate import main as eval_main
 from deeploc.cli.export import main as export_main
 from deeploc.cli.predict import main as predict_main
-from deeploc.export import (
-    FORMAT,
-    IncompatibleModelError,
-    MissingCheckpointError,
-    ModelError,
-    load_exported,
-    load_model,
-    read_export,
-)
-from deeploc.models.decoders import ConvDecoder
-from deeploc.models.encoder import file_digest, save_random_checkpoint
+from deeploc.export import FORMAT, read_export
+from deeploc.inference import load_model, load_model_and_metadata
+from deeploc.io import file_digest
+from deeploc.models.encoders.sam2 import save_random_checkpoint
 from deeploc.module import LocalizationModule
 from deeploc.predict import predict_images
+from tests.decoder_contract import sam2_conv
 from tests.test_predict import TRAIN_OVERRIDES, shared_base, train_run
 
 pytestmark = [
@@ -65,9 +60,10 @@ def test_export_is_one_small_self_describing_file(exported: Path, run_dir: Path)
     with safe_open(str(exported), framework="pt") as handle:
         keys = set(handle.keys())
         header = json.loads(handle.metadata()["deeploc"])
-    assert keys == set(ConvDecoder("high_res_feats_1", 4).state_dict())  # decoder only, no encoder weights
+    assert keys == set(sam2_conv("high_res_feats_1", 4).state_dict())  # decoder only, no encoder weights
     assert header["format"] == FORMAT and header["deeploc_version"]
-    assert header["decoder"]["feature"] == "high_res_feats_1" and header["decoder"]["depth"] == 4
+    assert header["decoder"]["inputs"] == ["high_res_feats_1"] and header["decoder"]["options"]["depth"] == 4
+    assert header["decoder"]["name"] == "conv" and header["decoder"]["label"] == "conv4"
     assert header["encoder"] == ckpt["deeploc"]["encoder"]
     assert header["encoder"]["config"] == "sam2.1_hiera_micro" and header["encoder"]["weights"] == "random:seed=0"
     assert header["input"]["image_size"] == 64
@@ -83,10 +79,10 @@ def test_export_is_one_small_self_describing_file(exported: Path, run_dir: Path)
 def test_export_then_import_gives_identical_outputs(exported: Path, run_dir: Path, images) -> None:
     reference = LocalizationModule.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", map_location="cpu")
     reference.eval()
-    from_export, metadata = load_exported(exported)
+    from_export, metadata = load_model_and_metadata(exported)
     from_run = load_model(run_dir)
     from_ckpt = load_model(run_dir / "checkpoints" / "best.ckpt")
-    assert metadata["decoder"]["feature"] == from_export.hparams.feature
+    assert metadata["decoder"] == from_export.hparams.decoder
     for image, p_export, p_run, p_ckpt in zip(
         images,
         predict_images(from_export, images, batch_size=1),
@@ -116,14 +112,14 @@ def test_export_for_another_encoder_or_feature_is_refused_naming_both(exported: 
     _, metadata = read_export(exported)
     other_seed = {**metadata["encoder"], "weights": "random:seed=1"}
     with pytest.raises(IncompatibleModelError, match=r"random:seed=0.*random:seed=1"):
-        load_exported(exported, expect_encoder=other_seed)
+        load_model_and_metadata(exported, expect_encoder=other_seed)
     other_config = {**metadata["encoder"], "config": "sam2.1_hiera_t", "image_size": 1024}
     with pytest.raises(IncompatibleModelError, match=r"sam2.1_hiera_micro.*sam2.1_hiera_t"):
         load_model(exported, expect_encoder=other_config)
     with pytest.raises(IncompatibleModelError, match=r"'high_res_feats_1'.*'image_embed'"):
         load_model(exported, expect_feature="image_embed")
     # The matching pair loads.
-    load_exported(exported, expect_encoder=metadata["encoder"], expect_feature="high_res_feats_1")
+    load_model_and_metadata(exported, expect_encoder=metadata["encoder"], expect_feature="high_res_feats_1")
 
 
 def test_damaged_or_foreign_files_are_refused(exported: Path, tmp_path: Path) -> None:
@@ -136,11 +132,11 @@ def test_damaged_or_foreign_files_are_refused(exported: Path, tmp_path: Path) ->
     with pytest.raises(ModelError, match=r"digest .* differs from the recorded"):
         load_model(tmp_path / "tampered.safetensors")
     # Weights of another architecture under this metadata (a hand-edited header) are refused, naming both.
-    wrong = ConvDecoder("image_embed", 4).state_dict()
+    wrong = sam2_conv("image_embed", 4).state_dict()
     from deeploc.export import write_export
 
     write_export(tmp_path / "wrong.safetensors", wrong, metadata)
-    with pytest.raises(IncompatibleModelError, match="not a CONV-4 decoder on feature 'high_res_feats_1'"):
+    with pytest.raises(IncompatibleModelError, match="not a conv4 decoder on high_res_feats_1"):
         load_model(tmp_path / "wrong.safetensors")
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(ModelError, match="not a deeploc decoder export"):
@@ -184,12 +180,12 @@ def test_sam2_checkpoint_is_verified_by_digest(checkpoint_run, run_dir: Path, tm
     assert export_main([str(run), "--out", str(out)]) == 0
     assert read_export(out)[1]["encoder"]["weights"] == right
 
-    with pytest.raises(MissingCheckpointError, match=rf"{right}.*--sam2-checkpoint"):
-        load_exported(out)
+    with pytest.raises(MissingCheckpointError, match=rf"{right}.*--encoder-checkpoint"):
+        load_model_and_metadata(out)
     other = save_random_checkpoint(tmp_path / "other.pt", "sam2.1_hiera_micro", seed=6)
     wrong = f"sha256:{file_digest(other)}"
     with pytest.raises(IncompatibleModelError, match=rf"{wrong}.*{right}"):
-        load_exported(out, sam2_checkpoint=other)
+        load_model_and_metadata(out, encoder_checkpoint=other)
     image = tmp_path / "x.png"
     from PIL import Image
 
@@ -199,13 +195,13 @@ def test_sam2_checkpoint_is_verified_by_digest(checkpoint_run, run_dir: Path, tm
     assert rc == 1 and wrong in err and right in err
 
     # The right checkpoint rebuilds the trained model exactly; a run directory finds the path it was trained with.
-    model, _ = load_exported(out, sam2_checkpoint=sam2)
+    model, _ = load_model_and_metadata(out, encoder_checkpoint=sam2)
     from_run = load_model(run)
     for a, b in zip(predict_images(model, images, 1), predict_images(from_run, images, 1)):
         assert torch.equal(a, b)
     # A checkpoint given for a decoder trained on random weights is a mismatch too.
     with pytest.raises(IncompatibleModelError, match=r"RANDOM weights \(random:seed=0\).*other.pt"):
-        load_model(run_dir, sam2_checkpoint=other)
+        load_model(run_dir, encoder_checkpoint=other)
 
 
 def test_export_cli_refuses_what_it_cannot_export(tmp_path: Path, capsys) -> None:
@@ -368,10 +364,10 @@ def test_a_run_whose_checkpoint_was_replaced_is_refused_naming_both(
     del metrics["checkpoint_sha256"]
     (run / "metrics.json").write_text(json.dumps(metrics))
     for err in _refusals(run, tmp_path, capsys):
-        assert "CONV-12" in err and "CONV-4" in err and "(metrics.json)" in err, err
+        assert "conv12 on" in err and "conv4 on" in err and "(metrics.json)" in err, err
     (run / "metrics.json").unlink()
     for err in _refusals(run, tmp_path, capsys):
-        assert "CONV-12" in err and "CONV-4" in err and "(config_resolved.yaml)" in err, err
+        assert "conv12 on" in err and "conv4 on" in err and "(config_resolved.yaml)" in err, err
 
     # Re-testing the run with deeploc-train (if_finished=eval) refuses it as well.
     shutil.rmtree(run)

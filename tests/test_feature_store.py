@@ -27,20 +27,19 @@ from deeploc.features.store import (
     extract_features,
     read_entry,
 )
-from deeploc.features_spec import feature_shape
-from deeploc.models.encoder import SAM2FeatureEncoder
+from deeploc.models.encoders.sam2 import SAM2Encoder
 
 MICRO = "sam2.1_hiera_micro"
 FEATURE = "image_embed"
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
 
 
-def make_encoder(seed: int = 0, image_size: int = 256) -> SAM2FeatureEncoder:
-    return SAM2FeatureEncoder(MICRO, random_init=True, image_size=image_size, seed=seed)
+def make_encoder(seed: int = 0, image_size: int = 256) -> SAM2Encoder:
+    return SAM2Encoder(MICRO, random_init=True, image_size=image_size, seed=seed)
 
 
 @pytest.fixture(scope="module")
-def encoder() -> SAM2FeatureEncoder:
+def encoder() -> SAM2Encoder:
     return make_encoder()
 
 
@@ -66,7 +65,7 @@ def make_samples(root: Path, n: int, subset: str = "lama", seed: int = 0, size: 
     return samples
 
 
-def reference(encoder: SAM2FeatureEncoder, samples: list[Sample], feature: str = FEATURE) -> torch.Tensor:
+def reference(encoder: SAM2Encoder, samples: list[Sample], feature: str = FEATURE) -> torch.Tensor:
     images = torch.stack([ImageMaskDataset(samples)[i]["image"] for i in range(len(samples))])
     return encoder(images, names=(feature,))[feature]
 
@@ -78,9 +77,9 @@ def n_entries(store: FeatureStore) -> int:
 # ------------------------------------------------------------------------------------------------ correctness
 
 
-def test_features_equal_encoder_output_and_dataset_items(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+def test_features_equal_encoder_output_and_dataset_items(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 5)
-    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     assert store.missing(samples) == samples
     assert store.extract(samples, encoder, batch_size=2, progress=False) == 5
     ds = store.dataset(samples)
@@ -89,21 +88,21 @@ def test_features_equal_encoder_output_and_dataset_items(tmp_path: Path, encoder
     assert len(ds) == 5
     for i in range(5):
         item = ds[i]
-        assert item["features"].dtype == torch.float16
-        assert item["features"].shape == feature_shape(FEATURE, 256)
+        assert item["features"][FEATURE].dtype == torch.float16
+        assert item["features"][FEATURE].shape == encoder.feature_shape(FEATURE)
         # fp16 storage: equal to the encoder's fp32 output up to half-precision rounding.
-        torch.testing.assert_close(item["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(item["features"][FEATURE].float(), expected[i], rtol=1e-3, atol=1e-3)
         assert item["mask"].dtype == torch.float32
         assert torch.equal(item["mask"], online[i]["mask"])
         assert (item["name"], item["subset"], item["index"]) == (samples[i].name, "lama", i)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
-    assert batch["features"].shape == (5, *feature_shape(FEATURE, 256))
+    assert batch["features"][FEATURE].shape == (5, *encoder.feature_shape(FEATURE))
     assert store.nbytes_per_image == HEADER_SIZE + 256 * 16 * 16 * 2
     assert "5 images" in store.describe() and str(store.path) in store.describe()
 
 
 def test_second_extract_computes_nothing_and_identical_images_are_shared(
-    tmp_path: Path, encoder: SAM2FeatureEncoder, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, encoder: SAM2Encoder, capsys: pytest.CaptureFixture[str]
 ) -> None:
     samples = make_samples(tmp_path / "data", 4)
     # The same bytes in another subset: one entry serves both.
@@ -111,46 +110,44 @@ def test_second_extract_computes_nothing_and_identical_images_are_shared(
     twin.parent.mkdir(parents=True)
     shutil.copyfile(samples[0].image, twin)
     samples.append(Sample(twin, samples[0].mask, "ldm", "test", "00000"))
-    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     assert store.extract(samples, encoder, progress=False) == 4
     assert "computing 4 of 4 images" in capsys.readouterr().out
     assert n_entries(store) == 4
-    again = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)  # a new run / process
+    again = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)  # a new run / process
     assert again.missing(samples) == []
     assert again.extract(samples, encoder, progress=False) == 0
     assert "already cached" in capsys.readouterr().out
     ds = again.dataset(samples)
-    assert torch.equal(ds[0]["features"], ds[4]["features"])
+    assert torch.equal(ds[0]["features"][FEATURE], ds[4]["features"][FEATURE])
     assert ds[4]["subset"] == "ldm"
     memo = json.loads((tmp_path / "cache" / "image_hashes.json").read_text())
     assert str(twin) in memo
 
 
-def test_changed_image_is_recomputed(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+def test_changed_image_is_recomputed(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 3)
-    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     store.extract(samples, encoder, progress=False)
-    before = store.dataset(samples)[1]["features"]
+    before = store.dataset(samples)[1]["features"][FEATURE]
     write_image(samples[1].image, seed=999)  # same path, same size, new contents
     assert store.missing(samples) == [samples[1]]
     assert store.extract(samples, encoder, progress=False) == 1
-    after = store.dataset(samples)[1]["features"]
+    after = store.dataset(samples)[1]["features"][FEATURE]
     assert not torch.equal(before, after)
     torch.testing.assert_close(after.float(), reference(encoder, samples[1:2])[0], rtol=1e-3, atol=1e-3)
 
 
-def test_another_encoder_seed_or_size_or_feature_gets_its_own_cache(
-    tmp_path: Path, encoder: SAM2FeatureEncoder
-) -> None:
+def test_another_encoder_seed_or_size_or_feature_gets_its_own_cache(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 2)
-    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     store.extract(samples, encoder, progress=False)
     other_seed = make_encoder(seed=1)
     other_size = make_encoder(image_size=128)
     stores = [
-        FeatureStore(tmp_path / "cache", other_seed.identity(), FEATURE),
-        FeatureStore(tmp_path / "cache", other_size.identity(), FEATURE),
-        FeatureStore(tmp_path / "cache", encoder.identity(), "high_res_feats_1"),
+        FeatureStore.for_encoder(tmp_path / "cache", other_seed, FEATURE),
+        FeatureStore.for_encoder(tmp_path / "cache", other_size, FEATURE),
+        FeatureStore.for_encoder(tmp_path / "cache", encoder, "high_res_feats_1"),
     ]
     assert len({store.path, *(s.path for s in stores)}) == 4
     for s in stores:
@@ -159,17 +156,17 @@ def test_another_encoder_seed_or_size_or_feature_gets_its_own_cache(
     with pytest.raises(FeatureStoreError, match="does not match"):
         stores[0].extract(samples, encoder, progress=False)
     assert stores[1].extract(samples, other_size, progress=False) == 2
-    assert stores[1].dataset(samples)[0]["features"].shape == feature_shape(FEATURE, 128)
+    assert stores[1].dataset(samples)[0]["features"][FEATURE].shape == other_size.feature_shape(FEATURE)
     # A folder whose recorded identity differs (collision, hand edit) is never used.
     ident = store.path / "identity.json"
     doc = json.loads(ident.read_text())
     doc["encoder"]["weights"] = "sha256:0000"
     ident.write_text(json.dumps(doc))
     with pytest.raises(FeatureStoreError, match="different identity"):
-        FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+        FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
 
 
-class CountingEncoder(SAM2FeatureEncoder):
+class CountingEncoder(SAM2Encoder):
     """Counts the images it encodes."""
 
     encoded = 0
@@ -183,10 +180,10 @@ def test_one_encoder_pass_fills_the_stores_of_several_features(tmp_path: Path) -
     enc = CountingEncoder(MICRO, random_init=True, image_size=256)
     samples = make_samples(tmp_path / "data", 4)
     names = ("image_embed", "high_res_feats_0", "high_res_feats_1")
-    first = FeatureStore(tmp_path / "cache", enc.identity(), names[0])
+    first = FeatureStore.for_encoder(tmp_path / "cache", enc, names[0])
     first.extract(samples[:2], enc, progress=False)
     assert enc.encoded == 2
-    stores = [FeatureStore(tmp_path / "cache", enc.identity(), name) for name in names]
+    stores = [FeatureStore.for_encoder(tmp_path / "cache", enc, name) for name in names]
     counts = extract_features(stores, samples, enc, batch_size=3, progress=False)
     assert counts == {"image_embed": 2, "high_res_feats_0": 4, "high_res_feats_1": 4}
     assert enc.encoded == 2 + 4  # each image once, all maps at a time
@@ -195,18 +192,19 @@ def test_one_encoder_pass_fills_the_stores_of_several_features(tmp_path: Path) -
         expected = reference(enc, samples, name)
         ds = store.dataset(samples)
         for i in range(4):
-            torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(ds[i]["features"][name].float(), expected[i], rtol=1e-3, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------- safety
 
 
-def test_truncated_or_corrupted_entries_are_detected(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+def test_truncated_or_corrupted_entries_are_detected(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 3)
-    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     store.extract(samples, encoder, progress=False)
     good = store.dataset(samples)
-    truncated, flipped = good.paths[0], good.paths[1]
+    paths = good.entries[FEATURE][0]
+    truncated, flipped = paths[0], paths[1]
     size = os.path.getsize(truncated)
     with open(truncated, "r+b") as handle:
         handle.truncate(size - 100)
@@ -223,13 +221,13 @@ def test_truncated_or_corrupted_entries_are_detected(tmp_path: Path, encoder: SA
     with pytest.raises(FeatureStoreError, match="crc32"):
         good[1]
     with pytest.raises(FeatureStoreError, match="belongs to image"):
-        read_entry(good.paths[2], good.keys[0], store.shape)
+        read_entry(paths[2], good.entries[FEATURE][1][0], store.shape)
     # Recomputed, not read as garbage.
     assert store.extract(samples, encoder, progress=False, verify=True) == 2
     ds = store.dataset(samples)
     expected = reference(encoder, samples)
     for i in range(3):
-        torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(ds[i]["features"][FEATURE].float(), expected[i], rtol=1e-3, atol=1e-3)
 
 
 def _flip_a_data_byte(path: str | Path) -> None:
@@ -242,13 +240,13 @@ def _flip_a_data_byte(path: str | Path) -> None:
 
 
 def test_a_damaged_entry_names_the_file_to_delete_and_both_fixes_work(
-    tmp_path: Path, encoder: SAM2FeatureEncoder, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, encoder: SAM2Encoder, capsys: pytest.CaptureFixture[str]
 ) -> None:
     samples = make_samples(tmp_path / "data", 3)
-    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     store.extract(samples, encoder, progress=False)
     ds = store.dataset(samples)
-    damaged = ds.paths[1]
+    damaged = ds.entries[FEATURE][0][1]
     _flip_a_data_byte(damaged)
     with pytest.raises(FeatureStoreError) as err:
         ds[1]
@@ -259,7 +257,9 @@ def test_a_damaged_entry_names_the_file_to_delete_and_both_fixes_work(
     Path(damaged).unlink()
     assert store.extract(samples, encoder, progress=False) == 1
     expected = reference(encoder, samples)
-    torch.testing.assert_close(store.dataset(samples)[1]["features"].float(), expected[1], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        store.dataset(samples)[1]["features"][FEATURE].float(), expected[1], rtol=1e-3, atol=1e-3
+    )
     # Fix 2, as advised: a verifying extraction (deeploc-extract) finds the damage, says so and recomputes it.
     _flip_a_data_byte(damaged)
     capsys.readouterr()
@@ -267,10 +267,12 @@ def test_a_damaged_entry_names_the_file_to_delete_and_both_fixes_work(
     assert store.extract(samples, encoder, progress=False, verify=True) == 1  # ... the crc32 check can
     out = capsys.readouterr().out
     assert f"1 damaged entry recomputed: {damaged} (crc32 mismatch)" in out
-    torch.testing.assert_close(store.dataset(samples)[1]["features"].float(), expected[1], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        store.dataset(samples)[1]["features"][FEATURE].float(), expected[1], rtol=1e-3, atol=1e-3
+    )
 
 
-class OverflowingEncoder(SAM2FeatureEncoder):
+class OverflowingEncoder(SAM2Encoder):
     """Features beyond the float16 range."""
 
     def forward(self, images, names=None):
@@ -280,7 +282,7 @@ class OverflowingEncoder(SAM2FeatureEncoder):
 def test_features_that_overflow_float16_are_refused(tmp_path: Path) -> None:
     enc = OverflowingEncoder(MICRO, random_init=True, image_size=256)
     samples = make_samples(tmp_path / "data", 2)
-    store = FeatureStore(tmp_path / "cache", enc.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", enc, FEATURE)
     with pytest.raises(FeatureStoreError, match="not finite in float16"):
         store.extract(samples, enc, progress=False)
     assert n_entries(store) == 0
@@ -298,9 +300,9 @@ class InterruptedStore(FeatureStore):
         self.stop_after -= 1
 
 
-def test_interrupted_extraction_resumes(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+def test_interrupted_extraction_resumes(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 7)
-    store = InterruptedStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = InterruptedStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     with pytest.raises(KeyboardInterrupt):
         store.extract(samples, encoder, batch_size=2, progress=False)
     assert len(store.missing(samples)) == 4
@@ -308,13 +310,13 @@ def test_interrupted_extraction_resumes(tmp_path: Path, encoder: SAM2FeatureEnco
     stale = store.entry_path("ab" * 32).with_name("x.f16.123.deadbeef.tmp")
     stale.parent.mkdir(exist_ok=True)
     stale.write_bytes(b"partial")
-    resumed = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    resumed = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     assert resumed.extract(samples, encoder, batch_size=2, progress=False) == 4
     assert not stale.exists()
     ds = resumed.dataset(samples)
     expected = reference(encoder, samples)
     for i in range(7):
-        torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(ds[i]["features"][FEATURE].float(), expected[i], rtol=1e-3, atol=1e-3)
 
 
 def _extract_in_process(root: str, images: list[str], masks: list[str], barrier, results) -> None:
@@ -323,12 +325,12 @@ def _extract_in_process(root: str, images: list[str], masks: list[str], barrier,
     warnings.filterwarnings("ignore", message="SAM2 encoder")
     samples = [Sample(Path(i), Path(m), "lama", "train", Path(i).stem) for i, m in zip(images, masks)]
     enc = make_encoder()
-    store = FeatureStore(root, enc.identity(), FEATURE)
+    store = FeatureStore.for_encoder(root, enc, FEATURE)
     barrier.wait()
     results.put(store.extract(samples, enc, batch_size=4, progress=False))
 
 
-def test_two_processes_extracting_at_once_share_the_work(tmp_path: Path, encoder: SAM2FeatureEncoder) -> None:
+def test_two_processes_extracting_at_once_share_the_work(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 12)
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
@@ -341,21 +343,21 @@ def test_two_processes_extracting_at_once_share_the_work(tmp_path: Path, encoder
         p.join(timeout=60)
         assert p.exitcode == 0
     assert counts == [0, 12]  # one computed everything, the other waited and found it done
-    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     assert n_entries(store) == 12
     assert not list(store.path.rglob("*.tmp"))
     assert store.missing(samples, verify=True) == []
     ds = store.dataset(samples)
     expected = reference(encoder, samples)
     for i in range(12):
-        torch.testing.assert_close(ds[i]["features"].float(), expected[i], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(ds[i]["features"][FEATURE].float(), expected[i], rtol=1e-3, atol=1e-3)
 
 
 def test_refuses_when_the_disk_is_too_small(
-    tmp_path: Path, encoder: SAM2FeatureEncoder, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, encoder: SAM2Encoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     samples = make_samples(tmp_path / "data", 3)
-    store = FeatureStore(tmp_path / "cache", encoder.identity(), FEATURE)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     needed = 3 * store.nbytes_per_image
@@ -383,14 +385,15 @@ _RSS_SCRIPT = textwrap.dedent(
     root, ident, feature, n, listing = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
     rows = json.loads(Path(listing).read_text())[:n]
     samples = [Sample(Path(i), Path(m), "lama", "train", Path(i).stem) for i, m in rows]
-    ds = FeatureStore(root, ident, feature).dataset(samples)
+    shape = json.loads(sys.argv[6])
+    ds = FeatureStore(root, ident, feature, shape).dataset(samples)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=0)
     next(iter(loader))  # warm up allocator and imports before the baseline
     before = peak_kib()
     total = 0.0
     for _ in range(2):
         for batch in loader:
-            total += float(batch["features"].float().sum())
+            total += float(batch["features"][feature].float().sum())
     after = peak_kib()
     print(json.dumps({"before_kib": before, "peak_kib": after, "n": len(ds)}))
     """
@@ -402,15 +405,15 @@ def test_peak_rss_does_not_grow_with_the_number_of_cached_images(tmp_path: Path)
     enc = make_encoder()
     feature, n = "high_res_feats_0", 32
     samples = make_samples(tmp_path / "data", 4 * n)
-    store = FeatureStore(tmp_path / "cache", enc.identity(), feature)
+    store = FeatureStore.for_encoder(tmp_path / "cache", enc, feature)
     store.extract(samples, enc, batch_size=16, progress=False)
     listing = tmp_path / "listing.json"
     listing.write_text(json.dumps([[str(s.image), str(s.mask)] for s in samples]))
 
     def measure(count: int) -> dict[str, int]:
         out = subprocess.run(
-            [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "cache"), json.dumps(enc.identity()), feature,
-             str(count), str(listing)],
+            [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "cache"), json.dumps(enc.cache_identity()), feature,
+             str(count), str(listing), json.dumps(enc.feature_shape(feature))],
             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -463,7 +466,7 @@ def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) ->
     assert (tmp_path / "outputs" / "extract").is_dir() and not (tmp_path / "outputs" / "runs").exists()
     # Exactly the store a training job with these overrides opens (same identity, feature, folder): complete.
     enc = make_encoder()  # conf/encoder/micro.yaml: sam2.1_hiera_micro, random seed 0, 256
-    store = FeatureStore(tmp_path / "features", enc.identity(), "high_res_feats_1")
+    store = FeatureStore.for_encoder(tmp_path / "features", enc, "high_res_feats_1")
     assert f"at {store.path}: 28 images" in first.stdout
     assert n_entries(store) == 28
     # A damaged entry (same size, crc32 mismatch) stops training naming the file; deeploc-extract, as the message

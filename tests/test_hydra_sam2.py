@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
-from deeploc.models.encoder import SAM2FeatureEncoder
+from deeploc.models.encoders.sam2 import SAM2Encoder
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
@@ -23,15 +24,16 @@ def test_sam2_imported_first_then_a_hydra_app_builds_the_encoder_inside_and_afte
         import sam2  # sam2 initialises GlobalHydra at import, before the application starts
         import hydra
         import torch
-        from deeploc.models.encoder import SAM2FeatureEncoder
+        from hydra.utils import instantiate
+        from deeploc.models.encoders.sam2 import SAM2Encoder
 
         @hydra.main(version_base="1.3", config_path={CONF!r}, config_name="train")
         def app(cfg):
-            encoder = SAM2FeatureEncoder(**cfg.encoder)
+            encoder = instantiate(cfg.encoder)
             print("inside", tuple(encoder(torch.rand(1, 3, 64, 64))["image_embed"].shape))
 
         app()
-        encoder = SAM2FeatureEncoder("sam2.1_hiera_micro", random_init=True, image_size=256)
+        encoder = SAM2Encoder("sam2.1_hiera_micro", random_init=True, image_size=256)
         print("after", tuple(encoder(torch.rand(1, 3, 64, 64))["high_res_feats_0"].shape))
         """
     )
@@ -49,8 +51,9 @@ def test_sam2_imported_first_then_a_hydra_app_builds_the_encoder_inside_and_afte
 def test_encoder_builds_while_an_application_owns_hydra_and_after_it_is_released() -> None:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=["encoder=micro"])
-        inside = SAM2FeatureEncoder(**cfg.encoder)
-    after = SAM2FeatureEncoder(**cfg.encoder)
+        inside = instantiate(cfg.encoder)
+    after = instantiate(cfg.encoder)
+    assert isinstance(inside, SAM2Encoder)
     x = torch.rand(1, 3, 64, 64)
     torch.testing.assert_close(inside(x)["image_embed"], after(x)["image_embed"])
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from deeploc.cli.evaluate import format_scores
-from deeploc.export import describe_model
+from deeploc.inference import describe_model
 from deeploc.labels import subset_role, training_phrase
 from deeploc.runs import RunDir
 from deeploc.train import format_results

@@ -21,10 +21,12 @@ from torch.utils.data import DistributedSampler
 from torchmetrics.functional.classification import binary_average_precision
 
 from deeploc.cli.evaluate import main as eval_main
-from deeploc.config import CONF_DIR, to_primitive
+from deeploc.config import CONF_DIR
+from deeploc.io import write_json_atomic
 from deeploc.metrics import LocalizationMetrics, image_scores, resize_probs
 from deeploc.module import LocalizationModule
-from deeploc.runs import RunDir, write_json_atomic
+from deeploc.runs import RunDir
+from deeploc.train import build_model
 from tests.e2e import run_cli, train_args
 
 SCORE_KEYS = ("iou", "f1_fixed", "f1_best", "ap")
@@ -643,11 +645,13 @@ def test_metrics_convention_typed_on_the_command_line_reaches_the_module() -> No
         trufor = compose("train", overrides=["encoder=micro", "metrics.convention=trufor"])
     assert default.metrics.convention == "study"
     for cfg, want in ((default, "study"), (trufor, "trufor")):
-        model = instantiate(cfg.model)
+        model = build_model(cfg)
         assert model.hparams.metric_convention == want and type(model.hparams.metric_convention) is str
         assert model.val_metrics.convention == want
     with pytest.raises(ValueError, match=r"metrics\.convention='declip'"):
-        LocalizationModule(encoder=to_primitive(default.encoder), metric_convention="declip")
+        LocalizationModule(
+            encoder=instantiate(default.encoder), decoder=instantiate(default.decoder), metric_convention="declip"
+        )
 
 
 def test_unknown_metrics_convention_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from deeploc.checkpoints import ModelError
 from deeploc.cli.predict import main as predict_main
 from deeploc.data.layout import read_rgb
-from deeploc.export import ModelError, load_model
+from deeploc.inference import load_model
 from deeploc.module import LocalizationModule
 from deeploc.predict import (
     IMAGE_SCORE,

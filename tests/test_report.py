@@ -223,8 +223,8 @@ def test_write_report_tables_and_figures(sweep: Path, tmp_path: Path) -> None:
     assert {r["path"] for r in missing} == {"broken", "hrf1,subset=lama", "hrf1,subset=pluralistic"}
 
     report = paths.report_md.read_text(encoding="utf-8")
-    assert "| conv20 | image_embed | 62.50 | 12.58 |" in report
-    assert "| conv20 | high_res_feats_1 | 50.00* | 17.50* |" in report
+    assert "| conv20 | image_embed | ? | 62.50 | 12.58 |" in report
+    assert "| conv20 | high_res_feats_1 | ? | 50.00* | 17.50* |" in report
     assert "- conv20/high_res_feats_1: missing lama→repaint-p2-9k" in report
     assert "hrf1,subset=pluralistic | no metrics.json" in report
     assert (paths.out_dir / "summary.md").is_file() and (paths.out_dir / "matrices.md").is_file()
@@ -294,14 +294,14 @@ def test_leave_one_out_table(tmp_path: Path) -> None:
     assert "| conv20 | image_embed | 20.52 | 20.52 | +0.00 |" in report
     assert "heatmap_loo_conv20_image_embed.png" in {p.name for p in paths.figures}
     # the cross run is its own (incomplete) configuration and never mixes into the leave-one-out matrix
-    assert "| conv20 | image_embed | 80.00* | 8.00* |" in report
+    assert "| conv20 | image_embed | ? | 80.00* | 8.00* |" in report
 
 
 def test_cli_exit_codes_and_stdout(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(sweep), "--out", str(tmp_path / "out"), "--compare-study"]) == 0
     stdout = capsys.readouterr().out
-    assert "| decoder | feature | ID IoU | OOD IoU | ID F1_fixed |" in stdout
-    assert "| conv20 | image_embed | 62.50 | 12.58 | 31.25 |" in stdout
+    assert "| decoder | feature | params | ID IoU | OOD IoU | ID F1_fixed |" in stdout
+    assert "| conv20 | image_embed | ? | 62.50 | 12.58 | 31.25 |" in stdout
     assert "## Comparison with the study" in stdout and "## Missing or failed runs" in stdout
     assert "| conv20 | high_res_feats_1 | 50.00* | 67.28 |" in stdout  # incomplete stays marked beside the study
     assert (tmp_path / "out" / "summary.csv").is_file()
@@ -377,7 +377,7 @@ def test_runs_differing_in_any_setting_are_never_averaged(name: str, tmp_path: P
 
     paths = write_report(tmp_path, tmp_path / "out")
     report = paths.report_md.read_text(encoding="utf-8")
-    assert f"| decoder | feature | {label} | ID IoU |" in report  # the differing setting names the rows
+    assert f"| decoder | feature | params | {label} | ID IoU |" in report  # the differing setting names the rows
     assert f"| {label} | varies: " in report  # and the provenance header says it varies
     assert len(paths.matrix_csvs) == 2 and len({p.name for p in paths.matrix_csvs.values()}) == 2
     assert len(read_csv(paths.summary_csv)) == 2
@@ -436,7 +436,7 @@ def test_seeds_give_mean_std_and_n(tmp_path: Path) -> None:
     report = paths.report_md.read_text(encoding="utf-8")
     id_text = f"{np.mean(per_seed_id):.2f} ± {np.std(per_seed_id, ddof=1):.2f}"
     ood_text = f"{np.mean(per_seed_ood):.2f} ± {np.std(per_seed_ood, ddof=1):.2f}"
-    assert f"| conv20 | image_embed | {id_text} | {ood_text} |" in report
+    assert f"| conv20 | image_embed | ? | {id_text} | {ood_text} |" in report
     assert report.count("| 3 |") == 1 and "sample standard deviation over seeds" in report
     assert f"**75.00 ± {np.std([70, 74, 81], ddof=1):.2f} (n=3)**" in report  # the matrix cell
     assert "| seeds | 0, 1, 2 |" in report

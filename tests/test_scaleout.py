@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from deeploc import cluster
 from deeploc.cli.report import main as report_main
 from deeploc.config import stable_id
-from deeploc.runs import RunDir
+from deeploc.runs import REQUEUE_CHECKPOINT, RunDir
 from deeploc.train import resume_path
 from tests.e2e import env_for, run_cli
 
@@ -148,7 +148,7 @@ def test_local_launcher_sweep_completes_and_report_reads_it(sweep: dict, capsys:
 
 def test_requeue_signal_checkpoints_and_the_restarted_job_resumes(sweep: dict) -> None:
     run = sweep["runs"][0]
-    requeue = run / "checkpoints" / cluster.REQUEUE_CHECKPOINT
+    requeue = run / "checkpoints" / REQUEUE_CHECKPOINT
     # Written mid-training, at a step strictly between the first epoch's end and the last step.
     step = _global_step(requeue)
     assert STEPS_PER_EPOCH <= step < EPOCHS * STEPS_PER_EPOCH
@@ -165,7 +165,7 @@ def test_requeue_signal_checkpoints_and_the_restarted_job_resumes(sweep: dict) -
     assert {p.name.rsplit("-", 1)[-1] for p in offline} == {stable_id(str(run))}
     # The job that was left alone ran once.
     other = sweep["runs"][1]
-    assert not (other / "checkpoints" / cluster.REQUEUE_CHECKPOINT).exists()
+    assert not (other / "checkpoints" / REQUEUE_CHECKPOINT).exists()
     assert len(list((other / "wandb").glob("offline-run-*"))) == 1
 
 
@@ -247,7 +247,7 @@ def test_signal_saves_at_the_next_batch_end_and_exits_for_requeue(tmp_path: Path
         trainer.fit(_Tiny(signal_at_step=5))
     assert raised.value.code == cluster.REQUEUE_EXIT_CODE
     assert "re-run the same command" in str(raised.value)
-    path = tmp_path / "checkpoints" / cluster.REQUEUE_CHECKPOINT
+    path = tmp_path / "checkpoints" / REQUEUE_CHECKPOINT
     assert _global_step(path) == 6  # the step in which the signal arrived completed, then the save
     assert signal.getsignal(signal.SIGUSR1) == before  # handler restored at teardown
     # Resuming continues from there to the end.
@@ -303,7 +303,7 @@ def test_ddp_ranks_agree_on_a_signal_only_one_of_them_received(tmp_path: Path) -
     )
     assert proc.returncode == cluster.REQUEUE_EXIT_CODE, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FINISHED" not in proc.stdout
-    assert _global_step(tmp_path / "checkpoints" / cluster.REQUEUE_CHECKPOINT) == 3
+    assert _global_step(tmp_path / "checkpoints" / REQUEUE_CHECKPOINT) == 3
 
 
 def test_signal_name_parsing_and_off_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -466,7 +466,7 @@ def test_resume_picks_the_most_advanced_checkpoint(tmp_path: Path) -> None:
     assert resume_path(yes, run) is None
     last = _fake_ckpt(run.last_checkpoint, 8)
     assert resume_path(yes, run) == str(last)
-    requeue = _fake_ckpt(run.checkpoints / cluster.REQUEUE_CHECKPOINT, 10)
+    requeue = _fake_ckpt(run.checkpoints / REQUEUE_CHECKPOINT, 10)
     assert resume_path(yes, run) == str(requeue)
     assert resume_path(no, run) is None
     hpc = _fake_ckpt(run.path / "hpc_ckpt_1.ckpt", 11)  # Lightning's own SLURM requeue checkpoint

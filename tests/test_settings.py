@@ -139,10 +139,10 @@ def test_a_sweep_experiment_without_multirun_is_refused_with_the_fix() -> None:
 def test_deeploc_errors_are_found_behind_the_errors_that_wrap_them() -> None:
     from hydra.utils import instantiate
 
+    from deeploc.checkpoints import ModelError
     from deeploc.data.errors import DatasetError
-    from deeploc.export import ModelError
     from deeploc.features.store import FeatureStoreError
-    from deeploc.models.encoder import EncoderError
+    from deeploc.models.encoders import EncoderError
     from deeploc.module import IncompatibleCheckpointError
     from deeploc.predict import InputError
 

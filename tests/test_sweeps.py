@@ -49,7 +49,7 @@ def test_paper_table_expands_to_the_studys_grid() -> None:
             cfg = compose("train", overrides=job)
             assert cfg.data.split.mode == "cross"
             assert cfg.trainer.max_epochs == 20 and cfg.model.lr == pytest.approx(1e-3)
-            seen.add((cfg.decoder.name, cfg.feature.name, cfg.subset))
+            seen.add((f"conv{cfg.decoder.depth}", cfg.decoder.inputs, cfg.subset))
     assert {(d, f) for d, f, _ in seen} == STUDY_ARCHS
     assert {s for _, _, s in seen} == {"repaint-p2-9k", "ldm", "lama", "pluralistic"}
     assert len(seen) == 20

@@ -215,10 +215,10 @@ def test_bad_settings_fail_before_any_work(override: str, message: str, shared_w
 def test_other_commands_print_one_line_and_the_traceback_with_verbose(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from deeploc.checkpoints import ModelError
     from deeploc.cli.check import main as check_main
     from deeploc.cli.export import main as export_main
     from deeploc.data.errors import DatasetError
-    from deeploc.export import ModelError
 
     missing = tmp_path / "nowhere"
     assert check_main([str(missing)]) == 1

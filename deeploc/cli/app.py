@@ -31,6 +31,34 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(VERBOSE_FLAG, action="store_true", help="show the full traceback of an error")
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that loads a trained model: the encoder's weights file and plug-in imports."""
+    parser.add_argument(
+        "--encoder-checkpoint",
+        "--sam2-checkpoint",
+        dest="encoder_checkpoint",
+        default=None,
+        help="the encoder weights file the decoder was trained on (SAM2 .pt, CLIP ViT-L-14.pt...; verified by "
+        "sha256; default: the path recorded in the run). Not needed for decoders trained on random-weight encoders.",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers your own decoder or encoder before loading (repeatable); deeploc "
+        "never imports a module named inside a model file",
+    )
+
+
+def import_plugins(args: argparse.Namespace) -> None:
+    """Import the modules of ``--import`` (they register plug-ins)."""
+    from deeploc.registry import import_modules
+
+    import_modules(args.imports)
+
+
 def run_hydra_app(prog: str, app: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` function; errors a user can fix end the process with one line and exit status 1."""
     verbose = VERBOSE_FLAG in sys.argv[1:]

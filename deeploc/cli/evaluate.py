@@ -7,11 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from deeploc.cli.app import add_verbose_flag
+from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
 from deeploc.errors import DeeplocError
 from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
-from deeploc.naming import eval_dir_name
+from deeploc.runs import RunDir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder; default: <run>/eval/<data folder name>-<split>-<digest of the data folder and subsets> "
         "(./eval/... for exports)",
     )
-    parser.add_argument("--sam2-checkpoint", help="SAM2 checkpoint, when the model used one (checked by digest)")
+    add_model_flags(parser)
     parser.add_argument("--features-dir", help="feature cache folder to reuse/fill (default: no cache)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -62,25 +62,34 @@ def format_scores(results: dict[str, dict[str, float]], trained: dict) -> list[s
     """One console line per subset, the subset labelled by its role in the model's training when that is known
     (in-domain / out-of-domain; held out / seen for leave-one-out)."""
     from deeploc.labels import subset_role
+    from deeploc.metrics import metric_specs
 
     known = bool(trained.get("split") and trained.get("subset"))
     names = {n: f"{n} ({subset_role(trained['split'], trained['subset'], n)})" if known else n for n in results}
     width = max(map(len, names.values()))
+    specs = metric_specs()
     return [
-        f"  {names[n]:<{width}}  IoU {s['iou']:6.2f}  F1 {s['f1_fixed']:6.2f} / best {s['f1_best']:6.2f}  "
-        f"AP {s['ap']:6.2f}  (n={s['n_images']:.0f}{_undefined_note(s)})"
+        f"  {names[n]:<{width}}  "
+        + "  ".join(f"{spec.label} {_percent(s.get(spec.name)):>6}" for spec in specs)
+        + f"  (n={s['n_images']:.0f}{_undefined_note(s)})"
         for n, s in results.items()
     ]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from deeploc.checkpoints import ModelError
     from deeploc.evaluate import evaluate, index_for_eval, write_results
-    from deeploc.export import ModelError, describe_model, load_model_and_metadata
+    from deeploc.inference import describe_model, load_model_and_metadata
 
     try:
-        model, meta = load_model_and_metadata(args.model, args.sam2_checkpoint, args.device)
+        import_plugins(args)
+        model, meta = load_model_and_metadata(args.model, args.encoder_checkpoint, args.device)
         trained = (meta.get("training") or {}).get("config") or {}
         root = args.data_root or trained.get("data")
         subsets = args.subsets or trained.get("subsets")
@@ -96,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deeploc-eval: {exc}", file=sys.stderr)
         return 1
     source = Path(args.model)
-    base = source if source.is_dir() else (source.parent.parent if source.suffix == ".ckpt" else Path("eval"))
-    out = Path(args.out) if args.out else base / "eval" / eval_dir_name(root, args.split, subsets, args.convention)
+    run = RunDir(source if source.is_dir() else (source.parent.parent if source.suffix == ".ckpt" else Path(".")))
+    out = Path(args.out) if args.out else run.eval_dir(root, args.split, subsets, args.convention)
     context = {
         "model": str(source),
         "described": describe_model(meta),

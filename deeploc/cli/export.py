@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from deeploc.cli.app import add_verbose_flag
+from deeploc.cli.app import add_verbose_flag, import_plugins
 from deeploc.errors import DeeplocError
 
 
@@ -21,6 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory of deeploc-train, or one of its .ckpt files")
     p.add_argument("--out", default=None, help="output file (default: <run dir>/decoder.safetensors)")
     p.add_argument("--show", action="store_true", help="print the metadata that was written")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers your own decoder (repeatable)",
+    )
     add_verbose_flag(p)
     return p
 
@@ -28,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="deeploc-export: %(message)s")
-    from deeploc.export import describe_model, export_decoder, read_export
+    from deeploc.export import export_decoder, read_export
+    from deeploc.inference import describe_model
 
     try:
+        import_plugins(args)
         path = export_decoder(args.model, args.out)
         _, metadata = read_export(path)
     except (DeeplocError, OSError) as exc:

@@ -1,7 +1,7 @@
 """`deeploc-extract`: precompute the frozen-encoder features a training run (or a whole sweep) will read.
 
 Same conf/ and the same overrides as ``deeploc-train``; it builds the run's data module (split, validation) and
-its model exactly as training does (:func:`deeploc.train.build_components`), which fills the feature store with every
+its model exactly as training does (:func:`deeploc.train.build_components`), which fills the feature cache with every
 sample of the run's train / valid / test plan, with a progress bar. Run it once before a sweep so that the sweep's
 jobs start from a full cache instead of waiting on each other's extraction::
 
@@ -49,7 +49,7 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
     from deeploc.features.store import cache_allowed
     from deeploc.settings import check_settings
-    from deeploc.train import build_components, open_feature_store
+    from deeploc.train import build_components, open_feature_cache
 
     check_settings(cfg)  # the same checks of settings as deeploc-train, before any work
     if not cfg.features.enabled:
@@ -64,12 +64,12 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
     verify = bool(cfg.get("verify", True))
     if (shard, num_shards) != (0, 1):  # shard_samples checks 0 <= shard < num_shards
         return _extract_shard(cfg, shard, num_shards, verify)
-    datamodule, model = build_components(cfg)  # data module + model + attach_feature_store, exactly as deeploc-train
-    store, device = open_feature_store(cfg, model)
+    datamodule, model = build_components(cfg)  # data module + model + attach_feature_cache, exactly as deeploc-train
+    cache, device = open_feature_cache(cfg, model)
     if verify:  # training's step above ran the cheap checks only; a damaged entry passes them
-        store.extract(datamodule.plan.all_samples(), model.encoder, cfg.features.batch_size, device, verify=True)
-    print(f"deeploc-extract: {store.describe()}")
-    return {"status": "done", "store": str(store.path)}
+        cache.extract(datamodule.plan.all_samples(), model.encoder, cfg.features.batch_size, device, verify=True)
+    print(f"deeploc-extract: {cache.describe()}")
+    return {"status": "done", "stores": [str(store.path) for store in cache.stores.values()]}
 
 
 def _extract_shard(cfg: DictConfig, shard: int, num_shards: int, verify: bool) -> dict[str, Any]:
@@ -77,16 +77,16 @@ def _extract_shard(cfg: DictConfig, shard: int, num_shards: int, verify: bool) -
     from hydra.utils import instantiate
 
     from deeploc.cluster import shard_samples
-    from deeploc.train import open_feature_store
+    from deeploc.train import build_model, open_feature_cache
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(cfg.model)
+    model = build_model(cfg)
     samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)
-    store, device = open_feature_store(cfg, model)
+    cache, device = open_feature_cache(cfg, model)
     print(f"deeploc-extract: shard {shard} of {num_shards}: {len(samples)} images", flush=True)
-    store.extract(
+    cache.extract(
         samples,
         model.encoder,
         batch_size=cfg.features.batch_size,
@@ -94,8 +94,9 @@ def _extract_shard(cfg: DictConfig, shard: int, num_shards: int, verify: bool) -
         verify=verify,
         lock_scope=f"shard-{shard}-of-{num_shards}",  # disjoint shards fill one store in parallel
     )
-    print(f"deeploc-extract: {store.describe()}")
-    return {"status": "done", "store": str(store.path), "shard": shard, "num_shards": num_shards}
+    print(f"deeploc-extract: {cache.describe()}")
+    stores = [str(store.path) for store in cache.stores.values()]
+    return {"status": "done", "stores": stores, "shard": shard, "num_shards": num_shards}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from deeploc.cli.app import add_verbose_flag
+from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins
 from deeploc.errors import DeeplocError
 from deeploc.predict import DEFAULT_MAX_PIXELS, IMAGE_SCORE, collect_inputs
 
@@ -29,12 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a run directory of deeploc-train, a .ckpt, or a decoder exported with deeploc-export (.safetensors)",
     )
-    p.add_argument(
-        "--sam2-checkpoint",
-        default=None,
-        help="the SAM2 checkpoint the decoder was trained on (verified by sha256; default: $SAM2_CHECKPOINT or the "
-        "path recorded in the run). Not needed for decoders trained on random-weight encoders.",
-    )
+    add_model_flags(p)
     p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
     p.add_argument("--threshold", type=float, default=0.5, help="mask threshold: prob > threshold (default: 0.5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder batch (default: 8)")
@@ -57,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="deeploc-predict: %(message)s")
     _quiet_opencv()
-    from deeploc.export import describe_model, load_model_and_metadata
+    from deeploc.inference import describe_model, load_model_and_metadata
     from deeploc.predict import predict_paths
 
     if not 0.0 <= args.threshold <= 1.0:
@@ -68,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         items = collect_inputs(args.inputs, recursive=args.recursive, exclude=None)
+        import_plugins(args)
         with warnings.catch_warnings():
             # The loader states random-weight encoders itself, once, below.
-            warnings.filterwarnings("ignore", message="SAM2 encoder .* RANDOM weights")
+            warnings.filterwarnings("ignore", message=".* encoder .* RANDOM weights")
             model, metadata = _load(args, load_model_and_metadata)
     except DeeplocError as exc:
         if args.verbose:
@@ -126,13 +122,13 @@ def _quiet_opencv() -> None:
 
 
 def _load(args: argparse.Namespace, loader: Any) -> tuple[Any, dict[str, Any]]:
-    from deeploc.export import MissingCheckpointError
+    from deeploc.checkpoints import MissingCheckpointError
 
     try:
-        return loader(args.model, args.sam2_checkpoint, args.device)
+        return loader(args.model, args.encoder_checkpoint, args.device)
     except MissingCheckpointError:
         env = os.environ.get("SAM2_CHECKPOINT")
-        if args.sam2_checkpoint is not None or not env:
+        if args.encoder_checkpoint is not None or not env:
             raise
     # $SAM2_CHECKPOINT is only a default for decoders that need a checkpoint (and is verified like the option).
     print(f"deeploc-predict: using $SAM2_CHECKPOINT={env}", file=sys.stderr)

@@ -43,6 +43,7 @@ from deeploc.data.masks import (
     polarity_problem,
     to_dolos,
 )
+from deeploc.io import atomic_write_bytes
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -416,10 +417,7 @@ def _load_cache(cache_file: Path | None) -> dict[str, list[int]]:
 
 def _save_cache(cache_file: Path, entries: dict[str, list[int]]) -> None:
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"header": _cache_header(), "entries": entries}))
-        os.replace(tmp, cache_file)
+        atomic_write_bytes(cache_file, json.dumps({"header": _cache_header(), "entries": entries}).encode())
     except OSError as exc:  # a read-only cache location must not stop training
         log.warning("could not write validation cache %s: %s", cache_file, exc)
 

@@ -1,8 +1,9 @@
-"""Frozen SAM2 features, computed once and served to every decoder of every run and sweep job.
+"""Frozen-encoder features, computed once and served to every decoder of every run and sweep job.
 
-A :class:`FeatureStore` holds ONE feature map (``image_embed``, ``high_res_feats_0`` or ``high_res_feats_1``) of
-ONE encoder identity (config, overrides, input size, weights digest or random seed, preprocessing: everything
-:meth:`SAM2FeatureEncoder.identity` returns) for any number of images, keyed by the sha256 of each image FILE.
+A :class:`FeatureStore` holds ONE feature map (e.g. SAM2's ``image_embed``, CLIP's ``layer20``) of ONE encoder
+identity (kind, architecture, input size, weights digest or random seed, preprocessing, precision: everything
+:meth:`FrozenEncoder.cache_identity` returns) for any number of images, keyed by the sha256 of each image FILE.
+A :class:`FeatureCache` groups the stores of the maps one decoder reads.
 
 Layout under ``root`` (one root can hold many stores; they share the image-hash memo)::
 
@@ -62,9 +63,8 @@ import shlex
 import shutil
 import struct
 import time
-import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,16 +75,18 @@ from torch.utils.data import DataLoader, Dataset
 from deeploc.data.datasets import image_tensor, mask_tensor, read_target
 from deeploc.data.layout import read_rgb
 from deeploc.errors import DeeplocError
-from deeploc.features_spec import feature_info, feature_shape
+from deeploc.io import atomic_write_bytes, file_digest
 from deeploc.locks import exclusive as _locked
 
 if TYPE_CHECKING:
     from deeploc.data.layout import Sample
+    from deeploc.models.encoders import FrozenEncoder
 
 __all__ = [
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "CachedFeatureDataset",
+    "FeatureCache",
     "FeatureStore",
     "FeatureStoreError",
     "cache_allowed",
@@ -133,27 +135,6 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._+" else "_" for c in text)
 
 
-def _atomic_write_bytes(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _HashMemo:
     """sha256 of image files, memoised in ``root/image_hashes.json`` by (path, size, mtime_ns, ctime_ns)."""
 
@@ -191,7 +172,7 @@ class _HashMemo:
         if todo:
             bar = _progress(len(todo), "hash images", enabled=progress and len(todo) >= 256)
             for i, path, stamp in todo:
-                out[i] = _sha256_file(path)
+                out[i] = file_digest(path)
                 fresh[path] = [*stamp, out[i]]
                 bar.update(1)
             bar.close()
@@ -205,7 +186,7 @@ class _HashMemo:
             with _locked(self.lock, "image-hash memo"):
                 merged = self._load()
                 merged.update(fresh)
-                _atomic_write_bytes(self.path, [json.dumps(merged, separators=(",", ":")).encode()])
+                atomic_write_bytes(self.path, [json.dumps(merged, separators=(",", ":")).encode()])
         except OSError as exc:  # e.g. a read-only cache root at evaluation time: the memo is an optimisation
             log.warning("could not update the image-hash memo %s: %s", self.path, exc)
 
@@ -329,27 +310,35 @@ class FeatureStore:
 
     Args:
         root: cache root folder (created if needed); several stores (identities, features) can share it.
-        encoder_identity: ``SAM2FeatureEncoder.identity()``; must contain ``image_size``.
+        encoder_identity: the encoder's ``cache_identity()`` (where it computes: precision is part of it).
         feature: the one feature map this store holds.
+        shape: ``(C, h, w)`` of that map (``encoder.feature_shape(feature)``).
 
     Example::
 
-        store = FeatureStore(cache_dir, encoder.identity(), "image_embed")
+        store = FeatureStore.for_encoder(cache_dir, encoder, "image_embed")
         store.extract(samples, encoder, device="cuda")      # computes only what is missing
-        dataset = store.dataset(samples)                    # dict(features, mask, name, subset, index)
+        dataset = store.dataset(samples)                    # dict(features={name: map}, mask, name, subset, index)
+
+    :class:`FeatureCache` holds the stores of every map a decoder reads.
     """
 
-    def __init__(self, root: str | os.PathLike[str], encoder_identity: Mapping[str, Any], feature: str) -> None:
-        feature_info(feature)
-        if "image_size" not in encoder_identity:
-            raise FeatureStoreError(f"encoder identity {dict(encoder_identity)} has no 'image_size'")
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        encoder_identity: Mapping[str, Any],
+        feature: str,
+        shape: Sequence[int],
+    ) -> None:
+        if len(shape) != 3 or any(int(n) < 1 for n in shape):
+            raise FeatureStoreError(f"feature {feature!r}: shape {list(shape)} is not (C, h, w)")
         self.root = Path(root).expanduser().absolute()
         self.encoder_identity = json.loads(_canonical(dict(encoder_identity)))
         self.feature = feature
-        self.shape = feature_shape(feature, int(self.encoder_identity["image_size"]))
+        self.shape = tuple(int(n) for n in shape)
         self.key = identity_key(self.encoder_identity, feature)
-        config = str(self.encoder_identity.get("config", "encoder"))
-        name = f"{_slug(config)}-{self.encoder_identity['image_size']}-{feature}-{self.key[:16]}"
+        config = str(self.encoder_identity.get("config") or self.encoder_identity.get("kind") or "encoder")
+        name = f"{_slug(config)}-{self.encoder_identity.get('image_size')}-{feature}-{self.key[:16]}"
         self.path = self.root / name
         self._identity_doc = {
             "format": FORMAT_VERSION,
@@ -361,6 +350,11 @@ class FeatureStore:
         }
         self._memo = _HashMemo(self.root)
         self._open()
+
+    @classmethod
+    def for_encoder(cls, root: str | os.PathLike[str], encoder: FrozenEncoder, feature: str) -> FeatureStore:
+        """The store of ``encoder``'s map ``feature`` as the encoder computes it where it sits now."""
+        return cls(root, encoder.cache_identity(), feature, encoder.feature_shape(feature))
 
     # ------------------------------------------------------------------ layout
     def _open(self) -> None:
@@ -382,7 +376,7 @@ class FeatureStore:
                     f"  expected {_canonical(self._identity_doc)}\nRefusing to use it; delete the folder to rebuild."
                 )
         else:
-            _atomic_write_bytes(ident, [json.dumps(self._identity_doc, indent=2, sort_keys=True).encode()])
+            atomic_write_bytes(ident, [json.dumps(self._identity_doc, indent=2, sort_keys=True).encode()])
 
     @property
     def nbytes_per_image(self) -> int:
@@ -465,7 +459,7 @@ class FeatureStore:
         header = _encode_header(digest, self.shape, zlib.crc32(data))
         path = self.entry_path(digest)
         path.parent.mkdir(exist_ok=True)
-        _atomic_write_bytes(path, [header, data])
+        atomic_write_bytes(path, [header, data])
 
     def _remove_stale_tmp(self) -> None:
         """Delete temporary files left by an interrupted extraction (only called while holding the lock)."""
@@ -476,10 +470,14 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- dataset
     def dataset(self, samples: Sequence[Sample], progress: bool = False) -> CachedFeatureDataset:
-        """A dataset of ``dict(features=float16 CxHxW, mask=float32 1xHxW, name, subset, index)``.
+        """A dataset of ``dict(features={feature: float16 CxHxW}, mask=float32 1xHxW, name, subset, index)``.
 
         Raises :class:`FeatureStoreError` if any sample has no usable entry (run :meth:`extract` first).
         """
+        return CachedFeatureDataset(list(samples), {self.feature: self.entries(samples, progress)})
+
+    def entries(self, samples: Sequence[Sample], progress: bool = False) -> tuple[list[str], list[str], tuple]:
+        """(entry paths, content hashes, shape) of ``samples``, each entry checked (header, key, shape, size)."""
         hashes = self.content_hashes(samples, progress=progress)
         bad = [s for s, h in zip(samples, hashes) if _entry_problem(self.entry_path(h), h, self.shape)]
         if bad:
@@ -489,9 +487,48 @@ class FeatureStore:
                 f"{len(bad)} of {len(samples)} images have no cached {self.feature} features in {self.path} "
                 f"({names}{more}). Run deeploc-extract with the same config (or FeatureStore.extract) first."
             )
-        return CachedFeatureDataset(
-            [str(self.entry_path(h)) for h in hashes], hashes, list(samples), self.shape, self.feature
-        )
+        return [str(self.entry_path(h)) for h in hashes], hashes, self.shape
+
+
+class FeatureCache:
+    """The stores of several maps of one encoder (the maps a decoder reads): filled in ONE encoder pass, served
+    as one dataset whose items hold a dict of maps.
+
+    Args:
+        root: cache root folder (``features.dir``).
+        encoder: the frozen encoder, on the device it will compute on (the precision is part of the key).
+        features: the map names (``decoder.inputs``).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], encoder: FrozenEncoder, features: Sequence[str]) -> None:
+        if not features:
+            raise FeatureStoreError("a feature cache needs at least one map name")
+        self.stores = {name: FeatureStore.for_encoder(root, encoder, name) for name in dict.fromkeys(features)}
+
+    def extract(
+        self,
+        samples: Sequence[Sample],
+        encoder: torch.nn.Module,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> dict[str, int]:
+        """Compute every missing entry of every map in one encoder pass (:func:`extract_features`)."""
+        return extract_features(list(self.stores.values()), samples, encoder, batch_size, device, **kwargs)
+
+    def dataset(self, samples: Sequence[Sample], progress: bool = False) -> CachedFeatureDataset:
+        """Items ``dict(features={name: float16 CxHxW, ...}, mask, name, subset, index)``."""
+        entries = {name: store.entries(samples, progress) for name, store in self.stores.items()}
+        return CachedFeatureDataset(list(samples), entries)
+
+    @property
+    def nbytes_per_image(self) -> int:
+        """Bytes one image takes on disk over all the maps."""
+        return sum(store.nbytes_per_image for store in self.stores.values())
+
+    def describe(self) -> str:
+        """One line per store."""
+        return "\n".join(store.describe() for store in self.stores.values())
 
 
 def extract_features(
@@ -514,12 +551,12 @@ def extract_features(
     stores = list({store.path: store for store in stores}.values())
     if not stores:
         return {}
-    identity = _canonical(json.loads(_canonical(encoder.identity())))  # type: ignore[operator]
+    identity = _canonical(json.loads(_canonical(encoder.cache_identity())))  # type: ignore[operator]
     for store in stores:
         if identity != _canonical(store.encoder_identity):
             raise FeatureStoreError(
                 f"encoder identity {identity} does not match feature store {store.path} "
-                f"({_canonical(store.encoder_identity)}); build the store from encoder.identity()"
+                f"({_canonical(store.encoder_identity)}); build the store from encoder.cache_identity()"
             )
     if len({store.feature for store in stores}) != len(stores):
         raise FeatureStoreError("extract_features: two stores of the same encoder identity hold the same feature")
@@ -653,32 +690,29 @@ class _ImageReader(Dataset):
 
 
 class CachedFeatureDataset(Dataset):
-    """Cached feature maps plus masks; each item reads one memory-mapped entry (checked, see the module doc)."""
+    """Cached feature maps plus masks; each item reads one memory-mapped entry per map (checked, see the module
+    doc) and the mask, never the image.
 
-    def __init__(
-        self,
-        paths: list[str],
-        keys: list[str],
-        samples: list[Sample],
-        shape: tuple[int, int, int],
-        feature: str,
-    ) -> None:
-        self.paths = paths
-        self.keys = keys
+    Args:
+        samples: the samples, in dataset order.
+        entries: per map name, (entry paths, content hashes, shape) aligned with ``samples``.
+    """
+
+    def __init__(self, samples: list[Sample], entries: Mapping[str, tuple[list[str], list[str], tuple]]) -> None:
         self.samples = samples
-        self.shape = shape
-        self.feature = feature
+        self.entries = dict(entries)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
+        features = {
+            name: read_entry(paths[index], keys[index], shape) for name, (paths, keys, shape) in self.entries.items()
+        }
         return {
-            "features": read_entry(self.paths[index], self.keys[index], self.shape),
-            "mask": mask_tensor(
-                read_target(sample.mask, sample.mask_polarity)
-            ),  # masks only: no image decoded on this hot path
+            "features": features,
+            "mask": mask_tensor(read_target(sample.mask, sample.mask_polarity)),
             "name": sample.name,
             "subset": sample.subset,
             "index": index,

@@ -30,8 +30,8 @@ import torch
 
 from deeploc.errors import DeeplocError
 from deeploc.models.decoders import build_decoder
-from deeploc.models.encoders.base import state_dict_mismatch
 from deeploc.models.encoders.clip import ARCHITECTURES, CLIPEncoder
+from deeploc.models.state_dicts import state_dict_mismatch
 
 __all__ = ["DeclipDecoder", "DeclipImportError", "parse_release_name", "read_declip_decoder"]
 

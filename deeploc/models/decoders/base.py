@@ -103,10 +103,16 @@ class Decoder(RecordsOptions, nn.Module, abc.ABC):
     def decode(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits ``B x 1 x H x W`` from the checked input maps (exactly :attr:`inputs`)."""
 
+    @classmethod
+    def label_for(cls, options: Mapping[str, Any]) -> str:
+        """The label of a decoder of this class built with ``options`` (``conv20``); the registered name by
+        default. A classmethod, so a config can be named without building its decoder."""
+        return cls.registry_name
+
     @property
     def label(self) -> str:
-        """Name in run directories, reports and messages (``conv20``); the registered name by default."""
-        return type(self).registry_name
+        """Name in run directories, reports and messages (:meth:`label_for` of this decoder's options)."""
+        return type(self).label_for(self._options)
 
     # ---------------------------------------------------------------------------- the contract
     def forward(self, features: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:

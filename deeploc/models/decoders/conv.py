@@ -14,6 +14,7 @@ target 14/16) DeCLIP's 1024 -> 512 -> 256 -> 128 -> 64 with four.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,9 +67,9 @@ class ConvDecoder(Decoder):
         self.head = nn.Conv2d(c_in, 1, kernel_size=5, padding=2)
         self.init_weights(init_std)
 
-    @property
-    def label(self) -> str:
-        return f"conv{self.depth}"
+    @classmethod
+    def label_for(cls, options: Mapping[str, Any]) -> str:
+        return f"conv{options['depth']}"
 
     def decode(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.body(features[self.inputs[0]]))

@@ -9,6 +9,7 @@ logit per pixel. Design and parameter counts: docs/decoders.md.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +59,9 @@ class FusionDecoder(Decoder):
         self.head = nn.Conv2d(width, 1, kernel_size=5, padding=2)
         self.init_weights(init_std)
 
-    @property
-    def label(self) -> str:
-        return f"fusion{self.depth}"
+    @classmethod
+    def label_for(cls, options: Mapping[str, Any]) -> str:
+        return f"fusion{options['depth']}"
 
     def decode(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         fused = None

@@ -19,7 +19,6 @@ live here, once.
 from __future__ import annotations
 
 import abc
-import hashlib
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeploc.errors import DeeplocError
+from deeploc.io import file_digest
 from deeploc.registry import RecordsOptions, Registry
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "build_encoder",
     "file_digest",
     "same_encoder",
-    "state_dict_mismatch",
 ]
 
 ENCODERS: Registry[type[FrozenEncoder]] = Registry("encoder", "deeploc.models.encoders", "deeploc.encoders")
@@ -65,38 +64,6 @@ class FeatureSpec:
     stride: float
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's contents (identifies weights files for caches, checkpoints and exports)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_dict_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any]) -> str:
-    """What keeps ``found`` from loading strictly where ``expected`` is (missing / unexpected keys, other shapes,
-    non-tensors), with an example of each; empty when it loads."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(
-        k
-        for k in set(expected) & set(found)
-        if not isinstance(found[k], torch.Tensor) or found[k].shape != expected[k].shape
-    )
-    return "; ".join(
-        f"{len(keys)} {what} (e.g. {keys[0]}{_shapes(expected, found, keys[0]) if what == 'shape mismatches' else ''})"
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-        if keys
-    )
-
-
-def _shapes(expected: Mapping[str, torch.Tensor], found: Mapping[str, Any], key: str) -> str:
-    value = found[key]
-    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-    return f": expected {tuple(expected[key].shape)}, found {got}"
-
-
 class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
     """Base class of frozen encoders (see the module docstring for the contract).
 
@@ -115,6 +82,9 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
     target_stride: ClassVar[float] = 4.0
     #: How images are turned into the encoder input (part of the identity).
     preprocessing: ClassVar[str] = ""
+    #: Architecture keywords that only choose WHICH maps are returned, never their values (e.g. CLIP's layers):
+    #: left out of the feature-cache key and of the decoder/encoder compatibility check.
+    selection_keys: ClassVar[tuple[str, ...]] = ()
     #: What a user downloads to get real weights, for messages.
     weights_hint: ClassVar[str] = "the official weights file"
 
@@ -218,6 +188,10 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
             "preprocessing": self.preprocessing,
             "precision": self.compute_precision(),
         }
+
+    def cache_identity(self) -> dict[str, Any]:
+        """:meth:`identity` without the :attr:`selection_keys`: the feature-cache key of every map."""
+        return {k: v for k, v in self.identity().items() if k not in self.selection_keys}
 
     def feature_shape(self, name: str) -> tuple[int, int, int]:
         """``(C, h, w)`` of map ``name`` at this encoder's input size."""
@@ -333,6 +307,8 @@ def same_encoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """
 
     def norm(identity: Mapping[str, Any]) -> dict[str, Any]:
-        return {"kind": "sam2", **{k: v for k, v in identity.items() if k != "precision"}}
+        kind = str(identity.get("kind", "sam2"))
+        skip = ("precision", *(ENCODERS.get(kind).selection_keys if kind in ENCODERS else ()))
+        return {"kind": kind, **{k: v for k, v in identity.items() if k not in skip}}
 
     return norm(a) == norm(b)

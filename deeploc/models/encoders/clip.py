@@ -31,8 +31,8 @@ from deeploc.models.encoders.base import (
     EncoderError,
     FeatureSpec,
     FrozenEncoder,
-    state_dict_mismatch,
 )
+from deeploc.models.state_dicts import state_dict_mismatch
 from deeploc.models.torchscript import TorchScriptError, is_torchscript_archive, read_torchscript_tensors
 
 __all__ = ["ARCHITECTURES", "CLIP_MEAN", "CLIP_STD", "CLIPEncoder", "ViTConfig", "read_clip_vision_weights"]
@@ -161,6 +161,7 @@ class CLIPEncoder(FrozenEncoder):
     family = "CLIP"
     target_stride = 14 / 16  # 16 x 16 tokens -> DeCLIP's 256 x 256 logits (four x2 upsamplings)
     preprocessing = "bilinear-antialias-resize+clip-norm"
+    selection_keys = ("layers",)  # which blocks are returned, not their values: one cache for every layer list
 
     def __init__(
         self,

@@ -26,8 +26,8 @@ from deeploc.models.encoders.base import (
     EncoderError,
     FeatureSpec,
     FrozenEncoder,
-    state_dict_mismatch,
 )
+from deeploc.models.state_dicts import state_dict_mismatch
 
 log = logging.getLogger(__name__)
 

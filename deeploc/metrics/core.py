@@ -70,7 +70,8 @@ Aggregation (``LocalizationMetrics``)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,6 +80,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from deeploc.errors import ConfigError
+from deeploc.registry import Registry
 
 __all__ = [
     "CONVENTIONS",
@@ -86,10 +88,18 @@ __all__ = [
     "DILATE_SIZE",
     "ERODE_SIZE",
     "LEGACY_CONVENTION",
+    "METRICS",
     "LocalizationMetrics",
+    "MetricSpec",
+    "ScoreInputs",
     "check_convention",
+    "f1_positive_count",
     "image_scores",
+    "metric_label",
+    "metric_names",
+    "metric_specs",
     "recorded_convention",
+    "register_metric",
     "resize_probs",
 ]
 
@@ -102,9 +112,62 @@ DEFAULT_CONVENTION = "study"
 LEGACY_CONVENTION = "trufor"  # what a metrics.json / eval.json without "convention" was computed with
 _F1_EPS = 1e-32  # DeCLIP's compute_f1: numerator + eps over max(denominator, eps)
 
-# Per-image values kept as "cat" states; the last two are 0/1 flags of the undefined cases.
-_SCORE_NAMES = ("iou", "f1_fixed", "f1_best", "ap")
-_STATE_NAMES = (*_SCORE_NAMES, "f1_no_positive", "ap_undefined")
+# 0/1 flags of the undefined cases, kept per image next to the scores and counted by ``compute``.
+_FLAG_NAMES = ("f1_no_positive", "ap_undefined")
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a per-image score function receives, for a chunk of B images (pixels flattened, at the mask's size)."""
+
+    probs: torch.Tensor  # B x N probabilities
+    gt: torch.Tensor  # B x N bool, True = manipulated
+    f1_positive: torch.Tensor  # B x N bool: ground-truth pixels that survive the ERODE_SIZE erosion
+    f1_negative: torch.Tensor  # B x N bool: pixels outside the DILATE_SIZE dilation
+    threshold: float
+    convention: str
+    dtype: torch.dtype  # accumulation dtype of ratios
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One reported metric: its key (metrics.json, W&B, CSV), its column label, and its per-image score function
+    (``ScoreInputs -> B`` values in percent; NaN = undefined for that image, left out of the mean)."""
+
+    name: str
+    label: str
+    description: str
+    score: Callable[[ScoreInputs], torch.Tensor]
+
+
+METRICS: Registry[MetricSpec] = Registry("metric", "deeploc.metrics", "deeploc.metrics")
+
+
+def register_metric(name: str, label: str, description: str) -> Callable[[Callable], Callable]:
+    """Decorator: report ``score`` (``ScoreInputs -> B`` per-image values) as metric ``name`` everywhere (module
+    logs, metrics.json, deeploc-eval, reports, console tables). A module in this package registers by existing."""
+
+    def add(score: Callable[[ScoreInputs], torch.Tensor]) -> Callable[[ScoreInputs], torch.Tensor]:
+        METRICS.add(name, MetricSpec(name, label, description, score))
+        return score
+
+    return add
+
+
+def metric_specs() -> list[MetricSpec]:
+    """Every metric in report order: the study's four first, then those of other modules and entry points."""
+    return [spec for _, spec in METRICS.items()]
+
+
+def metric_names() -> tuple[str, ...]:
+    """The keys of :func:`metric_specs` (``iou``, ``f1_fixed``, ``f1_best``, ``ap``, ...)."""
+    return tuple(spec.name for spec in metric_specs())
+
+
+def metric_label(name: str) -> str:
+    """The column label of metric ``name`` (its key when no metric of that name is registered)."""
+    spec = dict(METRICS.items()).get(name)
+    return spec.label if spec is not None else name
 
 
 def check_convention(convention: str) -> str:
@@ -228,54 +291,65 @@ def _average_precision(v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype) ->
     return torch.where(n_pos > 0, ap, torch.full_like(ap, float("nan")))
 
 
+@register_metric("iou", "IoU", "intersection over union of prob > threshold and the mask; empty/empty = 100")
+def _iou(x: ScoreInputs) -> torch.Tensor:
+    pred = x.probs > x.threshold
+    inter = (pred & x.gt).sum(1).to(x.dtype)
+    union = (pred | x.gt).sum(1).to(x.dtype)
+    return 100.0 * ((inter + 1e-8) / (union + 1e-8))
+
+
+@register_metric("f1_fixed", "F1_fixed", "F1 at the threshold over the pixels away from the mask boundary")
+def _f1_fixed(x: ScoreInputs) -> torch.Tensor:
+    pred = x.probs > x.threshold
+    tp = (pred & x.f1_positive).sum(1)
+    return _f1(tp, (pred & x.f1_negative).sum(1), x.f1_positive.sum(1) - tp, x.dtype, x.convention)
+
+
+@register_metric("f1_best", "F1_best", "max(best F1 over the image's own thresholds, F1_fixed)")
+def _f1_best(x: ScoreInputs) -> torch.Tensor:
+    sweep = _best_f1_sweep(x.probs, x.f1_positive, x.f1_negative, x.dtype, x.convention)
+    return torch.maximum(sweep, _f1_fixed(x))  # an empty sweep (-inf) leaves F1_fixed
+
+
+@register_metric("ap", "AP", "binary average precision over the image's pixels")
+def _ap(x: ScoreInputs) -> torch.Tensor:
+    ap = _average_precision(x.probs, x.gt, x.dtype)
+    if x.convention == "study":
+        ap = ap.masked_fill(~x.gt.any(1), 0.0)  # torchmetrics' value for an empty mask, averaged in by DeCLIP
+    return ap
+
+
 def _batch_scores(probs: torch.Tensor, gt: torch.Tensor, threshold: float, convention: str) -> dict[str, torch.Tensor]:
-    """Per-image scores for ``BxHxW`` probabilities and bool ground truth of the same size (1-D tensors)."""
+    """Per-image scores of every registered metric, and the undefined-case flags, for ``BxHxW`` probabilities and
+    bool ground truth of the same size (1-D tensors)."""
     if probs.shape != gt.shape:
         raise ValueError(f"probabilities {tuple(probs.shape)} and masks {tuple(gt.shape)} differ in size")
     dtype = _acc_dtype(probs.device)
     b = probs.shape[0]
     pos_img, neg_img = _f1_split(gt)
-    v = probs.reshape(b, -1)
-    g = gt.reshape(b, -1)
-    pos = pos_img.reshape(b, -1)
-    neg = neg_img.reshape(b, -1)
-
-    pred = v > threshold
-    inter = (pred & g).sum(1).to(dtype)
-    union = (pred | g).sum(1).to(dtype)
-    iou = 100.0 * ((inter + 1e-8) / (union + 1e-8))
-
-    tp = (pred & pos).sum(1)
-    f1_fixed = _f1(tp, (pred & neg).sum(1), pos.sum(1) - tp, dtype, convention)
-
-    # The sweep and AP sort every pixel: chunk the batch so huge masks do not blow up memory.
+    v, g = probs.reshape(b, -1), gt.reshape(b, -1)
+    pos, neg = pos_img.reshape(b, -1), neg_img.reshape(b, -1)
+    specs = metric_specs()
+    parts: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
+    # Some scores sort every pixel: chunk the batch so huge masks do not blow up memory.
     step = max(1, _MAX_CHUNK_ELEMENTS // max(1, v.shape[1]))
-    sweep, ap = [], []
     for s in range(0, b, step):
         sl = slice(s, s + step)
-        sweep.append(_best_f1_sweep(v[sl], pos[sl], neg[sl], dtype, convention))
-        ap.append(_average_precision(v[sl], g[sl], dtype))
-    f1_best = torch.maximum(torch.cat(sweep), f1_fixed)  # an empty sweep (-inf) leaves F1_fixed
-    ap_undefined = ~g.any(1)
-    ap_all = torch.cat(ap)
-    if convention == "study":
-        ap_all = ap_all.masked_fill(ap_undefined, 0.0)  # torchmetrics' value, averaged in by DeCLIP
-
-    return {
-        "iou": iou,
-        "f1_fixed": f1_fixed,
-        "f1_best": f1_best,
-        "ap": ap_all,
-        "f1_no_positive": (pos.sum(1) == 0).to(dtype),
-        "ap_undefined": ap_undefined.to(dtype),
-    }
+        inputs = ScoreInputs(v[sl], g[sl], pos[sl], neg[sl], threshold, convention, dtype)
+        for spec in specs:
+            parts[spec.name].append(spec.score(inputs).to(dtype))
+    scores = {name: torch.cat(values) for name, values in parts.items()}
+    scores["f1_no_positive"] = (pos.sum(1) == 0).to(dtype)
+    scores["ap_undefined"] = (~g.any(1)).to(dtype)
+    return scores
 
 
 @torch.no_grad()
 def image_scores(
     prob: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5, convention: str = DEFAULT_CONVENTION
 ) -> dict[str, float]:
-    """Scores of one image in percent: ``{"iou", "f1_fixed", "f1_best", "ap"}``.
+    """Scores of one image in percent, one per registered metric: ``{"iou", "f1_fixed", "f1_best", "ap", ...}``.
 
     ``prob``: HxW probabilities in [0, 1], already at the mask's size; ``mask``: HxW, > 0.5 = manipulated.
     ``convention``: ``study`` or ``trufor`` (module docstring); an empty mask's AP is 0 or NaN respectively.
@@ -285,7 +359,7 @@ def image_scores(
         raise ValueError(f"expected two HxW tensors of one size, got {tuple(prob.shape)} and {tuple(mask.shape)}")
     gt = _binarise_masks(mask.unsqueeze(0)).to(prob.device)
     scores = _batch_scores(prob.detach().unsqueeze(0), gt, threshold, convention)
-    return {name: float(scores[name][0]) for name in _SCORE_NAMES}
+    return {name: float(scores[name][0]) for name in metric_names()}
 
 
 class LocalizationMetrics(Metric):
@@ -305,7 +379,8 @@ class LocalizationMetrics(Metric):
         super().__init__(**kwargs)
         self.threshold = float(threshold)
         self.convention = check_convention(convention)
-        for name in _STATE_NAMES:
+        self.names = metric_names()
+        for name in (*self.names, *_FLAG_NAMES):
             self.add_state(name, default=[], dist_reduce_fx="cat")
         # Dataset index per row, -1 = unknown (always counted).
         self.add_state("sample_index", default=[], dist_reduce_fx="cat")
@@ -325,7 +400,7 @@ class LocalizationMetrics(Metric):
                 raise ValueError(f"got {idx.numel()} indices for a batch of {b}")
             if bool((idx < 0).any()):
                 raise ValueError("dataset indices must be >= 0")
-        for name in _STATE_NAMES:
+        for name in (*self.names, *_FLAG_NAMES):
             getattr(self, name).append(scores[name])
         self.sample_index.append(idx)
 
@@ -334,21 +409,18 @@ class LocalizationMetrics(Metric):
         if isinstance(self.sample_index, list) and not self.sample_index:
             nan = torch.tensor(float("nan"), device=self.device)
             zero = torch.tensor(0.0, device=self.device)
-            return {**dict.fromkeys(_SCORE_NAMES, nan), "n_images": zero, "n_ap_undefined": zero,
+            return {**dict.fromkeys(self.names, nan), "n_images": zero, "n_ap_undefined": zero,
                     "n_f1_no_positive": zero}  # fmt: skip
         index = dim_zero_cat(self.sample_index)
         keep = _first_occurrences(index)
         # Sum in sample order, so means are bit-identical whichever process scored which image.
         order = torch.argsort(index[keep], stable=True)
-        values = {name: dim_zero_cat(getattr(self, name))[keep][order] for name in _STATE_NAMES}
-        ap = values["ap"]
+        values = {name: dim_zero_cat(getattr(self, name))[keep][order] for name in (*self.names, *_FLAG_NAMES)}
         count_dtype = torch.get_default_dtype()
         return {
-            "iou": values["iou"].mean(),
-            "f1_fixed": values["f1_fixed"].mean(),
-            "f1_best": values["f1_best"].mean(),
-            "ap": ap.nanmean(),  # trufor: NaN if no image has a manipulated pixel
-            "n_images": torch.tensor(float(keep.sum()), dtype=count_dtype, device=ap.device),
+            # NaN marks an image where a score is undefined (trufor's AP of an empty mask): left out of the mean.
+            **{name: values[name].nanmean() for name in self.names},
+            "n_images": torch.tensor(float(keep.sum()), dtype=count_dtype, device=index.device),
             "n_ap_undefined": values["ap_undefined"].sum().to(count_dtype),
             "n_f1_no_positive": values["f1_no_positive"].sum().to(count_dtype),
         }
