@@ -314,7 +314,7 @@ def test_an_unsigned_export_of_an_older_deeploc_is_refused_with_the_fix(exported
 @pytest.fixture(scope="module")
 def conv12_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another run on the same data and encoder, with another decoder (CONV-12)."""
-    return train_run(shared_base(tmp_path_factory), "conv12", "decoder=conv12", "trainer.max_epochs=1")
+    return train_run(shared_base(tmp_path_factory), "conv12", "~arch", "decoder=conv12", "trainer.max_epochs=1")
 
 
 def _refusals(run: Path, tmp_path: Path, capsys) -> list[str]:

@@ -663,7 +663,7 @@ def test_unknown_metrics_convention_is_refused_before_any_work(tmp_path: Path) -
         check=False,
     )
     assert proc.returncode != 0
-    assert "metrics.convention='declip' is not one of ('study', 'trufor')" in proc.stderr
+    assert "metrics.convention='declip' must be study" in proc.stderr
     assert not (run_dir / "config_resolved.yaml").exists() and not (tmp_path / "outputs").exists()
 
 
