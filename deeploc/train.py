@@ -68,11 +68,17 @@ def build_model(cfg: DictConfig) -> Any:
     return instantiate(cfg.model, encoder=encoder, decoder=decoder)
 
 
-def build_components(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate the data module and the LightningModule, and wire the feature cache when it can be used."""
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The data module, its data generated if configured, indexed and validated (bad files fail here)."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    return datamodule
+
+
+def build_components(cfg: DictConfig) -> tuple[Any, Any]:
+    """Instantiate the data module and the LightningModule, and wire the feature cache when it can be used."""
+    datamodule = build_datamodule(cfg)
     model = build_model(cfg)
     attach_feature_cache(cfg, datamodule, model)
     return datamodule, model
@@ -266,9 +272,12 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     run.path.mkdir(parents=True, exist_ok=True)
     (run.path / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    # The Trainer first: Lightning checks its settings before the data is indexed and features are extracted.
+    # Data first: a bad dataset fails before loggers create anything in the run directory; then the Trainer, so
+    # Lightning checks its settings (and W&B starts) before the encoder runs over the data.
+    datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg)
-    datamodule, model = build_components(cfg)
+    model = build_model(cfg)
+    attach_feature_cache(cfg, datamodule, model)
     evaluate_only = run.finished and cfg.if_finished == "eval" and not debug
     resume = None if evaluate_only or debug else resume_path(cfg, run)
     if not evaluate_only:  # earlier attempts' logs are kept up to the step training continues from

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deeploc.cli.evaluate import main as eval_main
-from deeploc.models.decoders import ConvDecoder
+from tests.decoder_contract import sam2_conv
 from tests.e2e import run_cli, train_args
 
 
@@ -183,7 +183,7 @@ def test_training_from_the_cache_matches_training_on_the_fly(shared_workdir: Pat
     # And the two decoders predict the same thing.
     decoders = []
     for state in (a, b):
-        decoder = ConvDecoder("high_res_feats_1", 4).eval()
+        decoder = sam2_conv("high_res_feats_1", 4).eval()
         decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in state.items()})
         decoders.append(decoder)
     features = torch.randn(4, 64, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -74,14 +74,11 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
 
 def _extract_shard(cfg: DictConfig, shard: int, num_shards: int, verify: bool) -> dict[str, Any]:
     """Shard ``shard`` of ``num_shards`` of what :func:`extract` computes (same data module, model and device rule)."""
-    from hydra.utils import instantiate
 
     from deeploc.cluster import shard_samples
-    from deeploc.train import build_model, open_feature_cache
+    from deeploc.train import build_datamodule, build_model, open_feature_cache
 
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = build_datamodule(cfg)
     model = build_model(cfg)
     samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)
     cache, device = open_feature_cache(cfg, model)
