@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deeploc.data.datasets import ImageMaskDataset
-from deeploc.data.layout import Sample, index_subsets, resolve_root, validate_samples
-from deeploc.data.masks import DEFAULT_POLARITY, MaskRules
+from deeploc.data.layout import Sample, validate_samples
+from deeploc.data.masks import MaskRules
+from deeploc.data.sources import DataSource
 from deeploc.io import write_json_atomic
 from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention, metric_names
 
@@ -30,16 +31,16 @@ UNDEFINED_KEYS = ("n_ap_undefined", "n_f1_no_positive")  # counts of the cases t
 
 
 def index_for_eval(
-    root: str | Path,
+    source: DataSource,
     subsets: Sequence[str],
     split: str = "test",
     validate: bool = True,
-    mask_polarity: str = DEFAULT_POLARITY,
     rules: MaskRules | None = None,
 ) -> dict[str, list[Sample]]:
-    """Samples of ``split`` for each subset, masks read in ``mask_polarity``, validated with the mask ``rules``
-    (bad files and inverted or empty masks fail naming themselves)."""
-    samples = index_subsets(resolve_root(root), list(subsets), splits=(split,), mask_polarity=mask_polarity)
+    """Samples of ``split`` for each subset of a data source (masks read in its polarity), validated with the mask
+    ``rules`` (bad files and inverted or empty masks fail naming themselves)."""
+    source.prepare()
+    samples = source.samples(list(subsets), splits=(split,))
     if validate:
         validate_samples(samples, rules=rules)
     return {name: [s for s in samples if s.subset == name] for name in subsets}

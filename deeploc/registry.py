@@ -18,6 +18,7 @@ import logging
 import pkgutil
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
+from pathlib import PurePath
 from typing import Any, ClassVar, Generic, TypeVar
 
 from deeploc.errors import DeeplocError
@@ -129,6 +130,12 @@ class Registry(Generic[T]):
         return name in self._classes
 
 
+def _path_as_text(value: object) -> str:
+    if isinstance(value, PurePath):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def _origin(obj: object) -> str:
     target = getattr(obj, "score", obj)  # a metric spec is known by its function
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
@@ -165,7 +172,7 @@ class RecordsOptions:
     def options(self) -> dict[str, Any]:
         """The keyword arguments this instance was built with (a plain-JSON copy)."""
         try:
-            return json.loads(json.dumps(self._options))
+            return json.loads(json.dumps(self._options, default=_path_as_text))
         except TypeError as exc:
             raise DeeplocError(
                 f"{type(self).__name__} keyword arguments must be plain values (numbers, strings, lists, dicts) so "

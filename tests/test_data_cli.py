@@ -34,7 +34,7 @@ def test_make_data_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ]
     assert make_data.main(args) == 0
     text = capsys.readouterr().out
-    assert f"data.root={out / 'wacv_data'} data.synthetic=null" in text
+    assert f"data.root={out / 'wacv_data'} data.source=dolos data.synthetic=null" in text
     assert all(s in text for s in SUBSETS)
     assert len(list((out / "wacv_data/data/celebahq/fake/copy-move/images/train").iterdir())) == 3
     assert make_data.main(args) == 0  # idempotent

@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
-from deeploc.errors import DeeplocError
+from deeploc.data.sources import build_source
+from deeploc.errors import ConfigError, DeeplocError
 from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
 from deeploc.runs import RunDir
 
@@ -37,6 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CONVENTIONS,
         help="metric convention for the undefined cases (thin regions, empty masks): study = DeCLIP's formulas "
         "(default), trufor = TruFor's (deeploc <= 0.1); recorded in eval.json and eval.csv",
+    )
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="the data source of --data-root (deeploc/data/sources: dolos, ...; default: the training run's, dolos "
+        "for generated data, which is read as it is)",
+    )
+    parser.add_argument(
+        "--source-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the data source (as data.source_options.KEY; repeatable; values are YAML)",
     )
     parser.add_argument(
         "--mask-polarity",
@@ -76,6 +91,19 @@ def format_scores(results: dict[str, dict[str, float]], trained: dict) -> list[s
     ]
 
 
+def _options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (values parsed as YAML) as keyword arguments of the data source."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--source-option {pair!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.2f}"
 
@@ -97,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelError("the model does not record its training data: pass --data-root and --subsets")
         polarity = args.mask_polarity or trained.get("mask_polarity") or DEFAULT_POLARITY
         rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
-        by_subset = index_for_eval(root, subsets, args.split, not args.no_validate, polarity, rules)
+        name = args.source or trained.get("data_source") or "dolos"
+        name = "dolos" if name == "generated" else name  # the recorded root is the generated wacv_data folder
+        source = build_source(name, root=root, mask_polarity=polarity, **_options(args.source_option))
+        by_subset = index_for_eval(source, subsets, args.split, not args.no_validate, rules)
         results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir, args.convention)
     except (DeeplocError, ValueError) as exc:
         if args.verbose:

@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_count_table(count_table(samples)))
     for name in SUBSETS:
         print(f"  {name}: {SUBSET_DESCRIPTIONS[name]}")
-    print(f"use it with: data.root={path} data.synthetic=null  (data=synthetic: these subsets, no regeneration)")
+    print(
+        f"use it with: data.root={path} data.source=dolos data.synthetic=null  (data=synthetic: these subsets, read "
+        "as they are, no regeneration)"
+    )
     return 0
 
 

@@ -26,17 +26,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from deeploc.data.augment import build_augmentations
 from deeploc.data.datasets import ImageMaskDataset
+from deeploc.data.errors import DatasetError
 from deeploc.data.layout import (
     Sample,
     count_table,
     format_count_table,
-    index_subsets,
-    resolve_root,
     validate_samples,
 )
-from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, MaskRules, check_polarity
+from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, MaskRules
+from deeploc.data.sources import DataSource, build_source
 from deeploc.data.splits import SPLIT_MODES, SplitPlan, make_split, subsets_needed
-from deeploc.data.synthetic import dataset_home, generate_dataset
 from deeploc.metrics import ERODE_SIZE
 
 __all__ = ["DatasetFactory", "EpochSeededSampler", "LocalizationDataModule", "seed_worker"]
@@ -127,10 +126,10 @@ def _default_cache_file(root: Path) -> Path:
 
 
 class LocalizationDataModule(L.LightningDataModule):
-    """Dolos (or a synthetic stand-in) for localization training and evaluation.
+    """Any data source (Dolos, generated data, your layout) for localization training and evaluation.
 
     Args:
-        root: the dataset root, ``.../wacv_data`` or ``.../wacv_data/data`` (see ``layout.resolve_root``).
+        root: the dataset's folder, as the source reads it (Dolos: ``.../wacv_data`` or its ``data/`` child).
         subsets: the localization subsets of the study (cross: the test subsets; leave_one_out: all four).
         split: ``{"mode": "in_domain" | "cross" | "leave_one_out", "subset": str, "n_train": int = 3000,
             "n_valid": int = 300, "seed": int = 42}``; ``subset`` is the training subset (held out for
@@ -139,9 +138,12 @@ class LocalizationDataModule(L.LightningDataModule):
         augment: ``deeploc.data.augment`` config for training images; None = off.
         validate: decode and check every used image and mask in ``setup`` (fails naming bad files), and apply the
             mask and size rules (:mod:`deeploc.data.masks`; one image size per batch).
-        synthetic: when given, ``generate_dataset(**synthetic)`` writes a dataset first if there is none; the
-            data then live in ``<root>/<dataset_folder_name(synthetic)>/wacv_data`` (``synthetic.dataset_home``:
-            one folder per parameter set), or in ``root`` itself if it is named ``wacv_data``.
+        source: the registered data source (:mod:`deeploc.data.sources`: ``dolos``, ``generated``, ...) or a
+            :class:`~deeploc.data.sources.DataSource` instance (then ``root``, ``mask_polarity`` and
+            ``source_options`` are its own).
+        source_options: the source's other keyword arguments.
+        synthetic: the ``generated`` source's parameters (``n_train``, ``size``...); setting them selects that
+            source: a dataset is generated under ``root`` on first use, one folder per parameter set.
         seed: seeds the training order and augmentation (the split's own seed is ``split["seed"]``).
         validate_cache: validation cache file; "auto" = ``$XDG_CACHE_HOME/deeploc/validated/<hash of root>.json``,
             None = no cache.
@@ -168,6 +170,8 @@ class LocalizationDataModule(L.LightningDataModule):
         mask_polarity: str = DEFAULT_POLARITY,
         allow_empty_masks: bool = False,
         max_manipulated_fraction: float = MAX_MANIPULATED_FRACTION,
+        source: str | DataSource = "dolos",
+        source_options: dict | None = None,
     ) -> None:
         super().__init__()
         # Plain containers only (an OmegaConf DictConfig in the saved hyperparameters breaks weights_only loading).
@@ -190,7 +194,8 @@ class LocalizationDataModule(L.LightningDataModule):
                 split[key] = default
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {eval_batch_size}")
-        root = str(root)
+        root = str(root)  # the saved hyperparameters read the (plain) locals
+        self.data_source = _make_source(source, root, synthetic, mask_polarity, _plain(source_options) or {})
         self.root = root
         self.subsets = subsets
         self.split = split
@@ -203,9 +208,11 @@ class LocalizationDataModule(L.LightningDataModule):
         self.validate_cache = validate_cache
         self.synthetic = synthetic
         self.seed = int(seed)
-        self.mask_polarity = check_polarity(mask_polarity)
+        self.mask_polarity = self.data_source.mask_polarity
         self.mask_rules = MaskRules(allow_empty_masks, max_manipulated_fraction)
-        self.save_hyperparameters()
+        # Plain values only in checkpoints: a source instance is recorded by name and options.
+        self.save_hyperparameters(ignore=["source"])
+        self.hparams.update(source=self.data_source.registry_name, source_options=self.data_source.options())
         # Fail on a bad augmentation config now, not in the first training step.
         build_augmentations(self.augment)
 
@@ -216,30 +223,18 @@ class LocalizationDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------- data
 
-    def _synthetic_target(self) -> Path:
-        root = Path(self.root).expanduser().absolute()
-        if root.name == "wacv_data":  # the dataset folder itself: used as named (other parameters are refused)
-            return root.parent
-        return dataset_home(root, self.synthetic or {})
-
     def prepare_data(self) -> None:
-        """Generate the synthetic dataset if one is configured (idempotent; Lightning runs this on one process)."""
-        if self.synthetic is not None:
-            generate_dataset(self._synthetic_target(), **self.synthetic)
-
-    def _resolve(self) -> Path:
-        if self.synthetic is not None:
-            return resolve_root(generate_dataset(self._synthetic_target(), **self.synthetic))
-        return resolve_root(self.root)
+        """Make the data exist (the generated source writes its dataset; idempotent, run on one process)."""
+        self.data_source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
         """Index the subsets the split needs, build the plan, validate the samples it uses, log counts."""
         if self.plan is not None:
             return
-        root = self._resolve()
+        root = self.data_source.root()
         mode, subset = self.split["mode"], self.split["subset"]
         needed = subsets_needed(mode, subset, self.subsets)
-        samples = index_subsets(root, needed, mask_polarity=self.mask_polarity)
+        samples = self.data_source.samples(needed)
         plan = make_split(
             samples,
             mode,
@@ -379,3 +374,24 @@ class LocalizationDataModule(L.LightningDataModule):
             "n_valid": len(plan.valid),
             "n_test": {k: len(v) for k, v in plan.test.items()},
         }
+
+
+def _make_source(
+    source: str | DataSource, root: Any, synthetic: dict | None, polarity: str, options: dict[str, Any]
+) -> DataSource:
+    """The data source of a data module's settings (see :class:`LocalizationDataModule`)."""
+    if isinstance(source, DataSource):
+        return source
+    if synthetic is not None:
+        if source not in ("dolos", "generated") or options:
+            raise DatasetError(
+                f"data.synthetic holds the generated data's parameters, which do not go with data.source={source} "
+                f"and data.source_options={options}: set data.synthetic=null (or use data=synthetic alone)"
+            )
+        return build_source("generated", root=root, mask_polarity=polarity, **synthetic)
+    if source == "generated":
+        raise DatasetError(
+            "data.source=generated needs its parameters in data.synthetic (n_train, n_valid, n_test, size, seed); to "
+            "read a generated dataset as it is, use data.source=dolos with data.root=<its wacv_data folder>"
+        )
+    return build_source(source, root=root, mask_polarity=polarity, **options)
