@@ -62,7 +62,7 @@ def as_decoder(decoder: Decoder | DecoderFactory | Mapping[str, Any], encoder: F
 
 def same_decoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Whether two decoder records build the same architecture (name, options, input maps)."""
-    keys = ("name", "options", "feature_specs", "target_stride")
+    keys = ("name", "class", "options", "feature_specs", "target_stride")
     return all(a.get(k) == b.get(k) for k in keys)
 
 

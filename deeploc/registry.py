@@ -101,15 +101,10 @@ class Registry(Generic[T]):
                 "never imports a module named inside a checkpoint or export file."
             ) from None
 
-    def name_of(self, cls: type) -> str:
-        """The registered name of ``cls`` (an error if it was never registered)."""
-        name = getattr(cls, "registry_name", None)
-        if name is None or self._classes.get(name) is not cls:
-            raise UnknownComponentError(
-                f"{cls.__module__}.{cls.__qualname__} is not a registered {self.kind}: decorate it with "
-                f"@{self.package}.register({cls.__name__.lower()!r}) so checkpoints can name it"
-            )
-        return name
+    def has(self, obj: object) -> bool:
+        """Whether ``obj`` itself is registered (under its ``registry_name``), without discovering anything."""
+        name = getattr(obj, "registry_name", None)
+        return name is not None and self._classes.get(name) is obj
 
     def names(self) -> list[str]:
         """Every registered name (built-ins and entry points included)."""

@@ -8,8 +8,19 @@ from deeploc.models.decoders.base import (
     Decoder,
     DecoderError,
     build_decoder,
+    conv_block,
     count_parameters,
     decoder_from_record,
+    upsample_steps,
 )
 
-__all__ = ["DECODERS", "Decoder", "DecoderError", "build_decoder", "count_parameters", "decoder_from_record"]
+__all__ = [
+    "DECODERS",
+    "Decoder",
+    "DecoderError",
+    "build_decoder",
+    "conv_block",
+    "count_parameters",
+    "decoder_from_record",
+    "upsample_steps",
+]

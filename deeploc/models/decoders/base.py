@@ -27,7 +27,7 @@ from torch import nn
 
 from deeploc.errors import DeeplocError
 from deeploc.models.encoders.base import FeatureSpec
-from deeploc.registry import RecordsOptions, Registry
+from deeploc.registry import RecordsOptions, Registry, UnknownComponentError
 
 __all__ = [
     "DECODERS",
@@ -105,9 +105,9 @@ class Decoder(RecordsOptions, nn.Module, abc.ABC):
 
     @classmethod
     def label_for(cls, options: Mapping[str, Any]) -> str:
-        """The label of a decoder of this class built with ``options`` (``conv20``); the registered name by
-        default. A classmethod, so a config can be named without building its decoder."""
-        return cls.registry_name
+        """The label of a decoder of this class built with ``options`` (``conv20``); the registered name (the
+        class name if unregistered) by default. A classmethod, so a config can be named without building it."""
+        return cls.registry_name if DECODERS.has(cls) else cls.__name__
 
     @property
     def label(self) -> str:
@@ -138,9 +138,16 @@ class Decoder(RecordsOptions, nn.Module, abc.ABC):
         return logits
 
     def record(self) -> dict[str, Any]:
-        """Plain description written into checkpoints and exports; :func:`decoder_from_record` rebuilds from it."""
+        """Plain description written into checkpoints and exports; :func:`decoder_from_record` rebuilds from it.
+
+        ``name`` is the registered name (None for a decoder class that was never registered: it trains and
+        resumes, since the training config imports it, but loading it elsewhere needs it registered); ``class``
+        says where it was defined, for messages only (nothing is ever imported from a record).
+        """
+        cls = type(self)
         return {
-            "name": DECODERS.name_of(type(self)),
+            "name": cls.registry_name if DECODERS.has(cls) else None,
+            "class": f"{cls.__module__}.{cls.__qualname__}",
             "label": self.label,
             "options": self.options(),
             "inputs": list(self.inputs),
@@ -175,11 +182,17 @@ def build_decoder(
 def decoder_from_record(record: Mapping[str, Any]) -> Decoder:
     """Rebuild a decoder from :meth:`Decoder.record` (a checkpoint's or an export's), without its encoder."""
     try:
-        name, options = str(record["name"]), dict(record["options"])
+        name, options = record["name"], dict(record["options"])
         specs, stride = dict(record["feature_specs"]), float(record["target_stride"])
     except (KeyError, TypeError, ValueError) as exc:
         raise DecoderError(f"the decoder record {dict(record)} is incomplete ({exc!r})") from None
-    return build_decoder(name, specs, stride, **options)
+    if name is None:
+        raise UnknownComponentError(
+            f"decoder {record.get('class')} was trained without being registered, so it cannot be loaded by name: "
+            "decorate the class with @DECODERS.register('<name>') (deeploc.models.decoders) and train again, or "
+            "load the checkpoint in Python with the class at hand (LocalizationModule.load_from_checkpoint)"
+        )
+    return build_decoder(str(name), specs, stride, **options)
 
 
 def conv_block(c_in: int, c_out: int) -> list[nn.Module]:
