@@ -108,6 +108,11 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "must be study (DeCLIP's formulas, the study's numbers; the default) or trufor (TruFor's, deeploc <= 0.1)",
     ),
     ("data.mask_polarity", _one_of(POLARITIES), f"must be one of {', '.join(POLARITIES)}"),
+    (
+        "data.mask_threshold",
+        lambda v: v is None or (_non_negative_int(v) and v <= 254),
+        "must be null (exact 0 / 255 masks) or an integer in [0, 254] (mask values above it read white)",
+    ),
     ("data.allow_empty_masks", lambda v: isinstance(v, bool), "must be true or false"),
     ("data.max_manipulated_fraction", lambda v: _number(v) and 0 < v <= 1, "must be a number in (0, 1]"),
 )
