@@ -43,12 +43,19 @@ class ImageMaskDataset(Dataset):
     (read in the sample's ``mask_polarity``; all zeros for a real image); ``name``, ``subset`` (str) and ``index`` (int, position in ``samples``).
 
     ``transform`` is an albumentations-style callable ``transform(image=HxWx3 uint8, mask=HxW uint8) -> dict``
-    (see :mod:`deeploc.data.augment`); the mask it receives is 0/1.
+    (see :mod:`deeploc.data.augment`); the mask it receives is 0/1. ``match_sizes=False`` lets an image have another
+    size than its mask (robustness: a resized image is scored against its original mask; no transform then).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        match_sizes: bool = True,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.match_sizes = match_sizes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -63,7 +70,7 @@ class ImageMaskDataset(Dataset):
         s = self.samples[index]
         image = read_rgb(s.image)
         mask = sample_target(s, image.shape)
-        if image.shape[:2] != mask.shape:
+        if self.match_sizes and image.shape[:2] != mask.shape:
             raise DatasetError(
                 f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {s.image} is "
                 f"{image.shape[1]}x{image.shape[0]} (WxH); run deeploc-check on the dataset"
