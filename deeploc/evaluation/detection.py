@@ -9,8 +9,7 @@ Detection (real vs each fake subset, test split; fake = the positive class)
     From two image scores of the probability map at native size: ``top`` (the mean of its top 1%, as
     deeploc-predict's ``image_score``) and ``max`` (its largest value). ``auc`` (ROC AUC) and ``ap`` (average
     precision over all real and fake test images; fake share = ``n_fake / (n_real + n_fake)``) need no threshold;
-    torchmetrics' exact ``binary_auroc`` / ``binary_average_precision``, equal to sklearn's ``roc_auc_score`` /
-    ``average_precision_score`` (tested). ``balanced_accuracy`` = (TPR + TNR) / 2 at ONE threshold per image score,
+    both are exact in float64 and equal sklearn's ``roc_auc_score`` / ``average_precision_score`` (tested). ``balanced_accuracy`` = (TPR + TNR) / 2 at ONE threshold per image score,
     chosen on the VALID split: the midpoint between consecutive distinct valid scores that maximises the balanced
     accuracy of the valid real images against the valid images of every evaluated fake subset pooled (ties: the
     lowest such threshold); an image is called fake when its score is > the threshold.
@@ -49,26 +48,24 @@ DETECTION_KEYS = ("auc", "ap", "balanced_accuracy")
 FALSE_ALARM_KEYS = ("false_alarm_pixels", "false_alarm_images")
 
 
-def _labelled(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.cat([real, fake]).double()
-    labels = torch.cat([torch.zeros(len(real)), torch.ones(len(fake))]).long()
-    return scores, labels
-
-
 def roc_auc(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """ROC AUC in percent of fake (positive) vs real scores; needs both classes."""
-    from torchmetrics.functional.classification import binary_auroc
-
+    """ROC AUC in percent of fake (positive) vs real scores: P(fake > real) + P(fake == real) / 2 (Mann-Whitney, in
+    float64; the area under sklearn's ROC curve, ties included)."""
     _require_both(real, fake)
-    return 100.0 * float(binary_auroc(*_labelled(real, fake)))
+    r, f = np.sort(real.double().numpy()), fake.double().numpy()
+    below, up_to = np.searchsorted(r, f, side="left"), np.searchsorted(r, f, side="right")
+    return 100.0 * float((below + 0.5 * (up_to - below)).sum() / (len(r) * len(f)))
 
 
 def average_precision(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Average precision in percent of fake (positive) vs real scores (sklearn's step formula)."""
-    from torchmetrics.functional.classification import binary_average_precision
+    """Average precision in percent of fake (positive) vs real scores: the pixel metrics' exact AP (sklearn's step
+    formula over the distinct scores), here over images."""
+    from deeploc.metrics.core import _average_precision
 
     _require_both(real, fake)
-    return 100.0 * float(binary_average_precision(*_labelled(real, fake)))
+    scores = torch.cat([real, fake]).double()[None]
+    labels = torch.cat([torch.zeros(len(real), dtype=torch.bool), torch.ones(len(fake), dtype=torch.bool)])[None]
+    return float(_average_precision(scores, labels, torch.float64)[0])
 
 
 def balanced_accuracy(real: torch.Tensor, fake: torch.Tensor, threshold: float) -> float:
@@ -217,5 +214,5 @@ def write_image_scores(path: Path, images: Mapping[str, ImageScores], split: str
         for subset, scores in images.items():
             for i, name in enumerate(scores.names):
                 values = (scores.top[i], scores.max[i], scores.flagged[i])
-                writer.writerow([subset, split, name, *(f"{float(v):.6f}" for v in values)])
+                writer.writerow([subset, split, name, *(repr(float(v)) for v in values)])  # exact: ties stay ties
     return path

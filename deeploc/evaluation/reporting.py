@@ -105,7 +105,7 @@ def detection_md(matrices: Mapping[Settings, Matrix], label_keys: Sequence[str])
         row = [m.decoder, m.feature, *(m.settings.show(k) for k in label_keys)]  # type: ignore[union-attr]
         row += [_fmt_stat(s(k)) for k in DETECTION_METRICS for s in (m.id_stat, m.ood_stat)]
         row += [_fmt_stat(m.id_stat(k)) for k in ("false_alarm_pixels", "false_alarm_images")]
-        body.append([*row, m.seeds().seeds])
+        body.append([*row, m.stat(list(m.runs), "auc").seeds])
     return (
         "## Detection on real images (%, test split)\n\n"
         + _md_table(header, body)

@@ -150,6 +150,7 @@ class FoldersSource(DataSource):
         if split not in folders:
             raise DatasetError(
                 f"the folders dataset at {self.root()} puts every image in the {self.splits} split "
-                f"(data.source_options.splits={self.splits}), so it has no {split} images"
+                f"(data.source_options.splits={self.splits}), so it has no {split} images (deeploc-eval --real: pass "
+                "--threshold-split none when there is no valid split to choose the detection threshold on)"
             )
         return index_real(folders[split], split, "set data.source_options.real to the folder of pristine images")
