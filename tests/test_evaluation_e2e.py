@@ -234,6 +234,7 @@ def test_bad_evaluation_requests_are_refused_with_the_fix(runs: dict[str, Path],
     folders = [str(run), "--source", "folders", "--data-root", str(root), "--source-option", "mask_suffix=_gt"]
     cases = [
         ([str(run), "--perturb", "jpeg=0"], "jpeg strength 0 is invalid"),
+        ([str(run), "--real", "--split", "valid"], "would choose the detection threshold on the evaluated images"),
         ([*folders, "--real"], "no real-image folder: set data.source_options.real"),
         ([*folders, "--source-option", "real=real", "--real"], "--threshold-split none"),
         ([*folders, "--subsets", "lama"], "one subset, 'd', not lama: pass --subsets d"),

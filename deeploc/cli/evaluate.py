@@ -154,7 +154,7 @@ def _source(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[DataSour
 
     recorded = trained.get("data_source") or "dolos"
     name = args.source or recorded
-    same = name == recorded
+    same = _kind(name) == _kind(recorded)
     options: dict[str, Any] = {}
     if same and recorded != "generated":  # the generated source's options generate data; its root is read as Dolos
         options = {k: v for k, v in (trained.get("data_source_options") or {}).items() if k not in _SOURCE_KEYS}
@@ -170,7 +170,7 @@ def _source(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[DataSour
     root = args.data_root or trained.get("data")
     if not root:
         raise ModelError("the model does not record its training data: pass --data-root (and --subsets)")
-    return build_source("dolos" if name == "generated" else name, root=root, **options), same
+    return build_source(_kind(name), root=root, **options), same
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import_plugins(args)
         perturbations = _perturbations(args.perturb)
+        if args.real and args.split == args.threshold_split:
+            raise ConfigError(
+                f"--real with --split {args.split} would choose the detection threshold on the evaluated images "
+                "themselves: pass --threshold-split none (no balanced accuracy), or evaluate the test split"
+            )
         model, meta = load_model_and_metadata(args.model, args.encoder_checkpoint, args.device)
         trained = (meta.get("training") or {}).get("config") or {}
         source, same = _source(args, trained)
@@ -224,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _SOURCE_KEYS = ("root", "mask_polarity", "mask_threshold")
+
+
+def _kind(source: str) -> str:
+    """Generated data are read as Dolos: the two are one kind of source."""
+    return "dolos" if source == "generated" else source
 
 
 def _perturbations(items: list[str] | None) -> list[Any]:
