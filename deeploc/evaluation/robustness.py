@@ -39,9 +39,11 @@ import cv2
 
 from deeploc.data.layout import Sample, read_rgb
 from deeploc.evaluate import THRESHOLD, evaluate, score_keys
+from deeploc.evaluation.figures import Line, strength_panels
 from deeploc.evaluation.perturbations import Perturbation, apply
 from deeploc.io import atomic_write_bytes, file_digest, write_json_atomic
 from deeploc.metrics import metric_label, metric_names
+from deeploc.report_figures import save
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +193,6 @@ def robustness_figures(
     context: Mapping[str, Any],
 ) -> list[Path]:
     """``robustness_<metric>.png``: a panel per perturbation, strength on x (clean first), a line per subset."""
-    from deeploc.evaluation.reporting import Line, strength_panels
-
     caption = (
         f"{context.get('described', '')}; {context['split']} split of {context.get('data', '')}; metric convention "
         f"{context['convention']}, pixel threshold {THRESHOLD}."
@@ -211,15 +211,8 @@ def robustness_figures(
             )
             for name in clean
         ]
-        figure = strength_panels(groups, lines, metric, caption)
-        paths.append(_save(figure, out_dir / f"robustness_{metric}.png"))
+        paths.append(save(strength_panels(groups, lines, metric, caption), out_dir / f"robustness_{metric}.png"))
     return paths
-
-
-def _save(figure: Any, path: Path) -> Path:
-    from deeploc import report_figures
-
-    return report_figures.save(figure, path)
 
 
 def _fmt(value: float | None) -> str:
