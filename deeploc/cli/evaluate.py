@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from deeploc.checkpoints import ModelError
-    from deeploc.evaluate import index_for_eval, score_subsets, write_results
+    from deeploc.evaluate import THRESHOLD, index_for_eval, score_subsets, write_results
     from deeploc.inference import describe_model, load_model_and_metadata
 
     try:
@@ -196,15 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ModelError("the model does not record its training subsets: pass --subsets")
         rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
         by_subset = index_for_eval(source, subsets, args.split, not args.no_validate, rules)
-        run = (args.batch_size, args.num_workers, args.features_dir, args.convention)
-        scored = score_subsets(model, by_subset, *run)
+        real = _real_samples(args, source, subsets, rules) if args.real else None  # checked before any encoding
+        scored = score_subsets(model, by_subset, *_run(args))
         results = {name: result.metrics for name, result in scored.items()}
-        source_root = source.root()
-        out = _out_dir(args, source_root, subsets)
+        out = _out_dir(args, source.root(), subsets)
         context = {
             "model": str(args.model),
             "described": describe_model(meta),
-            "data": str(source_root),
+            "data": str(source.root()),
             "source": source.describe(),
             "split": args.split,
             "convention": args.convention,
@@ -212,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             "mask_threshold": source.mask_threshold,
         }
         written = list(write_results(out, results, context))  # type: ignore[arg-type]
-        print(f"{describe_model(meta)}; {args.split} split of {source_root}")
-        print(f"{args.split} scores (%, mean over images), metric convention {args.convention}, pixel threshold 0.5:")
+        print(f"{describe_model(meta)}; {args.split} split of {source.root()}")
+        print(
+            f"{args.split} scores (%, mean over images), metric convention {args.convention}, pixel threshold {THRESHOLD}:"
+        )
         print("\n".join(format_scores(results, trained)))  # type: ignore[arg-type]
-        if args.real:
-            written += _real(args, model, source, subsets, rules, scored, out, context)
+        if real is not None:
+            written += _real(args, model, real, scored, out, context)
         if perturbations:
             written += _robustness(args, model, by_subset, perturbations, results, out, context)
     except (DeeplocError, ValueError) as exc:
@@ -234,6 +235,11 @@ _SOURCE_KEYS = ("root", "mask_polarity", "mask_threshold")
 def _kind(source: str) -> str:
     """Generated data are read as Dolos: the two are one kind of source."""
     return "dolos" if source == "generated" else source
+
+
+def _run(args: argparse.Namespace) -> tuple[int, int, str | None, str]:
+    """How every evaluation pass runs: batch size, workers, feature cache, metric convention."""
+    return args.batch_size, args.num_workers, args.features_dir, args.convention
 
 
 def _perturbations(items: list[str] | None) -> list[Any]:
@@ -254,35 +260,42 @@ def _out_dir(args: argparse.Namespace, root: Path, subsets: list[str]) -> Path:
     return run.eval_dir(root, args.split, subsets, args.convention)
 
 
+def _real_samples(args: argparse.Namespace, source: DataSource, subsets: list[str], rules: MaskRules) -> dict[str, Any]:
+    """--real's samples, indexed and validated: the real images of --split, and (unless --threshold-split none)
+    the real and manipulated images of the threshold split."""
+    from deeploc.evaluate import index_for_eval, index_real
+
+    validate = not args.no_validate
+    samples: dict[str, Any] = {"real": index_real(source, args.split, validate)}
+    if args.threshold_split != "none":
+        samples["valid_real"] = index_real(source, args.threshold_split, validate)
+        samples["valid_fake"] = index_for_eval(source, subsets, args.threshold_split, validate, rules)
+    return samples
+
+
 def _real(
     args: argparse.Namespace,
     model: Any,
-    source: DataSource,
-    subsets: list[str],
-    rules: MaskRules,
+    samples: dict[str, Any],
     scored: dict[str, Any],
     out: Path,
     context: dict[str, Any],
 ) -> list[Path]:
     """--real: false alarms on the real images of --split, detection of each subset against them."""
-    from deeploc.evaluate import index_for_eval, index_real, score_subsets
+    from deeploc.evaluate import score_subsets
     from deeploc.evaluation.detection import detect, detection_markdown, write_detection, write_image_scores
 
-    run = (args.batch_size, args.num_workers, args.features_dir, args.convention)
-    validate = not args.no_validate
-    real = score_subsets(model, {"real": index_real(source, args.split, validate)}, *run, localize=False)["real"]
-    real_valid, fake_valid = None, []
-    if args.threshold_split != "none":
-        valid_real = index_real(source, args.threshold_split, validate)
-        valid_fake = index_for_eval(source, subsets, args.threshold_split, validate, rules)
-        real_valid = score_subsets(model, {"real": valid_real}, *run, localize=False)["real"].images
-        fake_valid = [s.images for s in score_subsets(model, valid_fake, *run, localize=False).values()]
-    detection = detect(real.images, {name: s.images for name, s in scored.items()}, real_valid, fake_valid)
+    def images(by_subset: dict[str, Any]) -> dict[str, Any]:
+        return {name: s.images for name, s in score_subsets(model, by_subset, *_run(args), localize=False).items()}
+
+    real = images({"real": samples["real"]})["real"]
+    real_valid = images({"real": samples["valid_real"]})["real"] if "valid_real" in samples else None
+    fake_valid = list(images(samples["valid_fake"]).values()) if "valid_fake" in samples else []
+    fakes = {name: s.images for name, s in scored.items()}
+    detection = detect(real, fakes, real_valid, fake_valid)
     print(detection_markdown(detection, context))
-    images = write_image_scores(
-        out / "image_scores.csv", {"real": real.images, **{n: s.images for n, s in scored.items()}}, args.split
-    )
-    return [*write_detection(out, detection, context), images]
+    table = write_image_scores(out / "image_scores.csv", {"real": real, **fakes}, args.split)
+    return [*write_detection(out, detection, context), table]
 
 
 def _robustness(
@@ -295,12 +308,14 @@ def _robustness(
     context: dict[str, Any],
 ) -> list[Path]:
     """--perturb: the scores of every perturbed copy of the test images, tables and figures."""
+    from deeploc.evaluate import THRESHOLD
     from deeploc.evaluation.robustness import metric_table, ordered, run_robustness, write_robustness
 
-    run = (args.batch_size, args.num_workers, args.features_dir, args.convention)
-    perturbed = run_robustness(model, by_subset, perturbations, *run)
+    perturbed = run_robustness(model, by_subset, perturbations, *_run(args))
     paths = write_robustness(out, clean, perturbed, perturbations, context)
-    print(f"IoU under perturbation (%, {args.split} split, metric convention {args.convention}, pixel threshold 0.5):")
+    print(
+        f"IoU under perturbation (%, {args.split} split, metric convention {args.convention}, pixel threshold {THRESHOLD}):"
+    )
     print(metric_table(clean, perturbed, ordered(perturbations), "iou"))
     return paths
 
