@@ -29,8 +29,7 @@ if TYPE_CHECKING:
     from deeploc.report import Matrix, RunResult
 
 DETECTION_METRICS = ("auc", "ap", "balanced_accuracy")
-DETECTION_LABELS = {"auc": "AUC", "ap": "AP", "balanced_accuracy": "bal. acc.", "false_alarm_pixels": "pixels flagged",
-                    "false_alarm_images": "images flagged"}  # fmt: skip
+DETECTION_LABELS = {"auc": "AUC", "ap": "AP", "balanced_accuracy": "bal. acc."}
 
 
 # ------------------------------------------------------------------------------------------------ reading runs
