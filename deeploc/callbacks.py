@@ -85,7 +85,10 @@ def render_panels(pl_module: Any, samples: list[Any]) -> list[np.ndarray]:
     images = [read_rgb(s.image) for s in samples]
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in images]).float().div(255)
     probs = pl_module.predict_probabilities(batch.to(pl_module.device)).cpu().numpy()
-    return [panel(im, p, read_mask(s.mask, s.mask_polarity) != 255) for im, p, s in zip(images, probs, samples)]
+    return [
+        panel(im, p, read_mask(s.mask, s.mask_polarity, s.mask_threshold) != 255)
+        for im, p, s in zip(images, probs, samples)
+    ]
 
 
 class PredictionPanel(L.Callback):

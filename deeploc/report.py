@@ -248,6 +248,8 @@ class ReportPaths:
     figures: list[Path]
     n_runs: int
     n_missing: int
+    detection_csv: Path | None = None  # when runs have deeploc-eval --real results
+    robustness_csv: Path | None = None  # with robustness=True, when runs have deeploc-eval --perturb results
 
 
 # ---------------------------------------------------------------------------------------------------- collection
@@ -435,14 +437,20 @@ def study_comparison(matrices: dict[Settings, Matrix], split: str = "cross") -> 
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compare_study: bool = False) -> ReportPaths:
+def write_report(
+    sweep_dir: str | Path, out_dir: str | Path | None = None, compare_study: bool = False, robustness: bool = False
+) -> ReportPaths:
     """Collect the sweep and write CSV tables, Markdown (summary.md, matrices.md, report.md) and PNG figures.
 
     `out_dir` defaults to `<sweep_dir>/report`. With `compare_study`, the study's ID / OOD go beside ours in the
     tables, each row saying whether its setup is comparable with the study's. The ID-vs-OOD chart always draws the
-    study's values beside the comparable rows, and says why for the others.
+    study's values beside the comparable rows, and says why for the others. Runs evaluated on their real images
+    (`deeploc-eval --real`) add a detection table and an AUC matrix beside each IoU matrix; with `robustness`, the
+    runs' `deeploc-eval --perturb` results are compared in a table and one figure per metric
+    (`deeploc.evaluation.reporting`).
     """
     from deeploc import report_figures
+    from deeploc.evaluation import reporting
 
     sweep = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep / "report"
@@ -464,7 +472,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compa
     summary = "## Results (means over test images, %)\n\n" + (
         _summary_md(rows, _label_keys(cross)) if rows else "No results."
     )
-    matrices_md = "\n\n".join(_matrix_md(m) for m in cross.values())
+    detection = reporting.detection_matrices(runs)
+    detection_csv = _write_csv(out / "detection.csv", *reporting.detection_csv(detection)) if detection else None
+    matrices_md = "\n\n".join(
+        _matrix_md(m) + (f"\n\n{reporting.detection_matrix_md(detection[k])}" if k in detection else "")
+        for k, m in cross.items()
+    )
     sections = [
         f"# deeploc report: {sweep}\n\n{len(runs)} finished runs, {len(missing)} missing or failed.",
         _provenance_md(runs),
@@ -474,6 +487,15 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compa
         sections.append(_comparison_md(comparisons))
     if matrices_md:
         sections.append("## IoU matrices (rows: training subset, columns: test subset)\n\n" + matrices_md)
+    if detection:
+        sections.append(reporting.detection_md(detection, _label_keys(detection)))
+    robustness_md, robustness_figures, robustness_csv = (
+        reporting.robustness_report(runs, out) if robustness else ("", [], None)
+    )
+    if robustness_md:
+        sections.append(robustness_md)
+    elif robustness:
+        sections.append("## Robustness\n\nNo run has a `deeploc-eval --perturb` result on its own test data.")
     if loo:
         sections.append(_loo_md(loo))
     if missing:
@@ -497,6 +519,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compa
         study, note = study_bars(dict(comparisons)["cross"])
         figure = report_figures.id_ood_figure(rows, study, note, bar_caption(rows, runs))
         figures.append(report_figures.save(figure, out / "id_ood.png"))
+    figures += robustness_figures
     return ReportPaths(
         out_dir=out,
         report_md=out / "report.md",
@@ -509,6 +532,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, compa
         figures=figures,
         n_runs=len(runs),
         n_missing=len(missing),
+        detection_csv=detection_csv,
+        robustness_csv=robustness_csv,
     )
 
 

@@ -7,13 +7,14 @@ reported together in one :class:`~deeploc.errors.ConfigError`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from deeploc.config import CONF_DIR
 from deeploc.data.masks import POLARITIES
@@ -108,6 +109,11 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "must be study (DeCLIP's formulas, the study's numbers; the default) or trufor (TruFor's, deeploc <= 0.1)",
     ),
     ("data.mask_polarity", _one_of(POLARITIES), f"must be one of {', '.join(POLARITIES)}"),
+    (
+        "data.mask_threshold",
+        lambda v: v is None or (_non_negative_int(v) and v <= 254),
+        "must be null (exact 0 / 255 masks) or an integer in [0, 254] (mask values above it read white)",
+    ),
     ("data.allow_empty_masks", lambda v: isinstance(v, bool), "must be true or false"),
     ("data.max_manipulated_fraction", lambda v: _number(v) and 0 < v <= 1, "must be a number in (0, 1]"),
 )
@@ -123,6 +129,10 @@ def check_required(cfg: DictConfig) -> None:
     """Every value is set (``???`` nowhere) and there is a dataset (resolves the whole config: inside a Hydra job)."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except InterpolationToMissingValueError as exc:  # a value that refers to an unset one names the unset one
+        key = re.search(r"Missing mandatory value: (\S+)", str(exc))
+        missing = key.group(1) if key else exc.full_key
+        raise ConfigError(f"config value {missing} is not set: pass {missing}=...") from None
     except MissingMandatoryValue as exc:
         raise ConfigError(f"config value {exc.full_key} is not set: pass {exc.full_key}=...") from None
     if cfg.data.get("root") is None and cfg.data.get("synthetic") is None:

@@ -220,3 +220,63 @@ def test_mixed_sizes_across_subsets_of_one_batch_are_refused(synthetic_copy: Pat
     with pytest.raises(DatasetError, match=r"the train split mixes image sizes \(48x48: 4, 64x64: 8"):
         _dm(synthetic_copy, split=split)
     _dm(synthetic_copy, split={"mode": "in_domain", "subset": "copy-move"})  # one size per batch: fine
+
+
+# ---------------------------------------------------------------------------------------------- mask threshold
+
+
+def _as_jpeg(paths: list[Path]) -> None:
+    """Re-save masks through JPEG (values ring around region edges), keeping their .png names."""
+    for p in paths:
+        ok, data = cv2.imencode(".jpg", cv2.imread(str(p), cv2.IMREAD_UNCHANGED), [cv2.IMWRITE_JPEG_QUALITY, 75])
+        assert ok and cv2.imwrite(str(p), cv2.imdecode(data, cv2.IMREAD_UNCHANGED))
+
+
+def test_mask_threshold_reads_jpeg_saved_masks_that_are_refused_without_it(synthetic_copy: Path) -> None:
+    paths = _masks(synthetic_copy, "copy-move", "valid")
+    truth = [read_mask(p) != 255 for p in paths]
+    _as_jpeg(paths)
+    samples = index_subsets(synthetic_copy, ["copy-move"], splits=("valid",))
+    assert "not binary" in _error(samples)
+    thresholded = index_subsets(synthetic_copy, ["copy-move"], splits=("valid",), mask_threshold=127)
+    validate_samples(thresholded, workers=1)
+    items = ImageMaskDataset(thresholded)
+    for i, (path, t) in enumerate(zip(paths, truth)):
+        read = items[i]["mask"][0].bool().numpy()
+        # Independently: the JPEG'd file's channel 0 binarised at 127 (black = manipulated).
+        assert np.array_equal(read, cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) <= 127)
+        assert (read != t).mean() < 0.02  # the JPEG ringing moves at most a few edge pixels
+
+
+def test_mask_threshold_reads_zero_one_masks_with_white_polarity(synthetic_copy: Path) -> None:
+    paths = _masks(synthetic_copy, "blur-noise", "test")
+    truth = [read_mask(p) != 255 for p in paths]
+    for p, t in zip(paths, truth):
+        cv2.imwrite(str(p), t.astype(np.uint8))  # 1 = manipulated, 0 = real: almost black to the eye
+    white = index_subsets(
+        synthetic_copy, ["blur-noise"], splits=("test",), mask_polarity="white_is_manipulated", mask_threshold=0
+    )
+    validate_samples(white, workers=1)
+    for i, t in enumerate(truth):
+        assert torch.equal(ImageMaskDataset(white)[i]["mask"][0].bool(), torch.from_numpy(t))
+
+
+@pytest.mark.parametrize("value", [-1, 255, 1.5, True, "127"])
+def test_bad_mask_thresholds_name_the_key(synthetic_data: Path, value: object) -> None:
+    with pytest.raises(ValueError, match=r"data\.mask_threshold=.* must be null .* or an integer in \[0, 254\]"):
+        index_subsets(synthetic_data, ["copy-move"], mask_threshold=value)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"data\.mask_threshold"):
+        LocalizationDataModule(
+            str(synthetic_data), list(SUBSETS), {"mode": "cross", "subset": "copy-move"}, mask_threshold=value
+        )
+
+
+def test_validation_cache_is_keyed_by_mask_threshold(synthetic_copy: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "v.json"
+    paths = _masks(synthetic_copy, "copy-move", "valid")
+    _as_jpeg(paths)
+    thresholded = index_subsets(synthetic_copy, ["copy-move"], splits=("valid",), mask_threshold=127)
+    validate_samples(thresholded, cache_file=cache, workers=1)
+    exact = index_subsets(synthetic_copy, ["copy-move"], splits=("valid",))
+    with pytest.raises(DatasetError, match="not binary"):  # the thresholded entries are not reused
+        validate_samples(exact, cache_file=cache, workers=1)

@@ -1,4 +1,5 @@
-"""`deeploc-eval MODEL`: test a trained run, checkpoint or exported decoder on any subsets and splits."""
+"""`deeploc-eval MODEL`: test a trained run, checkpoint or exported decoder on any subsets and splits of any data
+source; optionally on its real images (false alarms, detection: --real) and on perturbed copies (--perturb)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins
-from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
-from deeploc.data.sources import build_source
+from deeploc.data.masks import MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
+from deeploc.data.sources import DataSource, build_source
 from deeploc.errors import ConfigError, DeeplocError
 from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
 from deeploc.runs import RunDir
@@ -19,8 +20,16 @@ from deeploc.runs import RunDir
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeploc-eval", description=__doc__)
     parser.add_argument("model", help="run directory, .ckpt file or exported decoder (.safetensors)")
-    parser.add_argument("--data-root", help="dataset root (wacv_data or its data/ child); default: the training data")
-    parser.add_argument("--subsets", nargs="+", help="subsets to test on; default: the training run's subsets")
+    parser.add_argument(
+        "--data-root",
+        help="the data source's root (Dolos: wacv_data or its data/ child; folders: the dataset folder; manifest: "
+        "the CSV); default: the training data",
+    )
+    parser.add_argument(
+        "--subsets",
+        nargs="+",
+        help="subsets to test on; default: the training run's subsets (its data source), else every subset of --source",
+    )
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
     parser.add_argument(
         "--out",
@@ -43,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--source",
         default=None,
-        help="the data source of --data-root (deeploc/data/sources: dolos, ...; default: the training run's, dolos "
-        "for generated data, which is read as it is)",
+        help="the data source of --data-root (deeploc/data/sources: dolos, folders, manifest, ...; default: the "
+        "training run's, dolos for generated data, which is read as it is)",
     )
     parser.add_argument(
         "--source-option",
@@ -56,7 +65,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mask-polarity",
         choices=POLARITIES,
-        help="how the masks are drawn (data.mask_polarity); default: the training run's, else black_is_manipulated",
+        help="how the masks are drawn (data.mask_polarity); default: the training run's for its own kind of data "
+        "source, else the source's (dolos: black_is_manipulated; folders, manifest: white_is_manipulated)",
+    )
+    parser.add_argument(
+        "--mask-threshold",
+        type=int,
+        default=None,
+        help="binarise masks first: values above it read white, the others black (data.mask_threshold; e.g. 127 "
+        "for JPEG-saved masks); default: the training run's for its own kind of data source, else exact 0 / 255",
+    )
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="also score the source's real (pristine) images of --split: false alarms at the pixel threshold 0.5 "
+        "and image-level detection of real vs each subset (AUC, AP, balanced accuracy) -> detection.json/.csv/.md, "
+        "image_scores.csv",
+    )
+    parser.add_argument(
+        "--threshold-split",
+        choices=("valid", "none"),
+        default="valid",
+        help="the split whose real and fake images choose the detection threshold of --real's balanced accuracy "
+        "(default: valid; none: no balanced accuracy, e.g. for a test-only dataset)",
+    )
+    parser.add_argument(
+        "--perturb",
+        nargs="+",
+        metavar="ITEM",
+        help="also score perturbed copies of the test images: name=strength,... items (jpeg=90,70,50 resize=0.75,0.5 "
+        "blur=1,2 noise=0.01,0.03), a conf/perturb name (default) or a YAML file -> robustness.json/.csv/.md and "
+        "robustness_<metric>.png",
     )
     parser.add_argument(
         "--allow-empty-masks",
@@ -108,50 +147,177 @@ def _percent(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.2f}"
 
 
+def _source(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[DataSource, bool]:
+    """The data source to evaluate on, and whether it is the training run's kind of source (whose recorded options,
+    mask settings and subsets are then the defaults)."""
+    from deeploc.checkpoints import ModelError
+
+    recorded = trained.get("data_source") or "dolos"
+    name = args.source or recorded
+    same = _kind(name) == _kind(recorded)
+    options: dict[str, Any] = {}
+    if same and recorded != "generated":  # the generated source's options generate data; its root is read as Dolos
+        options = {k: v for k, v in (trained.get("data_source_options") or {}).items() if k not in _SOURCE_KEYS}
+    options.update(_options(args.source_option))
+    polarity = args.mask_polarity or (trained.get("mask_polarity") if same else None)
+    threshold = (
+        args.mask_threshold if args.mask_threshold is not None else (trained.get("mask_threshold") if same else None)
+    )
+    if polarity is not None:
+        options["mask_polarity"] = polarity
+    if threshold is not None:
+        options["mask_threshold"] = threshold
+    root = args.data_root or trained.get("data")
+    if not root:
+        raise ModelError("the model does not record its training data: pass --data-root (and --subsets)")
+    return build_source(_kind(name), root=root, **options), same
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from deeploc.checkpoints import ModelError
-    from deeploc.evaluate import evaluate, index_for_eval, write_results
+    from deeploc.evaluate import THRESHOLD, index_for_eval, score_subsets, write_results
     from deeploc.inference import describe_model, load_model_and_metadata
 
     try:
         import_plugins(args)
+        perturbations = _perturbations(args.perturb)
+        if args.real and args.split == args.threshold_split:
+            raise ConfigError(
+                f"--real with --split {args.split} would choose the detection threshold on the evaluated images "
+                "themselves: pass --threshold-split none (no balanced accuracy), or evaluate the test split"
+            )
         model, meta = load_model_and_metadata(args.model, args.encoder_checkpoint, args.device)
         trained = (meta.get("training") or {}).get("config") or {}
-        root = args.data_root or trained.get("data")
-        subsets = args.subsets or trained.get("subsets")
-        if not root or not subsets:
-            raise ModelError("the model does not record its training data: pass --data-root and --subsets")
-        polarity = args.mask_polarity or trained.get("mask_polarity") or DEFAULT_POLARITY
+        source, same = _source(args, trained)
+        subsets = args.subsets or (trained.get("subsets") if same else source.available_subsets())
+        if not subsets:
+            raise ModelError("the model does not record its training subsets: pass --subsets")
         rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
-        name = args.source or trained.get("data_source") or "dolos"
-        name = "dolos" if name == "generated" else name  # the recorded root is the generated wacv_data folder
-        source = build_source(name, root=root, mask_polarity=polarity, **_options(args.source_option))
         by_subset = index_for_eval(source, subsets, args.split, not args.no_validate, rules)
-        results = evaluate(model, by_subset, args.batch_size, args.num_workers, args.features_dir, args.convention)
+        real = _real_samples(args, source, subsets, rules) if args.real else None  # checked before any encoding
+        scored = score_subsets(model, by_subset, *_run(args))
+        results = {name: result.metrics for name, result in scored.items()}
+        out = _out_dir(args, source.root(), subsets)
+        context = {
+            "model": str(args.model),
+            "described": describe_model(meta),
+            "data": str(source.root()),
+            "source": source.describe(),
+            "split": args.split,
+            "convention": args.convention,
+            "mask_polarity": source.mask_polarity,
+            "mask_threshold": source.mask_threshold,
+        }
+        written = list(write_results(out, results, context))  # type: ignore[arg-type]
+        print(f"{describe_model(meta)}; {args.split} split of {source.root()}")
+        print(
+            f"{args.split} scores (%, mean over images), metric convention {args.convention}, pixel threshold {THRESHOLD}:"
+        )
+        print("\n".join(format_scores(results, trained)))  # type: ignore[arg-type]
+        if real is not None:
+            written += _real(args, model, real, scored, out, context)
+        if perturbations:
+            written += _robustness(args, model, by_subset, perturbations, results, out, context)
     except (DeeplocError, ValueError) as exc:
         if args.verbose:
             raise
         print(f"deeploc-eval: {exc}", file=sys.stderr)
         return 1
-    source = Path(args.model)
-    run = RunDir(source if source.is_dir() else (source.parent.parent if source.suffix == ".ckpt" else Path(".")))
-    out = Path(args.out) if args.out else run.eval_dir(root, args.split, subsets, args.convention)
-    context = {
-        "model": str(source),
-        "described": describe_model(meta),
-        "data": str(root),
-        "split": args.split,
-        "convention": args.convention,
-        "mask_polarity": polarity,
-    }
-    json_path, csv_path = write_results(out, results, context)
-    print(f"{describe_model(meta)}; {args.split} split of {root}")
-    print(f"{args.split} scores (%, mean over images), metric convention {args.convention}:")
-    print("\n".join(format_scores(results, trained)))
-    print(f"wrote {json_path} and {csv_path}")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+_SOURCE_KEYS = ("root", "mask_polarity", "mask_threshold")
+
+
+def _kind(source: str) -> str:
+    """Generated data are read as Dolos: the two are one kind of source."""
+    return "dolos" if source == "generated" else source
+
+
+def _run(args: argparse.Namespace) -> tuple[int, int, str | None, str]:
+    """How every evaluation pass runs: batch size, workers, feature cache, metric convention."""
+    return args.batch_size, args.num_workers, args.features_dir, args.convention
+
+
+def _perturbations(items: list[str] | None) -> list[Any]:
+    """The --perturb items, checked before the model loads (a typo fails at once)."""
+    if not items:
+        return []
+    from deeploc.evaluation.perturbations import parse_perturbations
+
+    return parse_perturbations(items)
+
+
+def _out_dir(args: argparse.Namespace, root: Path, subsets: list[str]) -> Path:
+    """--out, else ``<run>/eval/<data>-<split>-<convention>-<digest>`` (``./eval/...`` for an export)."""
+    if args.out:
+        return Path(args.out)
+    model = Path(args.model)
+    run = RunDir(model if model.is_dir() else (model.parent.parent if model.suffix == ".ckpt" else Path(".")))
+    return run.eval_dir(root, args.split, subsets, args.convention)
+
+
+def _real_samples(args: argparse.Namespace, source: DataSource, subsets: list[str], rules: MaskRules) -> dict[str, Any]:
+    """--real's samples, indexed and validated: the real images of --split, and (unless --threshold-split none)
+    the real and manipulated images of the threshold split."""
+    from deeploc.evaluate import index_for_eval, index_real
+
+    validate = not args.no_validate
+    samples: dict[str, Any] = {"real": index_real(source, args.split, validate)}
+    if args.threshold_split != "none":
+        samples["valid_real"] = index_real(source, args.threshold_split, validate)
+        samples["valid_fake"] = index_for_eval(source, subsets, args.threshold_split, validate, rules)
+    return samples
+
+
+def _real(
+    args: argparse.Namespace,
+    model: Any,
+    samples: dict[str, Any],
+    scored: dict[str, Any],
+    out: Path,
+    context: dict[str, Any],
+) -> list[Path]:
+    """--real: false alarms on the real images of --split, detection of each subset against them."""
+    from deeploc.evaluate import score_subsets
+    from deeploc.evaluation.detection import detect, detection_markdown, write_detection, write_image_scores
+
+    def images(by_subset: dict[str, Any]) -> dict[str, Any]:
+        return {name: s.images for name, s in score_subsets(model, by_subset, *_run(args), localize=False).items()}
+
+    real = images({"real": samples["real"]})["real"]
+    real_valid = images({"real": samples["valid_real"]})["real"] if "valid_real" in samples else None
+    fake_valid = list(images(samples["valid_fake"]).values()) if "valid_fake" in samples else []
+    fakes = {name: s.images for name, s in scored.items()}
+    detection = detect(real, fakes, real_valid, fake_valid)
+    print(detection_markdown(detection, context))
+    table = write_image_scores(out / "image_scores.csv", {"real": real, **fakes}, args.split)
+    return [*write_detection(out, detection, context), table]
+
+
+def _robustness(
+    args: argparse.Namespace,
+    model: Any,
+    by_subset: dict[str, list[Any]],
+    perturbations: list[Any],
+    clean: dict[str, dict[str, float]],
+    out: Path,
+    context: dict[str, Any],
+) -> list[Path]:
+    """--perturb: the scores of every perturbed copy of the test images, tables and figures."""
+    from deeploc.evaluate import THRESHOLD
+    from deeploc.evaluation.robustness import metric_table, ordered, run_robustness, write_robustness
+
+    perturbed = run_robustness(model, by_subset, perturbations, *_run(args))
+    paths = write_robustness(out, clean, perturbed, perturbations, context)
+    print(
+        f"IoU under perturbation (%, {args.split} split, metric convention {args.convention}, pixel threshold {THRESHOLD}):"
+    )
+    print(metric_table(clean, perturbed, ordered(perturbations), "iou"))
+    return paths
 
 
 def _undefined_note(scores: dict[str, float]) -> str:

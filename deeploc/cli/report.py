@@ -1,4 +1,5 @@
-"""`deeploc-report SWEEP_DIR [--out DIR] [--wandb] [--compare-study]`: tables and figures of a sweep."""
+"""`deeploc-report SWEEP_DIR [--out DIR] [--wandb] [--compare-study] [--robustness]`: tables and figures of a
+sweep."""
 
 from __future__ import annotations
 
@@ -23,13 +24,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compare-study", action="store_true", help="put the study's published ID / OOD beside ours (Dolos only)"
     )
+    parser.add_argument(
+        "--robustness",
+        action="store_true",
+        help="compare the runs' deeploc-eval --perturb results: a table and one figure per metric (ID / OOD per "
+        "configuration against the perturbation strength)",
+    )
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"deeploc-report: sweep directory not found: {args.sweep_dir}", file=sys.stderr)
         return 2
     try:
-        paths = write_report(args.sweep_dir, args.out, compare_study=args.compare_study)
+        paths = write_report(args.sweep_dir, args.out, compare_study=args.compare_study, robustness=args.robustness)
     except DeeplocError as exc:
         if args.verbose:
             raise

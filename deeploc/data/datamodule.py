@@ -148,6 +148,7 @@ class LocalizationDataModule(L.LightningDataModule):
         validate_cache: validation cache file; "auto" = ``$XDG_CACHE_HOME/deeploc/validated/<hash of root>.json``,
             None = no cache.
         mask_polarity: how the masks are drawn: ``black_is_manipulated`` (Dolos) or ``white_is_manipulated``.
+        mask_threshold: binarise masks first (values above it white, the others black); None = exact 0 / 255 masks.
         allow_empty_masks: accept masks with no manipulated pixel (refused by default: usually a wrong file).
         max_manipulated_fraction: refuse a ``<subset>/<split>`` whose masks mark more than this share of each
             image as manipulated on average (inverted polarity).
@@ -172,6 +173,7 @@ class LocalizationDataModule(L.LightningDataModule):
         max_manipulated_fraction: float = MAX_MANIPULATED_FRACTION,
         source: str | DataSource = "dolos",
         source_options: dict | None = None,
+        mask_threshold: int | None = None,
     ) -> None:
         super().__init__()
         # Plain containers only (an OmegaConf DictConfig in the saved hyperparameters breaks weights_only loading).
@@ -195,7 +197,8 @@ class LocalizationDataModule(L.LightningDataModule):
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {eval_batch_size}")
         root = str(root)  # the saved hyperparameters read the (plain) locals
-        self.data_source = _make_source(source, root, synthetic, mask_polarity, _plain(source_options) or {})
+        options = {"mask_polarity": mask_polarity, "mask_threshold": mask_threshold, **(_plain(source_options) or {})}
+        self.data_source = _make_source(source, root, synthetic, options)
         self.root = root
         self.subsets = subsets
         self.split = split
@@ -376,22 +379,22 @@ class LocalizationDataModule(L.LightningDataModule):
         }
 
 
-def _make_source(
-    source: str | DataSource, root: Any, synthetic: dict | None, polarity: str, options: dict[str, Any]
-) -> DataSource:
-    """The data source of a data module's settings (see :class:`LocalizationDataModule`)."""
+def _make_source(source: str | DataSource, root: Any, synthetic: dict | None, options: dict[str, Any]) -> DataSource:
+    """The data source of a data module's settings (see :class:`LocalizationDataModule`); ``options`` holds the
+    mask settings and ``data.source_options``."""
     if isinstance(source, DataSource):
         return source
     if synthetic is not None:
-        if source not in ("dolos", "generated") or options:
+        own = {k: v for k, v in options.items() if k not in ("mask_polarity", "mask_threshold")}
+        if source not in ("dolos", "generated") or own:
             raise DatasetError(
                 f"data.synthetic holds the generated data's parameters, which do not go with data.source={source} "
-                f"and data.source_options={options}: set data.synthetic=null (or use data=synthetic alone)"
+                f"and data.source_options={own}: set data.synthetic=null (or use data=synthetic alone)"
             )
-        return build_source("generated", root=root, mask_polarity=polarity, **synthetic)
+        return build_source("generated", root=root, **options, **synthetic)
     if source == "generated":
         raise DatasetError(
             "data.source=generated needs its parameters in data.synthetic (n_train, n_valid, n_test, size, seed); to "
             "read a generated dataset as it is, use data.source=dolos with data.root=<its wacv_data folder>"
         )
-    return build_source(source, root=root, mask_polarity=polarity, **options)
+    return build_source(source, root=root, **options)

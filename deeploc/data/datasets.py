@@ -10,15 +10,22 @@ import torch
 from torch.utils.data import Dataset
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import Sample, read_mask, read_rgb
+from deeploc.data.layout import Sample, image_size, read_mask, read_rgb
 from deeploc.data.masks import DEFAULT_POLARITY
 
-__all__ = ["ImageMaskDataset", "image_tensor", "mask_tensor", "read_target"]
+__all__ = ["ImageMaskDataset", "image_tensor", "mask_tensor", "read_target", "sample_target"]
 
 
-def read_target(path: Any, polarity: str = DEFAULT_POLARITY) -> np.ndarray:
+def read_target(path: Any, polarity: str = DEFAULT_POLARITY, threshold: int | None = None) -> np.ndarray:
     """A mask file as ``H x W`` uint8, 1 = manipulated (Dolos: ``mask_png[..., 0] != 255``; see ``read_mask``)."""
-    return (read_mask(path, polarity) != 255).astype(np.uint8)
+    return (read_mask(path, polarity, threshold) != 255).astype(np.uint8)
+
+
+def sample_target(sample: Sample, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A sample's ``H x W`` 0/1 mask; a real image's is all zeros, of ``shape`` (its image's, read if not given)."""
+    if sample.mask is None:
+        return np.zeros(shape[:2] if shape is not None else image_size(sample.image), np.uint8)
+    return read_target(sample.mask, sample.mask_polarity, sample.mask_threshold)
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -33,15 +40,22 @@ def mask_tensor(mask: np.ndarray) -> torch.Tensor:
 
 class ImageMaskDataset(Dataset):
     """Items are dicts: ``image`` float32 3xHxW in [0, 1] RGB; ``mask`` float32 1xHxW, 1 = manipulated
-    (read in the sample's ``mask_polarity``); ``name``, ``subset`` (str) and ``index`` (int, position in ``samples``).
+    (read in the sample's ``mask_polarity``; all zeros for a real image); ``name``, ``subset`` (str) and ``index`` (int, position in ``samples``).
 
     ``transform`` is an albumentations-style callable ``transform(image=HxWx3 uint8, mask=HxW uint8) -> dict``
-    (see :mod:`deeploc.data.augment`); the mask it receives is 0/1.
+    (see :mod:`deeploc.data.augment`); the mask it receives is 0/1. ``match_sizes=False`` lets an image have another
+    size than its mask (robustness: a resized image is scored against its original mask; no transform then).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        match_sizes: bool = True,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.match_sizes = match_sizes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -55,8 +69,8 @@ class ImageMaskDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
         image = read_rgb(s.image)
-        mask = read_target(s.mask, s.mask_polarity)
-        if image.shape[:2] != mask.shape:
+        mask = sample_target(s, image.shape)
+        if self.match_sizes and image.shape[:2] != mask.shape:
             raise DatasetError(
                 f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {s.image} is "
                 f"{image.shape[1]}x{image.shape[0]} (WxH); run deeploc-check on the dataset"

@@ -2,7 +2,7 @@
 
 Layout (the archive unzips to a folder named ``wacv_data``)::
 
-    wacv_data/data/celebahq/real/{train,valid,test}/*.png            real images, no masks (ignored here)
+    wacv_data/data/celebahq/real/{train,valid,test}/*.png            real images, no masks (index_real)
     wacv_data/data/celebahq/fake/<subset>/images/{split}/<name>.png  manipulated images
     wacv_data/data/celebahq/fake/<subset>/masks/{split}/<name>.png   3-channel masks, 0 = manipulated, 255 = real
     wacv_data/data/celebahq/fake/p2/...                              fully synthetic, no masks (not a localization subset)
@@ -37,7 +37,9 @@ from deeploc.data.masks import (
     MASK_MAX_AMBIGUOUS_FRACTION,
     MaskRules,
     MaskStats,
+    binarize,
     check_polarity,
+    check_threshold,
     empty_mask_problem,
     inspect_mask,
     polarity_problem,
@@ -48,6 +50,7 @@ from deeploc.io import atomic_write_bytes
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MIN_IMAGE_SIDE",
+    "REAL_SUBSET",
     "SPLITS",
     "DatasetError",
     "Sample",
@@ -56,17 +59,22 @@ __all__ = [
     "dataset_problems",
     "find_samples",
     "format_count_table",
+    "image_size",
+    "index_real",
     "index_subsets",
     "inspect_samples",
     "read_mask",
     "read_rgb",
     "resolve_root",
+    "scan_folder",
     "validate_samples",
 ]
 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
+# The subset name of pristine images (DataSource.real_samples).
+REAL_SUBSET = "real"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
 # The smallest image side accepted. The encoder resizes any image to its input size, so this is a sanity floor,
@@ -86,15 +94,22 @@ DOWNLOAD_HINT = (
 
 @dataclass(frozen=True)
 class Sample:
-    """One manipulated image and its mask. ``name`` is the file stem, shared across subsets in Dolos;
-    ``mask_polarity`` says how the mask is drawn (:mod:`deeploc.data.masks`)."""
+    """One manipulated image and its mask, or a pristine (real) image, whose ``mask`` is None: every pixel real.
+    ``name`` is the file stem, shared across subsets in Dolos; ``mask_polarity`` and ``mask_threshold`` say how the
+    mask is drawn (:mod:`deeploc.data.masks`)."""
 
     image: Path
-    mask: Path
+    mask: Path | None
     subset: str
     split: str
     name: str
     mask_polarity: str = DEFAULT_POLARITY
+    mask_threshold: int | None = None
+
+    @property
+    def real(self) -> bool:
+        """A pristine image: no mask, nothing manipulated."""
+        return self.mask is None
 
 
 # --------------------------------------------------------------------------------------------------- root
@@ -152,7 +167,7 @@ def available_subsets(root: str | os.PathLike[str], source: str = "celebahq") ->
 # -------------------------------------------------------------------------------------------------- index
 
 
-def _scan(folder: Path) -> tuple[dict[str, Path], list[str], list[str], list[str]]:
+def scan_folder(folder: Path) -> tuple[dict[str, Path], list[str], list[str], list[str]]:
     """Files of one split folder: (stem -> image path, non-image file names, duplicate stems, subfolders).
 
     Hidden files (names starting with '.') are ignored.
@@ -184,12 +199,14 @@ def find_samples(
     splits: Sequence[str] = SPLITS,
     source: str = "celebahq",
     mask_polarity: str = DEFAULT_POLARITY,
+    mask_threshold: int | None = None,
 ) -> tuple[list[Sample], list[str]]:
     """:func:`index_subsets` without raising on problems of the layout: ``(samples found, problems)``.
 
     Problems that leave nothing to index (no dataset root, no source or ``fake`` folder) still raise.
     """
     check_polarity(mask_polarity)
+    check_threshold(mask_threshold)
     if isinstance(subsets, str):
         subsets = [subsets]
     subsets = list(dict.fromkeys(subsets))
@@ -232,8 +249,8 @@ def find_samples(
             if not mdir.is_dir():
                 problems.append(f"missing mask folder {mdir} (images are in {idir}); re-extract the archive")
                 continue
-            images, img_other, img_dups, img_dirs = _scan(idir)
-            masks, mask_other, mask_dups, _ = _scan(mdir)
+            images, img_other, img_dups, img_dirs = scan_folder(idir)
+            masks, mask_other, mask_dups, _ = scan_folder(mdir)
             for folder, other in ((idir, img_other), (mdir, mask_other)):
                 if other:
                     problems.append(
@@ -264,7 +281,7 @@ def find_samples(
                     f"in {mdir} have no file of the same name in {idir}; restore the images or remove the masks"
                 )
             for name in sorted(images.keys() & masks.keys()):
-                samples.append(Sample(images[name], masks[name], subset, split, name, mask_polarity))
+                samples.append(Sample(images[name], masks[name], subset, split, name, mask_polarity, mask_threshold))
     return samples, problems
 
 
@@ -274,18 +291,38 @@ def index_subsets(
     splits: Sequence[str] = SPLITS,
     source: str = "celebahq",
     mask_polarity: str = DEFAULT_POLARITY,
+    mask_threshold: int | None = None,
 ) -> list[Sample]:
     """Index ``<source>/fake/<subset>/{images,masks}/<split>`` for each subset and split.
 
     Returns samples ordered by subset (as given), split (as given), then file name, each carrying
-    ``mask_polarity``. Every problem found (missing subset, missing or empty split, image without mask, mask
+    ``mask_polarity`` and ``mask_threshold``. Every problem found (missing subset, missing or empty split, image without mask, mask
     without image, non-image files) is collected and raised together as one :class:`DatasetError`.
     """
-    samples, problems = find_samples(root, subsets, splits, source, mask_polarity)
+    samples, problems = find_samples(root, subsets, splits, source, mask_polarity, mask_threshold)
     if problems:
         base = resolve_root(root)
         raise DatasetError(f"Dolos dataset at {base} ({source}) has problems:\n  - " + "\n  - ".join(problems))
     return samples
+
+
+def index_real(folder: Path, split: str, fix: str) -> list[Sample]:
+    """Every image of ``folder`` as a real (pristine) sample of ``split``, subset :data:`REAL_SUBSET`, sorted by
+    name. A missing or empty folder, non-image files and names with several files are refused together, the
+    message ending with ``fix``."""
+    if not folder.is_dir():
+        raise DatasetError(f"no real-image folder {folder}; {fix}")
+    images, other, dups, _ = scan_folder(folder)
+    problems = []
+    if other:
+        problems.append(f"{len(other)} non-image file(s): {format_list(other)}; remove or move them")
+    if dups:
+        problems.append(f"{len(dups)} name(s) with several image files: {format_list(dups)}; keep one file per name")
+    if not images:
+        problems.append("it holds no images")
+    if problems:
+        raise DatasetError(f"real-image folder {folder}: " + "; ".join(problems) + f". {fix}")
+    return [Sample(images[name], None, REAL_SUBSET, split, name) for name in sorted(images)]
 
 
 # --------------------------------------------------------------------------------------------------- read
@@ -336,21 +373,37 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     return out
 
 
-def read_mask(path: str | os.PathLike[str], polarity: str = DEFAULT_POLARITY) -> np.ndarray:
+def read_mask(
+    path: str | os.PathLike[str], polarity: str = DEFAULT_POLARITY, threshold: int | None = None
+) -> np.ndarray:
     """Read a mask as HxW uint8 in the Dolos convention (255 = real, else manipulated) whatever ``polarity`` it is
-    drawn in: channel 0 in RGB order (``mask[..., 0]``); validation checks that the other channels agree."""
+    drawn in (binarised first with ``threshold``, see :mod:`deeploc.data.masks`): channel 0 in RGB order
+    (``mask[..., 0]``); validation checks that the other channels agree."""
     p = Path(path)
     out = _read_rgb_or_reason(p)
     if isinstance(out, str):
         raise DatasetError(f"mask {p}: {out}")
-    return np.ascontiguousarray(to_dolos(out[..., 0], polarity))
+    return np.ascontiguousarray(to_dolos(binarize(out[..., 0], threshold), polarity))
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(height, width)`` of an image file, from its header when Pillow reads it (else by decoding it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            return height, width
+    except Exception:  # not readable by Pillow: OpenCV decides (and names the file when it cannot)
+        return read_rgb(path).shape[:2]
 
 
 # ----------------------------------------------------------------------------------------------- validate
 
 
 def _check_sample(sample: Sample) -> tuple[list[str], MaskStats | None]:
-    """Reasons why a sample is unusable (empty when it is fine), and its mask's statistics when it is."""
+    """Reasons why a sample is unusable (empty when it is fine), and its mask's statistics when it is (a real
+    image's: its size, nothing manipulated)."""
     reasons: list[str] = []
     img = _read_rgb_or_reason(sample.image)
     if isinstance(img, str):
@@ -360,11 +413,13 @@ def _check_sample(sample: Sample) -> tuple[list[str], MaskStats | None]:
             f"image {sample.image}: {img.shape[1]}x{img.shape[0]} pixels, smaller than {MIN_IMAGE_SIDE} px per side "
             "(too small to localize anything in); remove it or replace it with the full-size file"
         )
+    if sample.mask is None:
+        return reasons, (None if reasons or isinstance(img, str) else MaskStats(*img.shape[:2], 0, 0))
     mask = _read_rgb_or_reason(sample.mask)
     if isinstance(mask, str):
         reasons.append(f"mask {sample.mask}: {mask}")
         return reasons, None
-    mask_reasons, stats = inspect_mask(mask, sample.mask_polarity)
+    mask_reasons, stats = inspect_mask(mask, sample.mask_polarity, sample.mask_threshold)
     reasons.extend(f"mask {sample.mask}: {reason}" for reason in mask_reasons)
     if not isinstance(img, str) and img.shape[:2] != mask.shape[:2]:
         reasons.append(
@@ -377,16 +432,18 @@ def _check_sample(sample: Sample) -> tuple[list[str], MaskStats | None]:
 def _stat_key(sample: Sample) -> tuple[str, list[int]] | None:
     """Cache key and fingerprint of image and mask; None if a file is missing.
 
-    The key holds the mask polarity (the statistics depend on it). The fingerprint is (size, mtime_ns, ctime_ns,
-    inode) of both files: ctime changes on every write and on ``touch``/``utime``, and cannot be set back, so a
-    rewritten file is never mistaken for a validated one.
+    The key holds the mask polarity and threshold (the statistics depend on them). The fingerprint is (size,
+    mtime_ns, ctime_ns, inode) of both files (a real image's twice): ctime changes on every write and on
+    ``touch``/``utime``, and cannot be set back, so a rewritten file is never mistaken for a validated one.
     """
     try:
-        si, sm = os.stat(sample.image), os.stat(sample.mask)
+        si = os.stat(sample.image)
+        sm = si if sample.mask is None else os.stat(sample.mask)
     except OSError:
         return None
     fp = [si.st_size, si.st_mtime_ns, si.st_ctime_ns, si.st_ino, sm.st_size, sm.st_mtime_ns, sm.st_ctime_ns, sm.st_ino]
-    return f"{sample.image}\t{sample.mask}\t{sample.mask_polarity}", fp
+    threshold = "" if sample.mask_threshold is None else f"\t>{sample.mask_threshold}"
+    return f"{sample.image}\t{sample.mask}\t{sample.mask_polarity}{threshold}", fp
 
 
 _FINGERPRINT_LEN = 8  # cache entry = fingerprint + (height, width, manipulated, f1_positive)
@@ -449,7 +506,7 @@ def inspect_samples(
     for s in samples:
         keyed = _stat_key(s)
         if keyed is None:
-            which = [str(p) for p in (s.image, s.mask) if not p.exists()]
+            which = [str(p) for p in (s.image, s.mask) if p is not None and not p.exists()]
             problems.append(f"{format_list(which)}: file is missing")
             continue
         key, fp = keyed
@@ -508,13 +565,15 @@ def dataset_problems(
     folders: dict[str, list[Sample]] = {}
     for s in stats:
         folders.setdefault(f"{s.subset}/{s.split}", []).append(s)
+    masked = [s for s in stats if not s.real]  # real images have no mask to check
     if not rules.allow_empty:
-        for polarity in sorted({s.mask_polarity for s in stats}):
-            empty = [s.mask for s in stats if s.mask_polarity == polarity and stats[s].manipulated == 0]
+        for polarity in sorted({s.mask_polarity for s in masked}):
+            empty = [s.mask for s in masked if s.mask_polarity == polarity and stats[s].manipulated == 0]
             if empty:
-                problems.append(empty_mask_problem(empty, polarity))
+                problems.append(empty_mask_problem(empty, polarity))  # type: ignore[arg-type]
     for group, members in folders.items():
-        problem = polarity_problem(group, [stats[s] for s in members], members[0].mask_polarity, rules)
+        members = [s for s in members if not s.real]
+        problem = members and polarity_problem(group, [stats[s] for s in members], members[0].mask_polarity, rules)
         if problem:
             problems.append(problem)
     for group, members in (batches if batches is not None else folders).items():

@@ -6,6 +6,11 @@ Convention
     ``white_is_manipulated`` is the mirror image (manipulated unless exactly 0). Every mask is first brought to the
     Dolos convention (:func:`to_dolos`), so the readers and each rule below exist once.
 
+    ``mask_threshold`` (``data.mask_threshold``, default None) binarises a mask first (:func:`binarize`): a value
+    above it is white (255), any other black (0); the polarity then says which colour is manipulated. It is for
+    datasets whose masks are not exactly binary (saved as JPEG, resampled, 0/1 instead of 0/255); without it such
+    masks are refused by the "binary up to noise" rule below.
+
 Rules for one file (:func:`inspect_mask`)
     * binary up to noise: at most ``MASK_MAX_AMBIGUOUS_FRACTION`` of the pixels may be neither exactly "real" nor
       clearly "manipulated" (within ``MASK_MANIPULATED_MAX`` of it); a JPEG-saved or resampled mask is refused,
@@ -37,9 +42,12 @@ __all__ = [
     "MASK_MAX_AMBIGUOUS_FRACTION",
     "MAX_MANIPULATED_FRACTION",
     "POLARITIES",
+    "WHITE_POLARITY",
     "MaskRules",
     "MaskStats",
+    "binarize",
     "check_polarity",
+    "check_threshold",
     "empty_mask_problem",
     "inspect_mask",
     "polarity_problem",
@@ -48,6 +56,9 @@ __all__ = [
 
 POLARITIES: tuple[str, ...] = ("black_is_manipulated", "white_is_manipulated")
 DEFAULT_POLARITY = POLARITIES[0]
+# Public localization sets (CASIA, COVERAGE, IMD2020, NIST16) draw the manipulated region white: the default of the
+# folders and manifest sources. Dolos (the default elsewhere) draws it black.
+WHITE_POLARITY = POLARITIES[1]
 # A pixel is "clean" when it is exactly the real value or within MASK_MANIPULATED_MAX of the manipulated one
 # (anti-aliased region edges are harmless: they read manipulated either way).
 MASK_MANIPULATED_MAX = 32
@@ -62,6 +73,25 @@ def check_polarity(value: object, key: str = "data.mask_polarity") -> str:
     if value not in POLARITIES:
         raise ValueError(f"{key}={value!r} is not a mask polarity; choose {' or '.join(POLARITIES)}")
     return str(value)
+
+
+def check_threshold(value: object, key: str = "data.mask_threshold") -> int | None:
+    """``value`` if it is None or an integer in [0, 254]; otherwise a ValueError naming ``key``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 254:
+        raise ValueError(
+            f"{key}={value!r} must be null (exact masks: 0 and 255) or an integer in [0, 254]: mask values above it "
+            "read white, the others black (e.g. 127 for JPEG-saved masks, 0 for masks drawn with 0 and 1)"
+        )
+    return value
+
+
+def binarize(values: np.ndarray, threshold: int | None) -> np.ndarray:
+    """uint8 mask values as 0 / 255 (white above ``threshold``); unchanged when ``threshold`` is None."""
+    if threshold is None:
+        return values
+    return np.where(values > threshold, np.uint8(255), np.uint8(0))
 
 
 def _other(polarity: str) -> str:
@@ -114,14 +144,14 @@ def to_dolos(values: np.ndarray, polarity: str) -> np.ndarray:
     return values if polarity == DEFAULT_POLARITY else np.subtract(255, values, dtype=np.uint8)
 
 
-def inspect_mask(rgb: np.ndarray, polarity: str) -> tuple[list[str], MaskStats]:
+def inspect_mask(rgb: np.ndarray, polarity: str, threshold: int | None = None) -> tuple[list[str], MaskStats]:
     """Why a decoded ``HxWx3`` uint8 mask breaks the rules for one file (empty list if it does not), and its stats
-    (read from channel 0, as the datasets read it)."""
+    (read from channel 0, as the datasets read it; binarised first with ``threshold``)."""
     import torch  # with deeploc.metrics: only when a mask is decoded (a cached validation never imports them)
 
     from deeploc.metrics import f1_positive_count
 
-    dolos = to_dolos(rgb, polarity)
+    dolos = to_dolos(binarize(rgb, threshold), polarity)
     first = dolos[..., 0]
     reasons: list[str] = []
     limit = MASK_MAX_AMBIGUOUS_FRACTION * first.size

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deeploc.data.datasets import image_tensor, mask_tensor, read_target
+from deeploc.data.datasets import image_tensor, mask_tensor, sample_target
 from deeploc.data.layout import read_rgb
 from deeploc.errors import DeeplocError
 from deeploc.io import atomic_write_bytes, file_digest
@@ -712,7 +712,7 @@ class CachedFeatureDataset(Dataset):
         }
         return {
             "features": features,
-            "mask": mask_tensor(read_target(sample.mask, sample.mask_polarity)),
+            "mask": mask_tensor(sample_target(sample)),
             "name": sample.name,
             "subset": sample.subset,
             "index": index,

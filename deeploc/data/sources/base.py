@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import SPLITS, Sample
-from deeploc.data.masks import DEFAULT_POLARITY, check_polarity
+from deeploc.data.masks import DEFAULT_POLARITY, check_polarity, check_threshold
 from deeploc.registry import RecordsOptions, Registry
 
 __all__ = ["SOURCES", "DataSource", "build_source"]
@@ -32,15 +32,20 @@ class DataSource(RecordsOptions, abc.ABC):
     Args:
         root: the dataset's folder (what ``data.root`` names).
         mask_polarity: how its masks are drawn (``black_is_manipulated``: Dolos; ``white_is_manipulated``).
+        mask_threshold: binarise masks first: values above it are white, the others black (None: exact 0 / 255
+            masks, the Dolos rule; :mod:`deeploc.data.masks`).
     """
 
     registry_name: ClassVar[str]
 
-    def __init__(self, root: str | Path, mask_polarity: str = DEFAULT_POLARITY) -> None:
+    def __init__(
+        self, root: str | Path, mask_polarity: str = DEFAULT_POLARITY, mask_threshold: int | None = None
+    ) -> None:
         if root is None:
             raise DatasetError("data.root is not set: pass data.root=/path/to/the/dataset")
         self.given_root = Path(str(root)).expanduser()
         self.mask_polarity = check_polarity(mask_polarity)
+        self.mask_threshold = check_threshold(mask_threshold)
 
     def prepare(self) -> None:
         """Make the data exist (e.g. generate it); called once before :meth:`root`. Nothing by default."""
@@ -58,7 +63,8 @@ class DataSource(RecordsOptions, abc.ABC):
         """Manipulated images and their masks of ``subsets`` x ``splits``, ordered by subset, split, name."""
 
     def real_samples(self, split: str) -> list[Sample]:
-        """Pristine images of ``split`` (``mask=None``); sources without real images say so."""
+        """Pristine images of ``split`` (``mask=None``, subset ``real``), ordered by name; sources without real
+        images say so."""
         raise DatasetError(f"the {self.registry_name} data source at {self.given_root} has no real (pristine) images")
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,58 @@
+"""The evaluation figures: a metric against perturbation strength, one panel per perturbation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from deeploc.evaluation.perturbations import Perturbation
+from deeploc.metrics import metric_label
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a strength plot: its legend label, the key that picks its colour, its style, and per
+    perturbation name its values (clean first, then mildest to harshest; None = not measured)."""
+
+    label: str
+    colour: str
+    style: str
+    values: dict[str, list[float | None]]
+
+
+def strength_panels(
+    groups: Mapping[str, list[Perturbation]], lines: Sequence[Line], metric: str, caption: str
+) -> Figure:
+    """One panel per perturbation: strength on x (``clean`` first, then mildest to harshest), ``metric`` on y."""
+    import matplotlib
+
+    from deeploc.report_figures import _add_caption, _figure
+
+    colours = {
+        key: matplotlib.colormaps["tab10"](i % 10) for i, key in enumerate(dict.fromkeys(line.colour for line in lines))
+    }
+    fig = _figure(3.0 + 3.2 * len(groups), 3.8)
+    # One panel per perturbation sharing the y axis, and a last, empty one holding the legend.
+    *axes, legend_ax = fig.subplots(1, len(groups) + 1, sharey=True, width_ratios=[*[1.0] * len(groups), 0.8])
+    top = 0.0
+    for ax, (name, group) in zip(axes, groups.items()):
+        ticks = ["clean", *(f"{p.strength:g}" for p in group)]
+        for line in lines:
+            values = [float("nan") if v is None else v for v in line.values[name]]
+            ax.plot(range(len(ticks)), values, line.style, marker="o", color=colours[line.colour], label=line.label)
+            top = max([top, *(v for v in values if v == v)])
+        ax.set_xticks(range(len(ticks)), labels=ticks)
+        ax.set_xlabel(group[0].spec.label)
+        ax.grid(alpha=0.3)
+        ax.set_title(name)
+    axes[0].set_ylim(0, min(100.0, 1.15 * top + 1.0))
+    axes[0].set_ylabel(f"{metric_label(metric)} (%)")
+    legend_ax.axis("off")
+    legend_ax.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", frameon=False)
+    fig.suptitle(f"{metric_label(metric)} under perturbation (clean, then milder to harsher)", fontsize=10)
+    _add_caption(fig, caption)
+    return fig
