@@ -249,7 +249,7 @@ def test_truncated_or_mismatched_weights_are_refused(openai_clip: torch.nn.Modul
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layers": [4]}, r"encoder.layers=\[4\].*0\.\.3"),
+        ({"layers": [24]}, r"encoder.layers=\[24\].*0\.\.23"),
         ({"layers": [1, 1]}, r"distinct"),
         ({"layers": []}, r"encoder.layers"),
         ({"config": "ViT-H-99"}, r"ViT-H-99.*ViT-L-14"),
@@ -321,7 +321,9 @@ def test_encoder_configs_build(monkeypatch: pytest.MonkeyPatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = instantiate(micro_cfg)
-    assert encoder.identity()["config"] == "clip_micro" and list(encoder.feature_specs) == ["layer2"]
+    assert encoder.identity()["config"] == "clip_micro" and list(encoder.feature_specs) == ["layer20"]
+    # The test model has ViT-L-14's block indices, so the configs written for ViT-L-14 run on it.
+    assert MICRO.layers == ARCHITECTURES["ViT-L-14"].layers
     monkeypatch.delenv("CLIP_CHECKPOINT", raising=False)
     vitl = OmegaConf.load(CONF / "clip_vitl14.yaml")
     assert (vitl["config"], vitl["layers"], vitl["image_size"]) == ("ViT-L-14", [20], 224)

@@ -68,9 +68,10 @@ ARCHITECTURES: dict[str, ViTConfig] = {
             "ViT-L-14 'openai' weights as .safetensors / .bin"
         ),
     ),
-    # TESTS ONLY: same code path, 4 narrow blocks (0.9 M parameters), random weights.
+    # TESTS ONLY: same code path and block indices as ViT-L-14 (24 blocks, so layer12 ... layer23, every CLIP config
+    # and experiment run on it unchanged), but 64 wide with one head (1.2 M parameters), random weights.
     "clip_micro": ViTConfig(
-        width=128, layers=4, heads=2, patch_size=14, output_dim=64, weights="no file (random weights only)"
+        width=64, layers=24, heads=1, patch_size=14, output_dim=32, weights="no file (random weights only)"
     ),
 }
 
