@@ -193,6 +193,13 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         """:meth:`identity` without the :attr:`selection_keys`: the feature-cache key of every map."""
         return {k: v for k, v in self.identity().items() if k not in self.selection_keys}
 
+    def selected_maps(self) -> tuple[str, ...]:
+        """The maps a user asked this encoder for through its :attr:`selection_keys` (CLIP: ``encoder.layers``), which
+        the feature cache fills in the pass that computes a decoder's maps, so a sweep over them (``feature=``)
+        encodes each image once. Empty without selection keys: every map is always available (SAM2), and only the
+        maps a decoder reads are cached."""
+        return tuple(self.feature_specs) if self.selection_keys else ()
+
     def feature_shape(self, name: str) -> tuple[int, int, int]:
         """``(C, h, w)`` of map ``name`` at this encoder's input size."""
         spec = self.spec(name)
