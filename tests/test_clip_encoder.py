@@ -8,7 +8,6 @@ bit-ml/DeCLIP, torchvision's transforms. All models are the ``clip_micro`` archi
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import pickle
 import re
 import warnings
@@ -28,6 +27,7 @@ from torchvision import transforms
 from deeploc.models.decoders import build_decoder, count_parameters
 from deeploc.models.encoders import EncoderError, build_encoder, encoder_from_identity
 from deeploc.models.encoders.clip import _CONVERT, ARCHITECTURES, CLIPEncoder
+from tests.declip_reference import declip_conv_parameters
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
 # DeCLIP's data/datasets.py constants (CLIP's normalisation), typed here independently of deeploc.
@@ -286,18 +286,6 @@ def test_identity_round_trip_rebuilds_an_identical_encoder() -> None:
 
 
 # --------------------------------------------------------------------------------------- decoders on CLIP maps
-def declip_conv_parameters(depth: int) -> int:
-    """DeCLIP's conv-N on ViT-L/14 (models/clip_models.py): filter sizes 1024, 512, 256, 128, 64; per stage one
-    conv c_in -> c_out and N/4 - 1 convs c_out -> c_out (5x5, bias), each followed by BatchNorm (2 c_out);
-    then a 5x5 head 64 -> 1."""
-    sizes = [1024, 512, 256, 128, 64]
-    total = 0
-    for c_in, c_out in itertools.pairwise(sizes):
-        total += (c_in * 25 + 1) * c_out + 2 * c_out
-        total += (depth // 4 - 1) * ((c_out * 25 + 1) * c_out + 2 * c_out)
-    return total + 64 * 25 + 1
-
-
 @pytest.mark.parametrize(("depth", "millions"), [(4, 17.4), (12, 34.8), (20, 52.2)])
 def test_conv_n_on_vit_l14_has_declips_parameter_count(depth: int, millions: float) -> None:
     vit = ARCHITECTURES["ViT-L-14"]

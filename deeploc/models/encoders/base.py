@@ -200,6 +200,15 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         maps a decoder reads are cached."""
         return tuple(self.feature_specs) if self.selection_keys else ()
 
+    def selection_advice(self) -> str:
+        """For a decoder that reads a map this encoder does not return now: the settings choosing which maps it
+        returns (its :attr:`selection_keys`); "" when it always returns all of them."""
+        if not self.selection_keys:
+            return ""
+        chosen = self.architecture()
+        settings = " ".join(f"encoder.{key}={chosen[key]}".replace(" ", "") for key in self.selection_keys)
+        return f"the {self.family} encoder returns the maps chosen by {settings}: include the map(s) the decoder reads"
+
     def feature_shape(self, name: str) -> tuple[int, int, int]:
         """``(C, h, w)`` of map ``name`` at this encoder's input size."""
         spec = self.spec(name)

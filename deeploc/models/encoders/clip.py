@@ -163,6 +163,7 @@ class CLIPEncoder(FrozenEncoder):
     target_stride = 14 / 16  # 16 x 16 tokens -> DeCLIP's 256 x 256 logits (four x2 upsamplings)
     preprocessing = "bilinear-antialias-resize+clip-norm"
     selection_keys = ("layers",)  # which blocks are returned, not their values: one cache for every layer list
+    weights_hint = "OpenAI's ViT-L-14.pt (docs/clip.md)"
 
     def __init__(
         self,
