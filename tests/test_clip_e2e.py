@@ -20,7 +20,7 @@ from deeploc.errors import deeploc_error
 from deeploc.models.decoders import UnknownMapError, count_parameters
 from deeploc.models.encoders.clip import ARCHITECTURES, CLIPEncoder
 from deeploc.train import build_model
-from tests.declip_reference import declip_conv_parameters, declip_fc
+from tests.clip_reference import declip_conv_parameters, declip_fc
 from tests.e2e import TINY_DATA, run_cli, sweep_jobs
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -17,7 +17,7 @@ from torch import nn
 
 from deeploc.models.declip import DeclipImportError, parse_release_name, read_declip_decoder
 from deeploc.models.decoders import count_parameters, decoder_from_record
-from tests.declip_reference import declip_fc
+from tests.clip_reference import declip_fc
 
 
 def backbone_keys() -> dict[str, torch.Tensor]:

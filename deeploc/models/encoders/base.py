@@ -180,13 +180,21 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the features (see the module docstring); ``precision`` is where it runs."""
+        return self.identity_of(self.architecture(), self.image_size, self.weights, self.compute_precision())
+
+    @classmethod
+    def identity_of(
+        cls, architecture: Mapping[str, Any], image_size: int, weights: str, precision: str = "fp32"
+    ) -> dict[str, Any]:
+        """The :meth:`identity` of an encoder of this class with these values, without building it (e.g. to
+        describe the encoder a decoder imported from elsewhere was trained on)."""
         return {
-            "kind": self.registry_name,
-            **self.architecture(),
-            "image_size": self.image_size,
-            "weights": self.weights,
-            "preprocessing": self.preprocessing,
-            "precision": self.compute_precision(),
+            "kind": cls.registry_name,
+            **architecture,
+            "image_size": image_size,
+            "weights": weights,
+            "preprocessing": cls.preprocessing,
+            "precision": precision,
         }
 
     def cache_identity(self) -> dict[str, Any]:

@@ -44,7 +44,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """A CLIP vision tower: width, blocks, heads, patch size, embedding size, and the weights file users fetch."""
+    """A CLIP vision tower: width, blocks, heads, patch size, embedding size, the weights file users fetch, and
+    the sha256 its publisher gives for that file (None: no official file)."""
 
     width: int
     layers: int
@@ -52,6 +53,7 @@ class ViTConfig:
     patch_size: int
     output_dim: int
     weights: str
+    sha256: str | None = None
 
 
 # Every preset has 14-pixel patches, so target_stride 14/16 gives DeCLIP's 256 x 256 logits at 224 input.
@@ -67,6 +69,8 @@ ARCHITECTURES: dict[str, ViTConfig] = {
             "sha256 b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836), or open_clip's "
             "ViT-L-14 'openai' weights as .safetensors / .bin"
         ),
+        # The digest in OpenAI's download URL, which OpenAI's clip.py checks after downloading.
+        sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
     ),
     # TESTS ONLY: same code path and block indices as ViT-L-14 (24 blocks, so layer12 ... layer23, every CLIP config
     # and experiment run on it unchanged), but 64 wide with one head (1.2 M parameters), random weights.
