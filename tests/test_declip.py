@@ -87,7 +87,7 @@ def test_converted_decoder_gives_declips_logits(tmp_path: Path) -> None:
 
 def test_files_without_layer_or_decoder_need_them_given(conv4: nn.Sequential, save) -> None:
     path = save(declip_payload(conv4.state_dict(), feature_layer=None, decoder_type=None))
-    with pytest.raises(DeclipImportError, match=r"does not record its feature_layer.*layer20"):
+    with pytest.raises(DeclipImportError, match=r"does not record its feature_layer.*--feature-layer layer20"):
         read_declip_decoder(path)
     converted = read_declip_decoder(path, feature_layer="layer20", decoder_type="conv-4")
     assert converted.record["options"]["depth"] == 4 and converted.training_subset is None

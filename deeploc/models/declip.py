@@ -121,9 +121,10 @@ def _declared(path: Path, payload: Mapping[str, Any], key: str, given: str | Non
         raise DeclipImportError(f"{path} says {key}={found!r}, but {given!r} was given; drop the option or fix it")
     value = found if found is not None else given
     if value is None:
+        example = {"feature_layer": "layer20", "decoder_type": "conv-20"}[key]
         raise DeclipImportError(
-            f"{path} does not record its {key} (older DeCLIP files do not); pass it (e.g. layer20 / conv-20, "
-            "as in the release file name)"
+            f"{path} does not record its {key} (older DeCLIP files do not); give it as in the release file name: "
+            f"deeploc-import declip {path.name} --{key.replace('_', '-')} {example} (Python: {key}={example!r})"
         )
     return value
 
