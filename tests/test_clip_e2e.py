@@ -9,12 +9,16 @@ import csv
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from PIL import Image
 
+from deeploc.cli.evaluate import main as eval_main
+from deeploc.cli.predict import main as predict_main
 from deeploc.cli.report import main as report_main
 from deeploc.errors import deeploc_error
 from deeploc.models.decoders import UnknownMapError, count_parameters
@@ -27,7 +31,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 STUDY_ARCHS = {"conv4_image_embed", "conv12_image_embed", "conv20_image_embed", "conv20_high_res_feats_0"}
 STUDY_ARCHS |= {"conv20_high_res_feats_1"}
 CLIP_MICRO = ["encoder=clip_micro", "encoder.image_size=112"]
-QUICK = ["subset_index=0", "trainer.max_epochs=2", "overlays=0", "logger=csv"]
+QUICK = ["subset_index=0", "trainer.max_epochs=1", "overlays=0", "logger=csv"]
 
 
 def tiny(shared: Path, features: Path, *overrides: str) -> list[str]:
@@ -39,19 +43,24 @@ def tiny(shared: Path, features: Path, *overrides: str) -> list[str]:
 # ----------------------------------------------------------------------------------------- experiment=backbones
 def test_backbones_experiment_pairs_each_configuration_with_its_encoder() -> None:
     jobs = sweep_jobs(CONF, ["experiment=backbones", "data=dolos", "data.root=/data/wacv_data"])
-    assert len(jobs) == 6 * 4
-    seen = set()
+    grid = {(job[0], job[1]) for job in jobs}  # the swept keys come first: arch, subset_index
+    archs = {f"arch={arch}" for arch in STUDY_ARCHS | {"conv20_layer20"}}
+    assert len(jobs) == 24 and grid == {(a, f"subset_index={i}") for a in archs for i in range(4)}
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        for job in jobs:
+        for job in (job for job in jobs if "subset_index=3" in job):  # one job per configuration
             cfg = compose("train", overrides=job, return_hydra_config=True)
             arch = cfg.hydra.runtime.choices.arch
             assert cfg.data.split.mode == "cross" and cfg.trainer.max_epochs == 20 and cfg.sweep_name == "backbones"
-            expected = ("ViT-L-14", "layer20", 20) if arch == "conv20_layer20" else ("sam2.1_hiera_s", None, None)
-            assert cfg.encoder.config == expected[0], job
-            if arch == "conv20_layer20":
-                assert (cfg.feature.name, cfg.decoder.depth) == expected[1:]
-            seen.add((arch, cfg.subset))
-    assert {arch for arch, _ in seen} == STUDY_ARCHS | {"conv20_layer20"} and len(seen) == 24
+            assert cfg.subset == "pluralistic"
+            if arch == "conv20_layer20":  # DeCLIP's: CONV-20 on layer 20 of CLIP ViT-L/14
+                assert (cfg.encoder.config, cfg.encoder.layers, cfg.feature.name, cfg.decoder.depth) == (
+                    "ViT-L-14",
+                    [20],
+                    "layer20",
+                    20,
+                )
+            else:  # the study's backbone for its configurations
+                assert cfg.encoder.config == "sam2.1_hiera_s" and cfg.encoder.image_size == 1024
 
 
 @pytest.mark.filterwarnings("ignore:CLIP encoder .* RANDOM weights")
@@ -81,76 +90,92 @@ def test_conv_n_on_clip_has_declips_layout_and_size_through_the_training_path() 
             assert round(count_parameters(built) / 1e6, 1) == millions
 
 
+@dataclass(frozen=True)
+class Sweep:
+    path: Path  # the sweep directory: one SAM2 run, two CLIP runs
+    features: Path  # the CLIP runs' feature cache
+    clip_output: str  # the console of the CLIP multirun
+
+
 @pytest.fixture(scope="module")
-def backbones_sweep(shared_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """experiment=backbones narrowed to one SAM2 and the CLIP configuration, one training subset, tiny models."""
+def backbones_sweep(shared_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """One sweep directory: experiment=backbones narrowed to one SAM2 configuration on the micro SAM2, and a sweep over
+    two CLIP layers (CONV-4 on layer12 and layer20 of clip_micro, which computes layers 12, 16, 20 and 23)."""
     workdir = tmp_path_factory.mktemp("backbones")
-    features = shared_workdir / "features"
-    sam2 = tiny(shared_workdir, features, "experiment=backbones", "arch=conv4_image_embed", "encoder=micro", *QUICK)
-    run_cli("deeploc.train", ["-m", *sam2], workdir)
-    clip = tiny(shared_workdir, features, "experiment=backbones", "arch=conv20_layer20", *CLIP_MICRO, *QUICK)
-    run_cli("deeploc.train", ["-m", *clip], workdir)
-    return workdir / "outputs" / "sweeps" / "backbones"
+    sam2 = ["experiment=backbones", "arch=conv4_image_embed", "encoder=micro", *QUICK]
+    run_cli("deeploc.train", ["-m", *tiny(shared_workdir, shared_workdir / "features", *sam2)], workdir)
+    features = workdir / "clip-features"
+    layers = ["encoder.layers=[12,16,20,23]", "decoder=conv4", "feature=layer12,layer20", "sweep_name=backbones"]
+    proc = run_cli("deeploc.train", ["-m", *tiny(shared_workdir, features, *CLIP_MICRO, *layers, *QUICK)], workdir)
+    return Sweep(workdir / "outputs" / "sweeps" / "backbones", features, proc.stdout)
 
 
-def _run_of(sweep: Path, encoder: str) -> tuple[Path, dict]:
+def _run_of(sweep: Path, feature: str) -> tuple[Path, dict]:
     for path in sweep.glob("*/metrics.json"):
         metrics = json.loads(path.read_text())
-        if metrics["config"]["encoder"] == encoder:
+        if metrics["config"]["feature"] == feature:
             return path.parent, metrics
-    raise AssertionError(f"no {encoder} run in {sweep}")
+    raise AssertionError(f"no run on {feature} in {sweep}")
 
 
-def test_a_clip_run_trains_from_the_cache_and_says_what_it_is(backbones_sweep: Path, shared_workdir: Path) -> None:
-    run, metrics = _run_of(backbones_sweep, "clip_micro")
+def test_a_sweep_over_clip_layers_encodes_each_image_once(backbones_sweep: Sweep) -> None:
+    out = backbones_sweep.clip_output
+    # The first job computes the four layers in one pass; the second finds its layer (and the others) cached.
+    computed = [line for line in out.splitlines() if ": computing " in line]
+    assert sorted(line.split(":")[0] for line in computed) == [f"[feature store] layer{k}" for k in (12, 16, 20, 23)]
+    assert out.count("images already cached") == 4
+    stores = sorted(p.name.split("-")[2] for p in backbones_sweep.features.glob("clip_micro-*"))
+    assert stores == ["layer12", "layer16", "layer20", "layer23"]
+
+
+def test_a_clip_run_trains_from_the_cache_and_says_what_it_is(backbones_sweep: Sweep) -> None:
+    run, metrics = _run_of(backbones_sweep.path, "layer20")
     config = metrics["config"]
     assert metrics["status"] == "finished" and set(metrics["test"]) == set(config["subsets"])
-    assert (config["encoder_kind"], config["decoder"], config["feature"]) == ("clip", "conv20", "layer20")
+    assert (config["encoder_kind"], config["encoder"], config["decoder"]) == ("clip", "clip_micro", "conv4")
     assert (config["image_size"], config["weights"]) == (112, "random:seed=0")
-    # DeCLIP's conv-20 layout on the 64-channel test map: four stages of 64 channels.
-    assert config["parameters"] == declip_conv_parameters(20, (64, 64, 64, 64, 64))
-    # Trained from the cache: one store of layer 20 holding every image of the run's plan.
-    (store,) = (shared_workdir / "features").glob("clip_micro-112-layer20-*")
+    # DeCLIP's conv-4 layout on the 64-channel test map: four stages of 64 channels.
+    assert config["parameters"] == declip_conv_parameters(4, (64, 64, 64, 64, 64))
+    # Trained from the cache: its store of layer 20 holds every image of the run's plan.
+    (store,) = backbones_sweep.features.glob("clip_micro-112-layer20-*")
     n_images = config["n_train"] + config["n_valid"] + sum(s["n_images"] for s in metrics["test"].values())
     assert sum(1 for _ in (store / "entries").rglob("*.f16")) == n_images
     log = (run / "train.log").read_text()
     assert "NOTE: CLIP encoder clip_micro had RANDOM weights" in log and "pretrained SAM2" not in log
-    with open(run / "csv" / "metrics.csv") as handle:
-        losses = [float(row["train/loss_epoch"]) for row in csv.DictReader(handle) if row.get("train/loss_epoch")]
-    assert len(losses) == 2
 
 
-def test_the_report_puts_both_backbones_in_one_table_and_one_figure(backbones_sweep: Path, tmp_path: Path) -> None:
+def test_eval_and_predict_rebuild_the_clip_run(backbones_sweep: Sweep, shared_workdir: Path, tmp_path: Path) -> None:
+    """deeploc-eval reproduces the run's test scores from the cache it trained on (the CLIP encoder rebuilt from its
+    recorded identity: random seed, layers); deeploc-predict writes a prediction at the image's size."""
+    run, metrics = _run_of(backbones_sweep.path, "layer20")
+    subset = metrics["config"]["subset"]
+    args = [str(run), "--out", str(tmp_path / "eval"), "--subsets", subset, "--device", "cpu"]
+    assert eval_main([*args, "--features-dir", str(backbones_sweep.features)]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["test"][subset]
+    for key in ("iou", "f1_fixed", "f1_best", "ap"):
+        assert evaluated[key] == pytest.approx(metrics["test"][subset][key], abs=1e-6)
+    image = next((shared_workdir / "data").glob(f"**/fake/{subset}/images/test/*.png"))
+    out = tmp_path / "predict"
+    assert predict_main([str(image), "--model", str(run), "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    with Image.open(out / "masks" / f"{image.stem}.png") as mask, Image.open(image) as source:
+        assert mask.size == source.size
+
+
+def test_the_report_puts_both_backbones_in_one_table_and_one_figure(backbones_sweep: Sweep, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    assert report_main([str(backbones_sweep), "--out", str(out)]) == 0
+    assert report_main([str(backbones_sweep.path), "--out", str(out)]) == 0
     with open(out / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {(r["decoder"], r["feature"], r["encoder"]) for r in rows} == {
         ("conv4", "image_embed", "sam2.1_hiera_micro"),
-        ("conv20", "layer20", "clip_micro"),
+        ("conv4", "layer12", "clip_micro"),
+        ("conv4", "layer20", "clip_micro"),
     }
     summary = (out / "summary.md").read_text()
     # The configurations are told apart by the settings that differ: the encoder among them.
     assert "| encoder |" in summary.splitlines()[2] and "clip_micro" in summary and "sam2.1_hiera_micro" in summary
     figures = {p.name for p in out.glob("*.png")}
-    assert "id_ood.png" in figures and sum(name.startswith("heatmap_") for name in figures) == 2
-
-
-# ------------------------------------------------------------------------------------------ several CLIP layers
-def test_a_sweep_over_clip_layers_encodes_each_image_once(shared_workdir: Path, tmp_path: Path) -> None:
-    layers = "encoder.layers=[12,16,20,23]"
-    sweep = ["decoder=conv4", "feature=layer12,layer20", "trainer.max_epochs=1", *QUICK[:1], *QUICK[2:]]
-    args = tiny(shared_workdir, tmp_path / "features", *CLIP_MICRO, layers, *sweep)
-    proc = run_cli("deeploc.train", ["-m", *args], tmp_path)
-    out = proc.stdout
-    # The first job computes the four layers in one pass; the second finds its layer (and the others) cached.
-    computed = [line for line in out.splitlines() if ": computing " in line]
-    assert sorted(line.split(":")[0] for line in computed) == [f"[feature store] layer{k}" for k in (12, 16, 20, 23)]
-    assert out.count("images already cached") == 4
-    stores = sorted(p.name.split("-")[2] for p in (tmp_path / "features").glob("clip_micro-*"))
-    assert stores == ["layer12", "layer16", "layer20", "layer23"]
-    runs = [json.loads(p.read_text())["config"] for p in (tmp_path / "outputs").glob("sweeps/*/*/metrics.json")]
-    assert sorted(c["feature"] for c in runs) == ["layer12", "layer20"]
+    assert "id_ood.png" in figures and sum(name.startswith("heatmap_") for name in figures) == 3
 
 
 @pytest.mark.filterwarnings("ignore:CLIP encoder .* RANDOM weights")
