@@ -17,7 +17,7 @@ from torch import nn
 
 from deeploc.errors import DeeplocError
 from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention, metric_names
-from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
+from deeploc.models.decoders import Decoder, DecoderError, UnknownMapError, decoder_from_record
 from deeploc.models.encoders import FrozenEncoder, build_encoder, same_encoder
 from deeploc.models.state_dicts import state_dict_mismatch
 
@@ -45,7 +45,13 @@ def as_decoder(decoder: Decoder | DecoderFactory | Mapping[str, Any], encoder: F
     elif isinstance(decoder, Decoder):
         built = decoder
     else:
-        built = decoder(feature_specs=encoder.feature_specs, target_stride=encoder.target_stride)
+        try:
+            built = decoder(feature_specs=encoder.feature_specs, target_stride=encoder.target_stride)
+        except UnknownMapError as exc:
+            advice = encoder.selection_advice()
+            if not advice:
+                raise
+            raise UnknownMapError(f"{exc}; {advice}") from None
         if not isinstance(built, Decoder):
             raise DecoderError(
                 f"decoder config builds a {type(built).__name__}, not a deeploc Decoder: its _target_ must be a "

@@ -359,6 +359,7 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
     """A console table of the test scores, each subset labelled by its role (in-domain / out-of-domain, or held
     out / seen for leave-one-out), with what produced them and where the artefacts are."""
     from deeploc.labels import subset_role, training_phrase
+    from deeploc.models.encoders import ENCODERS
 
     config = metrics["config"]
     split, subset = config["split"], config["subset"]
@@ -381,9 +382,11 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
             "not on Dolos. Real data: data=dolos data.root=<path to wacv_data> (deeploc-check validates it first)."
         )
     if config["encoder_weights"] == "random":
+        encoder = ENCODERS.get(config.get("encoder_kind", "sam2"))
         lines.append(
-            f"  NOTE: SAM2 encoder {config['encoder']} had RANDOM weights: these numbers say nothing about pretrained "
-            "SAM2. Use encoder=hiera_s encoder.checkpoint=<sam2.1_hiera_small.pt> and data=dolos data.root=<wacv_data>."
+            f"  NOTE: {encoder.family} encoder {config['encoder']} had RANDOM weights: these numbers say nothing about "
+            f"pretrained {encoder.family}. Use a pretrained encoder config (conf/encoder) with "
+            f"encoder.checkpoint=<{encoder.weights_hint}>."
         )
     lines.append(f"  results: {run.metrics_file}; overlays: {run.path / 'overlays'}; checkpoints: {run.checkpoints}")
     return "\n".join(lines)

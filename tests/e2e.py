@@ -60,3 +60,17 @@ def train_args(shared: Path, *overrides: str) -> list[str]:
         *TINY_DATA,
         *overrides,
     ]
+
+
+def sweep_jobs(conf_dir: str, overrides: list[str]) -> list[list[str]]:
+    """The job override lists Hydra's basic sweeper expands a multirun into (config params + command line)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        # Sweep values (a,b) are only legal in a multirun; the base config needs the others.
+        cfg = compose("train", overrides=[o for o in overrides if "," not in o], return_hydra_config=True)
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    parsed = OverridesParser.create().parse_overrides(params + overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]

@@ -7,8 +7,6 @@ bit-ml/DeCLIP, torchvision's transforms. All models are the ``clip_micro`` archi
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import pickle
 import re
 import warnings
@@ -28,24 +26,10 @@ from torchvision import transforms
 from deeploc.models.decoders import build_decoder, count_parameters
 from deeploc.models.encoders import EncoderError, build_encoder, encoder_from_identity
 from deeploc.models.encoders.clip import _CONVERT, ARCHITECTURES, CLIPEncoder
+from tests.clip_reference import CLIP_MEAN, CLIP_STD, declip_conv_parameters, openai_layer_map, openai_model_code
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
-# DeCLIP's data/datasets.py constants (CLIP's normalisation), typed here independently of deeploc.
-DECLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-DECLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 MICRO = ARCHITECTURES["clip_micro"]
-
-
-def openai_model_code() -> ModuleType:
-    """OpenAI CLIP's ``model.py`` from the clip-anytorch package, loaded by path: the package's ``__init__``
-    imports ``pkg_resources``, which current setuptools no longer ships."""
-    spec = importlib.util.find_spec("clip")
-    assert spec is not None and spec.submodule_search_locations, "clip-anytorch missing: pip install -e '.[dev]'"
-    path = Path(next(iter(spec.submodule_search_locations))) / "model.py"
-    module_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +56,6 @@ def micro() -> CLIPEncoder:
 
 def images(n: int = 2, size: int = 256, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def openai_layer_map(visual: torch.nn.Module, inputs: torch.Tensor, k: int) -> torch.Tensor:
-    """OpenAI's VisionTransformer.forward up to block ``k``, then DeCLIP's map: tokens[1:] (LND) -> N x D x h x w."""
-    x = visual.conv1(inputs)
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-    cls = visual.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
-    x = visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding).permute(1, 0, 2)
-    for block in visual.transformer.resblocks[: k + 1]:
-        x = block(x)
-    tokens = x[1:].permute(1, 2, 0)
-    side = int(tokens.shape[-1] ** 0.5)
-    return tokens.reshape(tokens.shape[0], tokens.shape[1], side, side)
 
 
 @torch.no_grad()
@@ -129,21 +100,19 @@ def test_preprocessing_is_declips_resize_and_clip_normalisation(micro: CLIPEncod
     ours = micro.preprocess(x)
     assert ours.shape == (2, 3, 224, 224)
     # torchvision's Resize((224, 224)) (bilinear, antialiased) + Normalize on the float tensor: the same numbers.
-    tv = transforms.Compose(
-        [transforms.Resize((224, 224), antialias=True), transforms.Normalize(DECLIP_MEAN, DECLIP_STD)]
-    )
+    tv = transforms.Compose([transforms.Resize((224, 224), antialias=True), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
     torch.testing.assert_close(ours, tv(x), rtol=0, atol=1e-5)
     # DeCLIP's own path on an 8-bit PIL image: equal up to PIL's rounding to 8 bits (<= 1 grey level).
     pixels = (x[0] * 255).round().to(torch.uint8)
     declip = transforms.Compose(
-        [transforms.Resize((224, 224)), transforms.ToTensor(), transforms.Normalize(DECLIP_MEAN, DECLIP_STD)]
+        [transforms.Resize((224, 224)), transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)]
     )(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
     ours_8bit = micro.preprocess(pixels[None].float() / 255)[0]
-    grey_levels = (ours_8bit - declip) * torch.tensor(DECLIP_STD).view(3, 1, 1) * 255
+    grey_levels = (ours_8bit - declip) * torch.tensor(CLIP_STD).view(3, 1, 1) * 255
     assert grey_levels.abs().max() <= 1.01
     # A 224 input is only normalised.
     y = images(1, 224)
-    expected = (y - torch.tensor(DECLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(DECLIP_STD).view(1, 3, 1, 1)
+    expected = (y - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(micro.preprocess(y), expected)
     assert micro.identity()["preprocessing"] == "bilinear-antialias-resize+clip-norm"
 
@@ -249,7 +218,7 @@ def test_truncated_or_mismatched_weights_are_refused(openai_clip: torch.nn.Modul
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"layers": [4]}, r"encoder.layers=\[4\].*0\.\.3"),
+        ({"layers": [24]}, r"encoder.layers=\[24\].*0\.\.23"),
         ({"layers": [1, 1]}, r"distinct"),
         ({"layers": []}, r"encoder.layers"),
         ({"config": "ViT-H-99"}, r"ViT-H-99.*ViT-L-14"),
@@ -286,18 +255,6 @@ def test_identity_round_trip_rebuilds_an_identical_encoder() -> None:
 
 
 # --------------------------------------------------------------------------------------- decoders on CLIP maps
-def declip_conv_parameters(depth: int) -> int:
-    """DeCLIP's conv-N on ViT-L/14 (models/clip_models.py): filter sizes 1024, 512, 256, 128, 64; per stage one
-    conv c_in -> c_out and N/4 - 1 convs c_out -> c_out (5x5, bias), each followed by BatchNorm (2 c_out);
-    then a 5x5 head 64 -> 1."""
-    sizes = [1024, 512, 256, 128, 64]
-    total = 0
-    for c_in, c_out in itertools.pairwise(sizes):
-        total += (c_in * 25 + 1) * c_out + 2 * c_out
-        total += (depth // 4 - 1) * ((c_out * 25 + 1) * c_out + 2 * c_out)
-    return total + 64 * 25 + 1
-
-
 @pytest.mark.parametrize(("depth", "millions"), [(4, 17.4), (12, 34.8), (20, 52.2)])
 def test_conv_n_on_vit_l14_has_declips_parameter_count(depth: int, millions: float) -> None:
     vit = ARCHITECTURES["ViT-L-14"]
@@ -321,7 +278,9 @@ def test_encoder_configs_build(monkeypatch: pytest.MonkeyPatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = instantiate(micro_cfg)
-    assert encoder.identity()["config"] == "clip_micro" and list(encoder.feature_specs) == ["layer2"]
+    assert encoder.identity()["config"] == "clip_micro" and list(encoder.feature_specs) == ["layer20"]
+    # The test model has ViT-L-14's block indices, so the configs written for ViT-L-14 run on it.
+    assert MICRO.layers == ARCHITECTURES["ViT-L-14"].layers
     monkeypatch.delenv("CLIP_CHECKPOINT", raising=False)
     vitl = OmegaConf.load(CONF / "clip_vitl14.yaml")
     assert (vitl["config"], vitl["layers"], vitl["image_size"]) == ("ViT-L-14", [20], 224)

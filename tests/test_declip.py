@@ -8,7 +8,6 @@ Upsample, last a Conv 5x5 64 -> 1); the frozen CLIP backbone sits under ``model.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +17,7 @@ from torch import nn
 
 from deeploc.models.declip import DeclipImportError, parse_release_name, read_declip_decoder
 from deeploc.models.decoders import count_parameters, decoder_from_record
-
-
-def declip_fc(depth: int, seed: int = 0) -> nn.Sequential:
-    """DeCLIP's conv-N ``fc`` on ViT-L/14 features, written from its code's description, with random weights and
-    random BatchNorm statistics (so eval-mode normalisation is exercised)."""
-    torch.manual_seed(seed)
-    sizes = [1024, 512, 256, 128, 64]
-    layers: list[nn.Module] = []
-    for c_in, c_out in itertools.pairwise(sizes):
-        for i in range(depth // 4):
-            layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 5, padding=2), nn.BatchNorm2d(c_out), nn.ReLU()]
-        layers.append(nn.Upsample(scale_factor=2, mode="bilinear"))
-    layers.append(nn.Conv2d(64, 1, 5, padding=2))
-    fc = nn.Sequential(*layers)
-    for module in fc.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.normal_(module.weight, 0.0, 0.02)
-            nn.init.normal_(module.bias, 0.0, 0.1)
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.normal_(module.weight, 1.0, 0.1)
-            nn.init.normal_(module.bias, 0.0, 0.1)
-            module.running_mean.normal_(0.0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-            module.num_batches_tracked.fill_(1234)
-    return fc.eval()
+from tests.clip_reference import declip_fc
 
 
 def backbone_keys() -> dict[str, torch.Tensor]:
@@ -112,7 +87,7 @@ def test_converted_decoder_gives_declips_logits(tmp_path: Path) -> None:
 
 def test_files_without_layer_or_decoder_need_them_given(conv4: nn.Sequential, save) -> None:
     path = save(declip_payload(conv4.state_dict(), feature_layer=None, decoder_type=None))
-    with pytest.raises(DeclipImportError, match=r"does not record its feature_layer.*layer20"):
+    with pytest.raises(DeclipImportError, match=r"does not record its feature_layer.*--feature-layer layer20"):
         read_declip_decoder(path)
     converted = read_declip_decoder(path, feature_layer="layer20", decoder_type="conv-4")
     assert converted.record["options"]["depth"] == 4 and converted.training_subset is None

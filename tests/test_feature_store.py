@@ -21,12 +21,14 @@ from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.layout import Sample
 from deeploc.features.store import (
     HEADER_SIZE,
+    FeatureCache,
     FeatureStore,
     FeatureStoreError,
     cache_allowed,
     extract_features,
     read_entry,
 )
+from deeploc.models.encoders.clip import CLIPEncoder
 from deeploc.models.encoders.sam2 import SAM2Encoder
 
 MICRO = "sam2.1_hiera_micro"
@@ -193,6 +195,47 @@ def test_one_encoder_pass_fills_the_stores_of_several_features(tmp_path: Path) -
         ds = store.dataset(samples)
         for i in range(4):
             torch.testing.assert_close(ds[i]["features"][name].float(), expected[i], rtol=1e-3, atol=1e-3)
+
+
+class CountingCLIP(CLIPEncoder):
+    """Counts the images it encodes."""
+
+    encoded = 0
+
+    def forward(self, images, names=None):
+        self.encoded += images.shape[0]
+        return super().forward(images, names)
+
+
+@pytest.mark.filterwarnings("ignore:CLIP encoder .* RANDOM weights")
+def test_selected_layers_are_cached_in_the_pass_of_the_decoders_map(tmp_path: Path) -> None:
+    """CLIP's encoder.layers chooses which blocks it computes: all of them are cached by the first run that reads
+    one, so a sweep over feature=layer12,layer20 encodes each image once; the store of a layer is the same whatever
+    list it came from."""
+    samples = make_samples(tmp_path / "data", 3)
+    layers = [12, 16, 20, 23]
+    enc = CountingCLIP("clip_micro", layers=layers, random_init=True, image_size=112)
+    first = FeatureCache(tmp_path / "cache", enc, ["layer12"])
+    assert first.extract(samples, enc, progress=False) == {f"layer{k}": 3 for k in layers}
+    assert enc.encoded == 3
+    # Served: the decoder's map only; stored: every selected layer, equal to the encoder's own output.
+    assert set(first.dataset(samples)[0]["features"]) == {"layer12"}
+    expected = enc(torch.stack([ImageMaskDataset(samples)[i]["image"] for i in range(3)]))
+    for k in layers:
+        store = FeatureStore.for_encoder(tmp_path / "cache", enc, f"layer{k}")
+        assert n_entries(store) == 3
+        torch.testing.assert_close(
+            store.dataset(samples)[2]["features"][f"layer{k}"].float(), expected[f"layer{k}"][2], rtol=1e-3, atol=1e-3
+        )
+    # The sweep's next job (feature=layer20), and a run whose encoder lists layer 20 alone: nothing to compute.
+    enc.encoded = 0
+    assert FeatureCache(tmp_path / "cache", enc, ["layer20"]).extract(samples, enc, progress=False)["layer20"] == 0
+    alone = CountingCLIP("clip_micro", layers=[20], random_init=True, image_size=112)
+    assert FeatureCache(tmp_path / "cache", alone, ["layer20"]).extract(samples, alone, progress=False) == {
+        "layer20": 0
+    }
+    assert enc.encoded == alone.encoded == 0
+    assert len(list((tmp_path / "cache").glob("clip_micro-*"))) == 4  # one store per layer
 
 
 # ---------------------------------------------------------------------------------------------------- safety

@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from deeploc.cli.report import main as report_main
 from deeploc.config import run_label
-from tests.e2e import env_for, run_cli, train_args
+from tests.e2e import env_for, run_cli, sweep_jobs, train_args
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 STUDY_ARCHS = {
@@ -30,18 +28,8 @@ STUDY_ARCHS = {
 }
 
 
-def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
-    """The job override lists Hydra's basic sweeper expands a multirun into (config params + command line)."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        # Sweep values (a,b) are only legal in a multirun; the base config needs the others.
-        cfg = compose("train", overrides=[o for o in overrides if "," not in o], return_hydra_config=True)
-    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
-    parsed = OverridesParser.create().parse_overrides(params + overrides)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-
-
 def test_paper_table_expands_to_the_studys_grid() -> None:
-    jobs = _sweep_jobs(["experiment=paper_table", "data=dolos", "data.root=/data/wacv_data"])
+    jobs = sweep_jobs(CONF, ["experiment=paper_table", "data=dolos", "data.root=/data/wacv_data"])
     assert len(jobs) == 5 * 4
     seen = set()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -56,13 +44,13 @@ def test_paper_table_expands_to_the_studys_grid() -> None:
 
 
 def test_grid_can_be_narrowed_from_the_command_line() -> None:
-    jobs = _sweep_jobs(["experiment=paper_table", "arch=conv4_image_embed", "subset_index=0,2"])
+    jobs = sweep_jobs(CONF, ["experiment=paper_table", "arch=conv4_image_embed", "subset_index=0,2"])
     assert len(jobs) == 2
     assert all("arch=conv4_image_embed" in job for job in jobs)
 
 
 def test_leave_one_out_experiment_expands_to_held_out_runs() -> None:
-    jobs = _sweep_jobs(["experiment=leave_one_out"])
+    jobs = sweep_jobs(CONF, ["experiment=leave_one_out"])
     assert len(jobs) == 2 * 4
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=jobs[0])

@@ -494,6 +494,10 @@ class FeatureCache:
     """The stores of several maps of one encoder (the maps a decoder reads): filled in ONE encoder pass, served
     as one dataset whose items hold a dict of maps.
 
+    The same pass also fills the stores of the maps the encoder was asked for (:meth:`FrozenEncoder.selected_maps`:
+    CLIP's ``encoder.layers``), which are stored but not served: the next run of a sweep over them finds its map
+    cached.
+
     Args:
         root: cache root folder (``features.dir``).
         encoder: the frozen encoder, on the device it will compute on (the precision is part of the key).
@@ -504,6 +508,11 @@ class FeatureCache:
         if not features:
             raise FeatureStoreError("a feature cache needs at least one map name")
         self.stores = {name: FeatureStore.for_encoder(root, encoder, name) for name in dict.fromkeys(features)}
+        self.also = {
+            name: FeatureStore.for_encoder(root, encoder, name)
+            for name in encoder.selected_maps()
+            if name not in self.stores
+        }
 
     def extract(
         self,
@@ -513,8 +522,9 @@ class FeatureCache:
         device: str | torch.device = "cpu",
         **kwargs: Any,
     ) -> dict[str, int]:
-        """Compute every missing entry of every map in one encoder pass (:func:`extract_features`)."""
-        return extract_features(list(self.stores.values()), samples, encoder, batch_size, device, **kwargs)
+        """Compute every missing entry of every map (served or not) in one encoder pass (:func:`extract_features`)."""
+        stores = [*self.stores.values(), *self.also.values()]
+        return extract_features(stores, samples, encoder, batch_size, device, **kwargs)
 
     def dataset(self, samples: Sequence[Sample], progress: bool = False) -> CachedFeatureDataset:
         """Items ``dict(features={name: float16 CxHxW, ...}, mask, name, subset, index)``."""
@@ -523,12 +533,12 @@ class FeatureCache:
 
     @property
     def nbytes_per_image(self) -> int:
-        """Bytes one image takes on disk over all the maps."""
-        return sum(store.nbytes_per_image for store in self.stores.values())
+        """Bytes one image takes on disk over all the maps (served or not)."""
+        return sum(store.nbytes_per_image for store in [*self.stores.values(), *self.also.values()])
 
     def describe(self) -> str:
-        """One line per store."""
-        return "\n".join(store.describe() for store in self.stores.values())
+        """One line per store (served or not)."""
+        return "\n".join(store.describe() for store in [*self.stores.values(), *self.also.values()])
 
 
 def extract_features(

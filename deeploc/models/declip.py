@@ -15,6 +15,11 @@ files may lack the last two, which DeCLIP then takes from its command line. In `
 
 Released files are named ``ViT_layer20_conv-20_<training subset>.pth``; the name, when it follows that pattern, gives
 the training subset and must agree with the contents. The file is read with ``torch.load(weights_only=True)``.
+
+:func:`import_declip` (``deeploc-import declip``) writes the decoder as a deeploc export (:mod:`deeploc.export`): the
+ConvDecoder's weights and record, the CLIP ViT-L/14 encoder identity (layer, 224 px, DeCLIP's preprocessing, the
+sha256 of the CLIP weights file: OpenAI's published digest of ``ViT-L-14.pt``, or that of the file given), and what
+the file says about its training, so ``deeploc-eval`` / ``deeploc-predict`` run it like any trained deeploc model.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ from deeploc.models.decoders import build_decoder
 from deeploc.models.encoders.clip import ARCHITECTURES, CLIPEncoder
 from deeploc.models.state_dicts import state_dict_mismatch
 
-__all__ = ["DeclipDecoder", "DeclipImportError", "parse_release_name", "read_declip_decoder"]
+__all__ = ["DeclipDecoder", "DeclipImportError", "import_declip", "parse_release_name", "read_declip_decoder"]
 
 #: DeCLIP's released decoders read OpenAI CLIP ViT-L/14.
 BACKBONE = "ViT-L-14"
+#: The Dolos subsets DeCLIP trains and tests on (its README's release table, Dolos' celebahq/fake folders).
+DOLOS_SUBSETS = ("repaint-p2-9k", "ldm", "lama", "pluralistic")
 _LAYER = re.compile(r"^layer(\d+)$")
 _CONV = re.compile(r"^conv-(\d+)$")
 # ViT_layer20_conv-20_lama.pth, ViT_layer20+RN50_layer3_conv-20_lama.pth
@@ -114,9 +121,10 @@ def _declared(path: Path, payload: Mapping[str, Any], key: str, given: str | Non
         raise DeclipImportError(f"{path} says {key}={found!r}, but {given!r} was given; drop the option or fix it")
     value = found if found is not None else given
     if value is None:
+        example = {"feature_layer": "layer20", "decoder_type": "conv-20"}[key]
         raise DeclipImportError(
-            f"{path} does not record its {key} (older DeCLIP files do not); pass it (e.g. layer20 / conv-20, "
-            "as in the release file name)"
+            f"{path} does not record its {key} (older DeCLIP files do not); give it as in the release file name: "
+            f"deeploc-import declip {path.name} --{key.replace('_', '-')} {example} (Python: {key}={example!r})"
         )
     return value
 
@@ -254,3 +262,67 @@ def read_declip_decoder(
         training_subset=release["training_subset"] if release else None,
         total_steps=int(steps) if isinstance(steps, int) else None,
     )
+
+
+def import_declip(
+    path: str | Path,
+    out: str | Path | None = None,
+    feature_layer: str | None = None,
+    decoder_type: str | None = None,
+    encoder_checkpoint: str | Path | None = None,
+) -> Path:
+    """Write DeCLIP checkpoint ``path`` as a deeploc export (default: ``<path without .pth>.safetensors``).
+
+    The export records CLIP ViT-L/14's identity with the sha256 of ``encoder_checkpoint`` (the file is loaded and
+    must be a ViT-L/14 vision tower at 224 px), else OpenAI's published digest of ``ViT-L-14.pt``: evaluation and
+    prediction then need exactly that file (``--encoder-checkpoint``). ``feature_layer`` / ``decoder_type``: for
+    files that do not record them (:func:`read_declip_decoder`).
+    """
+    from deeploc.export import export_metadata, write_export
+    from deeploc.io import file_digest
+
+    source = Path(path).expanduser()
+    declip = read_declip_decoder(source, feature_layer, decoder_type)
+    target = Path(out).expanduser() if out is not None else source.with_suffix(".safetensors")
+    if target.resolve() == source.resolve():
+        raise DeclipImportError(f"--out {target} is the DeCLIP file itself; write the export to another file")
+    vit = ARCHITECTURES[BACKBONE]
+    if encoder_checkpoint is None:
+        weights = f"sha256:{vit.sha256}"
+    else:  # the file the user will evaluate with: checked to be the backbone, and recorded by its digest
+        encoder = CLIPEncoder(BACKBONE, declip.encoder["layers"], str(encoder_checkpoint), declip.encoder["image_size"])
+        weights = encoder.weights
+    identity = CLIPEncoder.identity_of(
+        {"config": BACKBONE, "layers": declip.encoder["layers"]}, declip.encoder["image_size"], weights
+    )
+    record = declip.record
+    training: dict[str, Any] = {
+        "trained_by": "DeCLIP (github.com/bit-ml/DeCLIP)",
+        "decoder": record["label"],
+        "feature": declip.feature_layer,
+        "encoder_kind": identity["kind"],
+        "encoder": BACKBONE,
+        "image_size": identity["image_size"],
+        "weights": weights,
+        "subsets": list(DOLOS_SUBSETS),
+    }
+    if declip.training_subset is not None:  # DeCLIP trains on one subset and tests on all: deeploc's cross split
+        training.update(split="cross", subset=declip.training_subset)
+    info = {
+        "decoder": record,
+        "encoder": identity,
+        "encoder_options": {"bf16": False},  # DeCLIP runs CLIP in float32
+        "hyperparameters": None,
+        "epoch": None,
+        "global_step": declip.total_steps,
+    }
+    metrics = {"config": training, "status": "imported from DeCLIP"}
+    origin = {
+        "imported_from": "DeCLIP",
+        "file": source.name,
+        "file_sha256": f"sha256:{file_digest(source)}",
+        "feature_layer": declip.feature_layer,
+        "decoder_type": declip.decoder_type,
+        "total_steps": declip.total_steps,
+    }
+    return write_export(target, declip.state_dict, export_metadata(info, metrics, origin))

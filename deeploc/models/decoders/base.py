@@ -33,6 +33,7 @@ __all__ = [
     "DECODERS",
     "Decoder",
     "DecoderError",
+    "UnknownMapError",
     "build_decoder",
     "conv_block",
     "count_parameters",
@@ -45,6 +46,10 @@ DECODERS: Registry[type[Decoder]] = Registry("decoder", "deeploc.models.decoders
 
 class DecoderError(DeeplocError, ValueError):
     """A decoder that cannot be built or cannot read what it is given; the message names the key and the fix."""
+
+
+class UnknownMapError(DecoderError):
+    """A decoder asked to read maps the encoder does not provide."""
 
 
 def _as_spec(value: FeatureSpec | Sequence[float] | Mapping[str, float]) -> FeatureSpec:
@@ -81,7 +86,7 @@ class Decoder(RecordsOptions, nn.Module, abc.ABC):
         names = list(specs) if inputs is None else [inputs] if isinstance(inputs, str) else [str(n) for n in inputs]
         unknown = [n for n in names if n not in specs]
         if unknown or not names:
-            raise DecoderError(
+            raise UnknownMapError(
                 f"{type(self).__name__}: inputs {unknown or names} are not maps of the encoder; it provides "
                 f"{list(specs)} (set decoder.inputs, or feature=<name> for single-map decoders)"
             )

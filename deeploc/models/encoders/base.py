@@ -180,18 +180,42 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the features (see the module docstring); ``precision`` is where it runs."""
+        return self.identity_of(self.architecture(), self.image_size, self.weights, self.compute_precision())
+
+    @classmethod
+    def identity_of(
+        cls, architecture: Mapping[str, Any], image_size: int, weights: str, precision: str = "fp32"
+    ) -> dict[str, Any]:
+        """The :meth:`identity` of an encoder of this class with these values, without building it (e.g. to
+        describe the encoder a decoder imported from elsewhere was trained on)."""
         return {
-            "kind": self.registry_name,
-            **self.architecture(),
-            "image_size": self.image_size,
-            "weights": self.weights,
-            "preprocessing": self.preprocessing,
-            "precision": self.compute_precision(),
+            "kind": cls.registry_name,
+            **architecture,
+            "image_size": image_size,
+            "weights": weights,
+            "preprocessing": cls.preprocessing,
+            "precision": precision,
         }
 
     def cache_identity(self) -> dict[str, Any]:
         """:meth:`identity` without the :attr:`selection_keys`: the feature-cache key of every map."""
         return {k: v for k, v in self.identity().items() if k not in self.selection_keys}
+
+    def selected_maps(self) -> tuple[str, ...]:
+        """The maps a user asked this encoder for through its :attr:`selection_keys` (CLIP: ``encoder.layers``), which
+        the feature cache fills in the pass that computes a decoder's maps, so a sweep over them (``feature=``)
+        encodes each image once. Empty without selection keys: every map is always available (SAM2), and only the
+        maps a decoder reads are cached."""
+        return tuple(self.feature_specs) if self.selection_keys else ()
+
+    def selection_advice(self) -> str:
+        """For a decoder that reads a map this encoder does not return now: the settings choosing which maps it
+        returns (its :attr:`selection_keys`); "" when it always returns all of them."""
+        if not self.selection_keys:
+            return ""
+        chosen = self.architecture()
+        settings = " ".join(f"encoder.{key}={chosen[key]}".replace(" ", "") for key in self.selection_keys)
+        return f"the {self.family} encoder returns the maps chosen by {settings}: include the map(s) the decoder reads"
 
     def feature_shape(self, name: str) -> tuple[int, int, int]:
         """``(C, h, w)`` of map ``name`` at this encoder's input size."""

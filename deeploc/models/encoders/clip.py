@@ -44,7 +44,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """A CLIP vision tower: width, blocks, heads, patch size, embedding size, and the weights file users fetch."""
+    """A CLIP vision tower: width, blocks, heads, patch size, embedding size, the weights file users fetch, and
+    the sha256 its publisher gives for that file (None: no official file)."""
 
     width: int
     layers: int
@@ -52,6 +53,7 @@ class ViTConfig:
     patch_size: int
     output_dim: int
     weights: str
+    sha256: str | None = None
 
 
 # Every preset has 14-pixel patches, so target_stride 14/16 gives DeCLIP's 256 x 256 logits at 224 input.
@@ -67,10 +69,13 @@ ARCHITECTURES: dict[str, ViTConfig] = {
             "sha256 b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836), or open_clip's "
             "ViT-L-14 'openai' weights as .safetensors / .bin"
         ),
+        # The digest in OpenAI's download URL, which OpenAI's clip.py checks after downloading.
+        sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
     ),
-    # TESTS ONLY: same code path, 4 narrow blocks (0.9 M parameters), random weights.
+    # TESTS ONLY: same code path and block indices as ViT-L-14 (24 blocks, so layer12 ... layer23, every CLIP config
+    # and experiment run on it unchanged), but 64 wide with one head (1.2 M parameters), random weights.
     "clip_micro": ViTConfig(
-        width=128, layers=4, heads=2, patch_size=14, output_dim=64, weights="no file (random weights only)"
+        width=64, layers=24, heads=1, patch_size=14, output_dim=32, weights="no file (random weights only)"
     ),
 }
 
@@ -162,6 +167,7 @@ class CLIPEncoder(FrozenEncoder):
     target_stride = 14 / 16  # 16 x 16 tokens -> DeCLIP's 256 x 256 logits (four x2 upsamplings)
     preprocessing = "bilinear-antialias-resize+clip-norm"
     selection_keys = ("layers",)  # which blocks are returned, not their values: one cache for every layer list
+    weights_hint = "OpenAI's ViT-L-14.pt (docs/clip.md)"
 
     def __init__(
         self,
