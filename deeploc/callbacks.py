@@ -1,4 +1,5 @@
-"""Lightning callbacks: a one-line console summary per epoch, the best validation scores, prediction panels for W&B."""
+"""Lightning callbacks: a one-line console summary per epoch, a progress bar numbered like it, the best validation
+scores, prediction panels for W&B."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 from deeploc.data.layout import read_mask, read_rgb
@@ -47,6 +49,22 @@ class EpochSummary(L.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         if trainer.is_global_zero:
             log.info(epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, numbering epochs from 1 like the epoch summary ("Epoch 3/20" is the third of
+    twenty; Lightning's own bar says "Epoch 2/19"), without the logger's version column."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = f"Epoch {current_epoch + 1}"
+        if self.trainer.max_epochs is not None:
+            description += f"/{self.trainer.max_epochs}"
+        return f"{description:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
 
 
 class BestValidation(L.Callback):
