@@ -99,7 +99,8 @@ class BestValidation(L.Callback):
 
 
 def render_panels(pl_module: Any, samples: list[Any]) -> list[np.ndarray]:
-    """Image | prediction | heatmap | truth panels for a few samples (runs the encoder on just these images)."""
+    """Titled image | prediction | probability | truth panels for a few samples (runs the encoder on just these
+    images)."""
     images = [read_rgb(s.image) for s in samples]
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in images]).float().div(255)
     probs = pl_module.predict_probabilities(batch.to(pl_module.device)).cpu().numpy()

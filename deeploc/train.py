@@ -254,8 +254,10 @@ def is_debug_pass(cfg: DictConfig) -> bool:
 
 
 def _remove_if_empty(run: RunDir) -> None:
-    """A debug pass keeps no files: its lock goes, then its folder if nothing else is in it (Hydra creates the
-    folder; with ``debug=fdr`` nothing else writes there)."""
+    """A debug pass keeps no files: a run folder holding nothing but its lock (Hydra creates the folder; with
+    ``debug=fdr`` nothing else writes there) is removed. Any other folder, e.g. a real run's, is left as it is."""
+    if not run.path.is_dir() or [p.name for p in run.path.iterdir()] != [RUN_LOCK]:
+        return
     (run.path / RUN_LOCK).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run.path.rmdir()

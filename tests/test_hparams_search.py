@@ -4,6 +4,7 @@ encoder; what the search optimises (the best validation IoU, never a test score)
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 from pathlib import Path
@@ -110,12 +111,60 @@ def test_search_space_direction_and_sampler_seed_are_the_documented_ones() -> No
     assert _compose("hparams_search=optuna", "optimized_metric=val/loss").hydra.sweeper.direction == "minimize"
 
 
-def test_the_search_composes_with_the_slurm_launcher() -> None:
+def test_the_search_submits_its_trials_as_slurm_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real Optuna sweeper with `hydra/launcher=slurm`, up to sbatch: each batch of n_jobs trials is one SLURM
+    array whose tasks carry the sampled settings; the jobs' returned values (here the scheduler's fake answers)
+    feed the study, which picks the best."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = _compose("hparams_search=optuna", "hydra/launcher=slurm", "hydra.sweeper.n_jobs=4", "trainer.devices=2")
-    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
-    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.n_jobs == 4
-    assert cfg.hydra.launcher.tasks_per_node == 2 and cfg.hydra.sweep.dir.endswith("sweeps/optuna")
+    import submitit
+    from hydra.core.plugins import Plugins
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import HydraContext
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    cfg = _compose(
+        "hparams_search=optuna",
+        "hydra/launcher=slurm",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.launcher.partition=gpu",
+    )
+    scripts: list[str] = []
+    trials: list[list[str]] = []
+
+    class Finished:
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def results(self) -> list[JobReturn]:
+            ret = JobReturn(status=JobStatus.COMPLETED)
+            ret.return_value = self.value
+            return [ret]
+
+    def fake_map_array(self, fn, *iterables):
+        executor = self._executor
+        executor.parameters["map_count"] = len(iterables[0])
+        scripts.append(executor._make_submission_file_text(executor._submitit_command_str, "uid"))
+        trials.extend(list(overrides) for overrides in iterables[0])
+        return [Finished(float(len(trials) - len(iterables[0]) + i)) for i in range(len(iterables[0]))]
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", fake_map_array)
+    context = HydraContext(config_loader=None, callbacks=None)  # used by the jobs themselves, not run here
+    sweeper = Plugins.instance().instantiate_sweeper(config=cfg, hydra_context=context, task_function=None)
+    sweeper.sweep(arguments=["subset_index=1"])
+    assert len(scripts) == 2 and all("#SBATCH --array=0-1%2" in text.splitlines() for text in scripts)
+    assert all("#SBATCH --partition=gpu" in text.splitlines() for text in scripts)
+    assert len(trials) == 4
+    assert all({line.split("=")[0] for line in t} >= {*SEARCHED, "subset_index"} for t in trials)
+    # The last trial answered the highest value: the study's best is that trial (maximize).
+    results = yaml.safe_load((tmp_path / "out" / "sweeps" / "optuna" / RESULTS_FILE).read_text())
+    assert results["best_value"] == 3.0
+    assert {f"{k}={v}" for k, v in results["best_params"].items()} <= set(trials[-1])
 
 
 def test_a_search_without_m_is_refused_naming_the_preset() -> None:
