@@ -1,4 +1,5 @@
-"""Lightning callbacks: a one-line console summary per epoch, the best validation scores, prediction panels for W&B."""
+"""Lightning callbacks: a one-line console summary per epoch, a progress bar numbered like it, the best validation
+scores, prediction panels for W&B."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 from deeploc.data.layout import read_mask, read_rgb
@@ -49,6 +51,22 @@ class EpochSummary(L.Callback):
             log.info(epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, numbering epochs from 1 like the epoch summary ("Epoch 3/20" is the third of
+    twenty; Lightning's own bar says "Epoch 2/19"), without the logger's version column."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = f"Epoch {current_epoch + 1}"
+        if self.trainer.max_epochs is not None:
+            description += f"/{self.trainer.max_epochs}"
+        return f"{description:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
 class BestValidation(L.Callback):
     """The best value of each validation metric over the run (``directions``: metric -> "max" or "min").
 
@@ -81,7 +99,8 @@ class BestValidation(L.Callback):
 
 
 def render_panels(pl_module: Any, samples: list[Any]) -> list[np.ndarray]:
-    """Image | prediction | heatmap | truth panels for a few samples (runs the encoder on just these images)."""
+    """Titled image | prediction | probability | truth panels for a few samples (runs the encoder on just these
+    images)."""
     images = [read_rgb(s.image) for s in samples]
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in images]).float().div(255)
     probs = pl_module.predict_probabilities(batch.to(pl_module.device)).cpu().numpy()
@@ -92,22 +111,56 @@ def render_panels(pl_module: Any, samples: list[Any]) -> list[np.ndarray]:
 
 
 class PredictionPanel(L.Callback):
-    """Every few epochs, logs a small panel of validation images with predicted and true masks to W&B."""
+    """Prediction panels (image | prediction | probability | truth, :func:`deeploc.visualize.panel`) in W&B.
+
+    * ``val/predictions``: the first ``n_images`` validation images after the first epoch, every
+      ``every_n_epochs`` epochs and after the last one (a short run shows its start and its end);
+    * ``test/<subset>/predictions``: the tested model (the best checkpoint) on the first ``n_images`` images of
+      each test subset, when testing ends.
+
+    Each caption names the subset and the image (and the epoch, or that it is the tested model).
+    """
 
     def __init__(self, every_n_epochs: int = 5, n_images: int = 4) -> None:
+        if every_n_epochs < 1 or n_images < 1:
+            raise ValueError(
+                f"callbacks.panel.every_n_epochs={every_n_epochs} and callbacks.panel.n_images={n_images} must be "
+                ">= 1 (no panels: callbacks.panel=null)"
+            )
         self.every_n_epochs = every_n_epochs
         self.n_images = n_images
 
+    def due(self, epoch: int, max_epochs: int | None) -> bool:
+        """Whether the epoch numbered ``epoch`` (from 1) gets a validation panel."""
+        return epoch == 1 or epoch % self.every_n_epochs == 0 or epoch == max_epochs
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         epoch = trainer.current_epoch + 1
-        if not wandb_loggers or trainer.sanity_checking or not trainer.is_global_zero or epoch % self.every_n_epochs:
+        if trainer.sanity_checking or not self.due(epoch, trainer.max_epochs):
             return
-        plan = getattr(trainer.datamodule, "plan", None)
-        if plan is None or not plan.valid:
-            return
-        samples = plan.valid[: self.n_images]
-        panels = render_panels(pl_module, samples)
-        captions = [f"{s.subset}/{s.name}: image | prediction | probability | truth" for s in samples]
-        for logger in wandb_loggers:
-            logger.log_image("val/predictions", panels, step=trainer.global_step, caption=captions)
+        plan = self._plan(trainer)
+        if plan is not None and plan.valid:
+            self._log(trainer, pl_module, "val/predictions", plan.valid, f"epoch {epoch}, validation")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        plan = self._plan(trainer)
+        for subset, samples in (plan.test if plan is not None else {}).items():
+            if samples:
+                self._log(trainer, pl_module, f"test/{subset}/predictions", samples, "tested model, test")
+
+    def _plan(self, trainer: L.Trainer) -> Any:
+        """The data plan when panels are wanted here (W&B logging, rank 0), else None."""
+        if not trainer.is_global_zero or not _wandb_loggers(trainer):
+            return None
+        return getattr(trainer.datamodule, "plan", None)
+
+    def _log(self, trainer: L.Trainer, pl_module: Any, key: str, samples: list[Any], context: str) -> None:
+        chosen = samples[: self.n_images]
+        panels = render_panels(pl_module, chosen)
+        captions = [f"{context} subset {s.subset}, image {s.name}" for s in chosen]
+        for logger in _wandb_loggers(trainer):
+            logger.log_image(key, panels, step=trainer.global_step, caption=captions)
+
+
+def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

@@ -163,6 +163,7 @@ class RequeueOnSignal(L.Callback):
         self.received: int | None = None
         self._previous: Any = None
         self._installed = False
+        self._announced = False
 
     # ------------------------------------------------------------------ handler
     def _record(self, signum: int, frame: Any) -> None:
@@ -180,7 +181,9 @@ class RequeueOnSignal(L.Callback):
         self._previous = previous
         signal.signal(self.signum, self._record)
         self._installed = True
-        log.info("requeue on %s armed (pid %d)", self.signum.name, os.getpid())
+        if not self._announced:  # armed again for testing: said once
+            log.info("requeue on %s armed (pid %d)", self.signum.name, os.getpid())
+            self._announced = True
 
     def _uninstall(self) -> None:
         if self._installed and threading.current_thread() is threading.main_thread():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,17 @@ from deeploc.naming import run_dir_name, run_label, run_name
 # as a console script, and fails with "Primary config module 'conf' not found".
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-__all__ = ["CONF_DIR", "register_resolvers", "run_label", "stable_id", "subset_at", "to_primitive"]
+__all__ = [
+    "CONF_DIR",
+    "cpu_workers",
+    "cuda_available",
+    "optimize_direction",
+    "register_resolvers",
+    "run_label",
+    "stable_id",
+    "subset_at",
+    "to_primitive",
+]
 
 
 def stable_id(text: str) -> str:
@@ -31,6 +42,32 @@ def subset_at(subsets: Any, index: int) -> str:
     return str(names[int(index)])
 
 
+def cpu_workers(limit: int) -> int:
+    """Data-loader workers: ``limit``, or fewer when this process may use fewer CPUs (a 2-core machine, a SLURM
+    allocation); more workers than CPUs only compete with the training process."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(0, min(int(limit), available))
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device is visible: pinned host memory only speeds up copies to one."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def optimize_direction(metric: str) -> str:
+    """``maximize`` or ``minimize``: how a sweeper treats the value ``deeploc-train`` returns for ``metric``."""
+    from deeploc.settings import OPTIMIZED_METRICS
+
+    if metric not in OPTIMIZED_METRICS:
+        raise ConfigError(f"optimized_metric={metric!r} must be one of {', '.join(OPTIMIZED_METRICS)}")
+    return "maximize" if OPTIMIZED_METRICS[metric] == "max" else "minimize"
+
+
 def register_resolvers() -> None:
     """Register the resolvers conf/ uses; safe to call more than once."""
     resolvers = {
@@ -39,6 +76,9 @@ def register_resolvers() -> None:
         "run_dir_name": run_dir_name,
         "stable_id": stable_id,
         "subset_at": subset_at,
+        "cpu_workers": cpu_workers,
+        "cuda_available": cuda_available,
+        "optimize_direction": optimize_direction,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -58,6 +58,7 @@ def build_loggers(configs: Mapping[str, Any] | None) -> list[Logger]:
 
 def _start_wandb(logger: WandbLogger, config: Any) -> WandbLogger | None:
     """``logger`` once its run has started; else the same run offline, else None; one warning when it falls back."""
+    _drop_unset_anonymous(logger)
     try:
         _ = logger.experiment  # wandb.init, bounded by settings.init_timeout (other ranks get a dummy)
         return logger
@@ -69,6 +70,7 @@ def _start_wandb(logger: WandbLogger, config: Any) -> WandbLogger | None:
     if not was_offline:
         try:
             fallback = instantiate(config, offline=True)
+            _drop_unset_anonymous(fallback)
             offline_run = Path(fallback.experiment.dir).parent
         except Exception as exc:
             _reset_wandb()
@@ -92,6 +94,14 @@ def _start_wandb(logger: WandbLogger, config: Any) -> WandbLogger | None:
         folder,
     )
     return None
+
+
+def _drop_unset_anonymous(logger: WandbLogger) -> None:
+    """Lightning passes ``anonymous=None`` to ``wandb.init`` when the option is not used, and W&B warns about any
+    value of that retired setting; not passing it is the same run without the warning."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
 
 
 def _reason(exc: BaseException) -> str:

@@ -31,7 +31,7 @@ import torch
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import IMAGE_EXTENSIONS, read_rgb
 from deeploc.errors import DeeplocError
-from deeploc.visualize import heatmap, overlay
+from deeploc.visualize import heatmap, overlay, with_colorbar
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -305,7 +305,7 @@ def _write_outputs(
         "mask": Path("masks") / f"{name}.png",
         "overlay": Path("overlays") / f"{name}.png",
     }
-    _write_png(out_dir / files["heatmap"], heatmap(probs))
+    _write_png(out_dir / files["heatmap"], with_colorbar(heatmap(probs)))
     _write_png(out_dir / files["mask"], mask.astype(np.uint8) * 255)
     _write_png(out_dir / files["overlay"], overlay(image, mask))
     if save_probs:
@@ -360,10 +360,11 @@ def predict_paths(
     """Predict on image files, folders or globs; write heatmaps, masks, overlays and summary.{json,csv}.
 
     Unreadable, non-image or too large files are skipped and listed in the summary with their reason; the run
-    goes on. Outputs: ``<out>/heatmaps/<name>.png`` (inferno colour map of the probabilities),
+    goes on. Outputs: ``<out>/heatmaps/<name>.png`` (inferno colour map of the probabilities at the image's size,
+    its colour bar appended on the right),
     ``<out>/masks/<name>.png`` (8-bit, 255 = manipulated, 0 = real; ``prob > threshold``),
     ``<out>/overlays/<name>.png`` (the image with the manipulated region tinted red and outlined), and with
-    ``save_probs`` ``<out>/probs/<name>.npy`` (float32 ``H x W``). All at the input image's size.
+    ``save_probs`` ``<out>/probs/<name>.npy`` (float32 ``H x W``). All at the input image's size (heatmaps: plus the bar).
     """
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm

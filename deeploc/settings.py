@@ -177,8 +177,9 @@ def check_choices(hydra: DictConfig) -> None:
     params = hydra.sweeper.get("params") or {}
     if params and hydra.get("mode") != RunMode.MULTIRUN:
         experiment = hydra.runtime.choices.get("experiment")
+        search = hydra.runtime.choices.get("hparams_search")
         grid = " ".join(f"{key}={value}" for key, value in params.items())
-        source = f"experiment={experiment}" if experiment else "this config"
+        source = f"hparams_search={search}" if search else f"experiment={experiment}" if experiment else "this config"
         raise ConfigError(
             f"{source} is a sweep ({grid}) but the command has no -m, so it would train only one configuration of "
             f"it. Add -m: deeploc-train -m {' '.join(overrides)}"

@@ -10,7 +10,8 @@ place) and an interrupted one resumes from ``checkpoints/last.ckpt``.
   first one's pid.
 * ``metrics.json`` is written last: a run directory without it is unfinished, whatever else it holds, and the next
   run resumes from its checkpoint or starts from scratch.
-* ``trainer.fast_dev_run`` runs a debug pass and writes no checkpoint, metrics.json or overlays.
+* ``trainer.fast_dev_run`` runs a debug pass and writes no checkpoint, metrics.json, overlays or resolved config
+  (``debug=fdr`` also turns the loggers and log file off: nothing is kept). Other debug presets: conf/debug.
 * The value returned to Hydra (for sweepers such as Optuna) is the best validation value of ``optimized_metric``
   over the run, never a test score.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from deeploc.checkpointing import checkpoint_step
 from deeploc.checkpoints import check_checkpoint_digest
 from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR, to_primitive
+from deeploc.console import quiet_console
 from deeploc.errors import ConfigError, deeploc_error
 from deeploc.metrics import metric_specs, recorded_convention
 from deeploc.monitoring import build_loggers, continue_history
@@ -47,9 +48,6 @@ from deeploc.runs import RunDir
 from deeploc.settings import OPTIMIZED_METRICS, check_choices, check_config
 
 log = logging.getLogger("deeploc.train")
-
-# The frozen SAM2 encoder stays in eval mode on purpose (module.py); Lightning would warn about it on every fit.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 RUN_LOCK = ".lock"
 RESOLVED_CONFIG = "config_resolved.yaml"
@@ -246,11 +244,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else contextlib.nullcontext()
     )
     with lock:
-        return _train_in(run, cfg)
+        results = _train_in(run, cfg)
+    if is_debug_pass(cfg) and is_first_process():
+        _remove_if_empty(run)
+    return results
+
+
+def is_debug_pass(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` is a ``trainer.fast_dev_run`` pass (``debug=fdr``): nothing of it is kept."""
+    return bool(cfg.trainer.get("fast_dev_run"))
+
+
+def _remove_if_empty(run: RunDir) -> None:
+    """A debug pass keeps no files: a run folder holding nothing but its lock (Hydra creates the folder; with
+    ``debug=fdr`` nothing else writes there) is removed. Any other folder, e.g. a real run's, is left as it is."""
+    if not run.path.is_dir() or [p.name for p in run.path.iterdir()] != [RUN_LOCK]:
+        return
+    (run.path / RUN_LOCK).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run.path.rmdir()
 
 
 def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
-    debug = bool(cfg.trainer.get("fast_dev_run"))
+    debug = is_debug_pass(cfg)
     previous = None if debug else run.read_metrics()
     if not debug:
         check_run_inputs(run, cfg)
@@ -274,7 +290,8 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
 
     L.seed_everything(cfg.seed, workers=True)
     run.path.mkdir(parents=True, exist_ok=True)
-    (run.path / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if not debug:
+        (run.path / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # Data first: a bad dataset fails before loggers create anything in the run directory; then the Trainer, so
     # Lightning checks its settings (and W&B starts) before the encoder runs over the data.
     datamodule = build_datamodule(cfg)
@@ -433,6 +450,7 @@ def _finish_wandb() -> None:
 def train_job(cfg: DictConfig) -> float | None:
     """One Hydra job: train and test ``cfg``. Returns the best validation value of ``optimized_metric`` over the
     run (what a Hydra sweeper optimises; never a test score)."""
+    quiet_console()
     try:
         metrics = train(cfg)
     except Exception as exc:

@@ -1,4 +1,5 @@
-"""Pictures of predictions: probability heatmaps, tinted overlays with outlines, side-by-side panels."""
+"""Pictures of predictions that explain themselves: probability heatmaps with their colour bar, tinted overlays
+with outlines, and side-by-side panels with a title above each tile (image | prediction | probability | truth)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,50 @@ import numpy as np
 from matplotlib import colormaps
 
 TINT = np.array([255, 32, 32], dtype=np.float32)  # red, RGB
+WHITE = (255, 255, 255)
+INK = (20, 20, 20)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+PANEL_TITLES = ("image", "prediction", "probability", "truth")
 
 
 def heatmap(prob: np.ndarray) -> np.ndarray:
     """``H x W`` probabilities in [0, 1] -> ``H x W x 3`` uint8 RGB (inferno colour map)."""
     rgba = colormaps["inferno"](np.clip(prob, 0.0, 1.0))
     return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def _font_scale(pixels: int) -> float:
+    """A Hershey font scale whose text is about ``pixels`` high."""
+    return max(0.25, pixels / 22.0)
+
+
+def colorbar(height: int) -> np.ndarray:
+    """The key of :func:`heatmap` for a map ``height`` pixels high: ``height x w x 3`` uint8 RGB on white, the
+    inferno ramp from probability 1 (top) to 0 (bottom), ticks labelled 1, 0.5 and 0 at their values."""
+    text = max(8, min(24, height // 16))
+    scale, thick = _font_scale(text), 1
+    label_w = max(cv2.getTextSize(s, FONT, scale, thick)[0][0] for s in ("0", "0.5", "1"))
+    margin = max(2, text // 3)
+    ramp_w = max(6, text)
+    top, bottom = margin + text // 2, height - margin - text // 2
+    bar = np.full((height, margin + ramp_w + 3 * margin + label_w + margin, 3), 255, dtype=np.uint8)
+    if bottom <= top:
+        return bar
+    values = np.linspace(1.0, 0.0, bottom - top)[:, None].repeat(ramp_w, axis=1)
+    bar[top:bottom, margin : margin + ramp_w] = heatmap(values)
+    for value, label in ((1.0, "1"), (0.5, "0.5"), (0.0, "0")):
+        y = round(top + (1.0 - value) * (bottom - top - 1))
+        x = margin + ramp_w
+        cv2.line(bar, (x, y), (x + margin - 1, y), INK, 1)
+        # Apart from the tick, so that "1" never reads as "-1".
+        cv2.putText(bar, label, (x + 3 * margin, y + text // 2), FONT, scale, INK, thick, cv2.LINE_AA)
+    return bar
+
+
+def with_colorbar(rgb: np.ndarray) -> np.ndarray:
+    """A :func:`heatmap` with its :func:`colorbar` on the right: ``H x (W + bar) x 3``; the first ``W`` columns are
+    ``rgb`` unchanged."""
+    return np.concatenate([rgb, colorbar(rgb.shape[0])], axis=1)
 
 
 def overlay(
@@ -29,9 +68,37 @@ def overlay(
     return out
 
 
+def title_height(width: int) -> int:
+    """The height of the title strip above a tile ``width`` pixels wide."""
+    return max(14, min(40, width // 8))
+
+
+def title_bar(width: int, title: str, height: int | None = None) -> np.ndarray:
+    """A white strip ``width`` pixels wide (``height``: :func:`title_height`) with ``title`` centred in dark ink,
+    shrunk to fit the width."""
+    height = height or title_height(width)
+    scale = _font_scale(height * 0.55)
+    text_w = cv2.getTextSize(title, FONT, scale, 1)[0][0]
+    if text_w > width * 0.95:
+        scale *= width * 0.95 / text_w
+        text_w = cv2.getTextSize(title, FONT, scale, 1)[0][0]
+    strip = np.full((height, width, 3), 255, dtype=np.uint8)
+    text_h = cv2.getTextSize(title, FONT, scale, 1)[0][1]
+    origin = ((width - text_w) // 2, (height + text_h) // 2)
+    cv2.putText(strip, title, origin, FONT, scale, INK, 1, cv2.LINE_AA)
+    return strip
+
+
 def panel(image: np.ndarray, prob: np.ndarray, truth: np.ndarray | None = None, threshold: float = 0.5) -> np.ndarray:
-    """Image | predicted overlay | heatmap [| true mask overlay], side by side (all at the image's size)."""
-    tiles = [image, overlay(image, prob > threshold), heatmap(prob)]
+    """Image | predicted overlay (``prob > threshold``) | heatmap with its colour bar [| true mask overlay], side by
+    side at the image's size, each tile titled (:data:`PANEL_TITLES`) and separated by a thin white gap."""
+    tiles = [image, overlay(image, prob > threshold), with_colorbar(heatmap(prob))]
     if truth is not None:
         tiles.append(overlay(image, truth > 0.5, outline=(0, 255, 0)))
-    return np.concatenate(tiles, axis=1)
+    strip = title_height(image.shape[1])
+    titled = [np.concatenate([title_bar(t.shape[1], name, strip), t], axis=0) for t, name in zip(tiles, PANEL_TITLES)]
+    gap = np.full((titled[0].shape[0], max(2, image.shape[1] // 64), 3), 255, dtype=np.uint8)
+    row: list[np.ndarray] = []
+    for tile in titled:
+        row += [gap, tile] if row else [tile]
+    return np.concatenate(row, axis=1)

@@ -28,7 +28,7 @@ from deeploc.predict import (
     predict_images,
     predict_paths,
 )
-from deeploc.visualize import heatmap
+from deeploc.visualize import colorbar, heatmap
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights"),
@@ -147,8 +147,10 @@ def test_outputs_are_pngs_at_the_native_size(folder_run, images: Path) -> None:
         mask = cv2.imread(str(out / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (height, width) and mask.dtype == np.uint8
         np.testing.assert_array_equal(mask, np.where(probs > 0.5, 255, 0))
+        # The heatmap is the probabilities at the native size, its colour bar appended on the right.
         heat = cv2.cvtColor(cv2.imread(str(out / "heatmaps" / f"{name}.png")), cv2.COLOR_BGR2RGB)
-        np.testing.assert_array_equal(heat, heatmap(probs))
+        np.testing.assert_array_equal(heat[:, :width], heatmap(probs))
+        np.testing.assert_array_equal(heat[:, width:], colorbar(height))
         over = cv2.imread(str(out / "overlays" / f"{name}.png"))
         assert over.shape == (height, width, 3)
     # The overlay tints the predicted region: pixels differ from the image where, and only near where, mask > 0.
