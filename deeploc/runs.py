@@ -53,6 +53,10 @@ class RunDir:
         candidates = [self.path / best] if best else []
         return next((c for c in [*candidates, self.best_checkpoint, self.last_checkpoint] if c.is_file()), None)
 
+    def model_checkpoint_after_training(self) -> Path:
+        """The checkpoint a run is tested with once trained: ``best.ckpt``, else ``last.ckpt``."""
+        return self.best_checkpoint if self.best_checkpoint.exists() else self.last_checkpoint
+
     def resume_candidates(self) -> list[Path]:
         """Checkpoints a run may resume from: ``checkpoints/last.ckpt``, ``checkpoints/requeue.ckpt`` and
         Lightning's ``hpc_ckpt_<n>.ckpt`` (in ``checkpoints/`` or the run directory, where Lightning's own SLURM
