@@ -12,6 +12,8 @@ from typing import Any
 from deeploc.io import file_digest, write_json_atomic
 
 METRICS_FILE = "metrics.json"
+# In the folder of a multi-head job (deeploc.multihead): its heads and their run directories. Such a folder is no run.
+HEADS_FILE = "heads.json"
 # Written when a cluster job is signalled before its time limit (deeploc.cluster.RequeueOnSignal).
 REQUEUE_CHECKPOINT = "requeue.ckpt"
 

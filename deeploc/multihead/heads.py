@@ -90,18 +90,23 @@ def head_overrides(task: Iterable[str], choice: str, head_experiment: str | None
     return [*kept, choice]
 
 
-def _group_options(group: str) -> list[str]:
-    return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+def _group_options(group: str, hydra: DictConfig) -> list[str]:
+    """The choices of config group ``group`` on the job's config search path (``--config-dir`` and
+    ``hydra.searchpath`` add a user's own)."""
+    overrides = [*map(str, hydra.overrides.hydra), *map(str, hydra.overrides.task)]
+    loader = GlobalHydra.instance().config_loader()
+    return sorted(loader.get_group_options(group, config_name=hydra.job.config_name, overrides=overrides))
 
 
-def _choice(name: str) -> str:
+def _choice(name: str, hydra: DictConfig) -> str:
     """``arch=<name>`` or ``decoder=<name>``: where ``name`` is a config choice (conf/arch first)."""
-    for group in ("arch", "decoder"):
-        if name in _group_options(group):
+    options = {group: _group_options(group, hydra) for group in ("arch", "decoder")}
+    for group, names in options.items():
+        if name in names:
             return f"{group}={name}"
     raise ConfigError(
-        f"heads: unknown head {name!r}: it is neither a conf/arch choice ({', '.join(_group_options('arch'))}) "
-        f"nor a conf/decoder choice ({', '.join(_group_options('decoder'))})"
+        f"heads: unknown head {name!r}: it is neither a conf/arch choice ({', '.join(options['arch'])}) nor a "
+        f"conf/decoder choice ({', '.join(options['decoder'])})"
     )
 
 
@@ -122,7 +127,7 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
     shared = _plain(cfg)
     heads = []
     for name in names:
-        overrides = head_overrides(task, _choice(name), cfg.get("head_experiment"))
+        overrides = head_overrides(task, _choice(name, hydra), cfg.get("head_experiment"))
         head = _compose(name, overrides, hydra)
         try:
             check_choices(head.hydra)
@@ -137,8 +142,15 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
             )
         check_shared(shared, head)
         heads.append(head)
+    job = Path(str(hydra.runtime.output_dir))
     folders: dict[Path, str] = {}
     for head in heads:
+        if head.run.path == job:
+            raise ConfigError(
+                f"head {head.name} would write into the job's own folder {job}: a fixed hydra.run.dir or "
+                "hydra.sweep.subdir names one folder, and each head needs its own run directory. Drop it (the heads' "
+                "directories follow from their overrides; hydra.sweep.dir or paths.output_dir choose where they go)"
+            )
         if head.run.path in folders:
             raise ConfigError(
                 f"heads {folders[head.run.path]} and {head.name} are the same run ({head.run.path}): keep one of them"

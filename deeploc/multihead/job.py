@@ -32,7 +32,7 @@ from deeploc.callbacks import EpochSummary, PredictionPanel
 from deeploc.checkpointing import checkpoint_step
 from deeploc.checkpoints import check_checkpoint_digest
 from deeploc.config import to_primitive
-from deeploc.errors import ConfigError
+from deeploc.errors import ConfigError, DeeplocError, deeploc_error
 from deeploc.io import write_json_atomic
 from deeploc.monitoring import build_loggers, continue_history
 from deeploc.multihead.callbacks import (
@@ -45,14 +45,12 @@ from deeploc.multihead.callbacks import (
 )
 from deeploc.multihead.heads import Head, compose_heads
 from deeploc.multihead.module import MultiHeadModule
-from deeploc.runs import RunDir
+from deeploc.runs import HEADS_FILE, RunDir
 from deeploc.settings import OPTIMIZED_METRICS
 
-__all__ = ["HEADS_FILE", "train_heads"]
+__all__ = ["train_heads"]
 
 log = logging.getLogger("deeploc.multihead")
-
-HEADS_FILE = "heads.json"
 
 
 def train_heads(cfg: DictConfig) -> dict[str, Any]:
@@ -72,13 +70,6 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         )
     heads = compose_heads(cfg, HydraConfig.get())
     job = run_directory(cfg)
-    for head in heads:
-        if head.run.path == job.path:
-            raise ConfigError(
-                f"head {head.name} would write into the job's own folder {job.path}: a fixed hydra.run.dir or "
-                "hydra.sweep.subdir names one folder, and each head needs its own run directory. Drop it (the heads' "
-                "directories follow from their overrides; hydra.sweep.dir or paths.output_dir choose where they go)"
-            )
     with contextlib.ExitStack() as locks:
         if is_first_process():  # the other DDP ranks belong to the same job
             for run in [job, *(head.run for head in heads)]:
@@ -107,12 +98,12 @@ def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str
     )  # fmt: skip
 
     L.seed_everything(cfg.seed, workers=True)
+    modules = _build_heads(cfg, active)  # first: a head that cannot be built fails before any other work
     write_resolved_config(job, cfg)
     for head in active:
         head.write_hydra_files()
         write_resolved_config(head.run, head.cfg)
     datamodule = build_datamodule(cfg)
-    modules = _build_heads(cfg, active)
     resume = _resume_point(cfg, job, training)
     loggers = {head.name: build_loggers(_logger_configs(head.cfg)) for head in active}
     step = checkpoint_step(resume) if resume else 0
@@ -184,7 +175,16 @@ def _build_heads(cfg: DictConfig, heads: Sequence[Head]) -> dict[str, Any]:
     from deeploc.train import build_model
 
     encoder = instantiate(cfg.encoder)
-    return {head.name: build_model(head.cfg, encoder=encoder) for head in heads}
+    modules = {}
+    for head in heads:
+        try:
+            modules[head.name] = build_model(head.cfg, encoder=encoder)
+        except Exception as exc:  # e.g. a decoder reading a map this encoder does not have: say which head
+            cause = deeploc_error(exc)
+            if not isinstance(cause, DeeplocError):
+                raise
+            raise type(cause)(f"head {head.name}: {cause}") from None
+    return modules
 
 
 def _resume_point(cfg: DictConfig, job: RunDir, training: Sequence[Head]) -> str | None:
