@@ -88,14 +88,6 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return datamodule
 
 
-def build_components(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate the data module and the LightningModule, and serve the maps as ``features.mode`` says."""
-    datamodule = build_datamodule(cfg)
-    model = build_model(cfg)
-    serve_features(cfg, datamodule, model.encoder, model.decoder.inputs)
-    return datamodule, model
-
-
 def extraction_device(cfg: DictConfig) -> str:
     """Where the frozen encoder computes features: the GPU when there is one and the trainer may use it."""
     wants_gpu = cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")

@@ -18,7 +18,7 @@ from deeploc.features import choice
 from deeploc.features.store import FeatureCache, FeatureStoreError
 from deeploc.models.decoders import DecoderError
 from deeploc.models.encoders.sam2 import SAM2Encoder
-from deeploc.multihead.heads import compose_heads
+from deeploc.multihead.heads import check_run_folders, compose_heads
 from deeploc.multihead.job import _build_heads, train_heads
 from deeploc.report import collect_runs
 from deeploc.train import build_datamodule, serve_features
@@ -97,7 +97,8 @@ def test_decoder_heads_use_the_jobs_feature(job) -> None:
 )
 def test_bad_head_lists_are_refused_before_any_work(job, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        compose_heads(job(overrides), HydraConfig.get())
+        cfg = job(overrides)
+        check_run_folders(compose_heads(cfg, HydraConfig.get()), Path(HydraConfig.get().runtime.output_dir))
 
 
 def test_a_head_whose_run_would_use_other_shared_settings_is_refused(job, tmp_path: Path) -> None:
@@ -187,3 +188,12 @@ def test_the_report_does_not_take_a_multi_head_jobs_folder_for_a_run(tmp_path: P
     (unfinished / ".hydra" / "config.yaml").write_text("{}\n")
     runs, missing = collect_runs(tmp_path / "sweep")
     assert runs == [] and [m.path for m in missing] == [unfinished]
+
+
+def test_deeploc_extract_fills_the_maps_of_every_head(job) -> None:
+    from deeploc.cli.extract import _encoder_and_maps
+
+    _, maps = _encoder_and_maps(job(["heads=[conv4_image_embed,conv20_high_res_feats_0]", "encoder=micro"]))
+    assert maps == ("image_embed", "high_res_feats_0")  # the union, in the encoder's order
+    _, single = _encoder_and_maps(job(["decoder=fusion", "encoder=micro"]))
+    assert single == ("image_embed", "high_res_feats_0", "high_res_feats_1")

@@ -30,7 +30,7 @@ from deeploc.errors import ConfigError
 from deeploc.naming import override_key
 from deeploc.runs import RunDir
 
-__all__ = ["Head", "check_shared", "compose_heads", "head_names", "head_overrides"]
+__all__ = ["Head", "check_run_folders", "check_shared", "compose_heads", "head_inputs", "head_names", "head_overrides"]
 
 # Settings a head may have of its own: what it trains (decoder, feature, the model's optimiser and schedule), and
 # what names or places its run (its sweep folder, its checkpoint folders, its loggers).
@@ -113,7 +113,7 @@ def _choice(name: str, hydra: DictConfig) -> str:
 def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
     """The heads of the job whose config is ``cfg`` and Hydra config ``hydra`` (``HydraConfig.get()``): each composed
     as its single run, checked like one (:func:`deeploc.settings.check_config` and ``check_choices``) and checked to
-    share the job's settings (:func:`check_shared`). Two heads that would share a run directory are refused."""
+    share the job's settings (:func:`check_shared`). Where they write is checked by :func:`check_run_folders`."""
     from deeploc.settings import check_choices, check_config
 
     names = head_names(cfg)
@@ -142,7 +142,11 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
             )
         check_shared(shared, head)
         heads.append(head)
-    job = Path(str(hydra.runtime.output_dir))
+    return heads
+
+
+def check_run_folders(heads: Sequence[Head], job: Path) -> None:
+    """Every head needs a run directory of its own, other than the job's folder."""
     folders: dict[Path, str] = {}
     for head in heads:
         if head.run.path == job:
@@ -156,7 +160,6 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
                 f"heads {folders[head.run.path]} and {head.name} are the same run ({head.run.path}): keep one of them"
             )
         folders[head.run.path] = head.name
-    return heads
 
 
 def _compose(name: str, overrides: list[str], job_hydra: DictConfig) -> Head:

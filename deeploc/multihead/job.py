@@ -43,7 +43,7 @@ from deeploc.multihead.callbacks import (
     HeadPredictionPanel,
     JobRequeue,
 )
-from deeploc.multihead.heads import Head, compose_heads
+from deeploc.multihead.heads import Head, check_run_folders, compose_heads
 from deeploc.multihead.module import MultiHeadModule
 from deeploc.runs import HEADS_FILE, RunDir
 from deeploc.settings import OPTIMIZED_METRICS
@@ -70,6 +70,7 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
         )
     heads = compose_heads(cfg, HydraConfig.get())
     job = run_directory(cfg)
+    check_run_folders(heads, job.path)
     with contextlib.ExitStack() as locks:
         if is_first_process():  # the other DDP ranks belong to the same job
             for run in [job, *(head.run for head in heads)]:
