@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -79,12 +80,15 @@ class BestValidation(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the module's on_validation_epoch_end, which logs the epoch's scores.
-        if trainer.sanity_checking:
-            return
+        if not trainer.sanity_checking:
+            self.update(trainer.callback_metrics)
+
+    def update(self, metrics: Mapping[str, Any]) -> None:
+        """Take one validation epoch's values (``metrics``: name -> value) into account."""
         for key, direction in self.directions.items():
-            if key not in trainer.callback_metrics:
+            if key not in metrics:
                 continue
-            value = float(trainer.callback_metrics[key])
+            value = float(metrics[key])
             if math.isnan(value):  # an undefined score is no candidate for the best
                 continue
             previous = self.best.get(key)
@@ -99,15 +103,24 @@ class BestValidation(L.Callback):
 
 
 def render_panels(pl_module: Any, samples: list[Any]) -> list[np.ndarray]:
-    """Titled image | prediction | probability | truth panels for a few samples (runs the encoder on just these
-    images)."""
+    """Titled image | prediction | probability | truth panels for a few samples (runs the encoder on just these images)."""
+    return render_panels_of([pl_module], samples)[0]
+
+
+def render_panels_of(modules: Sequence[Any], samples: list[Any]) -> list[list[np.ndarray]]:
+    """:func:`render_panels` for several modules sharing one encoder (the heads of a multi-head job): the encoder
+    runs once on the images, every module's decoder on its maps. One list of panels per module."""
     images = [read_rgb(s.image) for s in samples]
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in images]).float().div(255)
-    probs = pl_module.predict_probabilities(batch.to(pl_module.device)).cpu().numpy()
-    return [
-        panel(im, p, read_mask(s.mask, s.mask_polarity, s.mask_threshold) != 255)
-        for im, p, s in zip(images, probs, samples)
-    ]
+    batch = batch.to(modules[0].device)
+    names = tuple(dict.fromkeys(name for module in modules for name in module.decoder.inputs))
+    maps = modules[0].encoder(batch, names=names)
+    truths = [read_mask(s.mask, s.mask_polarity, s.mask_threshold) != 255 for s in samples]
+    out = []
+    for module in modules:
+        probs = module.predict_probabilities(batch, maps=maps).cpu().numpy()
+        out.append([panel(im, p, truth) for im, p, truth in zip(images, probs, truths)])
+    return out
 
 
 class PredictionPanel(L.Callback):

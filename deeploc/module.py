@@ -140,14 +140,18 @@ class LocalizationModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_probabilities(
-        self, images: torch.Tensor, sizes: list[tuple[int, int]] | None = None
+        self,
+        images: torch.Tensor,
+        sizes: list[tuple[int, int]] | None = None,
+        maps: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Per-pixel manipulation probabilities at the images' own resolution (``B x H x W``).
 
         With ``sizes`` (one ``(H, W)`` per image, e.g. native sizes of images resized to a common input),
-        returns a list of ``H x W`` maps instead, each resized back bilinearly to its size.
+        returns a list of ``H x W`` maps instead, each resized back bilinearly to its size. ``maps``: the encoder's
+        maps of ``images`` when they are computed already (shared by several decoders).
         """
-        probs = torch.sigmoid(self(self.features({"image": images})).float())
+        probs = torch.sigmoid(self(self.features({"image": images} if maps is None else {"features": maps})).float())
         if sizes is None:
             return F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return [
@@ -180,30 +184,41 @@ class LocalizationModule(L.LightningModule):
         self.val_metrics.update(logits, batch["mask"], batch.get("index"))
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_metrics.compute()
-        self.val_metrics.reset()
+        scores = self.validation_scores()
         for name in metric_names():
             self.log(f"val/{name}", scores[name], prog_bar=name == "iou")
         if self.hparams.schedule == "plateau" and not self.trainer.sanity_checking:
-            self._plateau_step(float(scores["iou"]))
+            optimizer = self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer") else self.optimizers()
+            lr = self.plateau_step(float(scores["iou"]), optimizer.param_groups)
+            if lr is not None:
+                self.log("lr", lr)
+                if self.plateau_done(lr):
+                    self.trainer.should_stop = True
 
-    def _plateau_step(self, val_iou: float) -> None:
-        """DeCLIP's schedule: LR / factor after `patience` epochs without improvement; stop below `min_lr`."""
+    def validation_scores(self) -> dict[str, torch.Tensor]:
+        """The scores of the validation epoch that just ended (the metric state is reset for the next one)."""
+        scores = self.val_metrics.compute()
+        self.val_metrics.reset()
+        return scores
+
+    def plateau_step(self, val_iou: float, param_groups: list[dict[str, Any]]) -> float | None:
+        """DeCLIP's schedule after one epoch: the LR of ``param_groups`` (this decoder's) / factor after `patience`
+        epochs without improvement. Returns the new LR when it changed, else None (see :meth:`plateau_done`)."""
         state = self._plateau
         if val_iou > state["best"]:
             state["best"], state["bad_epochs"] = val_iou, 0
-            return
+            return None
         state["bad_epochs"] += 1
         if state["bad_epochs"] < self.hparams.plateau_patience:
-            return
+            return None
         state["bad_epochs"] = 0
-        optimizer = self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer") else self.optimizers()
-        for group in optimizer.param_groups:
+        for group in param_groups:
             group["lr"] *= self.hparams.plateau_factor
-        lr = optimizer.param_groups[0]["lr"]
-        self.log("lr", lr)
-        if lr < self.hparams.min_lr:
-            self.trainer.should_stop = True
+        return float(param_groups[0]["lr"])
+
+    def plateau_done(self, lr: float) -> bool:
+        """Whether DeCLIP's schedule stops training at learning rate ``lr`` (below ``min_lr``)."""
+        return lr < self.hparams.min_lr
 
     # -------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:
@@ -219,13 +234,17 @@ class LocalizationModule(L.LightningModule):
         self.test_metrics[dataloader_idx].update(logits, batch["mask"], batch.get("index"))
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = {}
-        for name, metric in zip(self.test_names, self.test_metrics):
-            scores = {key: float(value) for key, value in metric.compute().items()}
-            metric.reset()
-            self.test_results[name] = scores
+        for name, scores in self.collect_test_results().items():
             for key in metric_names():
                 self.log(f"test/{name}/{key}", scores[key], add_dataloader_idx=False)
+
+    def collect_test_results(self) -> dict[str, dict[str, float]]:
+        """The test scores of every test subset (also kept in :attr:`test_results`); the metric states are reset."""
+        self.test_results = {}
+        for name, metric in zip(self.test_names, self.test_metrics):
+            self.test_results[name] = {key: float(value) for key, value in metric.compute().items()}
+            metric.reset()
+        return self.test_results
 
     # --------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -41,6 +41,7 @@ from deeploc.provenance import (
     varying_keys,
     version_text,
 )
+from deeploc.runs import HEADS_FILE
 
 # The study's maps first, in the protocol's order; other maps (other decoders, encoders) after, by name.
 STUDY_FEATURES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
@@ -265,6 +266,8 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[RunResult], list[MissingRu
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
+        if HEADS_FILE in filenames and "metrics.json" not in filenames:
+            continue  # a multi-head job's own folder: its heads' run directories are the runs
         if "metrics.json" in filenames or (here / ".hydra" / "config.yaml").is_file():
             result = _read_run(here)
             (runs if isinstance(result, RunResult) else missing).append(result)  # type: ignore[arg-type]

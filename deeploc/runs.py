@@ -12,6 +12,8 @@ from typing import Any
 from deeploc.io import file_digest, write_json_atomic
 
 METRICS_FILE = "metrics.json"
+# In the folder of a multi-head job (deeploc.multihead): its heads and their run directories. Such a folder is no run.
+HEADS_FILE = "heads.json"
 # Written when a cluster job is signalled before its time limit (deeploc.cluster.RequeueOnSignal).
 REQUEUE_CHECKPOINT = "requeue.ckpt"
 
@@ -52,6 +54,10 @@ class RunDir:
         best = (self.read_metrics() or {}).get("best_checkpoint")
         candidates = [self.path / best] if best else []
         return next((c for c in [*candidates, self.best_checkpoint, self.last_checkpoint] if c.is_file()), None)
+
+    def model_checkpoint_after_training(self) -> Path:
+        """The checkpoint a run is tested with once trained: ``best.ckpt``, else ``last.ckpt``."""
+        return self.best_checkpoint if self.best_checkpoint.exists() else self.last_checkpoint
 
     def resume_candidates(self) -> list[Path]:
         """Checkpoints a run may resume from: ``checkpoints/last.ckpt``, ``checkpoints/requeue.ckpt`` and

@@ -19,6 +19,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from deeploc.config import CONF_DIR
 from deeploc.data.masks import POLARITIES
 from deeploc.errors import ConfigError
+from deeploc.features.choice import MODES as FEATURE_MODES
 from deeploc.metrics import CONVENTIONS
 from deeploc.naming import override_key
 
@@ -93,6 +94,11 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("split.n_train", _optional_positive_int, "must be a positive integer, or null (all images)"),
     ("split.n_valid", _optional_positive_int, "must be a positive integer, or null (all images)"),
     ("features.batch_size", _positive_int, "must be a positive integer"),
+    (
+        "features.mode",
+        _one_of(FEATURE_MODES),
+        "must be auto (cache when it fits, else stream), cache, stream (the encoder on every batch) or none (= stream)",
+    ),
     # 0 is allowed: a frozen decoder (tests of the schedule use it).
     ("model.lr", _non_negative_number, "must be a number >= 0"),
     ("model.weight_decay", _non_negative_number, "must be a number >= 0"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,23 @@ def run_directory(cfg: DictConfig) -> RunDir:
     return RunDir(Path(HydraConfig.get().runtime.output_dir))
 
 
-def build_model(cfg: DictConfig) -> Any:
-    """The LightningModule: ``conf/encoder`` and ``conf/decoder`` instantiated by Hydra (``_target_``), handed to
-    ``conf/model``. The decoder node is a factory (``_partial_: true``) completed with the encoder's maps."""
-    encoder = instantiate(cfg.encoder)
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's CPU generator seeded with ``seed`` alone, and leave the global generator as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_model(cfg: DictConfig, encoder: Any = None) -> Any:
+    """The LightningModule: ``conf/encoder`` (or ``encoder``, shared by the heads of a multi-head job) and
+    ``conf/decoder`` instantiated by Hydra (``_target_``), handed to ``conf/model``. The decoder node is a factory
+    (``_partial_: true``) completed with the encoder's maps. Its initial weights depend on ``seed`` only
+    (:func:`seeded`), so a decoder starts from the same weights in a single run and as a head of a multi-head job."""
+    encoder = instantiate(cfg.encoder) if encoder is None else encoder
     decoder = instantiate(cfg.decoder)
-    return instantiate(cfg.model, encoder=encoder, decoder=decoder)
+    with seeded(cfg.seed):
+        return instantiate(cfg.model, encoder=encoder, decoder=decoder)
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
@@ -74,59 +86,74 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return datamodule
 
 
-def build_components(cfg: DictConfig) -> tuple[Any, Any]:
-    """Instantiate the data module and the LightningModule, and wire the feature cache when it can be used."""
-    datamodule = build_datamodule(cfg)
-    model = build_model(cfg)
-    attach_feature_cache(cfg, datamodule, model)
-    return datamodule, model
-
-
 def extraction_device(cfg: DictConfig) -> str:
     """Where the frozen encoder computes features: the GPU when there is one and the trainer may use it."""
     wants_gpu = cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
     return "cuda" if torch.cuda.is_available() and wants_gpu else "cpu"
 
 
-def open_feature_cache(cfg: DictConfig, model: Any) -> tuple[Any, str]:
-    """The feature cache (``features.dir``) of the maps this run's decoder reads, and the device to fill it on.
+def open_feature_cache(cfg: DictConfig, encoder: Any, names: Sequence[str]) -> tuple[Any, str]:
+    """The feature cache (``features.dir``) of the maps ``names``, and the device to fill it on.
 
     The encoder moves to that device first: its identity (the cache key) includes the precision it computes in.
     """
     from deeploc.features.store import FeatureCache
 
     device = extraction_device(cfg)
-    model.encoder.to(device)
-    return FeatureCache(cfg.features.dir, model.encoder, model.decoder.inputs), device
+    encoder.to(device)
+    return FeatureCache(cfg.features.dir, encoder, names), device
 
 
-def attach_feature_cache(cfg: DictConfig, datamodule: Any, model: Any) -> None:
-    """Serve cached encoder maps instead of images when config and augmentations allow it."""
+def serve_features(cfg: DictConfig, datamodule: Any, encoder: Any, names: Sequence[str]) -> str:
+    """Serve the encoder maps ``names`` as ``features.mode`` says (:mod:`deeploc.features.choice`); returns how
+    they are served: ``"cache"`` (the data module's datasets read the filled cache) or ``"stream"`` (the encoder
+    runs on every batch)."""
+    from deeploc.features import choice
     from deeploc.features.store import cache_allowed
 
-    if not cfg.features.enabled:
-        log.info("feature cache disabled (features=none): the encoder runs on every batch")
-        return
+    mode = cfg.features.mode
+    if mode in ("stream", "none"):
+        log.info("features=%s: the encoder runs on every batch (no feature cache)", mode)
+        return "stream"
     allowed, reason = cache_allowed(to_primitive(cfg.data.get("augment")))
     if not allowed:
         log.warning("feature cache not used: %s; the encoder runs on every batch", reason)
-        return
-    cache, device = open_feature_cache(cfg, model)
-    cache.extract(datamodule.plan.all_samples(), model.encoder, batch_size=cfg.features.batch_size, device=device)
-    model.encoder.to("cpu")
-    datamodule.set_dataset_factory(lambda samples, stage: cache.dataset(samples))
+        return "stream"
+    samples = datamodule.plan.all_samples()
+    device = extraction_device(cfg)
+    encoder.to(device)
+    estimate = choice.estimate(cfg.features.dir, encoder, names, samples)
+    if mode == "auto":
+        mode, why = choice.choose(estimate, device)
+        log.info("features=auto chose %s: %s", mode, why)
+    else:
+        choice.check_fits(estimate)
+    if mode == "cache":
+        cache, device = open_feature_cache(cfg, encoder, names)
+        cache.extract(samples, encoder, batch_size=cfg.features.batch_size, device=device)
+        datamodule.set_dataset_factory(lambda samples, stage: cache.dataset(samples))
+    encoder.to("cpu")
+    return mode
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Lightning Trainer with the configured callbacks and loggers, plus deeploc.cluster's requeue-on-signal
-    callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md), writing checkpoints
-    atomically in their own folder (deeploc.checkpointing)."""
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The configured callbacks (``conf/callbacks``) plus the best-validation tracker."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(BestValidation(OPTIMIZED_METRICS))
+    return callbacks
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list[L.Callback] | None = None, loggers: list[Any] | None = None
+) -> L.Trainer:
+    """The Lightning Trainer with the configured callbacks and loggers (or those given), plus deeploc.cluster's
+    requeue-on-signal callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md), writing
+    checkpoints atomically in their own folder (deeploc.checkpointing)."""
     from deeploc import cluster
     from deeploc.checkpointing import with_atomic_checkpoints
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(BestValidation(OPTIMIZED_METRICS))
-    loggers = build_loggers(cfg.get("logger"))
+    callbacks = build_callbacks(cfg) if callbacks is None else callbacks
+    loggers = build_loggers(cfg.get("logger")) if loggers is None else loggers
     extras = cluster.trainer_extras(cfg.trainer, callbacks)
     extras["plugins"] = with_atomic_checkpoints(extras.get("plugins", []))
     try:
@@ -147,9 +174,10 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     return None if newest is None else str(newest)
 
 
-def summarise_config(cfg: DictConfig, datamodule: Any, model: Any) -> dict[str, Any]:
+def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> dict[str, Any]:
     """What identifies a run in tables: every setting that changes its scores (deeploc.provenance reads them back)
-    and the data it used. The full config is in .hydra/ and config_resolved.yaml. Values are primitives."""
+    and the data it used, plus how the maps were served (``features``: cache or stream). The full config is in
+    .hydra/ and config_resolved.yaml. Values are primitives."""
     from deeploc import __version__
 
     counts = datamodule.describe()
@@ -200,50 +228,49 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any) -> dict[str, 
         "mask_polarity": cfg.data.get("mask_polarity", "black_is_manipulated"),
         "mask_threshold": cfg.data.get("mask_threshold"),
         "seed": cfg.seed,
+        "features": features,
         "deeploc_version": __version__,
     }
 
 
-def write_overlays(model: Any, datamodule: Any, run: RunDir, count: int) -> list[Path]:
-    """Render a few test predictions of each test subset as panels into <run>/overlays/<subset>/."""
+def write_overlays(models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir], count: int) -> list[Path]:
+    """Render a few test predictions of each test subset as panels into <run>/overlays/<subset>/, for each model
+    (sharing one encoder: the heads of a multi-head job) and its run; the encoder runs once per subset."""
     from PIL import Image
 
-    from deeploc.callbacks import render_panels
+    from deeploc.callbacks import render_panels_of
 
     written = []
-    model.eval()
+    for model in models:
+        model.eval()
     for subset, samples in datamodule.plan.test.items():
         chosen = samples[:count]
         if not chosen:
             continue
-        folder = run.path / "overlays" / subset
-        folder.mkdir(parents=True, exist_ok=True)
-        for sample, picture in zip(chosen, render_panels(model, chosen)):
-            path = folder / f"{sample.name}.png"
-            Image.fromarray(picture).save(path)
-            written.append(path)
+        for run, pictures in zip(runs, render_panels_of(models, chosen)):
+            folder = run.path / "overlays" / subset
+            folder.mkdir(parents=True, exist_ok=True)
+            for sample, picture in zip(chosen, pictures):
+                path = folder / f"{sample.name}.png"
+                Image.fromarray(picture).save(path)
+                written.append(path)
     return written
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration; returns the content of the run's metrics.json."""
+    """Train and test one configuration; returns the content of the run's metrics.json. With ``heads`` set, train
+    every head on one stream of batches instead (:mod:`deeploc.multihead`); returns ``{"heads": {name: metrics}}``."""
     from deeploc.cluster import is_first_process
-    from deeploc.locks import exclusive_or_fail
 
     check_config(cfg)
     check_choices(HydraConfig.get())
+    if cfg.get("heads"):
+        from deeploc.multihead.job import train_heads
+
+        return train_heads(cfg)
     run = run_directory(cfg)
     # Only the first process of a job locks: the other DDP ranks belong to the same run.
-    lock = (
-        exclusive_or_fail(
-            run.path / RUN_LOCK,
-            f"run directory {run.path}",
-            fix="wait for it to finish, or stop it; the same command then resumes the run",
-        )
-        if is_first_process()
-        else contextlib.nullcontext()
-    )
-    with lock:
+    with run_lock(run) if is_first_process() else contextlib.nullcontext():
         results = _train_in(run, cfg)
     if is_debug_pass(cfg) and is_first_process():
         _remove_if_empty(run)
@@ -265,12 +292,25 @@ def _remove_if_empty(run: RunDir) -> None:
         run.path.rmdir()
 
 
-def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
-    debug = is_debug_pass(cfg)
-    previous = None if debug else run.read_metrics()
-    if not debug:
-        check_run_inputs(run, cfg)
-    if run.finished and cfg.if_finished == "skip" and not debug:
+def run_lock(run: RunDir) -> contextlib.AbstractContextManager[Any]:
+    """The exclusive lock of a run directory (a second process on it is refused, naming the holder)."""
+    from deeploc.locks import exclusive_or_fail
+
+    return exclusive_or_fail(
+        run.path / RUN_LOCK,
+        f"run directory {run.path}",
+        fix="wait for it to finish, or stop it; the same command then resumes the run",
+    )
+
+
+def reuse_decision(run: RunDir, cfg: DictConfig) -> str:
+    """What this launch does with the run directory: ``"skip"`` a finished run (logged), ``"eval"`` (re-test a
+    finished run's best checkpoint) or ``"train"`` (start, resume, or start over a finished run whose results were
+    removed for ``if_finished=retrain``)."""
+    if not run.finished:
+        return "train"
+    if cfg.if_finished == "skip":
+        previous = run.read_metrics()
         log.info("run %s already finished; skipping (if_finished=eval re-tests, =retrain starts over)", run.path)
         if recorded_convention(previous) != cfg.metrics.convention:
             log.warning(
@@ -280,25 +320,44 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
                 cfg.metrics.convention,
                 cfg.metrics.convention,
             )
-        return previous
-    if cfg.if_finished == "retrain" and run.finished and not debug:
+        return "skip"
+    if cfg.if_finished == "retrain":
         # Only a finished run starts over; an interrupted (e.g. requeued) retrain resumes like any other run.
         shutil.rmtree(run.checkpoints, ignore_errors=True)
         for stale in run.path.glob("hpc_ckpt_*.ckpt"):
             stale.unlink()
         run.metrics_file.unlink(missing_ok=True)
+        return "train"
+    return "eval"
+
+
+def write_resolved_config(run: RunDir, cfg: DictConfig) -> None:
+    """``<run>/config_resolved.yaml``: the run's config with every interpolation resolved."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    (run.path / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
+    debug = is_debug_pass(cfg)
+    previous = None if debug else run.read_metrics()
+    if not debug:
+        check_run_inputs(run, cfg)
+    decision = "train" if debug else reuse_decision(run, cfg)
+    if decision == "skip":
+        return previous
 
     L.seed_everything(cfg.seed, workers=True)
-    run.path.mkdir(parents=True, exist_ok=True)
-    if not debug:
-        (run.path / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if debug:  # a debug pass keeps no files; pointed at a real run, it must not overwrite its config
+        run.path.mkdir(parents=True, exist_ok=True)
+    else:
+        write_resolved_config(run, cfg)
     # Data first: a bad dataset fails before loggers create anything in the run directory; then the Trainer, so
     # Lightning checks its settings (and W&B starts) before the encoder runs over the data.
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg)
     model = build_model(cfg)
-    attach_feature_cache(cfg, datamodule, model)
-    evaluate_only = run.finished and cfg.if_finished == "eval" and not debug
+    features = serve_features(cfg, datamodule, model.encoder, model.decoder.inputs)
+    evaluate_only = decision == "eval"
     resume = None if evaluate_only or debug else resume_path(cfg, run)
     if not evaluate_only:  # earlier attempts' logs are kept up to the step training continues from
         continue_history(trainer.loggers, checkpoint_step(resume) if resume else 0)
@@ -315,28 +374,57 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
                 )
         if debug:
             return _debug_results(cfg, trainer, model, datamodule)
-        best = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
+        best = run.model_checkpoint_after_training()
         if evaluate_only:  # the decoder/encoder fit is checked when Lightning loads it (module.on_load_checkpoint)
             check_checkpoint_digest(run.path, best)
+        # Before testing: Lightning restores the callbacks' states from the checkpoint it tests (the best epoch's).
+        training = None if evaluate_only else (_best_score(trainer), _best_values(trainer), trainer.current_epoch)
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
-        metrics = {
-            "config": summarise_config(cfg, datamodule, model),
-            "convention": model.hparams.metric_convention,
-            "test": model.test_results,
-            "best_checkpoint": str(best.relative_to(run.path)),
-            "checkpoint_sha256": run.checkpoint_digests(),
-            "best_val_iou": previous["best_val_iou"] if evaluate_only else _best_score(trainer),
-            "best_val": previous.get("best_val", {}) if evaluate_only else _best_values(trainer),
-            "epochs": previous["epochs"] if evaluate_only else trainer.current_epoch,
-            "status": "finished",
-        }
+        metrics = run_results(cfg, datamodule, model, run, best, features, previous, training)
         if trainer.is_global_zero:
-            write_overlays(model, datamodule, run, cfg.overlays)
-            run.write_metrics(metrics)  # last: the mark of a finished run
-            log.info("%s", format_results(metrics, run))
+            finish_runs([model], datamodule, [run], [metrics], cfg.overlays)
         return metrics
     finally:
         _finish_wandb()
+
+
+def run_results(
+    cfg: DictConfig,
+    datamodule: Any,
+    model: Any,
+    run: RunDir,
+    best: Path,
+    features: str,
+    previous: dict[str, Any] | None,
+    training: tuple[float | None, dict[str, float], int] | None,
+) -> dict[str, Any]:
+    """The content of a tested run's metrics.json. ``training``: (best val IoU, best value of each validation
+    metric, epochs trained) of the training just done; None when the run was only re-tested (the values recorded
+    in ``previous`` are kept)."""
+    best_val_iou, best_val, epochs = (
+        (previous["best_val_iou"], previous.get("best_val", {}), previous["epochs"]) if training is None else training
+    )
+    return {
+        "config": summarise_config(cfg, datamodule, model, features),
+        "convention": model.hparams.metric_convention,
+        "test": model.test_results,
+        "best_checkpoint": str(best.relative_to(run.path)),
+        "checkpoint_sha256": run.checkpoint_digests(),
+        "best_val_iou": best_val_iou,
+        "best_val": best_val,
+        "epochs": epochs,
+        "status": "finished",
+    }
+
+
+def finish_runs(
+    models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir], metrics: Sequence[dict[str, Any]], overlays: int
+) -> None:
+    """Write tested runs' overlays, then each one's metrics.json (last: the mark of a finished run); log results."""
+    write_overlays(models, datamodule, runs, overlays)
+    for run, results in zip(runs, metrics):
+        run.write_metrics(results)
+        log.info("%s", format_results(results, run))
 
 
 def check_run_inputs(run: RunDir, cfg: DictConfig) -> None:
@@ -457,6 +545,11 @@ def train_job(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN and deeploc_error(exc) is not None:
             log.error("%s", deeploc_error(exc))  # in this job's log; the sweep reports the first failure at its end
         raise
+    if "heads" in metrics:  # a multi-head job: no single value to optimise
+        for name, results in metrics["heads"].items():
+            value = best_validation_value(results, cfg.optimized_metric)
+            log.info("head %s: best validation %s of the run: %s", name, cfg.optimized_metric, value)
+        return None
     value = best_validation_value(metrics, cfg.optimized_metric)
     log.info("best validation %s of the run: %s (the value returned to Hydra)", cfg.optimized_metric, value)
     return value

@@ -6,7 +6,10 @@ FAULT is one of
   kill-before-checkpoint-rename  SIGKILL the process as a checkpoint file is about to be renamed into place
                                  (its bytes are written: the worst moment for an interruption);
   disk-full-on-checkpoint-write  the disk fills up (RLIMIT_FSIZE: writes past 64 KiB fail with EFBIG, as ENOSPC
-                                 would) as soon as a file in a ``checkpoints/`` folder is opened for writing.
+                                 would) as soon as a file in a ``checkpoints/`` folder is opened for writing;
+  kill-before-nth-rename         SIGKILL the process as a file whose path matches the regular expression
+                                 ``$FAULT_PATH`` is about to be renamed into place for the ``$FAULT_COUNT``-th time
+                                 (e.g. the second epoch-end checkpoint of one run directory).
 
 The hooks are Python audit hooks (PEP 578): the process, its files and the failure are all real.
 """
@@ -14,6 +17,7 @@ The hooks are Python audit hooks (PEP 578): the process, its files and the failu
 from __future__ import annotations
 
 import os
+import re
 import resource
 import runpy
 import signal
@@ -38,9 +42,20 @@ def _disk_full_on_checkpoint_write(event: str, args: tuple[Any, ...]) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
+_renames = {"seen": 0}
+
+
+def _kill_before_nth_rename(event: str, args: tuple[Any, ...]) -> None:
+    if event == "os.rename" and re.search(os.environ["FAULT_PATH"], os.fsdecode(args[1])):
+        _renames["seen"] += 1
+        if _renames["seen"] == int(os.environ["FAULT_COUNT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 FAULTS = {
     "kill-before-checkpoint-rename": _kill_before_checkpoint_rename,
     "disk-full-on-checkpoint-write": _disk_full_on_checkpoint_write,
+    "kill-before-nth-rename": _kill_before_nth_rename,
 }
 
 

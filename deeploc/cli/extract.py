@@ -1,12 +1,15 @@
 """`deeploc-extract`: precompute the frozen-encoder features a training run (or a whole sweep) will read.
 
 Same conf/ and the same overrides as ``deeploc-train``; it builds the run's data module (split, validation) and
-its model exactly as training does (:func:`deeploc.train.build_components`), which fills the feature cache with every
-sample of the run's train / valid / test plan, with a progress bar. Run it once before a sweep so that the sweep's
-jobs start from a full cache instead of waiting on each other's extraction::
+its encoder and decoder exactly as training does, and fills the feature cache of the maps the decoder reads (of a
+multi-head job, ``heads=[...]``: the maps every head reads) with every sample of the run's train / valid / test plan,
+with a progress bar. It extracts whatever ``features=auto`` would choose (the cache is what it is asked for), refuses
+when the cache cannot fit on its disk, and has nothing to do with ``features=stream``. Run it once before a sweep so
+that the sweep's jobs start from a full cache instead of waiting on each other's extraction::
 
     deeploc-extract data=dolos data.root=/data/wacv_data encoder=hiera_s encoder.checkpoint=/ckpt/sam2.1_hiera_small.pt
     deeploc-extract -m feature=image_embed,high_res_feats_0,high_res_feats_1 ...   # one store per feature
+    deeploc-extract experiment=paper_table_multihead subset_index=0 ...            # the maps of all five heads
 
 It never writes into the training run or sweep directories: its own Hydra output goes to
 ``${paths.output_dir}/extract/``.
@@ -47,14 +50,16 @@ _OUTPUT_OVERRIDES = (
 
 def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
+    from deeploc.cluster import shard_samples
+    from deeploc.features import choice
     from deeploc.features.store import cache_allowed
     from deeploc.settings import check_settings
-    from deeploc.train import build_components, open_feature_cache
+    from deeploc.train import build_datamodule, open_feature_cache
 
     check_settings(cfg)  # the same checks of settings as deeploc-train, before any work
-    if not cfg.features.enabled:
-        msg = "features.enabled=false (features=none): this run reads no feature cache, nothing to extract"
-        print(f"deeploc-extract: {msg}")
+    if cfg.features.mode in ("stream", "none"):
+        msg = f"features={cfg.features.mode}: this run reads no feature cache (the encoder runs on every batch)"
+        print(f"deeploc-extract: nothing to extract, {msg}")
         return {"status": "skipped", "reason": msg}
     allowed, reason = cache_allowed(to_primitive(cfg.data.get("augment")))
     if not allowed:
@@ -62,38 +67,43 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
         return {"status": "skipped", "reason": reason}
     shard, num_shards = int(cfg.get("shard") or 0), int(cfg.get("num_shards") or 1)
     verify = bool(cfg.get("verify", True))
-    if (shard, num_shards) != (0, 1):  # shard_samples checks 0 <= shard < num_shards
-        return _extract_shard(cfg, shard, num_shards, verify)
-    datamodule, model = build_components(cfg)  # data module + model + attach_feature_cache, exactly as deeploc-train
-    cache, device = open_feature_cache(cfg, model)
-    if verify:  # training's step above ran the cheap checks only; a damaged entry passes them
-        cache.extract(datamodule.plan.all_samples(), model.encoder, cfg.features.batch_size, device, verify=True)
-    print(f"deeploc-extract: {cache.describe()}")
-    return {"status": "done", "stores": [str(store.path) for store in cache.stores.values()]}
-
-
-def _extract_shard(cfg: DictConfig, shard: int, num_shards: int, verify: bool) -> dict[str, Any]:
-    """Shard ``shard`` of ``num_shards`` of what :func:`extract` computes (same data module, model and device rule)."""
-
-    from deeploc.cluster import shard_samples
-    from deeploc.train import build_datamodule, build_model, open_feature_cache
-
+    encoder, names = _encoder_and_maps(cfg)
     datamodule = build_datamodule(cfg)
-    model = build_model(cfg)
-    samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)
-    cache, device = open_feature_cache(cfg, model)
-    print(f"deeploc-extract: shard {shard} of {num_shards}: {len(samples)} images", flush=True)
+    samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)  # checks 0 <= shard < num_shards
+    cache, device = open_feature_cache(cfg, encoder, names)
+    choice.check_fits(choice.estimate(cfg.features.dir, encoder, names, samples))
+    sharded = (shard, num_shards) != (0, 1)
+    if sharded:
+        print(f"deeploc-extract: shard {shard} of {num_shards}: {len(samples)} images", flush=True)
     cache.extract(
         samples,
-        model.encoder,
+        encoder,
         batch_size=cfg.features.batch_size,
         device=device,
-        verify=verify,
-        lock_scope=f"shard-{shard}-of-{num_shards}",  # disjoint shards fill one store in parallel
+        verify=verify,  # training itself runs the cheap checks only; a damaged entry passes them
+        lock_scope=f"shard-{shard}-of-{num_shards}" if sharded else None,  # disjoint shards fill a store in parallel
     )
     print(f"deeploc-extract: {cache.describe()}")
-    stores = [str(store.path) for store in cache.stores.values()]
-    return {"status": "done", "stores": stores, "shard": shard, "num_shards": num_shards}
+    summary = {"status": "done", "stores": [str(store.path) for store in cache.stores.values()]}
+    return {**summary, "shard": shard, "num_shards": num_shards} if sharded else summary
+
+
+def _encoder_and_maps(cfg: DictConfig) -> tuple[Any, tuple[str, ...]]:
+    """The run's encoder and the maps its decoder reads, as deeploc-train builds them; for a multi-head job
+    (``heads=[...]``) the maps every head reads."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from deeploc.train import build_model
+
+    if not cfg.get("heads"):
+        model = build_model(cfg)
+        return model.encoder, tuple(model.decoder.inputs)
+    from hydra.utils import instantiate
+
+    from deeploc.multihead.heads import compose_heads, head_inputs
+
+    encoder = instantiate(cfg.encoder)
+    return encoder, head_inputs(compose_heads(cfg, HydraConfig.get()), encoder)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

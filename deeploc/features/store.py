@@ -90,9 +90,11 @@ __all__ = [
     "FeatureStore",
     "FeatureStoreError",
     "cache_allowed",
+    "entry_bytes",
     "extract_features",
     "format_bytes",
     "identity_key",
+    "stored_entries",
 ]
 
 log = logging.getLogger(__name__)
@@ -337,9 +339,7 @@ class FeatureStore:
         self.feature = feature
         self.shape = tuple(int(n) for n in shape)
         self.key = identity_key(self.encoder_identity, feature)
-        config = str(self.encoder_identity.get("config") or self.encoder_identity.get("kind") or "encoder")
-        name = f"{_slug(config)}-{self.encoder_identity.get('image_size')}-{feature}-{self.key[:16]}"
-        self.path = self.root / name
+        self.path = self.location(self.root, self.encoder_identity, feature)
         self._identity_doc = {
             "format": FORMAT_VERSION,
             "key": self.key,
@@ -350,6 +350,14 @@ class FeatureStore:
         }
         self._memo = _HashMemo(self.root)
         self._open()
+
+    @staticmethod
+    def location(root: str | os.PathLike[str], encoder_identity: Mapping[str, Any], feature: str) -> Path:
+        """The folder of the store of ``feature`` for ``encoder_identity`` under ``root`` (it need not exist yet)."""
+        identity = json.loads(_canonical(dict(encoder_identity)))
+        config = str(identity.get("config") or identity.get("kind") or "encoder")
+        name = f"{_slug(config)}-{identity.get('image_size')}-{feature}-{identity_key(identity, feature)[:16]}"
+        return Path(root).expanduser().absolute() / name
 
     @classmethod
     def for_encoder(cls, root: str | os.PathLike[str], encoder: FrozenEncoder, feature: str) -> FeatureStore:
@@ -381,7 +389,7 @@ class FeatureStore:
     @property
     def nbytes_per_image(self) -> int:
         """Bytes one cached image takes on disk (header + float16 map)."""
-        return HEADER_SIZE + int(np.prod(self.shape)) * np.dtype(DTYPE).itemsize
+        return entry_bytes(self.shape)
 
     def entry_path(self, content_hash: str) -> Path:
         return self.path / "entries" / content_hash[:2] / f"{content_hash}.f16"
@@ -631,9 +639,25 @@ def _check_disk_space(stores: Sequence[FeatureStore], counts: dict[str, int], n_
         if needed > free:
             raise FeatureStoreError(
                 f"not enough disk space for the feature cache in {folders}: needs {needed} bytes "
-                f"({format_bytes(needed)}), {free} bytes ({format_bytes(free)}) free. Free space, point "
-                "features.dir at a larger disk, or cache a smaller feature map."
+                f"({format_bytes(needed)}), {free} bytes ({format_bytes(free)}) free. Train without a cache with "
+                "features=stream (the encoder runs on every batch, nothing is written), free space, or point "
+                "features.dir at a larger disk."
             )
+
+
+def entry_bytes(shape: Sequence[int]) -> int:
+    """Bytes one entry of a ``(C, h, w)`` map takes on disk (header + float16 values)."""
+    return HEADER_SIZE + int(np.prod(shape)) * np.dtype(DTYPE).itemsize
+
+
+def stored_entries(store_path: str | os.PathLike[str]) -> int:
+    """How many entries the store at ``store_path`` holds (0 when it does not exist); nothing is read or created."""
+    entries = Path(store_path) / "entries"
+    if not entries.is_dir():
+        return 0
+    return sum(
+        entry.name.endswith(".f16") for sub in os.scandir(entries) if sub.is_dir() for entry in os.scandir(sub.path)
+    )
 
 
 def _compute(

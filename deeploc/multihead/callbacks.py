@@ -1,0 +1,231 @@
+"""What makes each head of a multi-head job a run of its own: checkpoints, best values, loggers, epoch lines.
+
+Every head's checkpoint is the one its single run would write (:func:`head_checkpoint`): the head's decoder
+tensors, its optimiser state (its parameter group, renumbered as a one-group Adam), its callbacks' states under the
+single run's keys, its hyperparameters and deeploc record, and the loop state of the job (the same batches, so the
+same epoch and step as the single run). ``LocalizationModule.load_from_checkpoint``, deeploc.inference and a single
+run resuming from it read it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from deeploc.callbacks import BestValidation, epoch_line, render_panels
+from deeploc.cluster import RequeueOnSignal
+
+__all__ = [
+    "HeadBestValidation",
+    "HeadCheckpoint",
+    "HeadEpochSummary",
+    "HeadLoggers",
+    "HeadPredictionPanel",
+    "JobRequeue",
+    "head_checkpoint",
+    "optimizer_group_state",
+]
+
+log = logging.getLogger("deeploc.multihead")
+
+
+def _head_metrics(metrics: Mapping[str, Any], head: str) -> dict[str, Any]:
+    """The values head ``head`` logged (``<head>/<key>``), under the single run's keys."""
+    prefix = f"{head}/"
+    return {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def optimizer_group_state(state: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """Parameter group ``index`` of an optimiser's ``state_dict()`` as the state dict of an optimiser holding that
+    group alone (what a single run's Adam over the same parameters saves)."""
+    group = state["param_groups"][index]
+    ids = list(group["params"])
+    return {
+        "state": {i: state["state"][p] for i, p in enumerate(ids) if p in state["state"]},
+        "param_groups": [{**group, "params": list(range(len(ids)))}],
+    }
+
+
+def head_checkpoint(trainer: L.Trainer, head: str) -> dict[str, Any]:
+    """Head ``head``'s checkpoint in its single run's format, from the job's current state."""
+    job = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    module = trainer.lightning_module
+    own = module.heads[head]
+    prefix = f"heads.{head}."
+    shared = ("state_dict", "optimizer_states", "callbacks", "deeploc", "hparams_name", "hyper_parameters")
+    checkpoint = {key: value for key, value in job.items() if key not in shared}
+    checkpoint["state_dict"] = {k[len(prefix) :]: v for k, v in job["state_dict"].items() if k.startswith(prefix)}
+    checkpoint["optimizer_states"] = [optimizer_group_state(job["optimizer_states"][0], module.head_index(head))]
+    checkpoint["callbacks"] = {
+        callback.single_state_key: callback.single_state()
+        for callback in trainer.callbacks
+        if getattr(callback, "head", None) == head
+    }
+    checkpoint["hparams_name"] = own._hparams_name
+    checkpoint["hyper_parameters"] = dict(own.hparams)
+    own.on_save_checkpoint(checkpoint)  # the encoder's weights out; encoder identity, decoder record, schedule in
+    return checkpoint
+
+
+class HeadCheckpoint(ModelCheckpoint):
+    """One of a head's ``conf/callbacks`` checkpoints (``best`` or ``last``), in the head's run directory: it
+    monitors the head's own value and writes the head's checkpoint (:func:`head_checkpoint`).
+
+    Args:
+        head: the head's name.
+        single_state_key: the state key of this callback in the single run (its checkpoint stores the state there).
+        kwargs: the single run's ``ModelCheckpoint`` arguments (``monitor`` as the single run names it).
+    """
+
+    def __init__(self, head: str, single_state_key: str, **kwargs: Any) -> None:
+        self.head = head
+        self.single_state_key = single_state_key
+        self.single_monitor = kwargs.get("monitor")
+        super().__init__(**{**kwargs, "monitor": f"{head}/{self.single_monitor}" if self.single_monitor else None})
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.head}/{super().state_key}"
+
+    def single_state(self) -> dict[str, Any]:
+        return {**self.state_dict(), "monitor": self.single_monitor}
+
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        return super()._should_skip_saving_checkpoint(trainer) or not trainer.lightning_module.trains(self.head)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        trainer.strategy.save_checkpoint(head_checkpoint(trainer, self.head), filepath)
+        trainer.strategy.barrier("HeadCheckpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+
+class HeadBestValidation(BestValidation):
+    """:class:`~deeploc.callbacks.BestValidation` of one head."""
+
+    single_state_key = BestValidation.__qualname__
+
+    def __init__(self, head: str, directions: dict[str, str]) -> None:
+        super().__init__(directions)
+        self.head = head
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.head}/{self.single_state_key}"
+
+    def single_state(self) -> dict[str, Any]:
+        return self.state_dict()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and pl_module.trains(self.head):
+            self.update(_head_metrics(trainer.callback_metrics, self.head))
+
+
+class JobRequeue(RequeueOnSignal):
+    """:class:`~deeploc.cluster.RequeueOnSignal` writing the job's checkpoint (all heads) into the job's folder,
+    from which the requeued job resumes; the heads' run directories only ever hold single-run checkpoints."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+
+    def checkpoint_path(self, trainer: L.Trainer) -> Path:
+        return self.folder / self.filename
+
+
+class HeadEpochSummary(L.Callback):
+    """One line per head and epoch: the single run's epoch line, after the head's name."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - getattr(self, "_start", time.perf_counter())
+        groups = trainer.optimizers[0].param_groups
+        for name, _ in pl_module.training_heads():
+            metrics = {k: float(v) for k, v in _head_metrics(trainer.callback_metrics, name).items()}
+            lr = groups[pl_module.head_index(name)]["lr"]
+            log.info("%s: %s", name, epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
+
+
+class HeadPredictionPanel(L.Callback):
+    """Every few epochs, each head's validation panels into that head's W&B run (as the single run's panel)."""
+
+    def __init__(self, loggers: Mapping[str, Sequence[Logger]], every_n_epochs: int = 5, n_images: int = 4) -> None:
+        self.wandb = {name: [lg for lg in lgs if isinstance(lg, WandbLogger)] for name, lgs in loggers.items()}
+        self.every_n_epochs = every_n_epochs
+        self.n_images = n_images
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if trainer.sanity_checking or not trainer.is_global_zero or epoch % self.every_n_epochs:
+            return
+        plan = getattr(trainer.datamodule, "plan", None)
+        if plan is None or not plan.valid:
+            return
+        samples = plan.valid[: self.n_images]
+        captions = [f"{s.subset}/{s.name}: image | prediction | probability | truth" for s in samples]
+        for name, head in pl_module.training_heads():
+            if self.wandb.get(name):
+                panels = render_panels(head, samples)
+                for logger in self.wandb[name]:
+                    logger.log_image("val/predictions", panels, step=trainer.global_step, caption=captions)
+
+
+class HeadLoggers(Logger):
+    """The job's logger: hands each head's values (``<head>/<key>``) to that head's own loggers under the single
+    run's keys, with the job's ``epoch``. ``hparams``: each head's module hyperparameters (logged with the data
+    module's, as Lightning logs a single run's)."""
+
+    def __init__(self, loggers: Mapping[str, Sequence[Logger]], hparams: Mapping[str, Mapping[str, Any]]) -> None:
+        super().__init__()
+        self.heads = {name: list(lgs) for name, lgs in loggers.items()}
+        self.hparams = {name: dict(h) for name, h in hparams.items()}
+
+    @property
+    def name(self) -> str:
+        return "heads"
+
+    @property
+    def version(self) -> None:
+        return None
+
+    def all_loggers(self) -> list[Logger]:
+        return [logger for loggers in self.heads.values() for logger in loggers]
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        for name, loggers in self.heads.items():
+            for logger in loggers:
+                logger.log_hyperparams({**self.hparams.get(name, {}), **dict(params or {})})
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for name, loggers in self.heads.items():
+            own = _head_metrics(metrics, name)
+            if not own:
+                continue
+            if "epoch" in metrics:
+                own["epoch"] = metrics["epoch"]
+            for logger in loggers:
+                logger.log_metrics(own, step)
+
+    @rank_zero_only
+    def save(self) -> None:
+        for logger in self.all_loggers():
+            logger.save()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        for logger in self.all_loggers():
+            logger.finalize(status)

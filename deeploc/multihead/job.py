@@ -1,0 +1,307 @@
+"""A multi-head job (``deeploc-train heads=[...]``): train several heads on one stream of batches, then test them,
+and write each head's run directory exactly as its single run would.
+
+* The job's own folder (Hydra's output directory for the job) holds its log, its lock and, while it runs, its
+  checkpoint (``checkpoints/last.ckpt``: every head, written after the heads' own checkpoints at each epoch end;
+  ``requeue.ckpt`` on a scheduler's signal). An interrupted job resumes from it at the epoch boundary; it is deleted
+  when the job has finished every head. ``heads.json`` lists the heads and their run directories.
+* A finished head is skipped (``if_finished=eval`` re-tests it, ``=retrain`` trains it again), as its single run
+  would be; the others train together. A head whose run directory holds an unfinished single run's checkpoints
+  starts over (the job's batches cannot continue another run's epochs); the log says so.
+* Locks: the job's folder and every head's run directory, so a single run on the same directory is refused while
+  the job runs (and the other way round).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from deeploc.callbacks import EpochSummary, PredictionPanel
+from deeploc.checkpointing import checkpoint_step
+from deeploc.checkpoints import check_checkpoint_digest
+from deeploc.config import to_primitive
+from deeploc.errors import ConfigError, DeeplocError, deeploc_error
+from deeploc.io import write_json_atomic
+from deeploc.monitoring import build_loggers, continue_history
+from deeploc.multihead.callbacks import (
+    HeadBestValidation,
+    HeadCheckpoint,
+    HeadEpochSummary,
+    HeadLoggers,
+    HeadPredictionPanel,
+    JobRequeue,
+)
+from deeploc.multihead.heads import Head, check_run_folders, compose_heads
+from deeploc.multihead.module import MultiHeadModule
+from deeploc.runs import HEADS_FILE, RunDir
+from deeploc.settings import OPTIMIZED_METRICS
+
+__all__ = ["train_heads"]
+
+log = logging.getLogger("deeploc.multihead")
+
+
+def train_heads(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test the heads of ``cfg.heads``; returns ``{"heads": {name: the head's metrics.json}}``."""
+    from deeploc.cluster import is_first_process
+    from deeploc.train import run_directory, run_lock
+
+    if cfg.trainer.get("fast_dev_run"):
+        raise ConfigError(
+            "trainer.fast_dev_run debugs one run: drop heads and give the head to debug, e.g. "
+            "deeploc-train arch=<head> trainer.fast_dev_run=1"
+        )
+    if cfg.trainer.get("gradient_clip_val"):
+        raise ConfigError(
+            "trainer.gradient_clip_val with heads: the clipping norm would mix the gradients of all heads, so no head "
+            "would train as in its own run; train the heads one by one (deeploc-train -m arch=...) to clip gradients"
+        )
+    heads = compose_heads(cfg, HydraConfig.get())
+    job = run_directory(cfg)
+    check_run_folders(heads, job.path)
+    with contextlib.ExitStack() as locks:
+        if is_first_process():  # the other DDP ranks belong to the same job
+            for run in [job, *(head.run for head in heads)]:
+                run.path.mkdir(parents=True, exist_ok=True)
+                locks.enter_context(run_lock(run))
+        return _train_heads_in(job, cfg, heads)
+
+
+def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str, Any]:
+    from deeploc.train import build_datamodule, check_run_inputs, reuse_decision, write_resolved_config
+
+    previous = {head.name: head.run.read_metrics() for head in heads}
+    decisions = {}
+    for head in heads:
+        check_run_inputs(head.run, head.cfg)
+        decisions[head.name] = reuse_decision(head.run, head.cfg)
+    active = [head for head in heads if decisions[head.name] != "skip"]
+    _write_summary(job, heads, decisions)
+    if not active:
+        log.info("every head of this job has finished already; nothing to do")
+        return {"heads": previous}
+    training = [head for head in active if decisions[head.name] == "train"]
+    log.info(
+        "multi-head job: %d head(s) train together (%s)%s", len(training), ", ".join(h.name for h in training),
+        "".join(f"; {h.name} is re-tested" for h in active if decisions[h.name] == "eval"),
+    )  # fmt: skip
+
+    L.seed_everything(cfg.seed, workers=True)
+    modules = _build_heads(cfg, active)  # first: a head that cannot be built fails before any other work
+    write_resolved_config(job, cfg)
+    for head in active:
+        head.write_hydra_files()
+        write_resolved_config(head.run, head.cfg)
+    datamodule = build_datamodule(cfg)
+    resume = _resume_point(cfg, job, training)
+    loggers = {head.name: build_loggers(_logger_configs(head.cfg)) for head in active}
+    step = checkpoint_step(resume) if resume else 0
+    for head in training:  # earlier attempts' logs are kept up to the step training continues from
+        continue_history(loggers[head.name], step)
+    for head in active:
+        for logger in loggers[head.name]:
+            logger.log_hyperparams(to_primitive(head.cfg))
+    try:
+        return _fit_and_test(job, cfg, datamodule, active, training, modules, loggers, resume, previous)
+    finally:
+        _finish_loggers(loggers)
+
+
+def _fit_and_test(
+    job: RunDir,
+    cfg: DictConfig,
+    datamodule: Any,
+    active: list[Head],
+    training: list[Head],
+    modules: dict[str, Any],
+    loggers: dict[str, list[Any]],
+    resume: str | None,
+    previous: Mapping[str, Any],
+) -> dict[str, Any]:
+    from deeploc.train import build_trainer, finish_runs, run_results, serve_features
+
+    fitted = MultiHeadModule({head.name: modules[head.name] for head in training}) if training else None
+    callbacks = _callbacks(cfg, job, training, loggers)
+    hparams = {head.name: modules[head.name].hparams_initial for head in active}
+    trainer = build_trainer(cfg, callbacks, [HeadLoggers(loggers, hparams)])
+    tested = MultiHeadModule({head.name: modules[head.name] for head in active})
+    features = serve_features(cfg, datamodule, tested.encoder, tested.maps)
+    if fitted is not None:
+        if resume:
+            log.info("resuming the heads from %s", resume)
+        trainer.fit(fitted, datamodule=datamodule, ckpt_path=resume)
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"training interrupted; re-run the same command to resume from {job.checkpoints}")
+    best = {head.name: head.run.model_checkpoint_after_training() for head in active}
+    for head in active:
+        if head not in training:  # a finished run re-tested: its checkpoint must be the one it finished with
+            check_checkpoint_digest(head.run.path, best[head.name])
+        _load_weights(modules[head.name], best[head.name])
+    trainer.test(tested, datamodule=datamodule, verbose=False)
+    results = {
+        head.name: run_results(
+            head.cfg,
+            datamodule,
+            modules[head.name],
+            head.run,
+            best[head.name],
+            features,
+            previous[head.name],
+            _training_summary(trainer, fitted, head.name) if head in training else None,
+        )
+        for head in active
+    }
+    if trainer.is_global_zero:
+        models = [modules[head.name] for head in active]
+        finish_runs(models, datamodule, [head.run for head in active], list(results.values()), cfg.overlays)
+        shutil.rmtree(job.checkpoints, ignore_errors=True)  # every head is finished: nothing left to resume
+        _write_summary(job, active, dict.fromkeys((h.name for h in active), "finished"))
+    return {"heads": {**{k: v for k, v in previous.items() if v is not None}, **results}}
+
+
+def _build_heads(cfg: DictConfig, heads: Sequence[Head]) -> dict[str, Any]:
+    """Each head's LocalizationModule, built as its single run builds it, on one shared encoder."""
+    from deeploc.train import build_model
+
+    encoder = instantiate(cfg.encoder)
+    modules = {}
+    for head in heads:
+        try:
+            modules[head.name] = build_model(head.cfg, encoder=encoder)
+        except Exception as exc:  # e.g. a decoder reading a map this encoder does not have: say which head
+            cause = deeploc_error(exc)
+            if not isinstance(cause, DeeplocError):
+                raise
+            raise type(cause)(f"head {head.name}: {cause}") from None
+    return modules
+
+
+def _resume_point(cfg: DictConfig, job: RunDir, training: Sequence[Head]) -> str | None:
+    """The job checkpoint the heads continue from, if any. Without one, heads whose run directories hold an
+    unfinished run's checkpoints start over (the job cannot continue another run's epochs with the others)."""
+    names = [head.name for head in training]
+    found = job.resume_checkpoint() if cfg.resume and training else None
+    if found is not None:
+        meta = torch.load(found, map_location="cpu", weights_only=True, mmap=True).get("deeploc") or {}
+        if meta.get("heads") == names:
+            return str(found)
+        log.warning(
+            "the job checkpoint %s holds heads %s, this job trains %s: the heads start over", found, meta.get("heads"),
+            names,
+        )  # fmt: skip
+    for head in training:
+        if head.run.resume_candidates():
+            log.warning(
+                "head %s: %s holds checkpoints of an unfinished run; the job trains the head from the start with the "
+                "others (deeploc-train %s would continue that run instead)",
+                head.name, head.run.path, " ".join(head.overrides),
+            )  # fmt: skip
+            shutil.rmtree(head.run.checkpoints, ignore_errors=True)
+            for stale in head.run.path.glob("hpc_ckpt_*.ckpt"):
+                stale.unlink()
+    shutil.rmtree(job.checkpoints, ignore_errors=True)
+    return None
+
+
+def _callbacks(cfg: DictConfig, job: RunDir, training: Sequence[Head], loggers: Mapping[str, Any]) -> list[Any]:
+    """The job's callbacks: the configured ones that do not belong to a run (progress bar...), each head's
+    checkpoints and best values, per-head epoch lines and W&B panels, and the job's own checkpoint (last, so that
+    it records the heads' checkpoint states of the epoch)."""
+    shared = []
+    panel = None
+    for node in (cfg.get("callbacks") or {}).values():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if isinstance(callback, PredictionPanel):
+            panel = HeadPredictionPanel(loggers, callback.every_n_epochs, callback.n_images)
+        elif isinstance(callback, EpochSummary):
+            shared.append(HeadEpochSummary())
+        elif not isinstance(callback, ModelCheckpoint):
+            shared.append(callback)
+    if panel is not None:
+        shared.append(panel)
+    own: list[Any] = []
+    checkpoints: list[Any] = []
+    for head in training:
+        own.append(HeadBestValidation(head.name, OPTIMIZED_METRICS))
+        for node in (head.cfg.get("callbacks") or {}).values():
+            if node is None:
+                continue
+            single = instantiate(node)
+            if isinstance(single, ModelCheckpoint):
+                options = {k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")}
+                checkpoints.append(HeadCheckpoint(head.name, single.state_key, **options))
+    job_last = ModelCheckpoint(
+        dirpath=str(job.checkpoints), filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+        enable_version_counter=False,
+    )  # fmt: skip
+    return [*shared, *own, JobRequeue(job.checkpoints), *checkpoints, job_last]
+
+
+def _logger_configs(cfg: DictConfig) -> dict[str, Any]:
+    """A head's ``logger`` configs; W&B runs are created side by side (one per head) instead of reusing the
+    process's current run."""
+    configs = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
+    for node in configs.values():
+        if isinstance(node, dict) and str(node.get("_target_", "")).endswith("WandbLogger"):
+            node["reinit"] = "create_new"
+    return configs
+
+
+def _finish_loggers(loggers: Mapping[str, Sequence[Any]]) -> None:
+    """Close every head's W&B run (each was created on its own, so ``wandb.finish()`` would not reach it)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in (lg for lgs in loggers.values() for lg in lgs):
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish()
+
+
+def _load_weights(module: Any, path: Path) -> None:
+    """Load a head's checkpoint into its module, as Lightning's ``trainer.test(ckpt_path=...)`` does for a single
+    run (the module's load hook checks that the checkpoint is this decoder's, on this encoder)."""
+    checkpoint = torch.load(path, map_location=module.device, weights_only=True)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+
+
+def _training_summary(trainer: L.Trainer, fitted: MultiHeadModule, name: str) -> tuple[Any, dict[str, float], int]:
+    """(best val IoU, best value of each validation metric, epochs trained) of head ``name``."""
+    best_score = None
+    best_values: dict[str, float] = {}
+    for callback in trainer.callbacks:
+        if getattr(callback, "head", None) != name:
+            continue
+        if isinstance(callback, HeadCheckpoint) and callback.monitor and callback.best_model_score is not None:
+            best_score = float(callback.best_model_score)
+        if isinstance(callback, HeadBestValidation):
+            best_values = dict(callback.best)
+    stopped = fitted.stopped.get(name)
+    return best_score, best_values, trainer.current_epoch if stopped is None else stopped + 1
+
+
+def _write_summary(job: RunDir, heads: Sequence[Head], status: Mapping[str, str]) -> None:
+    """``<job>/heads.json``: the job's heads, their single-run commands and run directories, and what became of
+    them."""
+    write_json_atomic(
+        job.path / HEADS_FILE,
+        {
+            "heads": {
+                head.name: {"run": str(head.run.path), "overrides": head.overrides, "status": status[head.name]}
+                for head in heads
+            }
+        },
+    )

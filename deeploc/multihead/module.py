@@ -1,0 +1,196 @@
+"""``MultiHeadModule``: several decoders trained on one stream of batches, each exactly as in its own run.
+
+The heads are :class:`~deeploc.module.LocalizationModule` instances sharing one frozen encoder. Per batch the maps
+every head reads are computed once (one encoder pass, or one read of the cached maps) and handed to each head. Each
+head keeps what its single run has: its decoder and BatchNorm statistics, its loss, its optimiser state, its
+learning-rate schedule and its metrics.
+
+* One Adam with one parameter group per head. Adam's update of a parameter depends only on that parameter's
+  gradient and state, and the summed loss gives each head's parameters exactly the gradient of that head's loss
+  (the heads share no parameter; d(sum)/d(loss_h) = 1), so each head is updated bit for bit as by its own Adam.
+* DeCLIP's plateau schedule runs per head on that head's parameter group. A head it stops takes no further part:
+  no forward pass (its BatchNorm statistics stay), no gradient (Adam skips parameters without one), no checkpoint,
+  no log; the job stops when every head has stopped.
+* Logged values are ``<head>/<the single run's key>`` (``conv20_image_embed/val/iou``); deeploc.multihead.callbacks
+  routes them to each head's own checkpoints and loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from deeploc.metrics import metric_names
+from deeploc.models.encoders import same_encoder
+from deeploc.module import IncompatibleCheckpointError, LocalizationModule, same_decoder
+
+__all__ = ["MultiHeadModule"]
+
+log = logging.getLogger("deeploc.multihead")
+
+
+class MultiHeadModule(L.LightningModule):
+    """Train several heads (``{name: LocalizationModule}``, one shared encoder) on the same batches.
+
+    ``stopped`` maps a head stopped by DeCLIP's schedule to the last epoch it trained.
+    """
+
+    def __init__(self, heads: Mapping[str, LocalizationModule]) -> None:
+        super().__init__()
+        if not heads:
+            raise ValueError("MultiHeadModule needs at least one head")
+        encoders = {id(head.encoder) for head in heads.values()}
+        if len(encoders) != 1:
+            raise ValueError("the heads of a MultiHeadModule must share one encoder object")
+        self.encoder = next(iter(heads.values())).encoder
+        self.heads = nn.ModuleDict(dict(heads))
+        wanted = {name for head in heads.values() for name in head.decoder.inputs}
+        #: The maps the heads read together, in the encoder's order.
+        self.maps = tuple(name for name in self.encoder.feature_specs if name in wanted)
+        # Frozen weights are rebuilt from config, not stored in checkpoints (as in LocalizationModule).
+        self.strict_loading = False
+        self.stopped: dict[str, int] = {}
+
+    # ----------------------------------------------------------------- wiring
+    @property
+    def trainer(self) -> L.Trainer:
+        return L.LightningModule.trainer.fget(self)  # type: ignore[attr-defined]
+
+    @trainer.setter
+    def trainer(self, trainer: L.Trainer | None) -> None:
+        # Lightning hands the trainer to direct LightningModule children only; the heads sit in a ModuleDict.
+        L.LightningModule.trainer.fset(self, trainer)  # type: ignore[attr-defined]
+        for head in self._modules.get("heads", {}).values():
+            head.trainer = trainer
+
+    def trains(self, name: str) -> bool:
+        """Whether head ``name`` trains in the current epoch (False once DeCLIP's schedule stopped it)."""
+        last = self.stopped.get(name)
+        return last is None or self.current_epoch <= last
+
+    def training_heads(self) -> Iterator[tuple[str, LocalizationModule]]:
+        return ((name, head) for name, head in self.heads.items() if self.trains(name))
+
+    def head_index(self, name: str) -> int:
+        """The position of head ``name``: its parameter group in the optimiser."""
+        return list(self.heads).index(name)
+
+    def shared_maps(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Every map the heads read for this batch: the cached ones, or one encoder pass over the images."""
+        return batch["features"] if "features" in batch else self.encoder(batch["image"], names=self.maps)
+
+    def _logits(self, head: LocalizationModule, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        return head(head.features({"features": maps}))
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        maps = self.shared_maps(batch)
+        total = None
+        for name, head in self.training_heads():
+            logits = self._logits(head, maps)
+            loss = head._loss(logits, batch["mask"])
+            self.log(f"{name}/train/loss", loss, on_step=True, on_epoch=True, batch_size=logits.shape[0])
+            total = loss if total is None else total + loss
+        assert total is not None, "the trainer should have stopped: every head has stopped"
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        maps = self.shared_maps(batch)
+        for name, head in self.training_heads():
+            logits = self._logits(head, maps)
+            loss = head._loss(logits, batch["mask"])
+            self.log(f"{name}/val/loss", loss, batch_size=logits.shape[0], sync_dist=True)
+            head.val_metrics.update(logits, batch["mask"], batch.get("index"))
+
+    def on_validation_epoch_end(self) -> None:
+        for name, head in list(self.training_heads()):
+            scores = head.validation_scores()
+            for metric in metric_names():
+                self.log(f"{name}/val/{metric}", scores[metric])
+            if head.hparams.schedule != "plateau" or self.trainer.sanity_checking:
+                continue
+            lr = head.plateau_step(
+                float(scores["iou"]), [self.trainer.optimizers[0].param_groups[self.head_index(name)]]
+            )
+            if lr is None:
+                continue
+            self.log(f"{name}/lr", lr)
+            if head.plateau_done(lr):
+                self.stopped[name] = self.current_epoch
+                log.info(
+                    "head %s: learning rate %.2g < min_lr, its training stops after epoch %d",
+                    name,
+                    lr,
+                    self.current_epoch + 1,
+                )
+        if all(name in self.stopped for name in self.heads):
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [
+            {
+                "params": list(head.decoder.parameters()),
+                "lr": head.hparams.lr,
+                "weight_decay": head.hparams.weight_decay,
+            }
+            for head in self.heads.values()
+        ]
+        return torch.optim.Adam(groups)
+
+    # -------------------------------------------------------------------- test
+    def on_test_epoch_start(self) -> None:
+        for head in self.heads.values():
+            head.on_test_epoch_start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        maps = self.shared_maps(batch)
+        for head in self.heads.values():
+            head.test_metrics[dataloader_idx].update(self._logits(head, maps), batch["mask"], batch.get("index"))
+
+    def on_test_epoch_end(self) -> None:
+        for name, head in self.heads.items():
+            for subset, scores in head.collect_test_results().items():
+                for key in metric_names():
+                    self.log(f"{name}/test/{subset}/{key}", scores[key], add_dataloader_idx=False)
+
+    # ------------------------------------------------------------- checkpoints
+    def _encoder_key(self, key: str) -> bool:
+        return key.startswith("encoder.") or any(key.startswith(f"heads.{name}.encoder.") for name in self.heads)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if any(p.requires_grad for p in self.encoder.parameters()):
+            raise RuntimeError("refusing to drop encoder weights from the checkpoint: some are trainable")
+        for key in [k for k in checkpoint["state_dict"] if self._encoder_key(k)]:
+            del checkpoint["state_dict"][key]
+        checkpoint["deeploc"] = {
+            "heads": list(self.heads),
+            "encoder": self.encoder.identity(),
+            "decoders": {name: head.decoder.record() for name, head in self.heads.items()},
+            "plateau": {name: dict(head._plateau) for name, head in self.heads.items()},
+            "stopped": dict(self.stopped),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("deeploc") or {}
+        if meta.get("heads") != list(self.heads):
+            raise IncompatibleCheckpointError(
+                f"the multi-head checkpoint holds heads {meta.get('heads')}, this job trains {list(self.heads)}"
+            )
+        if not same_encoder(meta["encoder"], self.encoder.identity()):
+            raise IncompatibleCheckpointError(
+                f"the multi-head checkpoint was trained on encoder {meta['encoder']}, this job builds "
+                f"{self.encoder.identity()}"
+            )
+        for name, head in self.heads.items():
+            if not same_decoder(meta["decoders"][name], head.decoder.record()):
+                raise IncompatibleCheckpointError(
+                    f"head {name}: the multi-head checkpoint holds decoder {meta['decoders'][name].get('label')}, "
+                    f"this job builds {head.decoder.label}"
+                )
+            head._plateau = dict(meta["plateau"][name])
+        self.stopped = {str(k): int(v) for k, v in meta.get("stopped", {}).items()}
