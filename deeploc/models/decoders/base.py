@@ -19,6 +19,7 @@ implements :meth:`Decoder.decode`, plus ``conf/decoder/<name>.yaml`` (docs/exten
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -208,7 +209,7 @@ def conv_block(c_in: int, c_out: int) -> list[nn.Module]:
 def upsample_steps(stride: float, target_stride: float, what: str) -> int:
     """How many x2 upsamplings take a map at ``stride`` to ``target_stride`` (an error unless a power of two)."""
     ratio = stride / target_stride
-    steps = round(torch.log2(torch.tensor(ratio)).item()) if ratio > 0 else -1
+    steps = round(math.log2(ratio)) if ratio > 0 else -1
     if steps < 0 or abs(2**steps - ratio) > 1e-6 * ratio:
         raise DecoderError(
             f"{what}: stride {stride} is not a power-of-two multiple of the target stride {target_stride}; "
