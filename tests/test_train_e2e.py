@@ -65,9 +65,9 @@ def test_train_learns_and_writes_run_artefacts(trained_run: Path) -> None:
     assert len(list((trained_run / "overlays").glob("*/*.png"))) == 2 * len(subsets)
     offline = list((trained_run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
-    # Validation prediction panels every 5 epochs (25 epochs -> 5 panels).
+    # Validation prediction panels after epoch 1, every 5th and the last (25 epochs -> 1, 5, 10, 15, 20, 25).
     panels = list(offline[0].glob("files/media/images/val/predictions_*.png"))
-    assert len({p.name.split("_")[1] for p in panels}) == 5 and len(panels) == 5 * 4
+    assert len({p.name.split("_")[1] for p in panels}) == 6 and len(panels) == 6 * 4
     assert (trained_run / "csv" / "metrics.csv").is_file()
 
 
