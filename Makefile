@@ -10,7 +10,7 @@ export WANDB_SILENT := true
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo test test-all lint format report bench clean
+.PHONY: help install demo test test-all lint format report bench gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -45,8 +45,11 @@ format: install ## Format and autofix with ruff
 report: install ## Tables and figures for a sweep: make report SWEEP=outputs/sweeps/paper_table
 	$(BIN)/deeploc-report $(SWEEP)
 
-bench: install ## Speed benchmark (prints tables; minutes)
+bench: install ## Speed benchmark of the paper table as users run it (CPU; prints tables; ~20 minutes)
 	$(BIN)/python benchmarks/bench_speed.py
+
+gpu-check: install ## GPU check of the multi-head path + projection of the full Dolos table (< 8 min on one H200)
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 clean: ## Remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
