@@ -191,16 +191,16 @@ def decoder_train_flops(feature: str, depth: int, image_size: int) -> float:
     return counter.get_total_flops() / 2
 
 
-def encoder_flops(config: str, image_size: int) -> float:
-    """FLOPs of one image through the frozen SAM2 encoder (all three maps), counted on the meta device."""
+def encoder_flops(config: str, image_size: int, device: str = "cpu") -> float:
+    """FLOPs of one image through the frozen SAM2 encoder (all three maps), counted on one real forward pass (sam2's
+    Hiera reads tensor values while it is built, so it cannot be built on the meta device)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from deeploc.models.encoders.sam2 import SAM2Encoder
 
-    with torch.device("meta"):
-        encoder = SAM2Encoder(config, random_init=True, image_size=image_size)
-    with FlopCounterMode(display=False) as counter:
-        encoder(torch.empty(1, 3, image_size, image_size, device="meta"))
+    encoder = SAM2Encoder(config, random_init=True, image_size=image_size, bf16=False).to(device).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder(torch.rand(1, 3, image_size, image_size, device=device))
     return float(counter.get_total_flops())
 
 

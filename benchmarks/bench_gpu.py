@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from deeploc.models.encoders.sam2 import SAM2Encoder
 
     encoder = SAM2Encoder(args.config, random_init=True, image_size=args.image_size).to(device).eval()
-    enc_flops = encoder_flops(args.config, args.image_size)
+    enc_flops = encoder_flops(args.config, args.image_size, args.device)
     heads_flops = sum(decoder_train_flops(feature, depth, args.image_size) for _, depth, feature in CONFIGS)
     extract_ips = extraction(args, encoder, device)
     step_ips = multihead_step(args, encoder, device)
