@@ -102,25 +102,38 @@ class BestValidation(L.Callback):
         self.best = {str(k): float(v) for k, v in state_dict.get("best", {}).items()}
 
 
-def render_panels(pl_module: Any, samples: list[Any]) -> list[np.ndarray]:
-    """Titled image | prediction | probability | truth panels for a few samples (runs the encoder on just these images)."""
-    return render_panels_of([pl_module], samples)[0]
-
-
-def render_panels_of(modules: Sequence[Any], samples: list[Any]) -> list[list[np.ndarray]]:
-    """:func:`render_panels` for several modules sharing one encoder (the heads of a multi-head job): the encoder
-    runs once on the images, every module's decoder on its maps. One list of panels per module."""
+def render_panels_of(
+    modules: Sequence[Any], samples: list[Any], maps: dict[str, torch.Tensor] | None = None
+) -> list[list[np.ndarray]]:
+    """Titled image | prediction | probability | truth panels of a few samples for several modules sharing one
+    encoder (one run's module, or the heads of a multi-head job): the encoder runs once on the images, every
+    module's decoder on its maps. One list of panels per module. ``maps``: the
+    samples' maps when they are at hand already (the feature cache), so the encoder does not run at all."""
     images = [read_rgb(s.image) for s in samples]
     batch = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for im in images]).float().div(255)
     batch = batch.to(modules[0].device)
-    names = tuple(dict.fromkeys(name for module in modules for name in module.decoder.inputs))
-    maps = modules[0].encoder(batch, names=names)
+    if maps is None:
+        names = tuple(dict.fromkeys(name for module in modules for name in module.decoder.inputs))
+        maps = modules[0].encoder(batch, names=names)
+    else:
+        maps = {name: fmap.to(modules[0].device).float() for name, fmap in maps.items()}
     truths = [read_mask(s.mask, s.mask_polarity, s.mask_threshold) != 255 for s in samples]
     out = []
     for module in modules:
         probs = module.predict_probabilities(batch, maps=maps).cpu().numpy()
         out.append([panel(im, p, truth) for im, p, truth in zip(images, probs, truths)])
     return out
+
+
+def cached_maps(dataset: Any, samples: Sequence[Any]) -> dict[str, torch.Tensor] | None:
+    """The cached maps of ``samples``, the first items of ``dataset`` (a split's dataset), or None when the dataset
+    serves images (the encoder must run) or holds other images."""
+    items = [dataset[i] for i in range(min(len(samples), len(dataset)))]
+    if not items or "features" not in items[0] or [item["name"] for item in items] != [s.name for s in samples]:
+        return None
+    return {
+        name: torch.stack([torch.as_tensor(item["features"][name]) for item in items]) for name in items[0]["features"]
+    }
 
 
 class PredictionPanel(L.Callback):
@@ -153,26 +166,48 @@ class PredictionPanel(L.Callback):
             return
         plan = self._plan(trainer)
         if plan is not None and plan.valid:
-            self._log(trainer, pl_module, "val/predictions", plan.valid, f"epoch {epoch}, validation")
+            self.log_panels(trainer, self.targets(trainer, pl_module, training=True), "val/predictions", plan.valid,
+                            ("valid", None), f"epoch {epoch}, validation")  # fmt: skip
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         plan = self._plan(trainer)
+        targets = self.targets(trainer, pl_module, training=False)
         for subset, samples in (plan.test if plan is not None else {}).items():
             if samples:
-                self._log(trainer, pl_module, f"test/{subset}/predictions", samples, "tested model, test")
+                self.log_panels(trainer, targets, f"test/{subset}/predictions", samples, ("test", subset),
+                                "tested model, test")  # fmt: skip
+
+    def targets(self, trainer: L.Trainer, pl_module: Any, training: bool) -> list[tuple[Any, list[WandbLogger]]]:
+        """(module, its W&B loggers) pairs to draw panels for: here the run's module and the trainer's loggers."""
+        return [(pl_module, _wandb_loggers(trainer))]
 
     def _plan(self, trainer: L.Trainer) -> Any:
-        """The data plan when panels are wanted here (W&B logging, rank 0), else None."""
-        if not trainer.is_global_zero or not _wandb_loggers(trainer):
+        """The data plan when panels are wanted here (rank 0), else None."""
+        if not trainer.is_global_zero:
             return None
         return getattr(trainer.datamodule, "plan", None)
 
-    def _log(self, trainer: L.Trainer, pl_module: Any, key: str, samples: list[Any], context: str) -> None:
+    def log_panels(
+        self,
+        trainer: L.Trainer,
+        targets: Sequence[tuple[Any, Sequence[WandbLogger]]],
+        key: str,
+        samples: list[Any],
+        stage: tuple[str, str | None],
+        context: str,
+    ) -> None:
+        """Draw the first ``n_images`` of ``samples`` for every target module (one encoder pass for all of them, or
+        none when the split is served from the feature cache) and log them to that module's W&B loggers."""
+        targets = [(module, loggers) for module, loggers in targets if loggers]
+        if not targets:
+            return
         chosen = samples[: self.n_images]
-        panels = render_panels(pl_module, chosen)
+        maps = cached_maps(trainer.datamodule.dataset(*stage), chosen)
         captions = [f"{context} subset {s.subset}, image {s.name}" for s in chosen]
-        for logger in _wandb_loggers(trainer):
-            logger.log_image(key, panels, step=trainer.global_step, caption=captions)
+        drawn = render_panels_of([module for module, _ in targets], chosen, maps)
+        for (_, loggers), panels in zip(targets, drawn):
+            for logger in loggers:
+                logger.log_image(key, panels, step=trainer.global_step, caption=captions)
 
 
 def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:

@@ -235,10 +235,11 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
 
 def write_overlays(models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir], count: int) -> list[Path]:
     """Render a few test predictions of each test subset as panels into <run>/overlays/<subset>/, for each model
-    (sharing one encoder: the heads of a multi-head job) and its run; the encoder runs once per subset."""
+    (sharing one encoder: the heads of a multi-head job) and its run. The maps come from the feature cache when the
+    run was tested from it (the maps it was scored on; no encoder pass), else the encoder runs once per subset."""
     from PIL import Image
 
-    from deeploc.callbacks import render_panels_of
+    from deeploc.callbacks import cached_maps, render_panels_of
 
     written = []
     for model in models:
@@ -247,7 +248,8 @@ def write_overlays(models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir
         chosen = samples[:count]
         if not chosen:
             continue
-        for run, pictures in zip(runs, render_panels_of(models, chosen)):
+        maps = cached_maps(datamodule.dataset("test", subset), chosen)
+        for run, pictures in zip(runs, render_panels_of(models, chosen, maps)):
             folder = run.path / "overlays" / subset
             folder.mkdir(parents=True, exist_ok=True)
             for sample, picture in zip(chosen, pictures):

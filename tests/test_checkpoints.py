@@ -104,6 +104,7 @@ def _run_with_fault(fault: str, args: list[str], workdir: Path, system_temp: Pat
     )
 
 
+@pytest.mark.slow  # ~30 s; in-process: test_a_failed_checkpoint_write_keeps_the_previous_checkpoint
 def test_disk_full_or_kill_during_a_checkpoint_write_never_costs_the_previous_one(
     shared_workdir: Path, tmp_path: Path
 ) -> None:

@@ -491,6 +491,7 @@ def test_cache_allowed_only_without_augmentations() -> None:
 # ------------------------------------------------------------------------------------------------ deeploc-extract
 
 
+@pytest.mark.slow  # ~30 s; default suite: test_extract_cli_shards_add_up_to_the_full_cache, test_clip_e2e (each image encoded once)
 def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) -> None:
     from tests.e2e import TINY_DATA, env_for, run_cli
 

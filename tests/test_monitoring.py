@@ -159,6 +159,7 @@ def test_an_unreachable_wandb_server_is_waited_for_boundedly_then_the_run_logs_o
     assert "127.0.0.1:9" in message and f"wandb sync {offline}" in message
 
 
+@pytest.mark.slow  # ~15 s; in-process: test_an_unreachable_wandb_server_is_waited_for_boundedly_then_the_run_logs_offline
 def test_training_goes_on_offline_when_the_wandb_server_is_unreachable(shared_workdir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = train_args(

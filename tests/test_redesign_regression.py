@@ -81,7 +81,11 @@ RECORDED = {
 }
 
 
-@pytest.mark.parametrize("arch", sorted(RECORDED))
+@pytest.mark.parametrize(
+    # one configuration in the default suite (~10 s each); every recorded one with `make test-all`
+    "arch",
+    [pytest.param(a, marks=() if i == 0 else pytest.mark.slow) for i, a in enumerate(sorted(RECORDED))],
+)
 def test_fixed_seed_conv_runs_reproduce_the_numbers_recorded_before_the_redesign(
     arch: str, shared_workdir: Path, tmp_path: Path
 ) -> None:

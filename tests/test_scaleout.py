@@ -290,6 +290,7 @@ _DDP_SCRIPT = """
 """
 
 
+@pytest.mark.slow  # ~10 s; default suite: test_ddp_evaluation_equals_single_process, the requeue test
 def test_ddp_ranks_agree_on_a_signal_only_one_of_them_received(tmp_path: Path) -> None:
     script = tmp_path / "ddp_requeue.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT))

@@ -160,6 +160,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(shared_workdir: Path, tmp
         assert len(expected) == epochs and _tensorboard_scalars(resumed, tag) == expected
 
 
+@pytest.mark.slow  # ~20 s; default suite: test_scaleout's requeued job continues its W&B run
 def test_resumed_run_continues_the_same_wandb_run(shared_workdir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     common = train_args(shared_workdir, "overlays=0", f"hydra.run.dir={run_dir}")

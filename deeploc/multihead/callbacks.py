@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from deeploc.callbacks import BestValidation, epoch_line, render_panels
+from deeploc.callbacks import BestValidation, PredictionPanel, epoch_line
 from deeploc.cluster import RequeueOnSignal
 
 __all__ = [
@@ -158,28 +158,17 @@ class HeadEpochSummary(L.Callback):
             log.info("%s: %s", name, epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
 
 
-class HeadPredictionPanel(L.Callback):
-    """Every few epochs, each head's validation panels into that head's W&B run (as the single run's panel)."""
+class HeadPredictionPanel(PredictionPanel):
+    """Each head's W&B panels into that head's own W&B run, at the epochs and in the form of a single run's
+    (:class:`~deeploc.callbacks.PredictionPanel`); one encoder pass (or the cached maps) draws every head's."""
 
     def __init__(self, loggers: Mapping[str, Sequence[Logger]], every_n_epochs: int = 5, n_images: int = 4) -> None:
+        super().__init__(every_n_epochs, n_images)
         self.wandb = {name: [lg for lg in lgs if isinstance(lg, WandbLogger)] for name, lgs in loggers.items()}
-        self.every_n_epochs = every_n_epochs
-        self.n_images = n_images
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if trainer.sanity_checking or not trainer.is_global_zero or epoch % self.every_n_epochs:
-            return
-        plan = getattr(trainer.datamodule, "plan", None)
-        if plan is None or not plan.valid:
-            return
-        samples = plan.valid[: self.n_images]
-        captions = [f"{s.subset}/{s.name}: image | prediction | probability | truth" for s in samples]
-        for name, head in pl_module.training_heads():
-            if self.wandb.get(name):
-                panels = render_panels(head, samples)
-                for logger in self.wandb[name]:
-                    logger.log_image("val/predictions", panels, step=trainer.global_step, caption=captions)
+    def targets(self, trainer: L.Trainer, pl_module: Any, training: bool) -> list[tuple[Any, list[WandbLogger]]]:
+        heads = pl_module.training_heads() if training else pl_module.heads.items()
+        return [(head, self.wandb.get(name, [])) for name, head in heads]
 
 
 class HeadLoggers(Logger):
