@@ -169,11 +169,8 @@ def test_a_checkpoint_never_makes_deeploc_import_a_module(tmp_path: Path) -> Non
         decoder_from_record(record)
 
 
-@pytest.mark.parametrize(
-    ("decoder", "feature"),
-    # linear: ~25 s, slow; in the default suite through the decoder contract tests and as a multi-head head
-    [("fusion", "high_res_feats_1"), pytest.param("linear", "image_embed", marks=pytest.mark.slow)],
-)
+@pytest.mark.slow  # ~27 s each; default suite: the decoder contract tests, fusion as a multi-head head, a user decoder
+@pytest.mark.parametrize(("decoder", "feature"), [("fusion", "high_res_feats_1"), ("linear", "image_embed")])
 def test_new_decoders_train_from_the_cache_as_on_the_fly_and_round_trip_through_export(
     decoder: str, feature: str, shared_workdir: Path, tmp_path: Path
 ) -> None:

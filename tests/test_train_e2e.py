@@ -139,6 +139,7 @@ def test_missing_dolos_root_fails_before_training(tmp_path: Path) -> None:
     assert not list((tmp_path / "outputs").rglob("*.ckpt"))
 
 
+@pytest.mark.slow  # ~6 s; default suite: test_missing_dolos_root_fails_before_training
 def test_dolos_without_a_root_names_the_key_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DOLOS_ROOT", raising=False)
     proc = run_cli("deeploc.train", ["data=dolos", "encoder=micro"], tmp_path, check=False)

@@ -78,6 +78,7 @@ def test_main_returns_the_best_validation_value_of_optimized_metric(shared_workd
 # ---------------------------------------------------------------------------------------- run directories
 
 
+@pytest.mark.slow  # ~15 s; old names: tests/test_naming.py
 def test_a_run_directory_named_the_old_way_is_resumed_in_place(shared_workdir: Path, tmp_path: Path) -> None:
     args = train_args(shared_workdir, "trainer.max_epochs=1", "overlays=0", "logger=csv")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -143,6 +144,7 @@ def debug_then_real(shared_workdir: Path, tmp_path_factory: pytest.TempPathFacto
     return run_dir, common, debug, after_debug, real
 
 
+@pytest.mark.slow  # ~17 s; default suite: test_debug_presets (debug=fdr)
 def test_fast_dev_run_works_without_plus_and_leaves_nothing_a_real_run_would_take_as_its_own(debug_then_real) -> None:
     run_dir, _, debug, after_debug, real = debug_then_real
     assert "fast_dev_run=1: a debug pass" in debug.stdout + debug.stderr
@@ -153,6 +155,7 @@ def test_fast_dev_run_works_without_plus_and_leaves_nothing_a_real_run_would_tak
     assert len(_csv_column(run_dir, "val/iou")) == 1  # the debug pass logged nothing
 
 
+@pytest.mark.slow  # ~6 s (+ the fixture); in-process: tests/test_naming.py
 def test_a_run_directory_of_another_existing_dataset_is_not_reused(debug_then_real, tmp_path: Path) -> None:
     _, common, *_ = debug_then_real
     data = next(a.split("=", 1)[1] for a in common if a.startswith("data.root="))
@@ -200,7 +203,11 @@ def test_deeploc_errors_print_one_line_without_traceback_unless_verbose(tmp_path
     ("override", "message"),
     [
         ("data.batch_size=abc", "data.batch_size='abc' must be a positive integer"),
-        ("trainer.precision=bogus", "Lightning refused the trainer settings (trainer.*): Precision 'bogus' is invalid"),
+        pytest.param(
+            "trainer.precision=bogus",
+            "Lightning refused the trainer settings (trainer.*): Precision 'bogus' is invalid",
+            marks=pytest.mark.slow,  # ~8 s: a second process start for one more message
+        ),
     ],
 )
 def test_bad_settings_fail_before_any_work(override: str, message: str, shared_workdir: Path, tmp_path: Path) -> None:
@@ -268,6 +275,7 @@ def test_conflicting_arch_and_decoder_in_a_sweep_trains_nothing(tmp_path: Path) 
     assert not list((tmp_path / "outputs").rglob("*.ckpt"))
 
 
+@pytest.mark.slow  # ~7 s; in-process: tests/test_settings.py
 def test_a_sweep_experiment_without_m_is_refused(tmp_path: Path) -> None:
     proc = _train(tmp_path, ["experiment=paper_table", "encoder=micro"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
