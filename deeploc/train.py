@@ -550,11 +550,18 @@ def train_job(cfg: DictConfig) -> float | None:
     if "heads" in metrics:  # a multi-head job: no single value to optimise
         for name, results in metrics["heads"].items():
             value = best_validation_value(results, cfg.optimized_metric)
-            log.info("head %s: best validation %s of the run: %s", name, cfg.optimized_metric, value)
+            log.info("head %s: best validation %s of the run: %s", name, cfg.optimized_metric, shown(value, cfg))
         return None
     value = best_validation_value(metrics, cfg.optimized_metric)
-    log.info("best validation %s of the run: %s (the value returned to Hydra)", cfg.optimized_metric, value)
+    log.info("best validation %s of the run: %s (the value returned to Hydra)", cfg.optimized_metric, shown(value, cfg))
     return value
+
+
+def shown(value: float | None, cfg: DictConfig) -> str:
+    """``optimized_metric``'s value for the console: percentages with 2 decimals, a loss with 4 (never 7.8e-11)."""
+    if value is None:
+        return "none (no validation epoch)"
+    return f"{value:.4f}" if str(cfg.optimized_metric).endswith("loss") else f"{value:.2f}"
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from deeploc.config import CONF_DIR
 from deeploc.hparams import BEST_FILE, RESULTS_FILE
+from deeploc.train import best_validation_value
 from tests.e2e import TINY_DATA, run_cli
 
 TRIALS = 3
@@ -44,9 +45,12 @@ def _trials(sweep: Path) -> dict[tuple[str, ...], dict]:
         searched = tuple(sorted(line for line in overrides if line.split("=")[0] in SEARCHED))
         with open(run / "csv" / "metrics.csv", newline="") as handle:
             val_iou = [float(row["val/iou"]) for row in csv.DictReader(handle) if row.get("val/iou")]
-        [returned] = RETURNED.findall((run / "train.log").read_text())
-        test = {name: s["iou"] for name, s in json.loads((run / "metrics.json").read_text())["test"].items()}
-        trials[searched] = {"run": run, "returned": float(returned), "best_val": max(val_iou), "test": test}
+        metrics = json.loads((run / "metrics.json").read_text())
+        returned = best_validation_value(metrics, "val/iou")  # what deeploc-train's main returns to the sweeper
+        [shown] = RETURNED.findall((run / "train.log").read_text())
+        assert float(shown) == pytest.approx(returned, abs=0.005) and "e-" not in shown  # 2 decimals, no 7.8e-11
+        test = {name: s["iou"] for name, s in metrics["test"].items()}
+        trials[searched] = {"run": run, "returned": returned, "best_val": max(val_iou), "test": test}
     return trials
 
 
