@@ -20,6 +20,7 @@ from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_conve
 from deeploc.models.decoders import Decoder, DecoderError, UnknownMapError, decoder_from_record
 from deeploc.models.encoders import FrozenEncoder, build_encoder, same_encoder
 from deeploc.models.state_dicts import state_dict_mismatch
+from deeploc.test_maps import TestMaps
 
 SCHEDULES = ("fixed", "plateau")
 
@@ -120,6 +121,8 @@ class LocalizationModule(L.LightningModule):
         self.test_metrics = nn.ModuleList()
         self.test_names: list[str] = []
         self.test_results: dict[str, dict[str, float]] = {}
+        #: The maps of the first test images of each subset, for the run's overlays (``test_maps.keep`` of them).
+        self.test_maps = TestMaps()
         # Frozen weights are rebuilt from config, not stored in checkpoints (see on_load_checkpoint's guard).
         self.strict_loading = False
         self._plateau = {"best": float("-inf"), "bad_epochs": 0}
@@ -230,7 +233,10 @@ class LocalizationModule(L.LightningModule):
         ).to(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = self(self.features(batch))
+        maps = self.features(batch)
+        if "name" in batch:
+            self.test_maps.add(self.test_names[dataloader_idx], maps, batch["name"])
+        logits = self(maps)
         self.test_metrics[dataloader_idx].update(logits, batch["mask"], batch.get("index"))
 
     def on_test_epoch_end(self) -> None:

@@ -47,6 +47,7 @@ from deeploc.monitoring import build_loggers, continue_history
 from deeploc.naming import changed_inputs
 from deeploc.runs import RunDir
 from deeploc.settings import OPTIMIZED_METRICS, check_choices, check_config
+from deeploc.test_maps import TestMaps
 
 log = logging.getLogger("deeploc.train")
 
@@ -233,10 +234,13 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
     }
 
 
-def write_overlays(models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir], count: int) -> list[Path]:
+def write_overlays(
+    models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir], count: int, kept: TestMaps | None = None
+) -> list[Path]:
     """Render a few test predictions of each test subset as panels into <run>/overlays/<subset>/, for each model
-    (sharing one encoder: the heads of a multi-head job) and its run. The maps come from the feature cache when the
-    run was tested from it (the maps it was scored on; no encoder pass), else the encoder runs once per subset."""
+    (sharing one encoder: the heads of a multi-head job) and its run. The maps are the ones the test scored:
+    ``kept`` by the test step, else read from the feature cache; only when neither holds them (e.g. another DDP
+    rank tested those images) does the encoder run, once per subset."""
     from PIL import Image
 
     from deeploc.callbacks import cached_maps, render_panels_of
@@ -248,7 +252,9 @@ def write_overlays(models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir
         chosen = samples[:count]
         if not chosen:
             continue
-        maps = cached_maps(datamodule.dataset("test", subset), chosen)
+        maps = kept.of(subset, chosen) if kept is not None else None
+        if maps is None:
+            maps = cached_maps(datamodule.dataset("test", subset), chosen)
         for run, pictures in zip(runs, render_panels_of(models, chosen, maps)):
             folder = run.path / "overlays" / subset
             folder.mkdir(parents=True, exist_ok=True)
@@ -381,10 +387,11 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
             check_checkpoint_digest(run.path, best)
         # Before testing: Lightning restores the callbacks' states from the checkpoint it tests (the best epoch's).
         training = None if evaluate_only else (_best_score(trainer), _best_values(trainer), trainer.current_epoch)
+        model.test_maps = TestMaps(cfg.overlays)  # the overlays' maps, kept as the test computes them
         trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = run_results(cfg, datamodule, model, run, best, features, previous, training)
         if trainer.is_global_zero:
-            finish_runs([model], datamodule, [run], [metrics], cfg.overlays)
+            finish_runs([model], datamodule, [run], [metrics], cfg.overlays, model.test_maps)
         return metrics
     finally:
         _finish_wandb()
@@ -420,10 +427,15 @@ def run_results(
 
 
 def finish_runs(
-    models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir], metrics: Sequence[dict[str, Any]], overlays: int
+    models: Sequence[Any],
+    datamodule: Any,
+    runs: Sequence[RunDir],
+    metrics: Sequence[dict[str, Any]],
+    overlays: int,
+    kept: TestMaps | None = None,
 ) -> None:
     """Write tested runs' overlays, then each one's metrics.json (last: the mark of a finished run); log results."""
-    write_overlays(models, datamodule, runs, overlays)
+    write_overlays(models, datamodule, runs, overlays, kept)
     for run, results in zip(runs, metrics):
         run.write_metrics(results)
         log.info("%s", format_results(results, run))

@@ -1,10 +1,11 @@
-"""Overlays and W&B panels reuse the maps a run was scored on: from the feature cache, the encoder never runs again;
-streamed, it runs once per subset for every head together."""
+"""Overlays and W&B panels reuse the maps a run was scored on: kept by the test step or read from the feature cache,
+the encoder never runs again; without them, it runs once per subset for every head together."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,6 +13,7 @@ from PIL import Image
 
 from deeploc.config import CONF_DIR
 from deeploc.runs import RunDir
+from deeploc.test_maps import TestMaps
 from deeploc.train import build_datamodule, build_model, serve_features, write_overlays
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
@@ -30,20 +32,36 @@ def _counting(encoder) -> list[int]:
     return calls
 
 
-def test_overlays_of_a_cached_run_read_the_cache_and_streamed_runs_encode_once_per_subset(tmp_path: Path) -> None:
+def _setup(tmp_path: Path, features: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[
                 f"data.root={tmp_path / 'data'}", "data.synthetic.n_train=8", "data.synthetic.n_valid=2",
-                "data.synthetic.n_test=2", "data.synthetic.size=64", "data.num_workers=0",
-                "encoder=micro", "encoder.image_size=128", "decoder=fusion", "features=cache",
+                "data.synthetic.n_test=3", "data.synthetic.size=64", "data.num_workers=0", "data.eval_batch_size=2",
+                "encoder=micro", "encoder.image_size=128", "decoder=fusion", f"features={features}",
                 f"features.dir={tmp_path / 'features'}",
             ],
         )  # fmt: skip
     datamodule = build_datamodule(cfg)
     heads = [build_model(cfg)]
     heads.append(build_model(cfg, encoder=heads[0].encoder))  # a second head on the same encoder
+    return cfg, datamodule, heads
+
+
+def _same_pictures(runs_a: list[RunDir], runs_b: list[RunDir]) -> None:
+    for run_a, run_b in zip(runs_a, runs_b):
+        paths = sorted(run_a.path.glob("overlays/*/*.png"))
+        assert paths
+        for path in paths:
+            a = np.asarray(Image.open(path), dtype=float)
+            b = np.asarray(Image.open(run_b.path / path.relative_to(run_a.path)), dtype=float)
+            # fp16 cached maps vs fp32 encoder output, or another batch size: the same picture to within rounding
+            assert a.shape == b.shape and np.abs(a - b).mean() < 0.5
+
+
+def test_overlays_of_a_cached_run_read_the_cache_and_without_it_encode_once_per_subset(tmp_path: Path) -> None:
+    cfg, datamodule, heads = _setup(tmp_path, "cache")
     assert serve_features(cfg, datamodule, heads[0].encoder, heads[0].decoder.inputs) == "cache"
     calls = _counting(heads[0].encoder)
     cached = [RunDir(tmp_path / "cached-a"), RunDir(tmp_path / "cached-b")]
@@ -51,13 +69,25 @@ def test_overlays_of_a_cached_run_read_the_cache_and_streamed_runs_encode_once_p
     subsets = list(datamodule.plan.test)
     assert calls == [] and len(written) == 2 * 2 * len(subsets)
 
-    datamodule.set_dataset_factory(None)  # the same run, streamed: images in every dataset
-    streamed = [RunDir(tmp_path / "stream-a"), RunDir(tmp_path / "stream-b")]
-    write_overlays(heads, datamodule, streamed, count=2)
+    datamodule.set_dataset_factory(None)  # the same run, images in every dataset and no maps kept
+    encoded = [RunDir(tmp_path / "encoded-a"), RunDir(tmp_path / "encoded-b")]
+    write_overlays(heads, datamodule, encoded, count=2)
     assert calls == [2] * len(subsets)  # one pass per subset, shared by both heads
-    for run_cached, run_streamed in zip(cached, streamed):
-        for path in run_cached.path.glob("overlays/*/*.png"):
-            a = np.asarray(Image.open(path), dtype=float)
-            b = np.asarray(Image.open(run_streamed.path / path.relative_to(run_cached.path)), dtype=float)
-            # fp16 cached maps vs fp32 encoder output: the same picture to within rounding of a few pixels
-            assert a.shape == b.shape and np.abs(a - b).mean() < 0.5
+    _same_pictures(cached, encoded)
+
+
+def test_a_streamed_run_draws_its_overlays_from_the_maps_its_test_step_kept(tmp_path: Path) -> None:
+    _, datamodule, (model, _) = _setup(tmp_path, "stream")
+    calls = _counting(model.encoder)
+    model.test_maps = TestMaps(3)  # more than one test batch (eval_batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    subsets = list(datamodule.plan.test)
+    assert calls == [2, 1] * len(subsets)  # the test itself: 3 images per subset
+    kept = [RunDir(tmp_path / "kept")]
+    write_overlays([model], datamodule, kept, count=3, kept=model.test_maps)
+    assert calls == [2, 1] * len(subsets)  # no pass for the overlays
+    encoded = [RunDir(tmp_path / "encoded")]
+    write_overlays([model], datamodule, encoded, count=3)
+    assert calls[2 * len(subsets) :] == [3] * len(subsets)
+    _same_pictures(kept, encoded)

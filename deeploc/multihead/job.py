@@ -47,6 +47,7 @@ from deeploc.multihead.heads import Head, check_run_folders, compose_heads
 from deeploc.multihead.module import MultiHeadModule
 from deeploc.runs import HEADS_FILE, RunDir
 from deeploc.settings import OPTIMIZED_METRICS
+from deeploc.test_maps import TestMaps
 
 __all__ = ["train_heads"]
 
@@ -149,6 +150,7 @@ def _fit_and_test(
         if head not in training:  # a finished run re-tested: its checkpoint must be the one it finished with
             check_checkpoint_digest(head.run.path, best[head.name])
         _load_weights(modules[head.name], best[head.name])
+    tested.test_maps = TestMaps(cfg.overlays)  # the overlays' maps, kept as the test computes them
     trainer.test(tested, datamodule=datamodule, verbose=False)
     results = {
         head.name: run_results(
@@ -165,7 +167,9 @@ def _fit_and_test(
     }
     if trainer.is_global_zero:
         models = [modules[head.name] for head in active]
-        finish_runs(models, datamodule, [head.run for head in active], list(results.values()), cfg.overlays)
+        finish_runs(
+            models, datamodule, [head.run for head in active], list(results.values()), cfg.overlays, tested.test_maps
+        )
         shutil.rmtree(job.checkpoints, ignore_errors=True)  # every head is finished: nothing left to resume
         _write_summary(job, active, dict.fromkeys((h.name for h in active), "finished"))
     return {"heads": {**{k: v for k, v in previous.items() if v is not None}, **results}}

@@ -28,6 +28,7 @@ from torch import nn
 from deeploc.metrics import metric_names
 from deeploc.models.encoders import same_encoder
 from deeploc.module import IncompatibleCheckpointError, LocalizationModule, same_decoder
+from deeploc.test_maps import TestMaps
 
 __all__ = ["MultiHeadModule"]
 
@@ -55,6 +56,8 @@ class MultiHeadModule(L.LightningModule):
         # Frozen weights are rebuilt from config, not stored in checkpoints (as in LocalizationModule).
         self.strict_loading = False
         self.stopped: dict[str, int] = {}
+        #: The maps of the first test images of each subset, shared by every head's overlays.
+        self.test_maps = TestMaps()
 
     # ----------------------------------------------------------------- wiring
     @property
@@ -149,6 +152,8 @@ class MultiHeadModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         maps = self.shared_maps(batch)
+        if "name" in batch:
+            self.test_maps.add(next(iter(self.heads.values())).test_names[dataloader_idx], maps, batch["name"])
         for head in self.heads.values():
             head.test_metrics[dataloader_idx].update(self._logits(head, maps), batch["mask"], batch.get("index"))
 
