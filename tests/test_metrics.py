@@ -614,6 +614,7 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~8 s; default suite: test_scaleout.py::test_ddp_evaluation_equals_single_process
 def test_ddp_sync_equals_single_process(tmp_path: Path) -> None:
     rng = np.random.default_rng(21)
     logits, masks = _batch_data(rng, N_DDP, (16, 16), (32, 32))
