@@ -67,6 +67,7 @@ __all__ = [
     "read_rgb",
     "resolve_root",
     "scan_folder",
+    "scan_pair",
     "validate_samples",
 ]
 
@@ -167,6 +168,25 @@ def available_subsets(root: str | os.PathLike[str], source: str = "celebahq") ->
 # -------------------------------------------------------------------------------------------------- index
 
 
+def scan_pair(
+    idir: Path, mdir: Path, problems: list[str], key: str
+) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
+    """Scan an image folder and its mask folder (:func:`scan_folder`): (images, masks, the image folder's subfolders).
+    Non-image files and ``key``s (names, stems) with several image files are added to ``problems``."""
+    images, img_other, img_dups, img_dirs = scan_folder(idir)
+    masks, mask_other, mask_dups, _ = scan_folder(mdir)
+    for folder, other in ((idir, img_other), (mdir, mask_other)):
+        if other:
+            problems.append(f"{len(other)} non-image file(s) in {folder}: {format_list(other)}; remove or move them")
+    for folder, dups in ((idir, img_dups), (mdir, mask_dups)):
+        if dups:
+            problems.append(
+                f"{len(dups)} {key}(s) with several image files in {folder}: {format_list(dups)}; images and masks "
+                f"are matched by {key}, so keep one file per {key}"
+            )
+    return images, masks, img_dirs
+
+
 def scan_folder(folder: Path) -> tuple[dict[str, Path], list[str], list[str], list[str]]:
     """Files of one split folder: (stem -> image path, non-image file names, duplicate stems, subfolders).
 
@@ -249,19 +269,7 @@ def find_samples(
             if not mdir.is_dir():
                 problems.append(f"missing mask folder {mdir} (images are in {idir}); re-extract the archive")
                 continue
-            images, img_other, img_dups, img_dirs = scan_folder(idir)
-            masks, mask_other, mask_dups, _ = scan_folder(mdir)
-            for folder, other in ((idir, img_other), (mdir, mask_other)):
-                if other:
-                    problems.append(
-                        f"{len(other)} non-image file(s) in {folder}: {format_list(other)}; remove or move them"
-                    )
-            for folder, dups in ((idir, img_dups), (mdir, mask_dups)):
-                if dups:
-                    problems.append(
-                        f"{len(dups)} name(s) with several image files in {folder}: {format_list(dups)}; "
-                        "keep one file per name"
-                    )
+            images, masks, img_dirs = scan_pair(idir, mdir, problems, "name")
             if not images:
                 nested = f" (it has subfolders {format_list(img_dirs)}; nested folders are not searched)"
                 problems.append(

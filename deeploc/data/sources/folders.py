@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deeploc.data.errors import DatasetError, format_list
-from deeploc.data.layout import SPLITS, Sample, index_real, scan_folder
+from deeploc.data.layout import SPLITS, Sample, index_real, scan_pair
 from deeploc.data.masks import WHITE_POLARITY
 from deeploc.data.sources.base import SOURCES, DataSource
 
@@ -102,19 +102,7 @@ class FoldersSource(DataSource):
                 problems.append(f"no folder {folder}; set data.source_options.{option} (--source-option {option}=...)")
         if problems:
             return []
-        images, img_other, img_dups, _ = scan_folder(idir)
-        masks, mask_other, mask_dups, _ = scan_folder(mdir)
-        for folder, other in ((idir, img_other), (mdir, mask_other)):
-            if other:
-                problems.append(
-                    f"{len(other)} non-image file(s) in {folder}: {format_list(other)}; remove or move them"
-                )
-        for folder, dups in ((idir, img_dups), (mdir, mask_dups)):
-            if dups:
-                problems.append(
-                    f"{len(dups)} stem(s) with several image files in {folder}: {format_list(dups)}; images and masks "
-                    "are matched by file stem, so keep one file per stem"
-                )
+        images, masks, _ = scan_pair(idir, mdir, problems, "stem")
         if not images:
             problems.append(f"{idir} holds no images")
         suffix = self.mask_suffix
