@@ -31,6 +31,15 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(VERBOSE_FLAG, action="store_true", help="show the full traceback of an error")
 
 
+def report_error(prog: str, exc: BaseException, verbose: bool) -> int:
+    """Inside an ``except`` block of an argparse command: print ``prog: <message>`` and return exit status 1, or
+    re-raise with ``--verbose`` (the full traceback)."""
+    if verbose:
+        raise exc
+    print(f"{prog}: {exc}", file=sys.stderr)
+    return 1
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The options of every command that loads a trained model: the encoder's weights file and plug-in imports."""
     parser.add_argument(

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Mapping
 
-from deeploc.cli.app import add_verbose_flag
+from deeploc.cli.app import add_verbose_flag, report_error
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import (
     SPLITS,
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DatasetError(f"no localization subsets (fake/<subset>/masks) under {root / args.source}")
         samples, problems = find_samples(root, subsets, args.splits, args.source, args.mask_polarity)
     except (DeeplocError, ValueError) as exc:
-        if args.verbose:
-            raise
-        print(f"deeploc-check: {exc}", file=sys.stderr)
-        return 1
+        return report_error("deeploc-check", exc, args.verbose)
     print(f"dataset root: {root}")
     print(format_count_table(count_table(samples)))
     start = time.perf_counter()

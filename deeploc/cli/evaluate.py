@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins
+from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins, report_error
 from deeploc.data.masks import MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
 from deeploc.data.sources import DataSource, build_source
 from deeploc.errors import ConfigError, DeeplocError
@@ -221,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if perturbations:
             written += _robustness(args, model, by_subset, perturbations, results, out, context)
     except (DeeplocError, ValueError) as exc:
-        if args.verbose:
-            raise
-        print(f"deeploc-eval: {exc}", file=sys.stderr)
-        return 1
+        return report_error("deeploc-eval", exc, args.verbose)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

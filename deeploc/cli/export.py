@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
-from deeploc.cli.app import add_verbose_flag, import_plugins
+from deeploc.cli.app import add_verbose_flag, import_plugins, report_error
 from deeploc.errors import DeeplocError
 
 
@@ -44,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export_decoder(args.model, args.out)
         _, metadata = read_export(path)
     except (DeeplocError, OSError) as exc:
-        if args.verbose:
-            raise
-        print(f"deeploc-export: {exc}", file=sys.stderr)
-        return 1
+        return report_error("deeploc-export", exc, args.verbose)
     size_kib = path.stat().st_size / 1024
     print(f"wrote {path} ({size_kib:.1f} KiB): {describe_model(metadata)}")
     if args.show:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
-from deeploc.cli.app import add_verbose_flag
+from deeploc.cli.app import add_verbose_flag, report_error
 from deeploc.errors import DeeplocError
 
 
@@ -53,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         path = import_declip(args.file, args.out, args.feature_layer, args.decoder_type, args.encoder_checkpoint)
         _, metadata = read_export(path)
     except (DeeplocError, OSError) as exc:
-        if args.verbose:
-            raise
-        print(f"deeploc-import: {exc}", file=sys.stderr)
-        return 1
+        return report_error("deeploc-import", exc, args.verbose)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {describe_model(metadata)}")
     weights = metadata["encoder"]["weights"]
     origin = f"the file {args.encoder_checkpoint}" if args.encoder_checkpoint else "OpenAI's ViT-L-14.pt"

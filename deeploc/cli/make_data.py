@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from deeploc.cli.app import add_verbose_flag
+from deeploc.cli.app import add_verbose_flag, report_error
 from deeploc.data.layout import count_table, format_count_table, index_subsets
 from deeploc.data.synthetic import SUBSET_DESCRIPTIONS, SUBSETS, generate_dataset
 from deeploc.errors import DeeplocError
@@ -46,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         samples = index_subsets(path, list(SUBSETS))
     except DeeplocError as exc:
-        if args.verbose:
-            raise
-        print(f"deeploc-make-data: {exc}", file=sys.stderr)
-        return 1
+        return report_error("deeploc-make-data", exc, args.verbose)
     print(f"dataset: {path} ({time.perf_counter() - start:.1f} s)")
     print(format_count_table(count_table(samples)))
     for name in SUBSETS:

@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins
+from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins, report_error
 from deeploc.errors import DeeplocError
 from deeploc.predict import DEFAULT_MAX_PIXELS, IMAGE_SCORE, collect_inputs
 
@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=".* encoder .* RANDOM weights")
             model, metadata = _load(args, load_model_and_metadata)
     except DeeplocError as exc:
-        if args.verbose:
-            raise
-        print(f"deeploc-predict: {exc}", file=sys.stderr)
-        return 1
+        return report_error("deeploc-predict", exc, args.verbose)
     print(f"model: {describe_model(metadata)}", file=sys.stderr)
     if str(metadata["encoder"].get("weights", "")).startswith("random:"):
         print("deeploc-predict: WARNING the encoder has RANDOM weights (a demo / test model)", file=sys.stderr)

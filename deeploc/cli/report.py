@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeploc.cli.app import add_verbose_flag
+from deeploc.cli.app import add_verbose_flag, report_error
 from deeploc.errors import DeeplocError
 from deeploc.report import log_wandb, write_report
 
@@ -38,10 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = write_report(args.sweep_dir, args.out, compare_study=args.compare_study, robustness=args.robustness)
     except DeeplocError as exc:
-        if args.verbose:
-            raise
-        print(f"deeploc-report: {exc}", file=sys.stderr)
-        return 1
+        return report_error("deeploc-report", exc, args.verbose)
     print(paths.report_md.read_text(encoding="utf-8"))
     if args.wandb:
         print(f"W&B run written to {log_wandb(paths)}")
