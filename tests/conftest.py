@@ -34,3 +34,14 @@ def synthetic_copy(synthetic_data: Path, tmp_path: Path) -> Path:
 def shared_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder shared by end-to-end tests: generated data and feature cache are made once per session."""
     return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture
+def srun_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``srun`` on PATH (submitit's SLURM executor looks for one before it writes the sbatch script); these tests
+    stop before anything is submitted."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (folder / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")

@@ -4,7 +4,6 @@ encoder; what the search optimises (the best validation IoU, never a test score)
 from __future__ import annotations
 
 import csv
-import os
 import re
 import shutil
 from pathlib import Path
@@ -115,6 +114,7 @@ def test_search_space_direction_and_sampler_seed_are_the_documented_ones() -> No
     assert _compose("hparams_search=optuna", "optimized_metric=val/loss").hydra.sweeper.direction == "minimize"
 
 
+@pytest.mark.usefixtures("srun_on_path")
 def test_the_search_submits_its_trials_as_slurm_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real Optuna sweeper with `hydra/launcher=slurm`, up to sbatch: each batch of n_jobs trials is one SLURM
     array whose tasks carry the sampled settings; the jobs' returned values (here the scheduler's fake answers)
@@ -125,11 +125,6 @@ def test_the_search_submits_its_trials_as_slurm_arrays(tmp_path: Path, monkeypat
     from hydra.core.utils import JobReturn, JobStatus
     from hydra.types import HydraContext
 
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (fake_bin / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
     cfg = _compose(
         "hparams_search=optuna",
         "hydra/launcher=slurm",

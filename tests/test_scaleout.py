@@ -389,15 +389,11 @@ def _launcher_cfg(*overrides: str):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
+@pytest.mark.usefixtures("srun_on_path")
 def test_slurm_launcher_renders_the_sbatch_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compose `hydra/launcher=slurm` as the CLI would, run the real launcher up to sbatch and read the script."""
     import submitit
 
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (fake_bin / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
     cfg = _launcher_cfg(
         "hydra/launcher=slurm",
         f"paths.output_dir={tmp_path / 'out'}",
