@@ -127,9 +127,13 @@ def render_panels_of(
 
 def cached_maps(dataset: Any, samples: Sequence[Any]) -> dict[str, torch.Tensor] | None:
     """The cached maps of ``samples``, the first items of ``dataset`` (a split's dataset), or None when the dataset
-    serves images (the encoder must run) or holds other images."""
+    serves images (the encoder must run; nothing is read) or holds other images."""
+    from deeploc.features.store import CachedFeatureDataset
+
+    if not isinstance(dataset, CachedFeatureDataset):
+        return None
     items = [dataset[i] for i in range(min(len(samples), len(dataset)))]
-    if not items or "features" not in items[0] or [item["name"] for item in items] != [s.name for s in samples]:
+    if not items or [item["name"] for item in items] != [s.name for s in samples]:
         return None
     return {
         name: torch.stack([torch.as_tensor(item["features"][name]) for item in items]) for name in items[0]["features"]
