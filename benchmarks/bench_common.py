@@ -86,7 +86,7 @@ def run_train(name: str, outputs: Path, overrides: Sequence[str], env: dict[str,
     """``deeploc-train <overrides>`` in its own process, as a user runs it (outputs under ``outputs``), timed from
     launch to exit; the PhaseTimer's record of every run (or multi-head job) folder it wrote."""
     outputs.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "deeploc.train", *overrides, TIMER, "logger=csv"]
+    command = [sys.executable, "-m", "deeploc.cli.train", *overrides, TIMER, "logger=csv"]
     environ = {
         **os.environ,
         "DEEPLOC_OUTPUTS": str(outputs),

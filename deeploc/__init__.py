@@ -2,7 +2,7 @@
 
 # conf/ uses deeploc's OmegaConf resolvers; registering them on import lets any composition (CLI, Hydra's
 # compose API in notebooks or tests) resolve the configs.
-from deeploc.config import register_resolvers
+from deeploc.training.resolvers import register_resolvers
 
 register_resolvers()
 

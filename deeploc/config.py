@@ -1,4 +1,4 @@
-"""Hydra/OmegaConf glue: resolvers used by conf/, and turning a composed config into plain objects."""
+"""Hydra/OmegaConf glue: where conf/ is, the plain resolvers it uses, and turning a composed config into plain objects."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from deeploc.errors import ConfigError
-from deeploc.naming import run_dir_name, run_label, run_name
 
 # Absolute, because Hydra resolves a relative config_path as a Python module ("conf") when the entry point runs
 # as a console script, and fails with "Primary config module 'conf' not found".
@@ -20,9 +19,6 @@ __all__ = [
     "CONF_DIR",
     "cpu_workers",
     "cuda_available",
-    "optimize_direction",
-    "register_resolvers",
-    "run_label",
     "stable_id",
     "subset_at",
     "to_primitive",
@@ -57,32 +53,6 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def optimize_direction(metric: str) -> str:
-    """``maximize`` or ``minimize``: how a sweeper treats the value ``deeploc-train`` returns for ``metric``."""
-    from deeploc.settings import OPTIMIZED_METRICS
-
-    if metric not in OPTIMIZED_METRICS:
-        raise ConfigError(f"optimized_metric={metric!r} must be one of {', '.join(OPTIMIZED_METRICS)}")
-    return "maximize" if OPTIMIZED_METRICS[metric] == "max" else "minimize"
-
-
-def register_resolvers() -> None:
-    """Register the resolvers conf/ uses; safe to call more than once."""
-    resolvers = {
-        "run_label": run_label,
-        "run_name": run_name,
-        "run_dir_name": run_dir_name,
-        "stable_id": stable_id,
-        "subset_at": subset_at,
-        "cpu_workers": cpu_workers,
-        "cuda_available": cuda_available,
-        "optimize_direction": optimize_direction,
-    }
-    for name, fn in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
 
 
 def to_primitive(cfg: DictConfig | dict[str, Any] | None) -> Any:

@@ -10,8 +10,8 @@ Known third-party noise is filtered where it comes from, one named message at a 
 * :data:`KNOWN_WARNINGS`: Python warnings deeploc knows to be noise for its use of the libraries, each ignored by
   message (and module where the message alone could match something else).
 
-W&B's "anonymous setting" warning is removed at its cause (``deeploc.monitoring``), the "requeue armed" line is
-logged once per process (``deeploc.cluster``); an Optuna search quiets Optuna's and alembic's informational lines
+W&B's "anonymous setting" warning is removed at its cause (``deeploc.training.loggers``), the "requeue armed" line is
+logged once per process (``deeploc.training.cluster``); an Optuna search quiets Optuna's and alembic's informational lines
 (:func:`quiet_optuna`).
 """
 
@@ -29,7 +29,7 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\..*"),
     # Small (test, debug) training sets have fewer batches than the logging interval; the epoch scores are logged.
     (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning, ""),
-    # The frozen encoder stays in eval mode on purpose (deeploc.module); Lightning warns on every fit.
+    # The frozen encoder stays in eval mode on purpose (deeploc.training.module); Lightning warns on every fit.
     (r"Found \d+ module\(s\) in eval mode", UserWarning, ""),
     # debug=overfit: Lightning turns off shuffling of the training batches, as overfitting a fixed batch wants.
     (r"You requested to overfit but enabled train.* dataloader shuffling", UserWarning, ""),

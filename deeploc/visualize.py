@@ -1,11 +1,19 @@
 """Pictures of predictions that explain themselves: probability heatmaps with their colour bar, tinted overlays
-with outlines, and side-by-side panels with a title above each tile (image | prediction | probability | truth)."""
+with outlines, side-by-side panels with a title above each tile (image | prediction | probability | truth), and the
+figure helpers every report and evaluation figure uses (a figure with its own canvas, a wrapped caption, saving)."""
 
 from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from matplotlib import colormaps
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TINT = np.array([255, 32, 32], dtype=np.float32)  # red, RGB
 WHITE = (255, 255, 255)
@@ -102,3 +110,39 @@ def panel(image: np.ndarray, prob: np.ndarray, truth: np.ndarray | None = None, 
     for tile in titled:
         row += [gap, tile] if row else [tile]
     return np.concatenate(row, axis=1)
+
+
+CAPTION_SIZE = 7.5
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG at the resolution every deeploc figure uses."""
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure with its own Agg canvas (no pyplot state shared between threads or runs)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def add_caption(fig: Figure, caption: str, note: str = "") -> None:
+    """Wrap `caption` (and a red `note` above it) under the axes, growing the figure to make room."""
+    width_in, height_in = fig.get_size_inches()
+    chars = max(40, int(width_in * 15))
+    blocks = [(textwrap.fill(note, chars), "darkred")] if note else []
+    blocks += [("\n".join(textwrap.fill(p, chars) for p in caption.split("\n")), "black")]
+    lines = sum(text.count("\n") + 1 for text, _ in blocks)
+    extra = 0.16 * lines + 0.15  # inches of caption
+    fig.set_size_inches(width_in, height_in + extra)
+    fraction = extra / (height_in + extra)
+    fig.tight_layout(rect=(0, fraction, 1, 1))
+    y = 0.02 / (height_in + extra)
+    for text, colour in reversed(blocks):
+        fig.text(0.01, y, text, fontsize=CAPTION_SIZE, color=colour, ha="left", va="bottom")
+        y += (0.16 * (text.count("\n") + 1) + 0.04) / (height_in + extra)

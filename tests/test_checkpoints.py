@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from deeploc.checkpointing import AtomicCheckpointIO
-from deeploc.module import LocalizationModule
+from deeploc.runs.checkpoint_io import AtomicCheckpointIO
+from deeploc.training.module import LocalizationModule
 from tests.decoder_contract import sam2_conv
 from tests.e2e import env_for, run_cli, train_args
 
@@ -95,7 +95,7 @@ def _run_with_fault(fault: str, args: list[str], workdir: Path, system_temp: Pat
     env = {**env_for(workdir), "TMPDIR": str(system_temp)}
     script = Path(__file__).with_name("faults.py")
     return subprocess.run(
-        [sys.executable, str(script), fault, "deeploc.train", *args],
+        [sys.executable, str(script), fault, "deeploc.cli.train", *args],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -110,7 +110,7 @@ def test_disk_full_or_kill_during_a_checkpoint_write_never_costs_the_previous_on
 ) -> None:
     run = tmp_path / "run"
     args = train_args(shared_workdir, "overlays=0", "logger=csv", f"hydra.run.dir={run}")
-    run_cli("deeploc.train", [*args, "trainer.max_epochs=1"], tmp_path)
+    run_cli("deeploc.cli.train", [*args, "trainer.max_epochs=1"], tmp_path)
     (run / "metrics.json").unlink()  # continue this run for a second epoch
     checkpoints = run / "checkpoints"
     before = {p.name: _sha(p) for p in checkpoints.glob("*.ckpt")}
@@ -134,7 +134,7 @@ def test_disk_full_or_kill_during_a_checkpoint_write_never_costs_the_previous_on
         assert torch.load(checkpoints / name, map_location="cpu", weights_only=True)["epoch"] == 0
 
     # The same command then resumes from the intact last.ckpt, finishes, and leaves no partial file behind.
-    proc = run_cli("deeploc.train", [*args, "trainer.max_epochs=2"], tmp_path)
+    proc = run_cli("deeploc.cli.train", [*args, "trainer.max_epochs=2"], tmp_path)
     assert f"resuming from {checkpoints / 'last.ckpt'}" in proc.stdout + proc.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1

@@ -23,7 +23,7 @@ from deeploc.cli.report import main as report_main
 from deeploc.errors import deeploc_error
 from deeploc.models.decoders import UnknownMapError, count_parameters
 from deeploc.models.encoders.clip import ARCHITECTURES, CLIPEncoder
-from deeploc.train import build_model
+from deeploc.training.run import build_model
 from tests.clip_reference import declip_conv_parameters, declip_fc
 from tests.e2e import TINY_DATA, run_cli, sweep_jobs
 
@@ -103,10 +103,10 @@ def backbones_sweep(shared_workdir: Path, tmp_path_factory: pytest.TempPathFacto
     two CLIP layers (CONV-4 on layer12 and layer20 of clip_micro, which computes layers 12, 16, 20 and 23)."""
     workdir = tmp_path_factory.mktemp("backbones")
     sam2 = ["experiment=backbones", "arch=conv4_image_embed", "encoder=micro", *QUICK]
-    run_cli("deeploc.train", ["-m", *tiny(shared_workdir, shared_workdir / "features", *sam2)], workdir)
+    run_cli("deeploc.cli.train", ["-m", *tiny(shared_workdir, shared_workdir / "features", *sam2)], workdir)
     features = workdir / "clip-features"
     layers = ["encoder.layers=[12,16,20,23]", "decoder=conv4", "feature=layer12,layer20", "sweep_name=backbones"]
-    proc = run_cli("deeploc.train", ["-m", *tiny(shared_workdir, features, *CLIP_MICRO, *layers, *QUICK)], workdir)
+    proc = run_cli("deeploc.cli.train", ["-m", *tiny(shared_workdir, features, *CLIP_MICRO, *layers, *QUICK)], workdir)
     return Sweep(workdir / "outputs" / "sweeps" / "backbones", features, proc.stdout)
 
 

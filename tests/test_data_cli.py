@@ -11,8 +11,8 @@ import torch
 
 from deeploc.cli import check, make_data
 from deeploc.data.layout import SPLITS, read_mask
+from deeploc.data.regions import f1_split
 from deeploc.data.synthetic import SUBSETS
-from deeploc.metrics import _f1_split
 
 
 def test_make_data_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,7 +84,7 @@ def test_check_counts_empty_and_thin_masks_per_subset(synthetic_copy: Path, caps
     for subset in SUBSETS:
         # Expected counts from the metric's own erosion, mask by mask.
         truth = [read_mask(p) != 255 for split in SPLITS for p in _fake(synthetic_copy, subset, "masks", split)]
-        positives = [int(_f1_split(torch.from_numpy(t)[None])[0].sum()) for t in truth]
+        positives = [int(f1_split(torch.from_numpy(t)[None])[0].sum()) for t in truth]
         empty = sum(not t.any() for t in truth)
         thin = sum(t.any() and n == 0 for t, n in zip(truth, positives))
         row = next(line.split() for line in out.splitlines() if line.startswith(subset) and "64x64" in line)

@@ -18,8 +18,8 @@ from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import MIN_IMAGE_SIDE, Sample, index_subsets, read_mask, validate_samples
 from deeploc.data.masks import MaskRules
+from deeploc.data.regions import f1_positive_count, f1_split
 from deeploc.data.synthetic import SUBSETS
-from deeploc.metrics import _f1_split, f1_positive_count
 
 FAKE = Path("data/celebahq/fake")
 
@@ -171,7 +171,7 @@ def test_f1_positive_count_equals_the_metric_erosion() -> None:
     block[10:25, 10:25] = True  # exactly 15x15: one positive
     masks += [thin, border, block, np.zeros((40, 50), bool), np.ones((40, 50), bool), np.ones((3, 3), bool)]
     for m in masks:
-        expected = int(_f1_split(torch.from_numpy(m)[None])[0].sum())
+        expected = int(f1_split(torch.from_numpy(m)[None])[0].sum())
         assert int(f1_positive_count(torch.from_numpy(m)[None])[0]) == expected
     assert f1_positive_count(torch.from_numpy(np.stack([thin, block, border]))).tolist() == [0, 1, 2]
 
@@ -188,7 +188,7 @@ def test_thin_and_empty_masks_are_counted(synthetic_copy: Path) -> None:
     assert by_mask[masks[0]].manipulated == 640 and by_mask[masks[0]].f1_positive == 0
     assert by_mask[masks[1]].manipulated == 0 and by_mask[masks[1]].f1_positive == 0
     third = torch.from_numpy(read_mask(masks[2]) != 255)[None]
-    assert by_mask[masks[2]].f1_positive == int(_f1_split(third)[0].sum())
+    assert by_mask[masks[2]].f1_positive == int(f1_split(third)[0].sum())
 
 
 # ------------------------------------------------------------------------------------------- image sizes

@@ -43,9 +43,9 @@ def presets(shared_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     work = tmp_path_factory.mktemp("debug_presets")
     common = train_args(shared_workdir, "logger=csv", "overlays=1")
     (work / "fdr").mkdir()
-    fdr = run_cli("deeploc.train", [*common, "debug=fdr"], work / "fdr")
+    fdr = run_cli("deeploc.cli.train", [*common, "debug=fdr"], work / "fdr")
     # Batches of 4 (the overfit preset's own size; limit then cuts 8 batches per epoch to 3).
-    others = run_cli("deeploc.train", ["-m", *common, "data.batch_size=4", f"debug={','.join(PRESETS)}"], work)
+    others = run_cli("deeploc.cli.train", ["-m", *common, "data.batch_size=4", f"debug={','.join(PRESETS)}"], work)
     runs = {}
     for run in (work / "outputs" / "debug" / "sweeps" / "train").iterdir():
         preset = next(p for p in PRESETS if f"debug={p}" in run.name)

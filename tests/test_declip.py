@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from deeploc.models.declip import DeclipImportError, parse_release_name, read_declip_decoder
+from deeploc.inference.declip import DeclipImportError, parse_release_name, read_declip_decoder
 from deeploc.models.decoders import count_parameters, decoder_from_record
 from tests.clip_reference import declip_fc
 

@@ -63,7 +63,7 @@ def test_console_filter_keeps_lightning_info_off_the_console_only() -> None:
 
     assert not console.filter(record("lightning.pytorch.utilities.rank_zero", logging.INFO))
     assert console.filter(record("lightning.pytorch.utilities.rank_zero", logging.WARNING))
-    assert console.filter(record("deeploc.train", logging.INFO)) and console.filter(record("hydra", logging.INFO))
+    assert console.filter(record("deeploc.cli.train", logging.INFO)) and console.filter(record("hydra", logging.INFO))
     assert console.filter(record("lightning_utilities", logging.INFO))  # another package, not Lightning's logger
     adverts = DropMessages(["try installing [litlogger]"])
     assert not adverts.filter(record("x", logging.INFO, "💡 Tip: ... try installing [litlogger](...) ..."))
@@ -87,7 +87,7 @@ def test_known_warnings_are_ignored_and_others_still_show() -> None:
 def test_the_progress_bar_numbers_epochs_from_one() -> None:
     from types import SimpleNamespace
 
-    from deeploc.callbacks import ProgressBar
+    from deeploc.training.callbacks import ProgressBar
 
     bar = ProgressBar()
     bar._trainer = SimpleNamespace(max_epochs=20)

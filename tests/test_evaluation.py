@@ -13,10 +13,10 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 
 from deeploc.data.layout import index_subsets, read_rgb
 from deeploc.errors import ConfigError
-from deeploc.evaluate import size_batches
 from deeploc.evaluation.detection import average_precision, balanced_accuracy, choose_threshold, roc_auc
 from deeploc.evaluation.perturbations import PERTURBATIONS, Perturbation, apply, parse_perturbations
 from deeploc.evaluation.robustness import ordered, write_perturbed
+from deeploc.evaluation.scoring import size_batches
 
 TYPICAL = {"jpeg": 70, "jpeg420": 90, "resize": 0.5, "blur": 1.0, "noise": 0.02}
 

@@ -19,12 +19,12 @@ from deeploc.cli.evaluate import main as eval_main
 from deeploc.cli.report import main as report_main
 from deeploc.data.layout import read_rgb
 from deeploc.data.sources import build_source
-from deeploc.evaluate import evaluate, index_for_eval
 from deeploc.evaluation.perturbations import Perturbation
 from deeploc.evaluation.robustness import run_robustness
-from deeploc.inference import load_model
+from deeploc.evaluation.scoring import evaluate, index_for_eval
+from deeploc.inference.loading import load_model
+from deeploc.inference.predict import image_score, predict_images
 from deeploc.metrics import metric_names
-from deeploc.predict import image_score, predict_images
 from tests.test_data_sources import folders_copy, manifest_copy
 from tests.test_predict import shared_base, train_run
 

@@ -51,7 +51,7 @@ def sweep(shared_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         f"callbacks.panel.n_images={PANEL_IMAGES}",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "deeploc.train", "-m", *args],
+        [sys.executable, "-m", "deeploc.cli.train", "-m", *args],
         cwd=work, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -15,16 +15,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deeploc.checkpoints import IncompatibleModelError, MissingCheckpointError, ModelError
 from deeploc.cli.evaluate import main as eval_main
 from deeploc.cli.export import main as export_main
 from deeploc.cli.predict import main as predict_main
-from deeploc.export import FORMAT, read_export
-from deeploc.inference import load_model, load_model_and_metadata
+from deeploc.inference.export import FORMAT, read_export
+from deeploc.inference.loading import load_model, load_model_and_metadata
+from deeploc.inference.predict import predict_images
 from deeploc.io import file_digest
 from deeploc.models.encoders.sam2 import save_random_checkpoint
-from deeploc.module import LocalizationModule
-from deeploc.predict import predict_images
+from deeploc.runs.checkpoints import IncompatibleModelError, MissingCheckpointError, ModelError
+from deeploc.training.module import LocalizationModule
 from tests.decoder_contract import sam2_conv
 from tests.test_predict import TRAIN_OVERRIDES, shared_base, train_run
 
@@ -133,7 +133,7 @@ def test_damaged_or_foreign_files_are_refused(exported: Path, tmp_path: Path) ->
         load_model(tmp_path / "tampered.safetensors")
     # Weights of another architecture under this metadata (a hand-edited header) are refused, naming both.
     wrong = sam2_conv("image_embed", 4).state_dict()
-    from deeploc.export import write_export
+    from deeploc.inference.export import write_export
 
     write_export(tmp_path / "wrong.safetensors", wrong, metadata)
     with pytest.raises(IncompatibleModelError, match="not a conv4 decoder on high_res_feats_1"):
@@ -380,6 +380,6 @@ def test_a_run_whose_checkpoint_was_replaced_is_refused_naming_both(
     args += [f"data.root={base / 'data'}", f"features.dir={base / 'features'}"]
     from tests.e2e import run_cli
 
-    proc = run_cli("deeploc.train", args, tmp_path, check=False)
+    proc = run_cli("deeploc.cli.train", args, tmp_path, check=False)
     assert proc.returncode != 0 and "replaced or modified" in proc.stdout + proc.stderr
     assert json.loads((run / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())

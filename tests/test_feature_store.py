@@ -519,7 +519,7 @@ def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) ->
     damaged = store.entry_path(store.content_hashes([Sample(train_image, train_image, "x", "train", "x")])[0])
     _flip_a_data_byte(damaged)
     train = [*args, "trainer.max_epochs=1", "overlays=0", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"]
-    failed = run_cli("deeploc.train", train, tmp_path, check=False)
+    failed = run_cli("deeploc.cli.train", train, tmp_path, check=False)
     assert failed.returncode != 0
     assert f"feature entry {damaged} is corrupt: crc32 mismatch" in failed.stderr
     assert "deeploc-extract" in failed.stderr
@@ -528,5 +528,5 @@ def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) ->
     )
     assert repair.returncode == 0, repair.stderr[-4000:]
     assert f"1 damaged entry recomputed: {damaged} (crc32 mismatch)" in repair.stdout
-    run_cli("deeploc.train", train, tmp_path)
+    run_cli("deeploc.cli.train", train, tmp_path)
     assert (tmp_path / "run" / "metrics.json").is_file()

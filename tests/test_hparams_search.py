@@ -13,8 +13,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from deeploc.config import CONF_DIR
-from deeploc.hparams import BEST_FILE, RESULTS_FILE
-from deeploc.train import best_validation_value
+from deeploc.training.hparams import BEST_FILE, RESULTS_FILE
+from deeploc.training.run import best_validation_value
 from tests.e2e import TINY_DATA, run_cli
 
 TRIALS = 3
@@ -28,7 +28,7 @@ def _search(workdir: Path, data: Path, features: Path) -> Path:
     tiny = [arg for arg in TINY_DATA if not arg.startswith("data.batch_size=")]
     args = ["-m", "hparams_search=optuna", f"hydra.sweeper.n_trials={TRIALS}", "trainer.max_epochs=1"]
     args += ["overlays=0", "logger=csv", f"data.root={data}", f"features.dir={features}", *tiny]
-    proc = run_cli("deeploc.train", args, workdir)
+    proc = run_cli("deeploc.cli.train", args, workdir)
     assert "best trial: val/iou max = " in proc.stdout + proc.stderr
     return workdir / "outputs" / "sweeps" / "optuna"
 
@@ -168,7 +168,7 @@ def test_the_search_submits_its_trials_as_slurm_arrays(tmp_path: Path, monkeypat
 
 def test_a_search_without_m_is_refused_naming_the_preset() -> None:
     from deeploc.errors import ConfigError
-    from deeploc.settings import check_choices
+    from deeploc.training.settings import check_choices
 
     hydra = _compose("hparams_search=optuna").hydra
     with pytest.raises(ConfigError, match=r"hparams_search=optuna is a sweep .* Add -m: deeploc-train -m "):
@@ -177,7 +177,7 @@ def test_a_search_without_m_is_refused_naming_the_preset() -> None:
 
 def test_the_best_trial_is_found_among_finished_trials_only(tmp_path: Path) -> None:
     """A trial of another search in the same folder (other fixed settings) or an unfinished one is never chosen."""
-    from deeploc.hparams import find_best_trial
+    from deeploc.training.hparams import find_best_trial
 
     def trial(name: str, overrides: list[str], best: float | None) -> None:
         run = tmp_path / name

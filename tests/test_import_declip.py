@@ -22,7 +22,7 @@ from deeploc.cli.predict import main as predict_main
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.layout import index_subsets
 from deeploc.data.synthetic import generate_dataset
-from deeploc.export import read_export
+from deeploc.inference.export import read_export
 from deeploc.metrics import LocalizationMetrics
 from deeploc.models.encoders.clip import ARCHITECTURES
 from tests.clip_reference import CLIP_MEAN, CLIP_STD, declip_fc, openai_layer_map, openai_model_code

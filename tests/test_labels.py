@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 from deeploc.cli.evaluate import format_scores
-from deeploc.inference import describe_model
-from deeploc.labels import subset_role, training_phrase
-from deeploc.runs import RunDir
-from deeploc.train import format_results
+from deeploc.data.roles import subset_role, training_phrase
+from deeploc.inference.loading import describe_model
+from deeploc.runs.rundir import RunDir
+from deeploc.training.run import format_results
 
 SUBSETS = ["inpaint-telea", "copy-move", "blur-noise", "splice-jpeg"]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deeploc.evaluate import score_keys, write_results
+from deeploc.evaluation.scoring import score_keys, write_results
 from deeploc.metrics import METRICS, LocalizationMetrics, ScoreInputs, image_scores, metric_names, register_metric
-from deeploc.report import write_report
+from deeploc.report.build import write_report
 from tests.test_report import write_run
 
 

@@ -24,9 +24,9 @@ from deeploc.cli.evaluate import main as eval_main
 from deeploc.config import CONF_DIR
 from deeploc.io import write_json_atomic
 from deeploc.metrics import LocalizationMetrics, image_scores, resize_probs
-from deeploc.module import LocalizationModule
-from deeploc.runs import RunDir
-from deeploc.train import build_model
+from deeploc.runs.rundir import RunDir
+from deeploc.training.module import LocalizationModule
+from deeploc.training.run import build_model
 from tests.e2e import run_cli, train_args
 
 SCORE_KEYS = ("iou", "f1_fixed", "f1_best", "ap")
@@ -658,7 +658,7 @@ def test_metrics_convention_typed_on_the_command_line_reaches_the_module() -> No
 def test_unknown_metrics_convention_is_refused_before_any_work(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "deeploc.train",
+        "deeploc.cli.train",
         ["encoder=micro", "metrics.convention=declip", f"hydra.run.dir={run_dir}"],
         tmp_path,
         check=False,
@@ -673,7 +673,7 @@ def test_convention_chosen_for_training_is_measured_recorded_and_reproduced_by_e
 ) -> None:
     run_dir = tmp_path / "run"
     args = train_args(shared_workdir, "trainer.max_epochs=1", "overlays=0", "logger=csv", f"hydra.run.dir={run_dir}")
-    run_cli("deeploc.train", [*args, "metrics.convention=trufor"], tmp_path)
+    run_cli("deeploc.cli.train", [*args, "metrics.convention=trufor"], tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["convention"] == "trufor"
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
@@ -706,7 +706,7 @@ def test_convention_chosen_for_training_is_measured_recorded_and_reproduced_by_e
     # A finished run from deeploc <= 0.1 (no "convention": trufor) is skipped with a warning, never relabelled.
     del metrics["convention"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    proc = run_cli("deeploc.train", args, tmp_path)
+    proc = run_cli("deeploc.cli.train", args, tmp_path)
     log = proc.stdout + proc.stderr
     assert "already finished; skipping" in log
     assert "metrics.convention=trufor" in log and "if_finished=eval" in log

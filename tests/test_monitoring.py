@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import WandbLogger
 
-from deeploc.monitoring import ResumableCSVLogger, ResumableTensorBoardLogger, build_loggers, continue_history
+from deeploc.training.loggers import ResumableCSVLogger, ResumableTensorBoardLogger, build_loggers, continue_history
 from tests.e2e import env_for, train_args
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -113,7 +113,9 @@ def wandb_cleanup():
 
 
 def _deeploc_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "deeploc.monitoring" and r.levelno >= logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "deeploc.training.loggers" and r.levelno >= logging.WARNING
+    ]
 
 
 @pytest.mark.parametrize("online", [False, True])
@@ -172,7 +174,7 @@ def test_training_goes_on_offline_when_the_wandb_server_is_unreachable(shared_wo
     )
     env = {**env_for(tmp_path), **UNREACHABLE}
     proc = subprocess.run(
-        [sys.executable, "-m", "deeploc.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "deeploc.cli.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

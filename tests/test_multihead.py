@@ -32,7 +32,7 @@ DECLIP = ("schedule=declip", "model.plateau_patience=1", "model.min_lr=5e-4", "t
 
 
 def _sweep(shared: Path, workdir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run_cli("deeploc.train", ["-m", *train_args(shared, *COMMON, *overrides)], workdir, check=check)
+    return run_cli("deeploc.cli.train", ["-m", *train_args(shared, *COMMON, *overrides)], workdir, check=check)
 
 
 def _runs(workdir: Path) -> dict[str, Path]:
@@ -142,7 +142,7 @@ def _killed_and_resumed(shared: Path, workdir: Path, *overrides: str) -> str:
     env = {**env_for(workdir), "FAULT_PATH": r"/feature=image_embed,[^/]*/checkpoints/last\.ckpt$", "FAULT_COUNT": "2"}
     script = Path(__file__).with_name("faults.py")
     killed = subprocess.run(
-        [sys.executable, str(script), "kill-before-nth-rename", "deeploc.train", *args],
+        [sys.executable, str(script), "kill-before-nth-rename", "deeploc.cli.train", *args],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -151,7 +151,7 @@ def _killed_and_resumed(shared: Path, workdir: Path, *overrides: str) -> str:
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not _runs(workdir)  # nothing finished
-    proc = run_cli("deeploc.train", args, workdir)
+    proc = run_cli("deeploc.cli.train", args, workdir)
     return proc.stdout + proc.stderr
 
 

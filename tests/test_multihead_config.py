@@ -20,8 +20,8 @@ from deeploc.models.decoders import DecoderError
 from deeploc.models.encoders.sam2 import SAM2Encoder
 from deeploc.multihead.heads import check_run_folders, compose_heads
 from deeploc.multihead.job import _build_heads, train_heads
-from deeploc.report import collect_runs
-from deeploc.train import build_datamodule, serve_features
+from deeploc.report.build import collect_runs
+from deeploc.training.run import build_datamodule, serve_features
 from tests.e2e import TINY_DATA
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
@@ -63,7 +63,7 @@ def test_paper_table_multihead_heads_are_the_paper_table_runs(job, tmp_path: Pat
     for head in heads:
         decoder, feature = re.fullmatch(r"(conv\d+)_(\w+)", head.name).groups()
         assert (head.cfg.decoder.depth, head.cfg.feature.name) == (int(decoder[4:]), feature)
-        # The directory `deeploc-train -m experiment=paper_table` gives this configuration's job (deeploc.naming:
+        # The directory `deeploc-train -m experiment=paper_table` gives this configuration's job (deeploc.runs.naming:
         # the sweep keys first), in that experiment's sweep folder.
         expected = (
             tmp_path / "outputs" / "sweeps" / "paper_table" / f"subset_index=2,arch={head.name},experiment=paper_table"

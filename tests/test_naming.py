@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from deeploc.config import CONF_DIR, run_label
-from deeploc.naming import MAX_NAME, changed_inputs, eval_dir_name, run_dir_name, run_name
+from deeploc.config import CONF_DIR
+from deeploc.runs.naming import MAX_NAME, changed_inputs, eval_dir_name, run_dir_name, run_label, run_name
 
 
 def _compose(*overrides: str):

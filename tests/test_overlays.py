@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from deeploc.config import CONF_DIR
-from deeploc.runs import RunDir
-from deeploc.test_maps import TestMaps
-from deeploc.train import build_datamodule, build_model, serve_features, write_overlays
+from deeploc.runs.rundir import RunDir
+from deeploc.training.run import build_datamodule, build_model, serve_features, write_overlays
+from deeploc.training.test_maps import TestMaps
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
 

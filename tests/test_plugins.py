@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from deeploc.checkpoints import ModelError
-from deeploc.inference import load_model
-from deeploc.module import LocalizationModule
+from deeploc.inference.loading import load_model
 from deeploc.registry import UnknownComponentError
+from deeploc.runs.checkpoints import ModelError
+from deeploc.training.module import LocalizationModule
 from tests.decoder_contract import SAM2_SPECS
 from tests.e2e import env_for, run_cli, train_args
 
@@ -100,14 +100,14 @@ def test_a_decoder_defined_outside_deeploc_trains_resumes_evaluates_exports_and_
         str(user_plugin / "conf"),
         *train_args(shared_workdir, "decoder=tiny_head", "logger=csv", "overlays=1", f"hydra.run.dir={run_dir}"),
     ]
-    _run("deeploc.train", [*common, "trainer.max_epochs=1"], tmp_path, user_plugin)
+    _run("deeploc.cli.train", [*common, "trainer.max_epochs=1"], tmp_path, user_plugin)
     first = json.loads((run_dir / "metrics.json").read_text())
     assert first["config"]["decoder"] == "tiny_head" and first["config"]["decoder_name"] == "tiny_head"
     assert first["config"]["parameters"] == 64 * 8 + 8 + 8 * 9 + 1  # proj 64->8 (1x1) + out 8->1 (3x3)
 
     # Resume: the unfinished run (its metrics.json removed) continues from last.ckpt into a second epoch.
     (run_dir / "metrics.json").unlink()
-    resumed = _run("deeploc.train", [*common, "trainer.max_epochs=2"], tmp_path, user_plugin)
+    resumed = _run("deeploc.cli.train", [*common, "trainer.max_epochs=2"], tmp_path, user_plugin)
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
 
@@ -187,7 +187,7 @@ def test_new_decoders_train_from_the_cache_as_on_the_fly_and_round_trip_through_
             "overlays=1",
             f"hydra.run.dir={runs[features]}",
         )
-        run_cli("deeploc.train", args, tmp_path)
+        run_cli("deeploc.cli.train", args, tmp_path)
     cached, fly = (json.loads((runs[k] / "metrics.json").read_text()) for k in ("cache", "none"))
     inputs = ["image_embed", "high_res_feats_0", "high_res_feats_1"] if decoder == "fusion" else [feature]
     assert cached["config"]["feature"] == "+".join(inputs) and cached["config"]["decoder_name"] == decoder

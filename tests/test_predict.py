@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from deeploc.checkpoints import ModelError
 from deeploc.cli.predict import main as predict_main
 from deeploc.data.layout import read_rgb
-from deeploc.inference import load_model
-from deeploc.module import LocalizationModule
-from deeploc.predict import (
+from deeploc.inference.loading import load_model
+from deeploc.inference.predict import (
     IMAGE_SCORE,
     InputError,
     collect_inputs,
@@ -28,6 +26,8 @@ from deeploc.predict import (
     predict_images,
     predict_paths,
 )
+from deeploc.runs.checkpoints import ModelError
+from deeploc.training.module import LocalizationModule
 from deeploc.visualize import colorbar, heatmap
 
 pytestmark = [
@@ -65,7 +65,12 @@ def train_run(base: Path, name: str, *overrides: str) -> Path:
         *overrides,
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "deeploc.train", *args], cwd=base, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "deeploc.cli.train", *args],
+        cwd=base,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, f"deeploc-train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return run_dir

@@ -18,7 +18,7 @@ from tests.e2e import run_cli, train_args
 def _train(shared: Path, workdir: Path, name: str, *overrides: str, check: bool = True):
     run_dir = workdir / name
     proc = run_cli(
-        "deeploc.train",
+        "deeploc.cli.train",
         train_args(shared, "overlays=0", "logger=csv", f"hydra.run.dir={run_dir}", *overrides),
         workdir,
         check=check,

@@ -91,7 +91,9 @@ def test_fixed_seed_conv_runs_reproduce_the_numbers_recorded_before_the_redesign
 ) -> None:
     run_dir = tmp_path / arch
     run_cli(
-        "deeploc.train", train_args(shared_workdir, f"arch={arch}", *OVERRIDES, f"hydra.run.dir={run_dir}"), tmp_path
+        "deeploc.cli.train",
+        train_args(shared_workdir, f"arch={arch}", *OVERRIDES, f"hydra.run.dir={run_dir}"),
+        tmp_path,
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["best_val_iou"] == pytest.approx(RECORDED[arch]["best_val_iou"], abs=1e-6)

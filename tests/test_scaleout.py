@@ -25,11 +25,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from deeploc import cluster
 from deeploc.cli.report import main as report_main
 from deeploc.config import stable_id
-from deeploc.runs import REQUEUE_CHECKPOINT, RunDir
-from deeploc.train import resume_path
+from deeploc.runs.rundir import REQUEUE_CHECKPOINT, RunDir
+from deeploc.training import cluster
+from deeploc.training.run import resume_path
 from tests.e2e import env_for, run_cli
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -103,7 +103,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     args = ["-m", "hydra/launcher=local", "sweep_name=scaleout", *_data_overrides(work), "subset_index=0,1"]
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deeploc.train", *args],
+        [sys.executable, "-m", "deeploc.cli.train", *args],
         cwd=work,
         env=env_for(work),
         stdout=subprocess.PIPE,
@@ -174,7 +174,7 @@ def test_ddp_evaluation_equals_single_process(sweep: dict) -> None:
     run = sweep["runs"][1]
     single = _test_scores(run)
     args = [*_data_overrides(sweep["work"]), "subset_index=1", f"hydra.run.dir='{run}'", "if_finished=eval"]
-    run_cli("deeploc.train", [*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], sweep["work"])
+    run_cli("deeploc.cli.train", [*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], sweep["work"])
     _assert_same_scores(single, _test_scores(run))
     # Only rank 0 wrote results: one overlay per test subset, no file from rank 1's Hydra job.
     assert len(list((run / "overlays").glob("*/*.png"))) == 4
@@ -197,7 +197,7 @@ def test_ddp_evaluation_through_local_launcher_tasks(sweep: dict) -> None:
         "trainer.accelerator=cpu",
         "trainer.devices=2",
     ]
-    run_cli("deeploc.train", args, sweep["work"])
+    run_cli("deeploc.cli.train", args, sweep["work"])
     _assert_same_scores(single, _test_scores(run))
     logs = "".join(p.read_text() for p in (sweep["dir"] / ".submitit").glob("*/*_log.*"))
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
@@ -266,7 +266,7 @@ _DDP_SCRIPT = """
     import os, signal, sys
     import lightning as L, torch
     from torch.utils.data import DataLoader, TensorDataset
-    from deeploc.cluster import RequeueOnSignal
+    from deeploc.training.cluster import RequeueOnSignal
 
     class Tiny(L.LightningModule):
         def __init__(self):

@@ -22,7 +22,7 @@ def _compose(*overrides: str, hydra: bool = False):
 
 def _check(*overrides: str) -> None:
     """check_config on a job's config, as Hydra hands it to deeploc-train (${hydra:...} values resolvable)."""
-    from deeploc.settings import check_config
+    from deeploc.training.settings import check_config
 
     cfg = _compose(*overrides, hydra=True)
     cfg.hydra.runtime.output_dir = "/tmp/run"
@@ -99,7 +99,7 @@ def test_valid_settings_pass(overrides: tuple[str, ...]) -> None:
 
 
 def _choices_error(*overrides: str, multirun: bool) -> str | None:
-    from deeploc.settings import check_choices
+    from deeploc.training.settings import check_choices
 
     cfg = _compose(*overrides, hydra=True)
     cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
@@ -139,12 +139,12 @@ def test_a_sweep_experiment_without_multirun_is_refused_with_the_fix() -> None:
 def test_deeploc_errors_are_found_behind_the_errors_that_wrap_them() -> None:
     from hydra.utils import instantiate
 
-    from deeploc.checkpoints import ModelError
     from deeploc.data.errors import DatasetError
     from deeploc.features.store import FeatureStoreError
+    from deeploc.inference.predict import InputError
     from deeploc.models.encoders import EncoderError
-    from deeploc.module import IncompatibleCheckpointError
-    from deeploc.predict import InputError
+    from deeploc.runs.checkpoints import ModelError
+    from deeploc.training.module import IncompatibleCheckpointError
 
     for error in (DatasetError, ModelError, FeatureStoreError, EncoderError, IncompatibleCheckpointError, InputError):
         assert issubclass(error, DeeplocError)
@@ -167,7 +167,7 @@ def test_deeploc_errors_are_found_behind_the_errors_that_wrap_them() -> None:
 
 
 def test_epoch_summary_prints_percentages_in_fixed_notation() -> None:
-    from deeploc.callbacks import epoch_line
+    from deeploc.training.callbacks import epoch_line
 
     line = epoch_line(2, 20, {"train/loss_epoch": 0.61234, "val/loss": 0.5, "val/iou": 7.465e-11,
                               "val/f1_best": 35.214, "val/ap": 100.0}, lr=1e-3, seconds=1.25)  # fmt: skip

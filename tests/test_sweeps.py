@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from deeploc.cli.report import main as report_main
-from deeploc.config import run_label
+from deeploc.runs.naming import run_label
 from tests.e2e import env_for, run_cli, sweep_jobs, train_args
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -77,7 +77,7 @@ def test_multirun_sweep_report_and_rerun_resumes_only_the_unfinished_job(shared_
         "trainer.max_epochs=2",
         "overlays=0",
     )
-    run_cli("deeploc.train", ["-m", *args], tmp_path)
+    run_cli("deeploc.cli.train", ["-m", *args], tmp_path)
     sweep = tmp_path / "outputs" / "sweeps" / "paper_table"
     runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert len(runs) == 4
@@ -93,7 +93,7 @@ def test_multirun_sweep_report_and_rerun_resumes_only_the_unfinished_job(shared_
     # Interrupt one job after its checkpoint (its results vanish), then re-run the same sweep command.
     victim = runs[0]
     (victim / "metrics.json").unlink()
-    proc = run_cli("deeploc.train", ["-m", *args], tmp_path)
+    proc = run_cli("deeploc.cli.train", ["-m", *args], tmp_path)
     output = proc.stdout + proc.stderr
     assert output.count("already finished; skipping") == 3
     assert output.count("resuming from") == 1 and str(victim) in output
@@ -126,10 +126,10 @@ def test_resume_after_kill_equals_an_uninterrupted_run(shared_workdir: Path, tmp
     epochs = 6
     common = train_args(shared_workdir, f"trainer.max_epochs={epochs}", "overlays=0", "logger=[csv,tensorboard]")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli("deeploc.train", [*common, f"hydra.run.dir={straight}"], tmp_path)
+    run_cli("deeploc.cli.train", [*common, f"hydra.run.dir={straight}"], tmp_path)
 
     # Start the same run elsewhere and kill -9 it as soon as its first epoch checkpoint exists.
-    cmd = [sys.executable, "-m", "deeploc.train", *common, f"hydra.run.dir={resumed}"]
+    cmd = [sys.executable, "-m", "deeploc.cli.train", *common, f"hydra.run.dir={resumed}"]
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -144,7 +144,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(shared_workdir: Path, tmp
     assert interrupted_at < epochs - 1, "the run finished before it could be interrupted"
     assert not (resumed / "metrics.json").exists()
 
-    proc = run_cli("deeploc.train", [*common, f"hydra.run.dir={resumed}"], tmp_path)
+    proc = run_cli("deeploc.cli.train", [*common, f"hydra.run.dir={resumed}"], tmp_path)
     assert "resuming from" in proc.stdout + proc.stderr
     a, b = _decoder_state(straight / "checkpoints" / "last.ckpt"), _decoder_state(last)
     assert a.keys() == b.keys()
@@ -164,10 +164,10 @@ def test_resume_after_kill_equals_an_uninterrupted_run(shared_workdir: Path, tmp
 def test_resumed_run_continues_the_same_wandb_run(shared_workdir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     common = train_args(shared_workdir, "overlays=0", f"hydra.run.dir={run_dir}")
-    run_cli("deeploc.train", [*common, "trainer.max_epochs=1"], tmp_path)
+    run_cli("deeploc.cli.train", [*common, "trainer.max_epochs=1"], tmp_path)
     # A longer schedule in the same run directory continues from last.ckpt and logs into the same W&B run.
     (run_dir / "metrics.json").unlink()
-    run_cli("deeploc.train", [*common, "trainer.max_epochs=2"], tmp_path)
+    run_cli("deeploc.cli.train", [*common, "trainer.max_epochs=2"], tmp_path)
     offline = _offline_runs(run_dir)
     assert len(offline) == 2
     assert len({p.name.rsplit("-", 1)[-1] for p in offline}) == 1

@@ -23,7 +23,7 @@ def trained_run(shared_workdir: Path) -> Path:
     workdir.mkdir(exist_ok=True)
     run_dir = workdir / "run"
     run_cli(
-        "deeploc.train",
+        "deeploc.cli.train",
         train_args(shared_workdir, "trainer.max_epochs=25", "overlays=2", f"hydra.run.dir={run_dir}"),
         workdir,
     )
@@ -81,7 +81,7 @@ def test_checkpoint_holds_only_the_decoder_and_loads_with_weights_only(trained_r
 def test_rerunning_a_finished_run_skips_it(trained_run: Path, shared_workdir: Path) -> None:
     before = (trained_run / "metrics.json").stat().st_mtime_ns
     proc = run_cli(
-        "deeploc.train",
+        "deeploc.cli.train",
         train_args(shared_workdir, "trainer.max_epochs=25", "overlays=2", f"hydra.run.dir={trained_run}"),
         trained_run.parent,
     )
@@ -125,14 +125,14 @@ def test_the_run_records_what_produced_its_scores_and_the_report_shows_it(traine
 
 
 def test_unknown_config_option_fails_naming_it(tmp_path: Path) -> None:
-    proc = run_cli("deeploc.train", ["decoder=conv7"], tmp_path, check=False)
+    proc = run_cli("deeploc.cli.train", ["decoder=conv7"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "decoder" in proc.stderr and "conv7" in proc.stderr and "conv20" in proc.stderr
 
 
 def test_missing_dolos_root_fails_before_training(tmp_path: Path) -> None:
     proc = run_cli(
-        "deeploc.train", ["data=dolos", f"data.root={tmp_path / 'nowhere'}", "encoder=micro"], tmp_path, check=False
+        "deeploc.cli.train", ["data=dolos", f"data.root={tmp_path / 'nowhere'}", "encoder=micro"], tmp_path, check=False
     )
     assert proc.returncode != 0
     assert str(tmp_path / "nowhere") in proc.stderr
@@ -142,6 +142,6 @@ def test_missing_dolos_root_fails_before_training(tmp_path: Path) -> None:
 @pytest.mark.slow  # ~6 s; default suite: test_missing_dolos_root_fails_before_training
 def test_dolos_without_a_root_names_the_key_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DOLOS_ROOT", raising=False)
-    proc = run_cli("deeploc.train", ["data=dolos", "encoder=micro"], tmp_path, check=False)
+    proc = run_cli("deeploc.cli.train", ["data=dolos", "encoder=micro"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "data.root is not set" in proc.stderr and "wacv_data" in proc.stderr

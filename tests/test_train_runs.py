@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from deeploc.config import CONF_DIR, run_label
+from deeploc.config import CONF_DIR
+from deeploc.runs.naming import run_label
 from tests.e2e import env_for, run_cli, train_args
 
 
@@ -36,7 +37,7 @@ def _compact_env(workdir: Path) -> dict[str, str]:
 
 def _train(workdir: Path, args: list[str], env: dict[str, str] | None = None, prefix: list[str] | None = None):
     return subprocess.run(
-        [*(prefix or []), sys.executable, "-m", "deeploc.train", *args],
+        [*(prefix or []), sys.executable, "-m", "deeploc.cli.train", *args],
         cwd=workdir,
         env=env or _compact_env(workdir),
         capture_output=True,
@@ -49,7 +50,7 @@ def _train(workdir: Path, args: list[str], env: dict[str, str] | None = None, pr
 
 
 def test_main_returns_the_best_validation_value_of_optimized_metric(shared_workdir: Path, tmp_path: Path) -> None:
-    from deeploc.train import train_job
+    from deeploc.cli.train import train_job
 
     run_dir = tmp_path / "run"
     overrides = train_args(shared_workdir, "trainer.max_epochs=4", "overlays=0", "logger=csv", "model.lr=0.01")
@@ -84,10 +85,10 @@ def test_a_run_directory_named_the_old_way_is_resumed_in_place(shared_workdir: P
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         hydra_cfg = compose("train", overrides=args, return_hydra_config=True).hydra
     legacy = tmp_path / "outputs" / "runs" / run_label(hydra_cfg.job.override_dirname)
-    run_cli("deeploc.train", [*args, f"hydra.run.dir='{legacy}'"], tmp_path)  # quoted: the name holds = and ,
+    run_cli("deeploc.cli.train", [*args, f"hydra.run.dir='{legacy}'"], tmp_path)  # quoted: the name holds = and ,
     (legacy / "metrics.json").unlink()  # as if interrupted before its test
 
-    proc = run_cli("deeploc.train", args, tmp_path)
+    proc = run_cli("deeploc.cli.train", args, tmp_path)
     assert f"resuming from {legacy / 'checkpoints' / 'last.ckpt'}" in proc.stdout + proc.stderr
     assert json.loads((legacy / "metrics.json").read_text())["status"] == "finished"
     assert [p.name for p in (tmp_path / "outputs" / "runs").iterdir()] == [legacy.name]
@@ -103,7 +104,7 @@ def test_a_second_identical_command_is_refused_while_the_first_runs(shared_workd
     run_dir = tmp_path / "run"
     args = train_args(shared_workdir, "trainer.max_epochs=200", "overlays=0", "logger=csv", f"hydra.run.dir={run_dir}")
     first = subprocess.Popen(
-        [sys.executable, "-m", "deeploc.train", *args],
+        [sys.executable, "-m", "deeploc.cli.train", *args],
         cwd=tmp_path,
         env=_compact_env(tmp_path),
         stdout=subprocess.DEVNULL,
@@ -138,9 +139,9 @@ def debug_then_real(shared_workdir: Path, tmp_path_factory: pytest.TempPathFacto
     workdir = tmp_path_factory.mktemp("debug_then_real")
     run_dir = workdir / "run"
     common = train_args(shared_workdir, "overlays=2", "logger=csv", f"hydra.run.dir={run_dir}")
-    debug = run_cli("deeploc.train", [*common, "trainer.fast_dev_run=1"], workdir)
+    debug = run_cli("deeploc.cli.train", [*common, "trainer.fast_dev_run=1"], workdir)
     after_debug = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-    real = run_cli("deeploc.train", [*common, "trainer.max_epochs=1"], workdir)
+    real = run_cli("deeploc.cli.train", [*common, "trainer.max_epochs=1"], workdir)
     return run_dir, common, debug, after_debug, real
 
 
@@ -161,7 +162,7 @@ def test_a_run_directory_of_another_existing_dataset_is_not_reused(debug_then_re
     data = next(a.split("=", 1)[1] for a in common if a.startswith("data.root="))
     copy = tmp_path / "elsewhere" / Path(data).name
     shutil.copytree(data, copy)
-    proc = run_cli("deeploc.train", [*common, "trainer.max_epochs=1", f"data.root={copy}"], tmp_path, check=False)
+    proc = run_cli("deeploc.cli.train", [*common, "trainer.max_epochs=1", f"data.root={copy}"], tmp_path, check=False)
     assert proc.returncode == 1
     assert f"data.root={copy}" in proc.stderr and f"data.root={data}" in proc.stderr
 
@@ -170,16 +171,16 @@ def test_a_failed_run_leaves_no_result_and_the_next_run_completes_it(shared_work
     run_dir = tmp_path / "run"
     common = train_args(shared_workdir, "trainer.max_epochs=1", "overlays=2", f"hydra.run.dir={run_dir}")
     # Bad data: fails before any training, leaving no checkpoint or log a later run would continue.
-    bad = run_cli("deeploc.train", [*common, "data.subsets=[nope]"], tmp_path, check=False)
+    bad = run_cli("deeploc.cli.train", [*common, "data.subsets=[nope]"], tmp_path, check=False)
     assert bad.returncode == 1 and "nope" in bad.stderr
     assert not list(run_dir.rglob("*.ckpt")) and not (run_dir / "csv").exists() and not (run_dir / "wandb").exists()
     # Writing the overlays fails after training: metrics.json, the mark of a finished run, must not exist.
     run_dir.joinpath("overlays").write_text("not a folder")
-    broken = run_cli("deeploc.train", common, tmp_path, check=False)
+    broken = run_cli("deeploc.cli.train", common, tmp_path, check=False)
     assert broken.returncode == 1 and "resuming from" not in broken.stdout + broken.stderr
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "metrics.json").exists()
     run_dir.joinpath("overlays").unlink()
-    fixed = run_cli("deeploc.train", common, tmp_path)
+    fixed = run_cli("deeploc.cli.train", common, tmp_path)
     assert "resuming from" in fixed.stdout + fixed.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
     assert len(list((run_dir / "overlays").glob("*/*.png"))) == 2 * 4
@@ -222,10 +223,10 @@ def test_bad_settings_fail_before_any_work(override: str, message: str, shared_w
 def test_other_commands_print_one_line_and_the_traceback_with_verbose(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from deeploc.checkpoints import ModelError
     from deeploc.cli.check import main as check_main
     from deeploc.cli.export import main as export_main
     from deeploc.data.errors import DatasetError
+    from deeploc.runs.checkpoints import ModelError
 
     missing = tmp_path / "nowhere"
     assert check_main([str(missing)]) == 1

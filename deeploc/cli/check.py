@@ -24,8 +24,8 @@ from deeploc.data.layout import (
     resolve_root,
 )
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules, MaskStats
+from deeploc.data.regions import ERODE_SIZE
 from deeploc.errors import DeeplocError
-from deeploc.metrics import ERODE_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from deeploc.data.masks import MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
 from deeploc.data.sources import DataSource, build_source
 from deeploc.errors import ConfigError, DeeplocError
 from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
-from deeploc.runs import RunDir
+from deeploc.runs.rundir import RunDir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def format_scores(results: dict[str, dict[str, float]], trained: dict) -> list[str]:
     """One console line per subset, the subset labelled by its role in the model's training when that is known
     (in-domain / out-of-domain; held out / seen for leave-one-out)."""
-    from deeploc.labels import subset_role
+    from deeploc.data.roles import subset_role
     from deeploc.metrics import metric_specs
 
     known = bool(trained.get("split") and trained.get("subset"))
@@ -150,7 +150,7 @@ def _percent(value: float | None) -> str:
 def _source(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[DataSource, bool]:
     """The data source to evaluate on, and whether it is the training run's kind of source (whose recorded options,
     mask settings and subsets are then the defaults)."""
-    from deeploc.checkpoints import ModelError
+    from deeploc.runs.checkpoints import ModelError
 
     recorded = trained.get("data_source") or "dolos"
     name = args.source or recorded
@@ -176,9 +176,9 @@ def _source(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[DataSour
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from deeploc.checkpoints import ModelError
-    from deeploc.evaluate import THRESHOLD, index_for_eval, score_subsets, write_results
-    from deeploc.inference import describe_model, load_model_and_metadata
+    from deeploc.evaluation.scoring import THRESHOLD, index_for_eval, score_subsets, write_results
+    from deeploc.inference.loading import describe_model, load_model_and_metadata
+    from deeploc.runs.checkpoints import ModelError
 
     try:
         import_plugins(args)
@@ -260,7 +260,7 @@ def _out_dir(args: argparse.Namespace, root: Path, subsets: list[str]) -> Path:
 def _real_samples(args: argparse.Namespace, source: DataSource, subsets: list[str], rules: MaskRules) -> dict[str, Any]:
     """--real's samples, indexed and validated: the real images of --split, and (unless --threshold-split none)
     the real and manipulated images of the threshold split."""
-    from deeploc.evaluate import index_for_eval, index_real
+    from deeploc.evaluation.scoring import index_for_eval, index_real
 
     validate = not args.no_validate
     samples: dict[str, Any] = {"real": index_real(source, args.split, validate)}
@@ -279,8 +279,8 @@ def _real(
     context: dict[str, Any],
 ) -> list[Path]:
     """--real: false alarms on the real images of --split, detection of each subset against them."""
-    from deeploc.evaluate import score_subsets
     from deeploc.evaluation.detection import detect, detection_markdown, write_detection, write_image_scores
+    from deeploc.evaluation.scoring import score_subsets
 
     def images(by_subset: dict[str, Any]) -> dict[str, Any]:
         return {name: s.images for name, s in score_subsets(model, by_subset, *_run(args), localize=False).items()}
@@ -305,8 +305,8 @@ def _robustness(
     context: dict[str, Any],
 ) -> list[Path]:
     """--perturb: the scores of every perturbed copy of the test images, tables and figures."""
-    from deeploc.evaluate import THRESHOLD
     from deeploc.evaluation.robustness import metric_table, ordered, run_robustness, write_robustness
+    from deeploc.evaluation.scoring import THRESHOLD
 
     perturbed = run_robustness(model, by_subset, perturbations, *_run(args))
     paths = write_robustness(out, clean, perturbed, perturbations, context)

@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="deeploc-export: %(message)s")
-    from deeploc.export import export_decoder, read_export
-    from deeploc.inference import describe_model
+    from deeploc.inference.export import export_decoder, read_export
+    from deeploc.inference.loading import describe_model
 
     try:
         import_plugins(args)

@@ -50,11 +50,11 @@ _OUTPUT_OVERRIDES = (
 
 def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
-    from deeploc.cluster import shard_samples
     from deeploc.features import choice
     from deeploc.features.store import cache_allowed
-    from deeploc.settings import check_settings
-    from deeploc.train import build_datamodule, open_feature_cache
+    from deeploc.training.cluster import shard_samples
+    from deeploc.training.run import build_datamodule, open_feature_cache
+    from deeploc.training.settings import check_settings
 
     check_settings(cfg)  # the same checks of settings as deeploc-train, before any work
     if cfg.features.mode in ("stream", "none"):
@@ -93,7 +93,7 @@ def _encoder_and_maps(cfg: DictConfig) -> tuple[Any, tuple[str, ...]]:
     (``heads=[...]``) the maps every head reads."""
     from hydra.core.hydra_config import HydraConfig
 
-    from deeploc.train import build_model
+    from deeploc.training.run import build_model
 
     if not cfg.get("heads"):
         model = build_model(cfg)

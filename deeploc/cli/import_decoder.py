@@ -2,7 +2,7 @@
 
 The export then runs under deeploc's protocol like a decoder deeploc trained: ``deeploc-eval``, ``deeploc-predict``
 and every evaluation that takes a model. One source for now, ``declip`` (DeCLIP's released conv-N decoders on CLIP
-ViT-L/14, :mod:`deeploc.models.declip`); nothing in the file is executed (``torch.load(weights_only=True)``).
+ViT-L/14, :mod:`deeploc.inference.declip`); nothing in the file is executed (``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="deeploc-import: %(message)s")
-    from deeploc.export import read_export
-    from deeploc.inference import describe_model
-    from deeploc.models.declip import import_declip
+    from deeploc.inference.declip import import_declip
+    from deeploc.inference.export import read_export
+    from deeploc.inference.loading import describe_model
 
     try:
         path = import_declip(args.file, args.out, args.feature_layer, args.decoder_type, args.encoder_checkpoint)

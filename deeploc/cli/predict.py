@@ -12,7 +12,7 @@ from typing import Any
 
 from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins, report_error
 from deeploc.errors import DeeplocError
-from deeploc.predict import DEFAULT_MAX_PIXELS, IMAGE_SCORE, collect_inputs
+from deeploc.inference.predict import DEFAULT_MAX_PIXELS, IMAGE_SCORE, collect_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="deeploc-predict: %(message)s")
     _quiet_opencv()
-    from deeploc.inference import describe_model, load_model_and_metadata
-    from deeploc.predict import predict_paths
+    from deeploc.inference.loading import describe_model, load_model_and_metadata
+    from deeploc.inference.predict import predict_paths
 
     if not 0.0 <= args.threshold <= 1.0:
         print(f"deeploc-predict: --threshold must be in [0, 1], got {args.threshold}", file=sys.stderr)
@@ -119,7 +119,7 @@ def _quiet_opencv() -> None:
 
 
 def _load(args: argparse.Namespace, loader: Any) -> tuple[Any, dict[str, Any]]:
-    from deeploc.checkpoints import MissingCheckpointError
+    from deeploc.runs.checkpoints import MissingCheckpointError
 
     try:
         return loader(args.model, args.encoder_checkpoint, args.device)

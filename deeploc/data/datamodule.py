@@ -34,9 +34,9 @@ from deeploc.data.layout import (
     validate_samples,
 )
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, MaskRules
+from deeploc.data.regions import ERODE_SIZE
 from deeploc.data.sources import DataSource, build_source
 from deeploc.data.splits import SPLIT_MODES, SplitPlan, make_split, subsets_needed
-from deeploc.metrics import ERODE_SIZE
 
 __all__ = ["DatasetFactory", "EpochSeededSampler", "LocalizationDataModule", "seed_worker"]
 

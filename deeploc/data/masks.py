@@ -128,7 +128,7 @@ class MaskStats:
     height: int
     width: int
     manipulated: int  # pixels
-    f1_positive: int  # manipulated pixels that survive the metrics' erosion (deeploc.metrics.f1_positive_count)
+    f1_positive: int  # manipulated pixels that survive the metrics' erosion (deeploc.data.regions.f1_positive_count)
 
     @property
     def fraction(self) -> float:
@@ -149,7 +149,7 @@ def inspect_mask(rgb: np.ndarray, polarity: str, threshold: int | None = None) -
     (read from channel 0, as the datasets read it; binarised first with ``threshold``)."""
     import torch  # with deeploc.metrics: only when a mask is decoded (a cached validation never imports them)
 
-    from deeploc.metrics import f1_positive_count
+    from deeploc.data.regions import f1_positive_count
 
     dolos = to_dolos(binarize(rgb, threshold), polarity)
     first = dolos[..., 0]

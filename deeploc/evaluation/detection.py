@@ -1,7 +1,7 @@
 """Real images: how often a localizer flags pristine pixels and images (false alarms), and how well the map's
 image-level score tells real from manipulated images (detection).
 
-False alarms (real test images, pixel threshold :data:`~deeploc.evaluate.THRESHOLD` = 0.5, strict as the metrics)
+False alarms (real test images, pixel threshold :data:`~deeploc.evaluation.scoring.THRESHOLD` = 0.5, strict as the metrics)
     * ``false_alarm_pixels``: the share of a real image's pixels with probability > 0.5, averaged over images (%);
     * ``false_alarm_images``: the share of real images with at least one such pixel (%).
 
@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from deeploc.evaluate import THRESHOLD, ImageScores
+from deeploc.evaluation.scoring import THRESHOLD, ImageScores
 from deeploc.io import write_json_atomic
-from deeploc.predict import IMAGE_SCORE
+from deeploc.metrics import IMAGE_SCORE
 
 SCORES: dict[str, str] = {
     "top": IMAGE_SCORE + " (deeploc-predict's image_score)",
@@ -60,12 +60,12 @@ def roc_auc(real: torch.Tensor, fake: torch.Tensor) -> float:
 def average_precision(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Average precision in percent of fake (positive) vs real scores: the pixel metrics' exact AP (sklearn's step
     formula over the distinct scores), here over images."""
-    from deeploc.metrics.core import _average_precision
+    from deeploc.metrics import average_precision
 
     _require_both(real, fake)
     scores = torch.cat([real, fake]).double()[None]
     labels = torch.cat([torch.zeros(len(real), dtype=torch.bool), torch.ones(len(fake), dtype=torch.bool)])[None]
-    return float(_average_precision(scores, labels, torch.float64)[0])
+    return float(average_precision(scores, labels, torch.float64)[0])
 
 
 def balanced_accuracy(real: torch.Tensor, fake: torch.Tensor, threshold: float) -> float:

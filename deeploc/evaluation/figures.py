@@ -30,12 +30,12 @@ def strength_panels(
     """One panel per perturbation: strength on x (``clean`` first, then mildest to harshest), ``metric`` on y."""
     import matplotlib
 
-    from deeploc.report_figures import _add_caption, _figure
+    from deeploc.visualize import add_caption, new_figure
 
     colours = {
         key: matplotlib.colormaps["tab10"](i % 10) for i, key in enumerate(dict.fromkeys(line.colour for line in lines))
     }
-    fig = _figure(3.0 + 3.2 * len(groups), 3.8)
+    fig = new_figure(3.0 + 3.2 * len(groups), 3.8)
     # One panel per perturbation sharing the y axis, and a last, empty one holding the legend.
     *axes, legend_ax = fig.subplots(1, len(groups) + 1, sharey=True, width_ratios=[*[1.0] * len(groups), 0.8])
     top = 0.0
@@ -54,5 +54,5 @@ def strength_panels(
     legend_ax.axis("off")
     legend_ax.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", frameon=False)
     fig.suptitle(f"{metric_label(metric)} under perturbation (clean, then milder to harsher)", fontsize=10)
-    _add_caption(fig, caption)
+    add_caption(fig, caption)
     return fig

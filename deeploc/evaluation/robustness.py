@@ -38,12 +38,12 @@ from typing import Any
 import cv2
 
 from deeploc.data.layout import Sample, read_rgb
-from deeploc.evaluate import THRESHOLD, evaluate, score_keys
 from deeploc.evaluation.figures import Line, strength_panels
 from deeploc.evaluation.perturbations import Perturbation, apply
+from deeploc.evaluation.scoring import THRESHOLD, evaluate, score_keys
 from deeploc.io import atomic_write_bytes, file_digest, write_json_atomic
 from deeploc.metrics import metric_label, metric_names
-from deeploc.report_figures import save
+from deeploc.visualize import save
 
 log = logging.getLogger(__name__)
 

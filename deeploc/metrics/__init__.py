@@ -7,4 +7,4 @@ see docs/extending.md.
 """
 
 from deeploc.metrics.core import *  # noqa: F403
-from deeploc.metrics.core import __all__, _binarise_masks, _f1_split  # noqa: F401
+from deeploc.metrics.core import __all__  # noqa: F401

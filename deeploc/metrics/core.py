@@ -70,6 +70,7 @@ Aggregation (``LocalizationMetrics``)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from deeploc.data.regions import DILATE_SIZE, ERODE_SIZE, binarise_masks, f1_positive_count, f1_split
 from deeploc.errors import ConfigError
 from deeploc.registry import Registry
 
@@ -87,13 +89,18 @@ __all__ = [
     "DEFAULT_CONVENTION",
     "DILATE_SIZE",
     "ERODE_SIZE",
+    "IMAGE_SCORE",
     "LEGACY_CONVENTION",
     "METRICS",
+    "OPTIMIZED_METRICS",
+    "TOP_FRACTION",
     "LocalizationMetrics",
     "MetricSpec",
     "ScoreInputs",
+    "average_precision",
     "check_convention",
     "f1_positive_count",
+    "image_score",
     "image_scores",
     "metric_label",
     "metric_names",
@@ -103,12 +110,12 @@ __all__ = [
     "resize_probs",
 ]
 
-ERODE_SIZE = 15  # TruFor's erodeKernSize: gt pixels surviving this erosion are the F1 positives
-DILATE_SIZE = 11  # TruFor's dilateKernSize: pixels outside this dilation are the F1 negatives
-GT_THRESHOLD = 0.5  # ground truth is mask > 0.5
-
 CONVENTIONS = ("study", "trufor")
 DEFAULT_CONVENTION = "study"
+TOP_FRACTION = 0.01
+IMAGE_SCORE = "mean of the top 1% of the per-pixel manipulation probabilities (at least one pixel)"
+# Validation metrics a sweeper can optimise (the LightningModule logs them every epoch) and what "best" means for each.
+OPTIMIZED_METRICS = {"val/iou": "max", "val/f1_fixed": "max", "val/f1_best": "max", "val/ap": "max", "val/loss": "min"}
 LEGACY_CONVENTION = "trufor"  # what a metrics.json / eval.json without "convention" was computed with
 _F1_EPS = 1e-32  # DeCLIP's compute_f1: numerator + eps over max(denominator, eps)
 
@@ -212,29 +219,6 @@ def resize_probs(logits: torch.Tensor, size: tuple[int, int] | Sequence[int]) ->
     return probs[:, 0]
 
 
-def _binarise_masks(masks: torch.Tensor) -> torch.Tensor:
-    """``Bx1xHxW`` or ``BxHxW`` masks -> bool ``BxHxW`` (manipulated = value > 0.5)."""
-    if masks.ndim == 4:
-        if masks.shape[1] != 1:
-            raise ValueError(f"expected masks Bx1xHxW or BxHxW, got {tuple(masks.shape)}")
-        masks = masks[:, 0]
-    if masks.ndim != 3:
-        raise ValueError(f"expected masks Bx1xHxW or BxHxW, got {tuple(masks.shape)}")
-    return masks if masks.dtype == torch.bool else masks > GT_THRESHOLD
-
-
-def _f1_split(gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TruFor's F1 positives (eroded gt) and negatives (outside dilated gt) for bool ``BxHxW`` gt.
-
-    ``max_pool2d`` pads with -inf, so pixels outside the image never win the max (nor, negated, the min):
-    regions touching the border are not eroded from the border side, like scipy's reflect mode / cv2.
-    """
-    g = gt.unsqueeze(1).float()
-    eroded = -F.max_pool2d(-g, ERODE_SIZE, stride=1, padding=ERODE_SIZE // 2)
-    dilated = F.max_pool2d(g, DILATE_SIZE, stride=1, padding=DILATE_SIZE // 2)
-    return eroded[:, 0] > 0.5, dilated[:, 0] < 0.5
-
-
 def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, dtype: torch.dtype, convention: str) -> torch.Tensor:
     """F1 in percent from integer counts; 0/0 is 100 (``study``) or 0 (``trufor``), see the module docstring."""
     den = 2 * tp + fp + fn
@@ -274,7 +258,7 @@ def _best_f1_sweep(
     return f1.masked_fill(~valid, float("-inf")).amax(1)
 
 
-def _average_precision(v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def average_precision(v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Exact binary AP in percent per row of ``BxN`` (torchmetrics/sklearn step formula); NaN without positives."""
     sorted_v, order = v.sort(dim=1, descending=True)
     target = gt.gather(1, order)
@@ -314,7 +298,7 @@ def _f1_best(x: ScoreInputs) -> torch.Tensor:
 
 @register_metric("ap", "AP", "binary average precision over the image's pixels")
 def _ap(x: ScoreInputs) -> torch.Tensor:
-    ap = _average_precision(x.probs, x.gt, x.dtype)
+    ap = average_precision(x.probs, x.gt, x.dtype)
     if x.convention == "study":
         ap = ap.masked_fill(~x.gt.any(1), 0.0)  # torchmetrics' value for an empty mask, averaged in by DeCLIP
     return ap
@@ -327,7 +311,7 @@ def _batch_scores(probs: torch.Tensor, gt: torch.Tensor, threshold: float, conve
         raise ValueError(f"probabilities {tuple(probs.shape)} and masks {tuple(gt.shape)} differ in size")
     dtype = _acc_dtype(probs.device)
     b = probs.shape[0]
-    pos_img, neg_img = _f1_split(gt)
+    pos_img, neg_img = f1_split(gt)
     v, g = probs.reshape(b, -1), gt.reshape(b, -1)
     pos, neg = pos_img.reshape(b, -1), neg_img.reshape(b, -1)
     specs = metric_specs()
@@ -357,7 +341,7 @@ def image_scores(
     check_convention(convention)
     if prob.ndim != 2 or prob.shape != mask.shape:
         raise ValueError(f"expected two HxW tensors of one size, got {tuple(prob.shape)} and {tuple(mask.shape)}")
-    gt = _binarise_masks(mask.unsqueeze(0)).to(prob.device)
+    gt = binarise_masks(mask.unsqueeze(0)).to(prob.device)
     scores = _batch_scores(prob.detach().unsqueeze(0), gt, threshold, convention)
     return {name: float(scores[name][0]) for name in metric_names()}
 
@@ -387,7 +371,7 @@ class LocalizationMetrics(Metric):
 
     def update(self, logits: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor | None = None) -> None:
         """Score a batch: logits ``Bx1xhxw`` (any size), masks ``Bx1xHxW``/``BxHxW`` at native size."""
-        gt = _binarise_masks(masks.detach())
+        gt = binarise_masks(masks.detach())
         with torch.no_grad():
             probs = resize_probs(logits, gt.shape[-2:])
             scores = _batch_scores(probs, gt.to(probs.device), self.threshold, self.convention)
@@ -442,18 +426,9 @@ def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def f1_positive_count(masks: torch.Tensor) -> torch.Tensor:
-    """How many F1 positives each mask has: ground-truth pixels that survive the ``ERODE_SIZE`` square erosion of
-    :func:`_f1_split` (0 = the image has no F1 positive: an empty mask, or every region thinner than ``ERODE_SIZE``).
-
-    ``masks`` as :func:`image_scores` takes them (``Bx1xHxW`` or ``BxHxW``; bool, or manipulated > 0.5); returns
-    int64 counts of shape ``B``. The erosion is ``_f1_split``'s (pixels outside the image never erode; tested equal),
-    computed with OpenCV because deeploc-check runs it on every mask of a dataset and ``cv2.erode`` is several
-    hundred times faster than ``max_pool2d`` on the CPU.
-    """
-    import cv2  # the data layer's reader: imported here so that the metrics themselves do not depend on it
-    import numpy as np
-
-    kernel = np.ones((ERODE_SIZE, ERODE_SIZE), np.uint8)
-    gt = _binarise_masks(masks).cpu().numpy().astype(np.uint8)
-    return torch.tensor([cv2.countNonZero(cv2.erode(m, kernel)) for m in gt], dtype=torch.int64)
+def image_score(probs: torch.Tensor | Any, top_fraction: float = TOP_FRACTION) -> float:
+    """Mean of the top ``top_fraction`` of the probabilities (at least one value): the image-level score that
+    detection and deeploc-predict use."""
+    flat = torch.as_tensor(probs).reshape(-1).float()
+    k = max(1, math.ceil(top_fraction * flat.numel()))
+    return float(flat.topk(k).values.mean())

@@ -3,7 +3,7 @@
 Every head's checkpoint is the one its single run would write (:func:`head_checkpoint`): the head's decoder
 tensors, its optimiser state (its parameter group, renumbered as a one-group Adam), its callbacks' states under the
 single run's keys, its hyperparameters and deeploc record, and the loop state of the job (the same batches, so the
-same epoch and step as the single run). ``LocalizationModule.load_from_checkpoint``, deeploc.inference and a single
+same epoch and step as the single run). ``LocalizationModule.load_from_checkpoint``, deeploc.inference.loading and a single
 run resuming from it read it unchanged.
 """
 
@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from deeploc.callbacks import BestValidation, PredictionPanel, epoch_line
-from deeploc.cluster import RequeueOnSignal
+from deeploc.training.callbacks import BestValidation, PredictionPanel, epoch_line
+from deeploc.training.cluster import RequeueOnSignal
 
 __all__ = [
     "HeadBestValidation",
@@ -109,7 +109,7 @@ class HeadCheckpoint(ModelCheckpoint):
 
 
 class HeadBestValidation(BestValidation):
-    """:class:`~deeploc.callbacks.BestValidation` of one head."""
+    """:class:`~deeploc.training.callbacks.BestValidation` of one head."""
 
     single_state_key = BestValidation.__qualname__
 
@@ -130,7 +130,7 @@ class HeadBestValidation(BestValidation):
 
 
 class JobRequeue(RequeueOnSignal):
-    """:class:`~deeploc.cluster.RequeueOnSignal` writing the job's checkpoint (all heads) into the job's folder,
+    """:class:`~deeploc.training.cluster.RequeueOnSignal` writing the job's checkpoint (all heads) into the job's folder,
     from which the requeued job resumes; the heads' run directories only ever hold single-run checkpoints."""
 
     def __init__(self, folder: Path) -> None:
@@ -160,7 +160,7 @@ class HeadEpochSummary(L.Callback):
 
 class HeadPredictionPanel(PredictionPanel):
     """Each head's W&B panels into that head's own W&B run, at the epochs and in the form of a single run's
-    (:class:`~deeploc.callbacks.PredictionPanel`); one encoder pass (or the cached maps) draws every head's."""
+    (:class:`~deeploc.training.callbacks.PredictionPanel`); one encoder pass (or the cached maps) draws every head's."""
 
     def __init__(self, loggers: Mapping[str, Sequence[Logger]], every_n_epochs: int = 5, n_images: int = 4) -> None:
         super().__init__(every_n_epochs, n_images)

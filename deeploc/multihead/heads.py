@@ -27,8 +27,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from deeploc.errors import ConfigError
-from deeploc.naming import override_key
-from deeploc.runs import RunDir
+from deeploc.runs.naming import override_key
+from deeploc.runs.rundir import RunDir
 
 __all__ = ["Head", "check_run_folders", "check_shared", "compose_heads", "head_inputs", "head_names", "head_overrides"]
 
@@ -114,7 +114,7 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
     """The heads of the job whose config is ``cfg`` and Hydra config ``hydra`` (``HydraConfig.get()``): each composed
     as its single run, checked like one (:func:`deeploc.settings.check_config` and ``check_choices``) and checked to
     share the job's settings (:func:`check_shared`). Where they write is checked by :func:`check_run_folders`."""
-    from deeploc.settings import check_choices, check_config
+    from deeploc.training.settings import check_choices, check_config
 
     names = head_names(cfg)
     task = [str(o) for o in hydra.overrides.task]

@@ -28,13 +28,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from deeploc.callbacks import EpochSummary, PredictionPanel
-from deeploc.checkpointing import checkpoint_step
-from deeploc.checkpoints import check_checkpoint_digest
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError, DeeplocError, deeploc_error
 from deeploc.io import write_json_atomic
-from deeploc.monitoring import build_loggers, continue_history
+from deeploc.metrics import OPTIMIZED_METRICS
 from deeploc.multihead.callbacks import (
     HeadBestValidation,
     HeadCheckpoint,
@@ -45,9 +42,12 @@ from deeploc.multihead.callbacks import (
 )
 from deeploc.multihead.heads import Head, check_run_folders, compose_heads
 from deeploc.multihead.module import MultiHeadModule
-from deeploc.runs import HEADS_FILE, RunDir
-from deeploc.settings import OPTIMIZED_METRICS
-from deeploc.test_maps import TestMaps
+from deeploc.runs.checkpoint_io import checkpoint_step
+from deeploc.runs.checkpoints import check_checkpoint_digest
+from deeploc.runs.rundir import HEADS_FILE, RunDir
+from deeploc.training.callbacks import EpochSummary, PredictionPanel
+from deeploc.training.loggers import build_loggers, continue_history
+from deeploc.training.test_maps import TestMaps
 
 __all__ = ["train_heads"]
 
@@ -56,8 +56,8 @@ log = logging.getLogger("deeploc.multihead")
 
 def train_heads(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the heads of ``cfg.heads``; returns ``{"heads": {name: the head's metrics.json}}``."""
-    from deeploc.cluster import is_first_process
-    from deeploc.train import run_directory, run_lock
+    from deeploc.training.cluster import is_first_process
+    from deeploc.training.run import run_directory, run_lock
 
     if cfg.trainer.get("fast_dev_run"):
         raise ConfigError(
@@ -81,7 +81,7 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str, Any]:
-    from deeploc.train import build_datamodule, check_run_inputs, reuse_decision, write_resolved_config
+    from deeploc.training.run import build_datamodule, check_run_inputs, reuse_decision, write_resolved_config
 
     previous = {head.name: head.run.read_metrics() for head in heads}
     decisions = {}
@@ -131,7 +131,7 @@ def _fit_and_test(
     resume: str | None,
     previous: Mapping[str, Any],
 ) -> dict[str, Any]:
-    from deeploc.train import build_trainer, finish_runs, run_results, serve_features
+    from deeploc.training.run import build_trainer, finish_runs, run_results, serve_features
 
     fitted = MultiHeadModule({head.name: modules[head.name] for head in training}) if training else None
     callbacks = _callbacks(cfg, job, training, loggers)
@@ -177,7 +177,7 @@ def _fit_and_test(
 
 def _build_heads(cfg: DictConfig, heads: Sequence[Head]) -> dict[str, Any]:
     """Each head's LocalizationModule, built as its single run builds it, on one shared encoder."""
-    from deeploc.train import build_model
+    from deeploc.training.run import build_model
 
     encoder = instantiate(cfg.encoder)
     modules = {}

@@ -1,6 +1,6 @@
 """``MultiHeadModule``: several decoders trained on one stream of batches, each exactly as in its own run.
 
-The heads are :class:`~deeploc.module.LocalizationModule` instances sharing one frozen encoder. Per batch the maps
+The heads are :class:`~deeploc.training.module.LocalizationModule` instances sharing one frozen encoder. Per batch the maps
 every head reads are computed once (one encoder pass, or one read of the cached maps) and handed to each head. Each
 head keeps what its single run has: its decoder and BatchNorm statistics, its loss, its optimiser state, its
 learning-rate schedule and its metrics.
@@ -27,8 +27,8 @@ from torch import nn
 
 from deeploc.metrics import metric_names
 from deeploc.models.encoders import same_encoder
-from deeploc.module import IncompatibleCheckpointError, LocalizationModule, same_decoder
-from deeploc.test_maps import TestMaps
+from deeploc.training.module import IncompatibleCheckpointError, LocalizationModule, same_decoder
+from deeploc.training.test_maps import TestMaps
 
 __all__ = ["MultiHeadModule"]
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from deeploc.visualize import add_caption, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from deeploc.report import Matrix, SummaryRow
+    from deeploc.report.build import Matrix, SummaryRow
 
 OUTLINE = "red"
-CAPTION_SIZE = 7.5
 
 
 def heatmap_figure(m: Matrix, caption: str) -> Figure:
@@ -26,7 +26,7 @@ def heatmap_figure(m: Matrix, caption: str) -> Figure:
     n = len(m.subsets)
     cells = [[m.cell(a, b) for b in m.subsets] for a in m.subsets]
     values = np.array([[np.nan if c.mean is None else c.mean for c in row] for row in cells])
-    fig = _figure(3.2 + 1.3 * n, 1.8 + 1.1 * n)
+    fig = new_figure(3.2 + 1.3 * n, 1.8 + 1.1 * n)
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100)
@@ -48,7 +48,7 @@ def heatmap_figure(m: Matrix, caption: str) -> Figure:
     title = textwrap.fill(f"{m.label}{incomplete}", int(fig.get_size_inches()[0] * 11))
     ax.set_title(f"{title}\n{first} {_stat_text(m.id_stat())}  {second} {_stat_text(m.ood_stat())}", fontsize=10)
     fig.colorbar(image, ax=ax, label="IoU (%)")
-    _add_caption(fig, caption)
+    add_caption(fig, caption)
     return fig
 
 
@@ -69,7 +69,7 @@ def id_ood_figure(
     if with_study:
         series.insert(1, ("ID (study)", "tab:blue", "//", [s[0] if s else None for s in study], [None] * len(rows)))
         series.append(("OOD (study)", "tab:orange", "//", [s[1] if s else None for s in study], [None] * len(rows)))
-    fig = _figure(3.0 + (2.0 if with_study else 1.4) * len(rows), 4.8)
+    fig = new_figure(3.0 + (2.0 if with_study else 1.4) * len(rows), 4.8)
     ax = fig.add_subplot()
     for k, (name, colour, hatch, values, stds) in enumerate(series):
         offset = (k - (len(series) - 1) / 2) * width
@@ -101,21 +101,7 @@ def id_ood_figure(
     ax.set_ylim(0, 100)
     ax.set_title("In-domain (ID) vs out-of-domain (OOD) IoU")
     ax.legend(fontsize=8)
-    _add_caption(fig, caption, note)
-    return fig
-
-
-def save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def _figure(width: float, height: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
+    add_caption(fig, caption, note)
     return fig
 
 
@@ -123,20 +109,3 @@ def _stat_text(stat) -> str:
     if stat.mean is None:
         return "—"
     return f"{stat.mean:.2f}" + ("" if stat.std is None else f" ± {stat.std:.2f}")
-
-
-def _add_caption(fig: Figure, caption: str, note: str = "") -> None:
-    """Wrap `caption` (and a red `note` above it) under the axes, growing the figure to make room."""
-    width_in, height_in = fig.get_size_inches()
-    chars = max(40, int(width_in * 15))
-    blocks = [(textwrap.fill(note, chars), "darkred")] if note else []
-    blocks += [("\n".join(textwrap.fill(p, chars) for p in caption.split("\n")), "black")]
-    lines = sum(text.count("\n") + 1 for text, _ in blocks)
-    extra = 0.16 * lines + 0.15  # inches of caption
-    fig.set_size_inches(width_in, height_in + extra)
-    fraction = extra / (height_in + extra)
-    fig.tight_layout(rect=(0, fraction, 1, 1))
-    y = 0.02 / (height_in + extra)
-    for text, colour in reversed(blocks):
-        fig.text(0.01, y, text, fontsize=CAPTION_SIZE, color=colour, ha="left", va="bottom")
-        y += (0.16 * (text.count("\n") + 1) + 0.04) / (height_in + extra)

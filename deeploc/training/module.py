@@ -2,7 +2,7 @@
 
 The module never names an architecture: it receives an encoder (:class:`~deeploc.models.encoders.FrozenEncoder`)
 and a decoder (:class:`~deeploc.models.decoders.Decoder`, or a factory Hydra built from ``conf/decoder``) and records
-both as plain values in its hyperparameters and checkpoints, from which :mod:`deeploc.inference` rebuilds them.
+both as plain values in its hyperparameters and checkpoints, from which :mod:`deeploc.inference.loading` rebuilds them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_conve
 from deeploc.models.decoders import Decoder, DecoderError, UnknownMapError, decoder_from_record
 from deeploc.models.encoders import FrozenEncoder, build_encoder, same_encoder
 from deeploc.models.state_dicts import state_dict_mismatch
-from deeploc.test_maps import TestMaps
+from deeploc.training.test_maps import TestMaps
 
 SCHEDULES = ("fixed", "plateau")
 
@@ -270,7 +270,7 @@ class LocalizationModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from deeploc.checkpoints import checkpoint_decoder_record
+        from deeploc.runs.checkpoints import checkpoint_decoder_record
 
         meta = checkpoint.get("deeploc")
         if meta is None:

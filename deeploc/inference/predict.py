@@ -16,7 +16,6 @@ import csv
 import glob
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,7 @@ import torch
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import IMAGE_EXTENSIONS, read_rgb
 from deeploc.errors import DeeplocError
+from deeploc.metrics import IMAGE_SCORE, TOP_FRACTION, image_score
 from deeploc.visualize import heatmap, overlay, with_colorbar
 
 __all__ = [
@@ -49,8 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOP_FRACTION = 0.01
-IMAGE_SCORE = "mean of the top 1% of the per-pixel manipulation probabilities (at least one pixel)"
 RESIZE_POLICY = (
     "whole image resized (bilinear, antialiased, aspect ratio not kept) to the encoder's square input; "
     "probabilities resized back bilinearly to the native size"
@@ -261,13 +259,6 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-def image_score(probs: torch.Tensor | np.ndarray, top_fraction: float = TOP_FRACTION) -> float:
-    """Mean of the top ``top_fraction`` of the probabilities (at least one value): the image-level score."""
-    flat = torch.as_tensor(probs).reshape(-1).float()
-    k = max(1, math.ceil(top_fraction * flat.numel()))
-    return float(flat.topk(k).values.mean())
-
-
 # ----------------------------------------------------------------------------------------------- outputs
 
 
@@ -436,7 +427,7 @@ def write_summary(
     summary: PredictionSummary, out: Path, threshold: float, model_info: dict[str, Any] | None = None
 ) -> tuple[Path, Path]:
     """``summary.json`` (settings + one record per file) and ``summary.csv`` (one row per file)."""
-    from deeploc.export import deeploc_version
+    from deeploc.inference.export import deeploc_version
 
     rows = [{k: v for k, v in asdict(r).items() if k != "explicit"} for r in summary.results]
     payload = {

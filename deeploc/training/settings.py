@@ -20,12 +20,10 @@ from deeploc.config import CONF_DIR
 from deeploc.data.masks import POLARITIES
 from deeploc.errors import ConfigError
 from deeploc.features.choice import MODES as FEATURE_MODES
-from deeploc.metrics import CONVENTIONS
-from deeploc.naming import override_key
+from deeploc.metrics import CONVENTIONS, OPTIMIZED_METRICS
+from deeploc.runs.naming import override_key
 
 IF_FINISHED = ("skip", "eval", "retrain")
-# Validation metrics a sweeper can optimise (the module logs them every epoch) and what "best" means for each.
-OPTIMIZED_METRICS = {"val/iou": "max", "val/f1_fixed": "max", "val/f1_best": "max", "val/ap": "max", "val/loss": "min"}
 # Config groups an `arch` choice sets together.
 ARCH_PARTS = ("decoder", "feature")
 _ABSENT = object()

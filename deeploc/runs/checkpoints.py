@@ -2,7 +2,7 @@
 
 A checkpoint (``<run>/checkpoints/{best,last}.ckpt``) holds the decoder's tensors (``decoder.*``), the module's
 plain hyperparameters and, under ``deeploc``, the encoder identity and the decoder record (registered name, keyword
-arguments, input specs) from which :mod:`deeploc.inference` rebuilds the model. It is read with
+arguments, input specs) from which :mod:`deeploc.inference.loading` rebuilds the model. It is read with
 ``torch.load(weights_only=True)``: nothing pickled is executed. Checkpoints of deeploc 0.1 (CONV-N on SAM2 only,
 no decoder record) are read too: their ``feature`` and ``depth`` name a ``conv`` decoder.
 """
@@ -19,7 +19,7 @@ import torch
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest
-from deeploc.runs import RunDir
+from deeploc.runs.rundir import RunDir
 
 __all__ = [
     "IncompatibleModelError",

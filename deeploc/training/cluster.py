@@ -16,7 +16,7 @@ One owner of the requeue signal
     "Run again" means: on SLURM, ``scontrol requeue <job>`` (same job id, same array index); in a submitit *local*
     job, the exit code 144 itself (submitit's local controller restarts tasks that exit with it); elsewhere, nothing
     (the message says to re-run the same command). The job's overrides are unchanged, so it lands in the SAME run
-    directory, :meth:`deeploc.runs.RunDir.resume_checkpoint` picks ``requeue.ckpt`` there and the W&B id (derived from the run
+    directory, :meth:`deeploc.runs.rundir.RunDir.resume_checkpoint` picks ``requeue.ckpt`` there and the W&B id (derived from the run
     directory) is the same.
 
 Ranks of a submitit local job
@@ -43,9 +43,9 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 
-from deeploc.runs import REQUEUE_CHECKPOINT
+from deeploc.runs.rundir import REQUEUE_CHECKPOINT
 
-log = logging.getLogger("deeploc.cluster")
+log = logging.getLogger("deeploc.training.cluster")
 
 try:  # the code submitit's local controller restarts a job on; keep in step with it
     from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE as REQUEUE_EXIT_CODE

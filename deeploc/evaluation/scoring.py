@@ -129,7 +129,7 @@ def score_subsets(
     """One pass of ``model`` (a LocalizationModule) over each subset: its mean per-image metrics in ``convention``
     at :data:`THRESHOLD` (when ``localize``) and every image's :class:`ImageScores`, at the masks' size.
     ``match_sizes=False`` accepts images of another size than their masks (perturbed, resized copies)."""
-    from deeploc.predict import image_score
+    from deeploc.metrics import image_score
 
     check_convention(convention)
     model.eval()

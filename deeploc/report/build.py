@@ -1,7 +1,7 @@
 """Sweep directory -> the study's tables and figures.
 
 `collect_runs` finds every run directory under a sweep (one holding `.hydra/config.yaml` or `metrics.json`) and
-reads its `metrics.json` (format: docs/architecture.md) and the settings that produced it (`deeploc.provenance`).
+reads its `metrics.json` (format: docs/architecture.md) and the settings that produced it (`deeploc.report.provenance`).
 `build_matrices` arranges the test scores into one row-subset x test-subset matrix per configuration, a
 configuration being every setting that changes results (decoder, feature, encoder, weights, input size, epochs,
 schedule, lr, batch size, split sizes, data, metric convention...): runs that differ in any of them are never
@@ -29,7 +29,7 @@ from typing import Any
 
 from deeploc import __version__
 from deeploc.metrics import metric_label, metric_names
-from deeploc.provenance import (
+from deeploc.report.provenance import (
     LABELS,
     OTHER_KEYS,
     Settings,
@@ -41,7 +41,7 @@ from deeploc.provenance import (
     varying_keys,
     version_text,
 )
-from deeploc.runs import HEADS_FILE
+from deeploc.runs.rundir import HEADS_FILE
 
 # The study's maps first, in the protocol's order; other maps (other decoders, encoders) after, by name.
 STUDY_FEATURES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
@@ -450,10 +450,11 @@ def write_report(
     study's values beside the comparable rows, and says why for the others. Runs evaluated on their real images
     (`deeploc-eval --real`) add a detection table and an AUC matrix beside each IoU matrix; with `robustness`, the
     runs' `deeploc-eval --perturb` results are compared in a table and one figure per metric
-    (`deeploc.evaluation.reporting`).
+    (`deeploc.report.sections`).
     """
-    from deeploc import report_figures
-    from deeploc.evaluation import reporting
+    from deeploc.report import figures as report_figures
+    from deeploc.report import sections as reporting
+    from deeploc.visualize import save
 
     sweep = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep / "report"
@@ -514,14 +515,14 @@ def write_report(
     (out / "report.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
 
     figures = [
-        report_figures.save(report_figures.heatmap_figure(m, heatmap_caption(m)), out / f"{prefix}{_slug(m)}.png")
+        save(report_figures.heatmap_figure(m, heatmap_caption(m)), out / f"{prefix}{_slug(m)}.png")
         for prefix, ms in (("heatmap_", cross), ("heatmap_loo_", loo))
         for m in ms.values()
     ]
     if rows:
         study, note = study_bars(dict(comparisons)["cross"])
         figure = report_figures.id_ood_figure(rows, study, note, bar_caption(rows, runs))
-        figures.append(report_figures.save(figure, out / "id_ood.png"))
+        figures.append(save(figure, out / "id_ood.png"))
     figures += robustness_figures
     return ReportPaths(
         out_dir=out,

@@ -18,7 +18,7 @@ metadata field and, through ``decoder_sha256``, the tensors, so any edit of the 
 integrity check against damage and hand edits, not a signature against forgery (anyone can recompute it).
 Format 1 exports (deeploc 0.1) had no such digest and are refused with the command that re-exports them.
 Reading an export parses only safetensors tensors and JSON: nothing is unpickled, nothing is imported (the decoder
-is looked up by its registered name, :mod:`deeploc.registry`). Loading for inference: :mod:`deeploc.inference`.
+is looked up by its registered name, :mod:`deeploc.registry`). Loading for inference: :mod:`deeploc.inference.loading`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from deeploc.checkpoints import (
+from deeploc.io import atomic_write_bytes, file_digest, finite_or_null
+from deeploc.runs.checkpoints import (
     ModelError,
     check_run_checkpoint,
     legacy_conv_record,
@@ -43,8 +44,7 @@ from deeploc.checkpoints import (
     resolve_checkpoint,
     run_dir_of,
 )
-from deeploc.io import atomic_write_bytes, file_digest, finite_or_null
-from deeploc.runs import RunDir
+from deeploc.runs.rundir import RunDir
 
 __all__ = [
     "EXPORT_SUFFIX",
@@ -167,7 +167,7 @@ def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[st
 
     ``out`` defaults to ``<run dir>/decoder.safetensors`` (next to the ``.ckpt`` for a checkpoint file).
     """
-    from deeploc.inference import decoder_with_weights
+    from deeploc.inference.loading import decoder_with_weights
 
     src = Path(model_path).expanduser()
     ckpt_path = resolve_checkpoint(src)

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from deeploc.checkpoints import (
+from deeploc.data.roles import describe_training
+from deeploc.inference.export import export_metadata, is_export, read_export
+from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
+from deeploc.models.encoders import EncoderError, FrozenEncoder, MissingWeightsError, encoder_from_identity
+from deeploc.models.state_dicts import state_dict_mismatch
+from deeploc.registry import UnknownComponentError
+from deeploc.runs.checkpoints import (
     IncompatibleModelError,
     MissingCheckpointError,
     ModelError,
@@ -26,13 +32,7 @@ from deeploc.checkpoints import (
     resolve_checkpoint,
     run_dir_of,
 )
-from deeploc.export import export_metadata, is_export, read_export
-from deeploc.labels import describe_training
-from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
-from deeploc.models.encoders import EncoderError, FrozenEncoder, MissingWeightsError, encoder_from_identity
-from deeploc.models.state_dicts import state_dict_mismatch
-from deeploc.registry import UnknownComponentError
-from deeploc.runs import RunDir
+from deeploc.runs.rundir import RunDir
 
 __all__ = [
     "check_compatible",
@@ -141,7 +141,7 @@ def _build_module(
     device: torch.device,
     source: str,
 ) -> Any:
-    from deeploc.module import LocalizationModule
+    from deeploc.training.module import LocalizationModule
 
     decoder = decoder_with_weights(metadata["decoder"], state, source)
     try:

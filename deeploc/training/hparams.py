@@ -25,10 +25,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from deeploc.io import atomic_write_bytes
-from deeploc.naming import override_key
-from deeploc.runs import RunDir
+from deeploc.runs.naming import override_key
+from deeploc.runs.rundir import RunDir
 
-log = logging.getLogger("deeploc.hparams")
+log = logging.getLogger("deeploc.training.hparams")
 
 RESULTS_FILE = "optimization_results.yaml"
 BEST_FILE = "best_trial.yaml"
@@ -44,7 +44,7 @@ def fixed_overrides(command_line: Iterable[str]) -> list[str]:
 
 
 def _trial_value(run: RunDir, metric: str) -> float | None:
-    from deeploc.train import best_validation_value
+    from deeploc.training.run import best_validation_value
 
     return best_validation_value(run.read_metrics(), metric)
 

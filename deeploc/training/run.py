@@ -1,10 +1,10 @@
-"""`deeploc-train`: compose conf/, train one decoder, test it on every test subset, write the run's results.
+"""One training run (the steps of `deeploc-train` and of multi-head jobs): train one decoder, test it on every test subset, write the run's results.
 
-Run directories are derived from the overrides (:mod:`deeploc.naming`), so re-running a command finds its earlier
+Run directories are derived from the overrides (:mod:`deeploc.runs.naming`), so re-running a command finds its earlier
 work: a finished run is skipped (``if_finished=eval`` re-tests its best checkpoint, ``retrain`` starts over in
 place) and an interrupted one resumes from ``checkpoints/last.ckpt``.
 
-* Settings are checked before any work (:mod:`deeploc.settings`).
+* Settings are checked before any work (:mod:`deeploc.training.settings`).
 * One process at a time works in a run directory: it holds ``<run>/.lock`` (``fcntl.flock``, released by the
   kernel when the process ends, however it ends); a second command on the same directory is refused, naming the
   first one's pid.
@@ -25,31 +25,26 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from deeploc.callbacks import BestValidation
-from deeploc.checkpointing import checkpoint_step
-from deeploc.checkpoints import check_checkpoint_digest
-from deeploc.cli.app import run_hydra_app
-from deeploc.config import CONF_DIR, to_primitive
-from deeploc.console import quiet_console
-from deeploc.errors import ConfigError, deeploc_error
-from deeploc.metrics import metric_specs, recorded_convention
-from deeploc.monitoring import build_loggers, continue_history
-from deeploc.naming import changed_inputs
-from deeploc.runs import RunDir
-from deeploc.settings import OPTIMIZED_METRICS, check_choices, check_config
-from deeploc.test_maps import TestMaps
+from deeploc.config import to_primitive
+from deeploc.errors import ConfigError
+from deeploc.metrics import OPTIMIZED_METRICS, metric_specs, recorded_convention
+from deeploc.runs.checkpoint_io import checkpoint_step
+from deeploc.runs.checkpoints import check_checkpoint_digest
+from deeploc.runs.naming import changed_inputs
+from deeploc.runs.rundir import RunDir
+from deeploc.training.callbacks import BestValidation
+from deeploc.training.loggers import build_loggers, continue_history
+from deeploc.training.test_maps import TestMaps
 
-log = logging.getLogger("deeploc.train")
+log = logging.getLogger("deeploc.training.run")
 
 RUN_LOCK = ".lock"
 RESOLVED_CONFIG = "config_resolved.yaml"
@@ -147,11 +142,11 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def build_trainer(
     cfg: DictConfig, callbacks: list[L.Callback] | None = None, loggers: list[Any] | None = None
 ) -> L.Trainer:
-    """The Lightning Trainer with the configured callbacks and loggers (or those given), plus deeploc.cluster's
+    """The Lightning Trainer with the configured callbacks and loggers (or those given), plus deeploc.training.cluster's
     requeue-on-signal callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md), writing
-    checkpoints atomically in their own folder (deeploc.checkpointing)."""
+    checkpoints atomically in their own folder (deeploc.runs.checkpoint_io)."""
     from deeploc import cluster
-    from deeploc.checkpointing import with_atomic_checkpoints
+    from deeploc.runs.checkpoint_io import with_atomic_checkpoints
 
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     loggers = build_loggers(cfg.get("logger")) if loggers is None else loggers
@@ -176,7 +171,7 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
 
 
 def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> dict[str, Any]:
-    """What identifies a run in tables: every setting that changes its scores (deeploc.provenance reads them back)
+    """What identifies a run in tables: every setting that changes its scores (deeploc.report.provenance reads them back)
     and the data it used, plus how the maps were served (``features``: cache or stream). The full config is in
     .hydra/ and config_resolved.yaml. Values are primitives."""
     from deeploc import __version__
@@ -243,7 +238,7 @@ def write_overlays(
     rank tested those images) does the encoder run, once per subset."""
     from PIL import Image
 
-    from deeploc.callbacks import cached_maps, render_panels_of
+    from deeploc.training.callbacks import cached_maps, render_panels_of
 
     written = []
     for model in models:
@@ -266,16 +261,10 @@ def write_overlays(
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration; returns the content of the run's metrics.json. With ``heads`` set, train
-    every head on one stream of batches instead (:mod:`deeploc.multihead`); returns ``{"heads": {name: metrics}}``."""
-    from deeploc.cluster import is_first_process
+    """Train and test one configuration (settings already checked); returns the content of the run's
+    metrics.json."""
+    from deeploc.training.cluster import is_first_process
 
-    check_config(cfg)
-    check_choices(HydraConfig.get())
-    if cfg.get("heads"):
-        from deeploc.multihead.job import train_heads
-
-        return train_heads(cfg)
     run = run_directory(cfg)
     # Only the first process of a job locks: the other DDP ranks belong to the same run.
     with run_lock(run) if is_first_process() else contextlib.nullcontext():
@@ -477,7 +466,7 @@ def _debug_results(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule: 
 def format_results(metrics: dict[str, Any], run: RunDir) -> str:
     """A console table of the test scores, each subset labelled by its role (in-domain / out-of-domain, or held
     out / seen for leave-one-out), with what produced them and where the artefacts are."""
-    from deeploc.labels import subset_role, training_phrase
+    from deeploc.data.roles import subset_role, training_phrase
     from deeploc.models.encoders import ENCODERS
 
     config = metrics["config"]
@@ -517,7 +506,7 @@ def _number(value: Any) -> str:
 
 
 def _best_values(trainer: L.Trainer) -> dict[str, float]:
-    """The best value of each validation metric over the run (see :class:`deeploc.callbacks.BestValidation`)."""
+    """The best value of each validation metric over the run (see :class:`deeploc.training.callbacks.BestValidation`)."""
     for callback in trainer.callbacks:
         if isinstance(callback, BestValidation):
             return dict(callback.best)
@@ -546,41 +535,3 @@ def _finish_wandb() -> None:
 
     if wandb.run is not None:
         wandb.finish()
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def train_job(cfg: DictConfig) -> float | None:
-    """One Hydra job: train and test ``cfg``. Returns the best validation value of ``optimized_metric`` over the
-    run (what a Hydra sweeper optimises; never a test score)."""
-    quiet_console()
-    try:
-        metrics = train(cfg)
-    except Exception as exc:
-        if HydraConfig.get().mode == RunMode.MULTIRUN and deeploc_error(exc) is not None:
-            log.error("%s", deeploc_error(exc))  # in this job's log; the sweep reports the first failure at its end
-        raise
-    if "heads" in metrics:  # a multi-head job: no single value to optimise
-        for name, results in metrics["heads"].items():
-            value = best_validation_value(results, cfg.optimized_metric)
-            log.info("head %s: best validation %s of the run: %s", name, cfg.optimized_metric, shown(value, cfg))
-        return None
-    value = best_validation_value(metrics, cfg.optimized_metric)
-    log.info("best validation %s of the run: %s (the value returned to Hydra)", cfg.optimized_metric, shown(value, cfg))
-    return value
-
-
-def shown(value: float | None, cfg: DictConfig) -> str:
-    """``optimized_metric``'s value for the console: percentages with 2 decimals, a loss with 4 (never 7.8e-11)."""
-    if value is None:
-        return "none (no validation epoch)"
-    return f"{value:.4f}" if str(cfg.optimized_metric).endswith("loss") else f"{value:.2f}"
-
-
-def main() -> None:
-    """Console entry point ``deeploc-train [--verbose] [Hydra options] [overrides]``: errors a user can fix print one
-    line (the traceback with --verbose or HYDRA_FULL_ERROR=1) and exit with status 1."""
-    run_hydra_app("deeploc-train", train_job)
-
-
-if __name__ == "__main__":
-    main()

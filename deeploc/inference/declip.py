@@ -16,7 +16,7 @@ files may lack the last two, which DeCLIP then takes from its command line. In `
 Released files are named ``ViT_layer20_conv-20_<training subset>.pth``; the name, when it follows that pattern, gives
 the training subset and must agree with the contents. The file is read with ``torch.load(weights_only=True)``.
 
-:func:`import_declip` (``deeploc-import declip``) writes the decoder as a deeploc export (:mod:`deeploc.export`): the
+:func:`import_declip` (``deeploc-import declip``) writes the decoder as a deeploc export (:mod:`deeploc.inference.export`): the
 ConvDecoder's weights and record, the CLIP ViT-L/14 encoder identity (layer, 224 px, DeCLIP's preprocessing, the
 sha256 of the CLIP weights file: OpenAI's published digest of ``ViT-L-14.pt``, or that of the file given), and what
 the file says about its training, so ``deeploc-eval`` / ``deeploc-predict`` run it like any trained deeploc model.
@@ -278,7 +278,7 @@ def import_declip(
     prediction then need exactly that file (``--encoder-checkpoint``). ``feature_layer`` / ``decoder_type``: for
     files that do not record them (:func:`read_declip_decoder`).
     """
-    from deeploc.export import export_metadata, write_export
+    from deeploc.inference.export import export_metadata, write_export
     from deeploc.io import file_digest
 
     source = Path(path).expanduser()

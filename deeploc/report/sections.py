@@ -17,16 +17,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deeploc.evaluate import THRESHOLD
 from deeploc.evaluation.detection import SCORES
 from deeploc.evaluation.figures import Line, strength_panels
 from deeploc.evaluation.perturbations import Perturbation
 from deeploc.evaluation.robustness import CLEAN, ordered
+from deeploc.evaluation.scoring import THRESHOLD
 from deeploc.metrics import metric_label, metric_names
 
 if TYPE_CHECKING:
-    from deeploc.provenance import Settings
-    from deeploc.report import Matrix, RunResult
+    from deeploc.report.build import Matrix, RunResult
+    from deeploc.report.provenance import Settings
 
 DETECTION_METRICS = ("auc", "ap", "balanced_accuracy")
 DETECTION_LABELS = {"auc": "AUC", "ap": "AP", "balanced_accuracy": "bal. acc."}
@@ -85,15 +85,15 @@ def detection_runs(runs: Sequence[RunResult]) -> list[RunResult]:
 
 def detection_matrices(runs: Sequence[RunResult]) -> dict[Settings, Matrix]:
     """One matrix of detection values per configuration (cross and in-domain runs), as the IoU's."""
-    from deeploc.report import build_matrices
+    from deeploc.report.build import build_matrices
 
     return build_matrices(detection_runs(runs), "cross")
 
 
 def detection_md(matrices: Mapping[Settings, Matrix], label_keys: Sequence[str]) -> str:
     """The detection summary: ID / OOD AUC, AP and balanced accuracy per configuration, and the false alarms."""
-    from deeploc.provenance import LABELS
-    from deeploc.report import _fmt_stat, _md_table
+    from deeploc.report.build import _fmt_stat, _md_table
+    from deeploc.report.provenance import LABELS
 
     header = ["decoder", "feature", *(LABELS[k] for k in label_keys)]
     header += [f"{w} {DETECTION_LABELS[k]}" for k in DETECTION_METRICS for w in ("ID", "OOD")]
@@ -117,7 +117,7 @@ def detection_md(matrices: Mapping[Settings, Matrix], label_keys: Sequence[str])
 
 def detection_matrix_md(m: Matrix) -> str:
     """The AUC matrix of one configuration (rows: training subset; columns: the fake subset told from real)."""
-    from deeploc.report import _fmt_stat, _md_table
+    from deeploc.report.build import _fmt_stat, _md_table
 
     text = {(a, b): _fmt_stat(m.cell(a, b, "auc"), with_n=True) for a in m.subsets for b in m.subsets}
     body = [[a, *(f"**{text[a, b]}**" if a == b else text[a, b] for b in m.subsets)] for a in m.subsets]
@@ -126,8 +126,8 @@ def detection_matrix_md(m: Matrix) -> str:
 
 def detection_csv(matrices: Mapping[Settings, Matrix]) -> tuple[list[str], list[list[Any]]]:
     """One line per filled cell: the configuration, row and test subset, every detection value (mean over seeds)."""
-    from deeploc.provenance import OTHER_KEYS
-    from deeploc.report import _num, _settings_cells
+    from deeploc.report.build import _num, _settings_cells
+    from deeploc.report.provenance import OTHER_KEYS
 
     keys = [f"{k}{'' if kind == 'top' else '_' + kind}" for kind in SCORES for k in DETECTION_METRICS]
     keys += ["false_alarm_pixels", "false_alarm_images"]
@@ -166,9 +166,9 @@ def robustness_runs(runs: Sequence[RunResult]) -> tuple[list[Perturbation], dict
 def robustness_report(runs: Sequence[RunResult], out: Path) -> tuple[str, list[Path], Path | None]:
     """The report's robustness section, its figures (one per metric) and robustness.csv; ("", [], None) when no
     run has a robustness evaluation."""
-    from deeploc.provenance import OTHER_KEYS, caption
-    from deeploc.report import _fmt_stat, _md_table, _num, _settings_cells, _write_csv, build_matrices
-    from deeploc.report_figures import save
+    from deeploc.report.build import _fmt_stat, _md_table, _num, _settings_cells, _write_csv, build_matrices
+    from deeploc.report.provenance import OTHER_KEYS, caption
+    from deeploc.visualize import save
 
     perturbations, points = robustness_runs(runs)
     if not points:

@@ -14,7 +14,7 @@ from deeploc.io import file_digest, write_json_atomic
 METRICS_FILE = "metrics.json"
 # In the folder of a multi-head job (deeploc.multihead): its heads and their run directories. Such a folder is no run.
 HEADS_FILE = "heads.json"
-# Written when a cluster job is signalled before its time limit (deeploc.cluster.RequeueOnSignal).
+# Written when a cluster job is signalled before its time limit (deeploc.training.cluster.RequeueOnSignal).
 REQUEUE_CHECKPOINT = "requeue.ckpt"
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class RunDir:
 
     def eval_dir(self, root: str | os.PathLike[str], split: str, subsets: list[str], convention: str) -> Path:
         """Where deeploc-eval writes its results for this data, split, subsets and metric convention."""
-        from deeploc.naming import eval_dir_name
+        from deeploc.runs.naming import eval_dir_name
 
         return self.path / "eval" / eval_dir_name(root, split, subsets, convention)
 
