@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from deeploc.cli import check, make_data
-from deeploc.data.layout import SPLITS, read_mask
+from deeploc.data.images import read_mask
 from deeploc.data.regions import f1_split
+from deeploc.data.samples import SPLITS
 from deeploc.data.synthetic import SUBSETS
 
 

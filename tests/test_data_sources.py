@@ -15,9 +15,12 @@ import torch
 from deeploc.data.datamodule import LocalizationDataModule
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import REAL_SUBSET, index_subsets, read_mask, read_rgb, validate_samples
+from deeploc.data.images import read_mask, read_rgb
+from deeploc.data.layout import index_subsets
+from deeploc.data.samples import REAL_SUBSET
 from deeploc.data.sources import build_source
 from deeploc.data.synthetic import SUBSETS
+from deeploc.data.validate import validate_samples
 from tests.conftest import SYNTH_KWARGS
 
 FAKE = Path("data/celebahq/fake")

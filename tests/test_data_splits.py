@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import Sample, index_subsets
+from deeploc.data.layout import index_subsets
+from deeploc.data.samples import Sample
 from deeploc.data.splits import SplitPlan, _check_disjoint, cross, in_domain, leave_one_out, make_split
 from deeploc.data.synthetic import SUBSETS
 

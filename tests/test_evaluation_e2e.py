@@ -17,7 +17,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from deeploc.cli.evaluate import main as eval_main
 from deeploc.cli.report import main as report_main
-from deeploc.data.layout import read_rgb
+from deeploc.data.images import read_rgb
 from deeploc.data.sources import build_source
 from deeploc.evaluation.perturbations import Perturbation
 from deeploc.evaluation.robustness import run_robustness

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from deeploc.cli.predict import main as predict_main
-from deeploc.data.layout import read_rgb
+from deeploc.data.images import read_rgb
 from deeploc.inference.loading import load_model
 from deeploc.inference.predict import (
     IMAGE_SCORE,

@@ -12,19 +12,11 @@ from collections.abc import Mapping
 
 from deeploc.cli.app import add_verbose_flag, report_error
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import (
-    SPLITS,
-    Sample,
-    available_subsets,
-    count_table,
-    dataset_problems,
-    find_samples,
-    format_count_table,
-    inspect_samples,
-    resolve_root,
-)
+from deeploc.data.layout import available_subsets, find_samples, resolve_root
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules, MaskStats
 from deeploc.data.regions import ERODE_SIZE
+from deeploc.data.samples import SPLITS, Sample, count_table, format_count_table
+from deeploc.data.validate import dataset_problems, inspect_samples
 from deeploc.errors import DeeplocError
 
 

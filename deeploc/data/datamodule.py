@@ -27,16 +27,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from deeploc.data.augment import build_augmentations
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import (
-    Sample,
-    count_table,
-    format_count_table,
-    validate_samples,
-)
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, MaskRules
 from deeploc.data.regions import ERODE_SIZE
+from deeploc.data.samples import Sample, count_table, format_count_table
 from deeploc.data.sources import DataSource, build_source
 from deeploc.data.splits import SPLIT_MODES, SplitPlan, make_split, subsets_needed
+from deeploc.data.validate import validate_samples
 
 __all__ = ["DatasetFactory", "EpochSeededSampler", "LocalizationDataModule", "seed_worker"]
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import Sample
+from deeploc.data.samples import Sample
 
 __all__ = ["SPLIT_MODES", "SplitPlan", "cross", "in_domain", "leave_one_out", "make_split", "subsets_needed"]
 

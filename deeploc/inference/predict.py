@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import IMAGE_EXTENSIONS, read_rgb
+from deeploc.data.images import read_rgb
+from deeploc.data.samples import IMAGE_EXTENSIONS
 from deeploc.errors import DeeplocError
 from deeploc.metrics import IMAGE_SCORE, TOP_FRACTION, image_score
 from deeploc.visualize import heatmap, overlay, with_colorbar
@@ -176,7 +177,7 @@ def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, explicit
     """``H x W x 3`` uint8 RGB of an image file, or :class:`InputError` with the reason it cannot be used.
 
     Grayscale is replicated to RGB, an alpha channel is dropped (the colour channels are what was manipulated),
-    16-bit images are scaled to 8 bits: the conversions training applies (``deeploc.data.layout.read_rgb``).
+    16-bit images are scaled to 8 bits: the conversions training applies (``deeploc.data.images.read_rgb``).
     """
     if not explicit and path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise InputError(f"not an image file (extension {path.suffix or 'none'!r}; images: {sorted(IMAGE_EXTENSIONS)})")

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
-from deeploc.data.layout import read_mask, read_rgb
+from deeploc.data.images import read_mask, read_rgb
 from deeploc.metrics import metric_names
 from deeploc.visualize import panel
 

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deeploc.data.errors import DatasetError, format_list
-from deeploc.data.layout import SPLITS, Sample, index_real, scan_pair
+from deeploc.data.layout import index_real, scan_pair
 from deeploc.data.masks import WHITE_POLARITY
+from deeploc.data.samples import SPLITS, Sample
 from deeploc.data.sources.base import SOURCES, DataSource
 
 SPLIT_FOLDERS = "folders"

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from deeploc.data.errors import DatasetError, format_list
-from deeploc.data.layout import REAL_SUBSET, SPLITS, Sample
 from deeploc.data.masks import WHITE_POLARITY
+from deeploc.data.samples import REAL_SUBSET, SPLITS, Sample
 from deeploc.data.sources.base import SOURCES, DataSource
 
 COLUMNS = ("image", "mask", "subset", "split")
