@@ -17,7 +17,8 @@ from deeploc.data.datamodule import EpochSeededSampler, LocalizationDataModule
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import index_subsets
-from deeploc.data.synthetic import SUBSETS, dataset_folder_name, generate_dataset
+from deeploc.data.manipulations import SUBSETS
+from deeploc.data.synthetic import dataset_folder_name, generate_dataset
 
 STRONG_AUG = {"jpeg": {"p": 1.0, "quality": [20, 40]}, "blur": 1.0, "color_jitter": 1.0}
 

@@ -14,8 +14,8 @@ from deeploc.data import validate
 from deeploc.data.errors import DatasetError
 from deeploc.data.images import read_mask, read_rgb
 from deeploc.data.layout import available_subsets, index_subsets, resolve_root
+from deeploc.data.manipulations import SUBSETS
 from deeploc.data.samples import Sample, count_table, format_count_table
-from deeploc.data.synthetic import SUBSETS
 from deeploc.data.validate import validate_samples
 
 FAKE = Path("data/celebahq/fake")

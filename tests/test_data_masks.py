@@ -18,10 +18,10 @@ from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
 from deeploc.data.images import read_mask
 from deeploc.data.layout import index_subsets
+from deeploc.data.manipulations import SUBSETS
 from deeploc.data.masks import MaskRules
 from deeploc.data.regions import f1_positive_count, f1_split
 from deeploc.data.samples import Sample
-from deeploc.data.synthetic import SUBSETS
 from deeploc.data.validate import MIN_IMAGE_SIDE, validate_samples
 
 FAKE = Path("data/celebahq/fake")

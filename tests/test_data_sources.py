@@ -17,9 +17,9 @@ from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
 from deeploc.data.images import read_mask, read_rgb
 from deeploc.data.layout import index_subsets
+from deeploc.data.manipulations import SUBSETS
 from deeploc.data.samples import REAL_SUBSET
 from deeploc.data.sources import build_source
-from deeploc.data.synthetic import SUBSETS
 from deeploc.data.validate import validate_samples
 from tests.conftest import SYNTH_KWARGS
 

@@ -9,9 +9,9 @@ import pytest
 
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import index_subsets
+from deeploc.data.manipulations import SUBSETS
 from deeploc.data.samples import Sample
 from deeploc.data.splits import SplitPlan, _check_disjoint, cross, in_domain, leave_one_out, make_split
-from deeploc.data.synthetic import SUBSETS
 
 SUBS = ["lama", "ldm", "pluralistic", "repaint-p2-9k"]
 COUNTS = {"train": 40, "valid": 12, "test": 10}
