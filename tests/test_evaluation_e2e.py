@@ -23,8 +23,8 @@ from deeploc.evaluation.perturbations import Perturbation
 from deeploc.evaluation.robustness import run_robustness
 from deeploc.evaluation.scoring import evaluate, index_for_eval
 from deeploc.inference.loading import load_model
-from deeploc.inference.predict import image_score, predict_images
-from deeploc.metrics import metric_names
+from deeploc.inference.predict import predict_images
+from deeploc.metrics import image_score, metric_names
 from tests.test_data_sources import folders_copy, manifest_copy
 from tests.test_predict import shared_base, train_run
 
