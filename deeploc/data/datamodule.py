@@ -252,7 +252,7 @@ class LocalizationDataModule(L.LightningDataModule):
             stats = validate_samples(
                 used, cache_file=cache, workers=max(1, self.num_workers), rules=self.mask_rules, batches=batches
             )
-            thin = sum(st.manipulated > 0 and st.f1_positive == 0 for st in stats.values())
+            thin = sum(st.thin for st in stats.values())
             if thin:
                 log.info(
                     "%d of %d masks have regions thinner than the metrics' %dx%d erosion (no F1 positive)",

@@ -1,4 +1,4 @@
-"""Decoding image and mask files: OpenCV (``cv2.imdecode``) everywhere in deeploc.
+"""Decoding image and mask files, and encoding PNGs: OpenCV (``cv2.imdecode``) everywhere in deeploc.
 
 :func:`read_rgb` and :func:`read_mask` are the two readers the datasets use, and validation
 (:mod:`deeploc.data.validate`) decodes with :func:`read_rgb_or_reason`, so it checks exactly what training reads.
@@ -15,7 +15,7 @@ import numpy as np
 from deeploc.data.errors import DatasetError
 from deeploc.data.masks import DEFAULT_POLARITY, binarize, to_dolos
 
-__all__ = ["image_size", "read_mask", "read_rgb", "read_rgb_or_reason"]
+__all__ = ["encode_png", "image_size", "read_mask", "read_rgb", "read_rgb_or_reason"]
 
 
 def _decode(path: Path) -> np.ndarray | None:
@@ -87,3 +87,11 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
             return height, width
     except Exception:  # not readable by Pillow: OpenCV decides (and names the file when it cannot)
         return read_rgb(path).shape[:2]
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 array in OpenCV's channel order (BGR, or gray)."""
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:  # pragma: no cover - OpenCV always encodes a valid uint8 array
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()

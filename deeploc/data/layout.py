@@ -20,14 +20,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeploc.data.errors import DatasetError, format_list
+from deeploc.data.errors import DatasetError, format_list, format_problems
 from deeploc.data.masks import DEFAULT_POLARITY, check_polarity, check_threshold
 from deeploc.data.samples import IMAGE_EXTENSIONS, REAL_SUBSET, SPLITS, Sample
 
 __all__ = [
     "DOWNLOAD_HINT",
     "available_subsets",
-    "find_samples",
     "index_real",
     "index_subsets",
     "resolve_root",
@@ -39,9 +38,6 @@ DOWNLOAD_HINT = (
     "The Dolos download server is often down (bit-ml/dolos issue #3); to work without it, generate a "
     "synthetic dataset in the same layout (data=synthetic, or `deeploc-make-data OUT`)."
 )
-
-
-# --------------------------------------------------------------------------------------------------- root
 
 
 def resolve_root(root: str | os.PathLike[str]) -> Path:
@@ -93,9 +89,6 @@ def available_subsets(root: str | os.PathLike[str], source: str = "celebahq") ->
     return sorted(p.name for p in fake.iterdir() if p.is_dir() and (p / "masks").is_dir())
 
 
-# -------------------------------------------------------------------------------------------------- index
-
-
 def scan_pair(
     idir: Path, mdir: Path, problems: list[str], key: str
 ) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
@@ -141,17 +134,22 @@ def scan_folder(folder: Path) -> tuple[dict[str, Path], list[str], list[str], li
     return by_stem, sorted(other), sorted(dups), sorted(subdirs)
 
 
-def find_samples(
+def index_subsets(
     root: str | os.PathLike[str],
     subsets: Sequence[str] | str,
     splits: Sequence[str] = SPLITS,
     source: str = "celebahq",
     mask_polarity: str = DEFAULT_POLARITY,
     mask_threshold: int | None = None,
-) -> tuple[list[Sample], list[str]]:
-    """:func:`index_subsets` without raising on problems of the layout: ``(samples found, problems)``.
+    problems: list[str] | None = None,
+) -> list[Sample]:
+    """Index ``<source>/fake/<subset>/{images,masks}/<split>`` for each subset and split.
 
-    Problems that leave nothing to index (no dataset root, no source or ``fake`` folder) still raise.
+    Returns samples ordered by subset (as given), split (as given), then file name, each carrying ``mask_polarity``
+    and ``mask_threshold``. Every problem found (missing subset, missing or empty split, image without mask, mask
+    without image, non-image files) is collected and raised together as one :class:`DatasetError`; with a
+    ``problems`` list they are appended to it instead (deeploc-check lists every problem of a dataset). Problems
+    that leave nothing to index (no dataset root, no source or ``fake`` folder) always raise.
     """
     check_polarity(mask_polarity)
     check_threshold(mask_threshold)
@@ -173,18 +171,18 @@ def find_samples(
         raise DatasetError(f"no {fake} folder: the manipulated images are missing. {DOWNLOAD_HINT}")
     existing = available_subsets(base, source)
 
-    problems: list[str] = []
+    found: list[str] = [] if problems is None else problems
     samples: list[Sample] = []
     for subset in subsets:
         sdir = fake / subset
         if not sdir.is_dir():
-            problems.append(
+            found.append(
                 f"missing subset folder {sdir}; localization subsets present: {format_list(existing) or 'none'}. "
                 "Check the subset name, or download/extract that subset."
             )
             continue
         if not (sdir / "masks").is_dir():
-            problems.append(
+            found.append(
                 f"{sdir} has no masks/ folder, so it is not a localization subset (fully synthetic sets such as "
                 f"p2 have no masks); choose from: {format_list(existing) or 'none'}"
             )
@@ -192,53 +190,32 @@ def find_samples(
         for split in splits:
             idir, mdir = sdir / "images" / split, sdir / "masks" / split
             if not idir.is_dir():
-                problems.append(f"missing split folder {idir}; re-extract the archive")
+                found.append(f"missing split folder {idir}; re-extract the archive")
                 continue
             if not mdir.is_dir():
-                problems.append(f"missing mask folder {mdir} (images are in {idir}); re-extract the archive")
+                found.append(f"missing mask folder {mdir} (images are in {idir}); re-extract the archive")
                 continue
-            images, masks, img_dirs = scan_pair(idir, mdir, problems, "name")
+            images, masks, img_dirs = scan_pair(idir, mdir, found, "name")
             if not images:
                 nested = f" (it has subfolders {format_list(img_dirs)}; nested folders are not searched)"
-                problems.append(
-                    f"empty split: {idir} holds no images{nested if img_dirs else ''}; re-extract the archive"
-                )
+                found.append(f"empty split: {idir} holds no images{nested if img_dirs else ''}; re-extract the archive")
                 continue
             no_mask = sorted(images.keys() - masks.keys())
             if no_mask:
-                problems.append(
+                found.append(
                     f"{len(no_mask)} image(s) without a mask: {format_list([images[n].name for n in no_mask])} "
                     f"in {idir} have no file of the same name in {mdir}; restore the masks or remove the images"
                 )
             no_image = sorted(masks.keys() - images.keys())
             if no_image:
-                problems.append(
+                found.append(
                     f"{len(no_image)} mask(s) without an image: {format_list([masks[n].name for n in no_image])} "
                     f"in {mdir} have no file of the same name in {idir}; restore the images or remove the masks"
                 )
             for name in sorted(images.keys() & masks.keys()):
                 samples.append(Sample(images[name], masks[name], subset, split, name, mask_polarity, mask_threshold))
-    return samples, problems
-
-
-def index_subsets(
-    root: str | os.PathLike[str],
-    subsets: Sequence[str] | str,
-    splits: Sequence[str] = SPLITS,
-    source: str = "celebahq",
-    mask_polarity: str = DEFAULT_POLARITY,
-    mask_threshold: int | None = None,
-) -> list[Sample]:
-    """Index ``<source>/fake/<subset>/{images,masks}/<split>`` for each subset and split.
-
-    Returns samples ordered by subset (as given), split (as given), then file name, each carrying
-    ``mask_polarity`` and ``mask_threshold``. Every problem found (missing subset, missing or empty split, image without mask, mask
-    without image, non-image files) is collected and raised together as one :class:`DatasetError`.
-    """
-    samples, problems = find_samples(root, subsets, splits, source, mask_polarity, mask_threshold)
-    if problems:
-        base = resolve_root(root)
-        raise DatasetError(f"Dolos dataset at {base} ({source}) has problems:\n  - " + "\n  - ".join(problems))
+    if found and problems is None:
+        raise DatasetError(f"Dolos dataset at {base} ({source}) has problems:{format_problems(found)}")
     return samples
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from deeploc.data.images import encode_png
+
 __all__ = [
     "STREAM_FAKE",
     "STREAM_FFHQ",
@@ -22,7 +24,6 @@ __all__ = [
     "SUBSETS",
     "SUBSET_DESCRIPTIONS",
     "encode_mask_png",
-    "encode_png",
     "manipulated_images",
     "region",
     "texture",
@@ -173,14 +174,6 @@ def manipulated_images(seed: int, index: int, size: int) -> tuple[np.ndarray, np
         "splice-jpeg": _splice_jpeg(rng, src, m, m8, donor),
     }
     return src, m, out
-
-
-def encode_png(img: np.ndarray) -> bytes:
-    """PNG bytes of a BGR (or gray) uint8 array."""
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:  # pragma: no cover
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def encode_mask_png(m: np.ndarray) -> bytes:

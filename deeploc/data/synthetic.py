@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 
 from deeploc.data.errors import DatasetError
+from deeploc.data.images import encode_png
 from deeploc.data.manipulations import (
     STREAM_FFHQ,
     STREAM_P2,
     SUBSET_DESCRIPTIONS,
     SUBSETS,
     encode_mask_png,
-    encode_png,
     manipulated_images,
     texture,
 )

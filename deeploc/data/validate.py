@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from deeploc.data.errors import LIST_LIMIT, DatasetError, format_list
+from deeploc.data.errors import LIST_LIMIT, DatasetError, format_list, format_problems
 from deeploc.data.images import read_rgb_or_reason
 from deeploc.data.masks import (
     MASK_MANIPULATED_MAX,
@@ -238,10 +238,8 @@ def validate_samples(
     stats, bad = inspect_samples(samples, cache_file, workers)
     bad += dataset_problems(stats, rules, batches)
     if bad:
-        shown = "\n  - ".join(bad[:LIST_LIMIT])
-        more = f"\n  (+{len(bad) - LIST_LIMIT} more)" if len(bad) > LIST_LIMIT else ""
         raise DatasetError(
-            f"{len(bad)} problem(s) in {len(samples)} samples:\n  - {shown}{more}\n"
+            f"{len(bad)} problem(s) in {len(samples)} samples:{format_problems(bad, LIST_LIMIT)}\n"
             "Fix or replace these files (re-extract the archive, or regenerate a synthetic dataset), or change the "
             "named setting. Bad files are never skipped, because skipping would silently change the sample counts "
             "and the metrics."

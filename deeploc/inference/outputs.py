@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from deeploc.data.images import encode_png
 from deeploc.metrics import IMAGE_SCORE
 from deeploc.visualize import heatmap, overlay, with_colorbar
 
@@ -95,11 +96,7 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 
 def _write_png(path: Path, rgb_or_gray: np.ndarray) -> None:
-    array = rgb_or_gray if rgb_or_gray.ndim == 2 else cv2.cvtColor(rgb_or_gray, cv2.COLOR_RGB2BGR)
-    ok, data = cv2.imencode(".png", array)
-    if not ok:  # pragma: no cover - cv2 failure on a valid uint8 array
-        raise OSError(f"cannot encode {path}")
-    data.tofile(str(path))
+    path.write_bytes(encode_png(rgb_or_gray if rgb_or_gray.ndim == 2 else cv2.cvtColor(rgb_or_gray, cv2.COLOR_RGB2BGR)))
 
 
 def write_outputs(

@@ -31,9 +31,6 @@ __all__ = ["predict_images", "predict_paths", "to_tensor"]
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------- inference
-
-
 def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``H x W x 3`` uint8 array -> ``3 x H x W`` float in [0, 1]; float ``3 x H x W`` tensors pass through."""
     if isinstance(image, torch.Tensor):

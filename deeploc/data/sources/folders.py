@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeploc.data.errors import DatasetError, format_list
+from deeploc.data.errors import DatasetError, format_list, format_problems
 from deeploc.data.layout import index_real, scan_pair
 from deeploc.data.masks import WHITE_POLARITY
 from deeploc.data.samples import SPLITS, Sample
@@ -94,7 +94,7 @@ class FoldersSource(DataSource):
                 idir, masks_root / split if self.splits == SPLIT_FOLDERS else masks_root, split, problems
             )
         if problems:
-            raise DatasetError(f"folders dataset at {self.root()} has problems:\n  - " + "\n  - ".join(problems))
+            raise DatasetError(f"folders dataset at {self.root()} has problems:{format_problems(problems)}")
         return samples
 
     def _index(self, idir: Path, mdir: Path, split: str, problems: list[str]) -> list[Sample]:
