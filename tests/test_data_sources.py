@@ -103,7 +103,7 @@ def test_generated_and_dolos_sources_list_their_real_images(synthetic_data: Path
 def test_missing_or_bad_real_folders_are_refused_by_name(synthetic_copy: Path) -> None:
     source = build_source("dolos", root=synthetic_copy)
     (synthetic_copy / REAL / "valid" / "notes.txt").write_text("x")
-    with pytest.raises(DatasetError, match=r"real/valid: 1 non-image file\(s\): notes.txt"):
+    with pytest.raises(DatasetError, match=r"real/valid: 1 non-image file\(s\) in \S+real/valid: notes.txt"):
         source.real_samples("valid")
     shutil.rmtree(synthetic_copy / REAL / "test")
     with pytest.raises(DatasetError, match=r"no real-image folder .*real/test; re-extract"):

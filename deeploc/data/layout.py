@@ -31,7 +31,6 @@ __all__ = [
     "index_subsets",
     "resolve_root",
     "scan_folder",
-    "scan_pair",
 ]
 
 DOWNLOAD_HINT = (
@@ -89,30 +88,9 @@ def available_subsets(root: str | os.PathLike[str], source: str = "celebahq") ->
     return sorted(p.name for p in fake.iterdir() if p.is_dir() and (p / "masks").is_dir())
 
 
-def scan_pair(
-    idir: Path, mdir: Path, problems: list[str], key: str
-) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
-    """Scan an image folder and its mask folder (:func:`scan_folder`): (images, masks, the image folder's subfolders).
-    Non-image files and ``key``s (names, stems) with several image files are added to ``problems``."""
-    images, img_other, img_dups, img_dirs = scan_folder(idir)
-    masks, mask_other, mask_dups, _ = scan_folder(mdir)
-    for folder, other in ((idir, img_other), (mdir, mask_other)):
-        if other:
-            problems.append(f"{len(other)} non-image file(s) in {folder}: {format_list(other)}; remove or move them")
-    for folder, dups in ((idir, img_dups), (mdir, mask_dups)):
-        if dups:
-            problems.append(
-                f"{len(dups)} {key}(s) with several image files in {folder}: {format_list(dups)}; images and masks "
-                f"are matched by {key}, so keep one file per {key}"
-            )
-    return images, masks, img_dirs
-
-
-def scan_folder(folder: Path) -> tuple[dict[str, Path], list[str], list[str], list[str]]:
-    """Files of one split folder: (stem -> image path, non-image file names, duplicate stems, subfolders).
-
-    Hidden files (names starting with '.') are ignored.
-    """
+def scan_folder(folder: Path, problems: list[str], key: str = "name") -> tuple[dict[str, Path], list[str]]:
+    """The image files of one folder by stem, and its subfolders. Non-image files and ``key``s (names, stems)
+    with several image files are added to ``problems``; hidden files (names starting with '.') are ignored."""
     by_stem: dict[str, Path] = {}
     other: list[str] = []
     dups: list[str] = []
@@ -131,7 +109,16 @@ def scan_folder(folder: Path) -> tuple[dict[str, Path], list[str], list[str], li
                 dups.append(p.stem)
             else:
                 by_stem[p.stem] = p
-    return by_stem, sorted(other), sorted(dups), sorted(subdirs)
+    if other:
+        problems.append(
+            f"{len(other)} non-image file(s) in {folder}: {format_list(sorted(other))}; remove or move them"
+        )
+    if dups:
+        problems.append(
+            f"{len(dups)} {key}(s) with several image files in {folder}: {format_list(sorted(dups))}; a {key} "
+            f"names one sample, so keep one file per {key}"
+        )
+    return by_stem, sorted(subdirs)
 
 
 def index_subsets(
@@ -195,7 +182,8 @@ def index_subsets(
             if not mdir.is_dir():
                 found.append(f"missing mask folder {mdir} (images are in {idir}); re-extract the archive")
                 continue
-            images, masks, img_dirs = scan_pair(idir, mdir, found, "name")
+            images, img_dirs = scan_folder(idir, found)
+            masks, _ = scan_folder(mdir, found)
             if not images:
                 nested = f" (it has subfolders {format_list(img_dirs)}; nested folders are not searched)"
                 found.append(f"empty split: {idir} holds no images{nested if img_dirs else ''}; re-extract the archive")
@@ -221,16 +209,12 @@ def index_subsets(
 
 def index_real(folder: Path, split: str, fix: str) -> list[Sample]:
     """Every image of ``folder`` as a real (pristine) sample of ``split``, subset :data:`REAL_SUBSET`, sorted by
-    name. A missing or empty folder, non-image files and names with several files are refused together, the
-    message ending with ``fix``."""
+    name. A missing or empty folder, non-image files and names with several files are refused together
+    (:func:`scan_folder`), the message ending with ``fix``."""
     if not folder.is_dir():
         raise DatasetError(f"no real-image folder {folder}; {fix}")
-    images, other, dups, _ = scan_folder(folder)
-    problems = []
-    if other:
-        problems.append(f"{len(other)} non-image file(s): {format_list(other)}; remove or move them")
-    if dups:
-        problems.append(f"{len(dups)} name(s) with several image files: {format_list(dups)}; keep one file per name")
+    problems: list[str] = []
+    images, _ = scan_folder(folder, problems)
     if not images:
         problems.append("it holds no images")
     if problems:

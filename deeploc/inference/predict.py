@@ -42,10 +42,6 @@ def to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
 
 
-def _model_device(model: Any) -> torch.device:
-    return next(model.decoder.parameters()).device
-
-
 def predict_images(model: Any, images: Iterable[np.ndarray | torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
     """Per-pixel manipulation probabilities (``H x W`` float32, on CPU) for images of any size.
 
@@ -61,7 +57,7 @@ def predict_images(model: Any, images: Iterable[np.ndarray | torch.Tensor], batc
 
 
 def _predict_batch(model: Any, tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    device = _model_device(model)
+    device = next(model.decoder.parameters()).device
     square = torch.cat([model.encoder.resize(t.to(device)[None]) for t in tensors])
     yield from model.predict_probabilities(square, [tuple(t.shape[-2:]) for t in tensors])
 

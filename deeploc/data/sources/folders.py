@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deeploc.data.errors import DatasetError, format_list, format_problems
-from deeploc.data.layout import index_real, scan_pair
+from deeploc.data.layout import index_real, scan_folder
 from deeploc.data.masks import WHITE_POLARITY
 from deeploc.data.samples import SPLITS, Sample
 from deeploc.data.sources.base import SOURCES, DataSource
@@ -103,7 +103,8 @@ class FoldersSource(DataSource):
                 problems.append(f"no folder {folder}; set data.source_options.{option} (--source-option {option}=...)")
         if problems:
             return []
-        images, masks, _ = scan_pair(idir, mdir, problems, "stem")
+        images, _ = scan_folder(idir, problems, "stem")
+        masks, _ = scan_folder(mdir, problems, "stem")
         if not images:
             problems.append(f"{idir} holds no images")
         suffix = self.mask_suffix
