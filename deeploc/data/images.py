@@ -57,11 +57,7 @@ def read_rgb_or_reason(path: Path) -> np.ndarray | str:
 
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image as HxWx3 uint8 RGB; raise :class:`DatasetError` naming the file if it cannot be read."""
-    p = Path(path)
-    out = read_rgb_or_reason(p)
-    if isinstance(out, str):
-        raise DatasetError(f"image {p}: {out}")
-    return out
+    return _read(path, "image")
 
 
 def read_mask(
@@ -70,11 +66,15 @@ def read_mask(
     """Read a mask as HxW uint8 in the Dolos convention (255 = real, else manipulated) whatever ``polarity`` it is
     drawn in (binarised first with ``threshold``, see :mod:`deeploc.data.masks`): channel 0 in RGB order
     (``mask[..., 0]``); validation checks that the other channels agree."""
-    p = Path(path)
-    out = read_rgb_or_reason(p)
+    return np.ascontiguousarray(to_dolos(binarize(_read(path, "mask")[..., 0], threshold), polarity))
+
+
+def _read(path: str | os.PathLike[str], kind: str) -> np.ndarray:
+    """:func:`read_rgb_or_reason`, the reason raised as a :class:`DatasetError` naming the ``kind`` of file."""
+    out = read_rgb_or_reason(Path(path))
     if isinstance(out, str):
-        raise DatasetError(f"mask {p}: {out}")
-    return np.ascontiguousarray(to_dolos(binarize(out[..., 0], threshold), polarity))
+        raise DatasetError(f"{kind} {Path(path)}: {out}")
+    return out
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -18,15 +18,13 @@ import numpy as np
 from deeploc.data.images import encode_png
 
 __all__ = [
-    "STREAM_FAKE",
-    "STREAM_FFHQ",
-    "STREAM_P2",
     "SUBSETS",
     "SUBSET_DESCRIPTIONS",
     "encode_mask_png",
     "manipulated_images",
     "region",
     "texture",
+    "unmanipulated_images",
 ]
 
 SUBSETS: tuple[str, ...] = ("inpaint-telea", "copy-move", "blur-noise", "splice-jpeg")
@@ -38,7 +36,7 @@ SUBSET_DESCRIPTIONS: dict[str, str] = {
 }
 
 # Streams of the per-index random generators, so that each kind of image has its own sequence.
-STREAM_FAKE, STREAM_P2, STREAM_FFHQ = 0, 1, 2
+_STREAM_FAKE, _STREAM_P2, _STREAM_FFHQ = 0, 1, 2
 
 
 def _smooth_field(rng: np.random.Generator, size: int, grid: int, channels: int) -> np.ndarray:
@@ -162,7 +160,7 @@ def _splice_jpeg(
 
 def manipulated_images(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Source image, mask (bool) and the four manipulated images (by subset) for one global index."""
-    rng = np.random.default_rng([seed, STREAM_FAKE, index])
+    rng = np.random.default_rng([seed, _STREAM_FAKE, index])
     src = texture(rng, size)
     m = region(rng, size)
     m8 = m.astype(np.uint8) * 255
@@ -180,3 +178,9 @@ def encode_mask_png(m: np.ndarray) -> bytes:
     """Dolos mask: 3-channel PNG, 0 (black) = manipulated, 255 (white) = real."""
     gray = np.where(m, 0, 255).astype(np.uint8)
     return encode_png(np.repeat(gray[..., None], 3, axis=2))
+
+
+def unmanipulated_images(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fully synthetic (``p2``) and the second source's (``ffhq``) image of one index: folders without masks."""
+    rng_p2, rng_ffhq = (np.random.default_rng([seed, stream, index]) for stream in (_STREAM_P2, _STREAM_FFHQ))
+    return texture(rng_p2, size), texture(rng_ffhq, size)

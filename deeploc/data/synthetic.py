@@ -38,18 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deeploc.data.errors import DatasetError
 from deeploc.data.images import encode_png
 from deeploc.data.manipulations import (
-    STREAM_FFHQ,
-    STREAM_P2,
     SUBSET_DESCRIPTIONS,
     SUBSETS,
     encode_mask_png,
     manipulated_images,
-    texture,
+    unmanipulated_images,
 )
 
 __all__ = [
@@ -271,9 +267,8 @@ def generate_dataset(
 
     def extra_job(job: tuple[str, int, int]) -> None:
         split, index, _ = job
-        p2 = texture(np.random.default_rng([int(seed), STREAM_P2, index]), int(size))
+        p2, ffhq = unmanipulated_images(int(seed), index, int(size))
         _write(data / "celebahq" / "fake" / "p2" / "images" / split / f"p2_{index:0{width}d}.png", encode_png(p2))
-        ffhq = texture(np.random.default_rng([int(seed), STREAM_FFHQ, index]), int(size))
         _write(data / "ffhq" / "real" / split / f"{index:0{width}d}.png", encode_png(ffhq))
 
     extra = [(split, k * len(_SPLITS) + s_i, k) for s_i, split in enumerate(_SPLITS) for k in range(int(n_real))]

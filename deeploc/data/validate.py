@@ -91,13 +91,12 @@ def _stat_key(sample: Sample) -> tuple[str, list[int]] | None:
 _FINGERPRINT_LEN = 8  # cache entry = fingerprint + (height, width, manipulated, f1_positive)
 
 
-def _cache_header() -> dict[str, object]:
-    return {
-        "version": _VALIDATION_VERSION,
-        "mask_manipulated_max": MASK_MANIPULATED_MAX,
-        "mask_max_ambiguous_fraction": MASK_MAX_AMBIGUOUS_FRACTION,
-        "min_image_side": MIN_IMAGE_SIDE,
-    }
+_CACHE_HEADER = {
+    "version": _VALIDATION_VERSION,
+    "mask_manipulated_max": MASK_MANIPULATED_MAX,
+    "mask_max_ambiguous_fraction": MASK_MAX_AMBIGUOUS_FRACTION,
+    "min_image_side": MIN_IMAGE_SIDE,
+}
 
 
 def _load_cache(cache_file: Path | None) -> dict[str, list[int]]:
@@ -105,7 +104,7 @@ def _load_cache(cache_file: Path | None) -> dict[str, list[int]]:
         return {}
     try:
         data = json.loads(cache_file.read_text())
-        if data.get("header") != _cache_header():
+        if data.get("header") != _CACHE_HEADER:
             return {}
         entries = data["entries"]
         return {str(k): [int(x) for x in v] for k, v in entries.items() if len(v) == _FINGERPRINT_LEN + 4}
@@ -116,7 +115,7 @@ def _load_cache(cache_file: Path | None) -> dict[str, list[int]]:
 
 def _save_cache(cache_file: Path, entries: dict[str, list[int]]) -> None:
     try:
-        atomic_write_bytes(cache_file, json.dumps({"header": _cache_header(), "entries": entries}).encode())
+        atomic_write_bytes(cache_file, json.dumps({"header": _CACHE_HEADER, "entries": entries}).encode())
     except OSError as exc:  # a read-only cache location must not stop training
         log.warning("could not write validation cache %s: %s", cache_file, exc)
 
