@@ -29,6 +29,7 @@ __all__ = [
     "available_subsets",
     "index_real",
     "index_subsets",
+    "pair_masks",
     "resolve_root",
     "scan_folder",
 ]
@@ -121,6 +122,29 @@ def scan_folder(folder: Path, problems: list[str], key: str = "name") -> tuple[d
     return by_stem, sorted(subdirs)
 
 
+def pair_masks(
+    images: dict[str, Path], masks: dict[str, Path], idir: Path, mdir: Path, problems: list[str], suffix: str = "",
+    hint: str = "",
+) -> list[str]:  # fmt: skip
+    """The sorted stems of ``images`` (from ``idir``) whose mask ``<stem><suffix>`` is in ``masks`` (from ``mdir``).
+    Images without a mask and masks without an image are added to ``problems``, each ending with ``hint``."""
+    wanted = {stem + suffix: stem for stem in images}
+    no_mask = sorted(stem for key, stem in wanted.items() if key not in masks)
+    if no_mask:
+        problems.append(
+            f"{len(no_mask)} image(s) without a mask: {format_list([images[s].name for s in no_mask])} in {idir} have "
+            f"no file named <stem>{suffix}.<ext> in {mdir}; restore the masks or remove the images{hint}"
+        )
+    no_image = sorted(set(masks) - set(wanted))
+    if no_image:
+        problems.append(
+            f"{len(no_image)} mask(s) without an image: {format_list([masks[m].name for m in no_image])} in {mdir} "
+            f"(a mask is named <image stem>{suffix}.<ext>) have no image in {idir}; restore the images or remove the "
+            f"masks{hint}"
+        )
+    return sorted(stem for stem in images if stem + suffix in masks)
+
+
 def index_subsets(
     root: str | os.PathLike[str],
     subsets: Sequence[str] | str,
@@ -188,19 +212,7 @@ def index_subsets(
                 nested = f" (it has subfolders {format_list(img_dirs)}; nested folders are not searched)"
                 found.append(f"empty split: {idir} holds no images{nested if img_dirs else ''}; re-extract the archive")
                 continue
-            no_mask = sorted(images.keys() - masks.keys())
-            if no_mask:
-                found.append(
-                    f"{len(no_mask)} image(s) without a mask: {format_list([images[n].name for n in no_mask])} "
-                    f"in {idir} have no file of the same name in {mdir}; restore the masks or remove the images"
-                )
-            no_image = sorted(masks.keys() - images.keys())
-            if no_image:
-                found.append(
-                    f"{len(no_image)} mask(s) without an image: {format_list([masks[n].name for n in no_image])} "
-                    f"in {mdir} have no file of the same name in {idir}; restore the images or remove the masks"
-                )
-            for name in sorted(images.keys() & masks.keys()):
+            for name in pair_masks(images, masks, idir, mdir, found):
                 samples.append(Sample(images[name], masks[name], subset, split, name, mask_polarity, mask_threshold))
     if found and problems is None:
         raise DatasetError(f"Dolos dataset at {base} ({source}) has problems:{format_problems(found)}")
