@@ -1,6 +1,7 @@
-"""Pictures of predictions that explain themselves: probability heatmaps with their colour bar, tinted overlays
-with outlines, side-by-side panels with a title above each tile (image | prediction | probability | truth), and the
-figure helpers every report and evaluation figure uses (a figure with its own canvas, a wrapped caption, saving)."""
+"""Pictures of predictions that explain themselves: probability heatmaps with their labelled colour bar, tinted
+overlays with outlines, the true region as an outline (a tint vanishes on reddish faces), side-by-side panels with a
+title above each tile (image | prediction | probability | truth) and a header naming the image, and the figure helpers
+every report and evaluation figure uses (a figure with its own canvas, a wrapped caption, saving)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ WHITE = (255, 255, 255)
 INK = (20, 20, 20)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 PANEL_TITLES = ("image", "prediction", "probability", "truth")
+COLORBAR_LABEL = "P(manipulated)"
 
 
 def heatmap(prob: np.ndarray) -> np.ndarray:
@@ -35,7 +37,8 @@ def _font_scale(pixels: int) -> float:
 
 def colorbar(height: int) -> np.ndarray:
     """The key of :func:`heatmap` for a map ``height`` pixels high: ``height x w x 3`` uint8 RGB on white, the
-    inferno ramp from probability 1 (top) to 0 (bottom), ticks labelled 1, 0.5 and 0 at their values."""
+    inferno ramp from probability 1 (top) to 0 (bottom), ticks labelled 1, 0.5 and 0 at their values, and what the
+    colours mean (:data:`COLORBAR_LABEL`) written upwards on the right."""
     text = max(8, min(24, height // 16))
     scale, thick = _font_scale(text), 1
     label_w = max(cv2.getTextSize(s, FONT, scale, thick)[0][0] for s in ("0", "0.5", "1"))
@@ -43,6 +46,9 @@ def colorbar(height: int) -> np.ndarray:
     ramp_w = max(6, text)
     top, bottom = margin + text // 2, height - margin - text // 2
     bar = np.full((height, margin + ramp_w + 3 * margin + label_w + margin, 3), 255, dtype=np.uint8)
+    # The label runs along the bar: drawn on a horizontal strip as long as the bar is high, then turned upwards.
+    label = np.rot90(title_bar(height, COLORBAR_LABEL, text + margin))
+    bar = np.concatenate([bar, label], axis=1)
     if bottom <= top:
         return bar
     values = np.linspace(1.0, 0.0, bottom - top)[:, None].repeat(ramp_w, axis=1)
@@ -76,6 +82,17 @@ def overlay(
     return out
 
 
+def outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
+    """``image`` (``H x W x 3`` uint8 RGB) with the border of the region where ``mask`` is true drawn in ``colour``
+    over a dark line, so that it shows on any image; the pixels inside are left as they are."""
+    out = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    thickness = max(1, round(min(image.shape[:2]) / 128))
+    cv2.drawContours(out, contours, -1, INK, thickness + 2)
+    cv2.drawContours(out, contours, -1, colour, thickness)
+    return out
+
+
 def title_height(width: int) -> int:
     """The height of the title strip above a tile ``width`` pixels wide."""
     return max(14, min(40, width // 8))
@@ -97,19 +114,29 @@ def title_bar(width: int, title: str, height: int | None = None) -> np.ndarray:
     return strip
 
 
-def panel(image: np.ndarray, prob: np.ndarray, truth: np.ndarray | None = None, threshold: float = 0.5) -> np.ndarray:
-    """Image | predicted overlay (``prob > threshold``) | heatmap with its colour bar [| true mask overlay], side by
-    side at the image's size, each tile titled (:data:`PANEL_TITLES`) and separated by a thin white gap."""
+def panel(
+    image: np.ndarray,
+    prob: np.ndarray,
+    truth: np.ndarray | None = None,
+    threshold: float = 0.5,
+    header: str | None = None,
+) -> np.ndarray:
+    """Image | predicted overlay (``prob > threshold``) | heatmap with its colour bar [| the true region outlined],
+    side by side at the image's size, each tile titled (:data:`PANEL_TITLES`) and separated by a thin white gap;
+    ``header`` (e.g. the image's name, subset and IoU) in a strip across the top."""
     tiles = [image, overlay(image, prob > threshold), with_colorbar(heatmap(prob))]
     if truth is not None:
-        tiles.append(overlay(image, truth > 0.5, outline=(0, 255, 0)))
+        tiles.append(outline(image, truth > 0.5))
     strip = title_height(image.shape[1])
     titled = [np.concatenate([title_bar(t.shape[1], name, strip), t], axis=0) for t, name in zip(tiles, PANEL_TITLES)]
     gap = np.full((titled[0].shape[0], max(2, image.shape[1] // 64), 3), 255, dtype=np.uint8)
     row: list[np.ndarray] = []
     for tile in titled:
         row += [gap, tile] if row else [tile]
-    return np.concatenate(row, axis=1)
+    out = np.concatenate(row, axis=1)
+    if header is None:
+        return out
+    return np.concatenate([title_bar(out.shape[1], header, max(16, strip)), out], axis=0)
 
 
 CAPTION_SIZE = 7.5

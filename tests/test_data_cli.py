@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from deeploc.cli import check, make_data
-from deeploc.data.layout import SPLITS, read_mask
+from deeploc.data.images import read_mask
+from deeploc.data.manipulations import SUBSETS
 from deeploc.data.regions import f1_split
-from deeploc.data.synthetic import SUBSETS
+from deeploc.data.samples import SPLITS
 
 
 def test_make_data_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,13 +17,15 @@ from deeploc.data.datamodule import EpochSeededSampler, LocalizationDataModule
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
 from deeploc.data.layout import index_subsets
-from deeploc.data.synthetic import SUBSETS, dataset_folder_name, generate_dataset
+from deeploc.data.manipulations import SUBSETS
+from deeploc.data.synthetic import dataset_folder_name, generate_dataset
 
 STRONG_AUG = {"jpeg": {"p": 1.0, "quality": [20, 40]}, "blur": 1.0, "color_jitter": 1.0}
 
 
-def _dm(root: Path, **kw) -> LocalizationDataModule:
-    args = {
+def data_module(root: Path, **kw: object) -> LocalizationDataModule:
+    """A set-up data module on ``root``: the generated subsets, cross from copy-move, small batches, no workers."""
+    args: dict = {
         "root": str(root),
         "subsets": list(SUBSETS),
         "split": {"mode": "cross", "subset": "copy-move"},
@@ -94,7 +96,7 @@ def test_augmentations_change_image_never_mask(synthetic_data: Path) -> None:
 
 
 def test_datamodule_cross_end_to_end(synthetic_data: Path) -> None:
-    dm = _dm(synthetic_data)
+    dm = data_module(synthetic_data)
     assert dm.data_root == synthetic_data / "data"
     assert (len(dm.plan.train), len(dm.plan.valid)) == (12, 4)
     assert dm.test_subsets == list(SUBSETS)
@@ -119,7 +121,9 @@ def test_datamodule_cross_end_to_end(synthetic_data: Path) -> None:
 
 
 def test_datamodule_leave_one_out_and_in_domain(synthetic_data: Path) -> None:
-    dm = _dm(synthetic_data, split={"mode": "leave_one_out", "subset": "blur-noise", "n_train": 4, "n_valid": 2})
+    dm = data_module(
+        synthetic_data, split={"mode": "leave_one_out", "subset": "blur-noise", "n_train": 4, "n_valid": 2}
+    )
     assert (len(dm.plan.train), len(dm.plan.valid)) == (12, 6)
     assert dm.test_subsets == ["blur-noise", "inpaint-telea", "copy-move", "splice-jpeg"]
     by_subset = {}
@@ -128,34 +132,36 @@ def test_datamodule_leave_one_out_and_in_domain(synthetic_data: Path) -> None:
             by_subset.setdefault(s, set()).add(n)
     assert set(by_subset) == {"inpaint-telea", "copy-move", "splice-jpeg"}
     assert by_subset["inpaint-telea"] == by_subset["copy-move"] == by_subset["splice-jpeg"]
-    dm = _dm(synthetic_data, split={"mode": "in_domain", "subset": "splice-jpeg", "n_train": None, "n_valid": None})
+    dm = data_module(
+        synthetic_data, split={"mode": "in_domain", "subset": "splice-jpeg", "n_train": None, "n_valid": None}
+    )
     assert dm.test_subsets == ["splice-jpeg"] and len(dm.test_dataloader()) == 1
     assert (len(dm.plan.train), len(dm.plan.valid)) == (12, 4)
 
 
 def test_in_domain_reads_only_its_subset(synthetic_copy: Path) -> None:
     shutil.rmtree(synthetic_copy / "data" / "celebahq" / "fake" / "blur-noise")
-    dm = _dm(synthetic_copy, split={"mode": "in_domain", "subset": "copy-move"})
+    dm = data_module(synthetic_copy, split={"mode": "in_domain", "subset": "copy-move"})
     assert len(dm.plan.train) == 12
     with pytest.raises(DatasetError, match=r"missing subset folder .*blur-noise"):
-        _dm(synthetic_copy)
+        data_module(synthetic_copy)
 
 
 def test_setup_validates_used_samples(synthetic_copy: Path) -> None:
     bad = sorted((synthetic_copy / "data/celebahq/fake/splice-jpeg/masks/test").iterdir())[0]
     cv2.imwrite(str(bad), np.full((10, 10, 3), 255, np.uint8))
     with pytest.raises(DatasetError, match=f"mask {bad}: size 10x10 differs"):
-        _dm(synthetic_copy)
-    dm = _dm(synthetic_copy, validate=False)  # off: setup passes, reading the sample still fails loudly
+        data_module(synthetic_copy)
+    dm = data_module(synthetic_copy, validate=False)  # off: setup passes, reading the sample still fails loudly
     with pytest.raises(DatasetError, match=str(bad)):
         list(dm.test_dataloader()[3])
     # an in_domain split on another subset never touches the bad file
-    _dm(synthetic_copy, split={"mode": "in_domain", "subset": "copy-move"})
+    data_module(synthetic_copy, split={"mode": "in_domain", "subset": "copy-move"})
 
 
 def test_validation_cache_file(synthetic_data: Path, tmp_path: Path) -> None:
     cache = tmp_path / "v.json"
-    _dm(synthetic_data, validate_cache=str(cache))
+    data_module(synthetic_data, validate_cache=str(cache))
     assert cache.is_file() and str(synthetic_data) in cache.read_text()
 
 
@@ -166,21 +172,21 @@ def test_train_order_is_seeded_per_epoch(synthetic_data: Path) -> None:
             loader.sampler.set_epoch(epoch)
         return [n for b in loader for n in b["name"]]
 
-    a, b = _dm(synthetic_data, seed=1), _dm(synthetic_data, seed=1)
+    a, b = data_module(synthetic_data, seed=1), data_module(synthetic_data, seed=1)
     loader = a.train_dataloader()
     e0 = [n for x in loader for n in x["name"]]
     e1 = [n for x in loader for n in x["name"]]  # second pass without set_epoch = next epoch
     assert e0 != e1 and sorted(e0) == sorted(e1)
     assert epoch_names(b, 0) == e0
     assert epoch_names(b, 1) == e1  # "resume" at epoch 1 replays epoch 1
-    assert epoch_names(_dm(synthetic_data, seed=2), 0) != e0
+    assert epoch_names(data_module(synthetic_data, seed=2), 0) != e0
     assert EpochSeededSampler(12, 1).order(1) == EpochSeededSampler(12, 1).order(1)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_augmented_epochs_reproducible_on_resume(synthetic_data: Path, workers: int) -> None:
     def run(epochs: list[int]) -> dict[int, dict[str, torch.Tensor]]:
-        dm = _dm(synthetic_data, augment=STRONG_AUG, num_workers=workers, seed=3)
+        dm = data_module(synthetic_data, augment=STRONG_AUG, num_workers=workers, seed=3)
         loader = dm.train_dataloader()
         out = {}
         for epoch in epochs:
@@ -198,8 +204,8 @@ def test_augmented_epochs_reproducible_on_resume(synthetic_data: Path, workers: 
 
 
 def test_augmentation_only_for_training(synthetic_data: Path) -> None:
-    plain = _dm(synthetic_data).dataset("train")
-    aug_dm = _dm(synthetic_data, augment=STRONG_AUG)
+    plain = data_module(synthetic_data).dataset("train")
+    aug_dm = data_module(synthetic_data, augment=STRONG_AUG)
     augmented = aug_dm.dataset("train")
     assert plain.transform is None and augmented.transform is not None
     assert (plain[0]["image"] - augmented[0]["image"]).abs().mean() > 1e-3
@@ -221,7 +227,7 @@ def test_dataset_factory_extension_point(synthetic_data: Path) -> None:
         def __getitem__(self, i):
             return {"features": torch.full((2,), float(i)), "name": self.samples[i].name}
 
-    dm = _dm(synthetic_data)
+    dm = data_module(synthetic_data)
     dm.set_dataset_factory(Features)
     assert next(iter(dm.train_dataloader()))["features"].shape == (5, 2)
     dm.val_dataloader()
@@ -233,11 +239,11 @@ def test_dataset_factory_extension_point(synthetic_data: Path) -> None:
 
 def test_synthetic_generation_from_datamodule(tmp_path: Path) -> None:
     synth = {"n_train": 3, "n_valid": 2, "n_test": 2, "size": 32, "n_real": 0}
-    dm = _dm(tmp_path / "gen", synthetic=synth, split={"mode": "in_domain", "subset": "copy-move"})
+    dm = data_module(tmp_path / "gen", synthetic=synth, split={"mode": "in_domain", "subset": "copy-move"})
     assert dm.data_root == tmp_path / "gen" / dataset_folder_name(synth) / "wacv_data" / "data"
     assert next(iter(dm.train_dataloader()))["image"].shape == (3, 3, 32, 32)
     # a root named wacv_data is the dataset itself; generation is idempotent
-    dm2 = _dm(dm.data_root.parent, synthetic=synth, split={"mode": "in_domain", "subset": "copy-move"})
+    dm2 = data_module(dm.data_root.parent, synthetic=synth, split={"mode": "in_domain", "subset": "copy-move"})
     assert dm2.data_root == dm.data_root
 
 
@@ -246,26 +252,26 @@ def test_generated_data_is_keyed_by_its_parameters(tmp_path: Path) -> None:
     split = {"mode": "in_domain", "subset": "copy-move"}
     small = {"n_train": 3, "n_valid": 2, "n_test": 2, "size": 32, "n_real": 0}
     other = {**small, "n_train": 4, "seed": 1}
-    a = _dm(tmp_path / "gen", synthetic=small, split=split)
-    b = _dm(tmp_path / "gen", synthetic=other, split=split)
+    a = data_module(tmp_path / "gen", synthetic=small, split=split)
+    b = data_module(tmp_path / "gen", synthetic=other, split=split)
     assert (len(a.plan.train), len(b.plan.train)) == (3, 4)
     assert a.data_root.parents[2] == b.data_root.parents[2] == tmp_path / "gen"
     assert a.data_root.parents[1].name.startswith("train3-valid2-test2-real0-32px-seed0-")
     assert b.data_root.parents[1].name.startswith("train4-valid2-test2-real0-32px-seed1-")
     # Defaults written out or left implicit name the same data; workers never change the bytes.
     assert dataset_folder_name({**small, "seed": 0, "workers": 1}) == dataset_folder_name(small)
-    assert _dm(tmp_path / "gen", synthetic=small, split=split).data_root == a.data_root
+    assert data_module(tmp_path / "gen", synthetic=small, split=split).data_root == a.data_root
     with pytest.raises(DatasetError, match=r"data\.synthetic\.n_trian is not a generator setting"):
         dataset_folder_name({**small, "n_trian": 3})
     # A dataset generated straight into the root (deeploc-make-data OUT, or deeploc <= 0.1) with these very
     # parameters is used as it is; with other parameters the keyed folder is generated beside it.
     legacy = generate_dataset(tmp_path / "made", **small)
-    assert _dm(tmp_path / "made", synthetic=small, split=split).data_root == legacy / "data"
+    assert data_module(tmp_path / "made", synthetic=small, split=split).data_root == legacy / "data"
     keyed = tmp_path / "made" / b.data_root.parents[1].name / "wacv_data" / "data"
-    assert _dm(tmp_path / "made", synthetic=other, split=split).data_root == keyed
+    assert data_module(tmp_path / "made", synthetic=other, split=split).data_root == keyed
     # An explicit .../wacv_data root is the dataset itself: other parameters are refused, never mixed.
     with pytest.raises(DatasetError, match="other parameters"):
-        _dm(legacy, synthetic=other, split=split)
+        data_module(legacy, synthetic=other, split=split)
 
 
 def test_bad_configuration_fails_early(synthetic_data: Path) -> None:
@@ -297,15 +303,7 @@ class _Recorder(L.LightningModule):
 
 
 def test_lightning_sets_the_sampler_epoch(synthetic_data: Path, tmp_path: Path) -> None:
-    dm = LocalizationDataModule(
-        str(synthetic_data),
-        list(SUBSETS),
-        {"mode": "in_domain", "subset": "copy-move"},
-        batch_size=4,
-        num_workers=0,
-        validate_cache=None,
-        seed=5,
-    )
+    dm = data_module(synthetic_data, split={"mode": "in_domain", "subset": "copy-move"}, batch_size=4, seed=5)
     model = _Recorder()
     trainer = L.Trainer(
         max_epochs=3,

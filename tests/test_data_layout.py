@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 from conftest import SYNTH_KWARGS
 
-from deeploc.data import layout
+from deeploc.data import validate
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import (
-    Sample,
-    available_subsets,
-    count_table,
-    format_count_table,
-    index_subsets,
-    read_mask,
-    read_rgb,
-    resolve_root,
-    validate_samples,
-)
-from deeploc.data.synthetic import SUBSETS
+from deeploc.data.images import read_mask, read_rgb
+from deeploc.data.layout import available_subsets, index_subsets, resolve_root
+from deeploc.data.manipulations import SUBSETS
+from deeploc.data.samples import Sample, count_table, format_count_table
+from deeploc.data.validate import validate_samples
 
 FAKE = Path("data/celebahq/fake")
 
@@ -228,13 +221,13 @@ def test_validation_cache_skips_unchanged_and_catches_changes(
     samples = index_subsets(synthetic_copy, ["copy-move"])
     cache = tmp_path / "cache" / "valid.json"
     calls: list[Path] = []
-    real_check = layout._check_sample
+    real_check = validate.check_sample
 
     def counting(sample: Sample) -> list[str]:
         calls.append(sample.image)
         return real_check(sample)
 
-    monkeypatch.setattr(layout, "_check_sample", counting)
+    monkeypatch.setattr(validate, "check_sample", counting)
     validate_samples(samples, cache_file=cache, workers=1)
     assert len(calls) == len(samples) and cache.is_file()
     calls.clear()

@@ -12,14 +12,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_data_datamodule import data_module
 
 from deeploc.data.datamodule import LocalizationDataModule
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import MIN_IMAGE_SIDE, Sample, index_subsets, read_mask, validate_samples
+from deeploc.data.images import read_mask
+from deeploc.data.layout import index_subsets
+from deeploc.data.manipulations import SUBSETS
 from deeploc.data.masks import MaskRules
 from deeploc.data.regions import f1_positive_count, f1_split
-from deeploc.data.synthetic import SUBSETS
+from deeploc.data.samples import Sample
+from deeploc.data.validate import MIN_IMAGE_SIDE, validate_samples
 
 FAKE = Path("data/celebahq/fake")
 
@@ -41,21 +45,6 @@ def _error(samples: list[Sample], **rules: object) -> str:
     with pytest.raises(DatasetError) as err:
         validate_samples(samples, workers=1, rules=MaskRules(**rules))  # type: ignore[arg-type]
     return str(err.value)
-
-
-def _dm(root: Path, **kw: object) -> LocalizationDataModule:
-    args: dict = {
-        "root": str(root),
-        "subsets": list(SUBSETS),
-        "split": {"mode": "cross", "subset": "copy-move"},
-        "batch_size": 4,
-        "num_workers": 0,
-        "validate_cache": None,
-    }
-    args.update(kw)
-    dm = LocalizationDataModule(**args)
-    dm.setup("fit")
-    return dm
 
 
 # ------------------------------------------------------------------------------------------- coloured masks
@@ -135,8 +124,8 @@ def test_unknown_settings_name_the_key(synthetic_data: Path) -> None:
 def test_datamodule_takes_the_mask_settings(synthetic_copy: Path) -> None:
     _invert([p for sub in SUBSETS for split in ("train", "valid", "test") for p in _masks(synthetic_copy, sub, split)])
     with pytest.raises(DatasetError, match=r"data\.mask_polarity=white_is_manipulated"):
-        _dm(synthetic_copy)
-    dm = _dm(synthetic_copy, mask_polarity="white_is_manipulated")
+        data_module(synthetic_copy)
+    dm = data_module(synthetic_copy, mask_polarity="white_is_manipulated")
     batch = next(iter(dm.val_dataloader()))
     first = dm.plan.valid[0]
     assert torch.equal(batch["mask"][0, 0].bool(), torch.from_numpy(read_mask(first.mask) == 255))
@@ -218,8 +207,8 @@ def test_mixed_sizes_across_subsets_of_one_batch_are_refused(synthetic_copy: Pat
         cv2.imwrite(str(mask), cv2.resize(cv2.imread(str(mask)), (48, 48), interpolation=cv2.INTER_NEAREST))
     split = {"mode": "leave_one_out", "subset": "blur-noise", "n_train": 4, "n_valid": 2}
     with pytest.raises(DatasetError, match=r"the train split mixes image sizes \(48x48: 4, 64x64: 8"):
-        _dm(synthetic_copy, split=split)
-    _dm(synthetic_copy, split={"mode": "in_domain", "subset": "copy-move"})  # one size per batch: fine
+        data_module(synthetic_copy, split=split)
+    data_module(synthetic_copy, split={"mode": "in_domain", "subset": "copy-move"})  # one size per batch: fine
 
 
 # ---------------------------------------------------------------------------------------------- mask threshold

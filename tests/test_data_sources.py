@@ -11,13 +11,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_data_datamodule import data_module
 
-from deeploc.data.datamodule import LocalizationDataModule
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import REAL_SUBSET, index_subsets, read_mask, read_rgb, validate_samples
+from deeploc.data.images import read_mask, read_rgb
+from deeploc.data.layout import index_subsets
+from deeploc.data.manipulations import SUBSETS
+from deeploc.data.masks import WHITE_POLARITY as WHITE
+from deeploc.data.samples import REAL_SUBSET
 from deeploc.data.sources import build_source
-from deeploc.data.synthetic import SUBSETS
+from deeploc.data.validate import validate_samples
 from tests.conftest import SYNTH_KWARGS
 
 FAKE = Path("data/celebahq/fake")
@@ -99,7 +103,7 @@ def test_generated_and_dolos_sources_list_their_real_images(synthetic_data: Path
 def test_missing_or_bad_real_folders_are_refused_by_name(synthetic_copy: Path) -> None:
     source = build_source("dolos", root=synthetic_copy)
     (synthetic_copy / REAL / "valid" / "notes.txt").write_text("x")
-    with pytest.raises(DatasetError, match=r"real/valid: 1 non-image file\(s\): notes.txt"):
+    with pytest.raises(DatasetError, match=r"real/valid: 1 non-image file\(s\) in \S+real/valid: notes.txt"):
         source.real_samples("valid")
     shutil.rmtree(synthetic_copy / REAL / "test")
     with pytest.raises(DatasetError, match=r"no real-image folder .*real/test; re-extract"):
@@ -126,18 +130,9 @@ def test_folders_source_reads_the_same_images_and_masks_as_dolos(synthetic_data:
 def test_folders_source_with_split_folders_trains_like_dolos(synthetic_data: Path, tmp_path: Path) -> None:
     splits = ("train", "valid", "test")
     root = folders_copy(synthetic_data, tmp_path / "mine", "blur-noise", splits, per_split=True)
-    dm = LocalizationDataModule(
-        str(root),
-        ["mine"],
-        {"mode": "in_domain", "subset": "mine"},
-        batch_size=4,
-        num_workers=0,
-        validate_cache=None,
-        source="folders",
-        source_options={"splits": "folders", "mask_suffix": "_gt", "real": "real"},
-        mask_polarity="white_is_manipulated",
-    )
-    dm.setup("fit")
+    options = {"splits": "folders", "mask_suffix": "_gt", "real": "real"}
+    split = {"mode": "in_domain", "subset": "mine"}
+    dm = data_module(root, subsets=["mine"], split=split, source="folders", source_options=options, mask_polarity=WHITE)
     assert (len(dm.plan.train), len(dm.plan.valid), len(dm.plan.test["mine"])) == tuple(
         SYNTH_KWARGS[f"n_{s}"] for s in splits
     )
@@ -251,18 +246,10 @@ def test_manifest_problems_are_listed_with_their_line(synthetic_data: Path, tmp_
 
 def test_datamodule_trains_from_a_manifest(synthetic_data: Path, tmp_path: Path) -> None:
     csv_path = manifest_copy(synthetic_data, tmp_path / "m", list(SUBSETS[:2]), ("train", "valid", "test"))
-    dm = LocalizationDataModule(
-        str(csv_path),
-        list(SUBSETS[:2]),
-        {"mode": "cross", "subset": SUBSETS[0]},
-        batch_size=4,
-        num_workers=0,
-        validate_cache=None,
-        source="manifest",
-        mask_polarity="white_is_manipulated",
-    )
-    dm.setup("fit")
-    assert dm.test_subsets == list(SUBSETS[:2])
+    subsets = list(SUBSETS[:2])
+    split = {"mode": "cross", "subset": SUBSETS[0]}
+    dm = data_module(csv_path, subsets=subsets, split=split, source="manifest", mask_polarity="white_is_manipulated")
+    assert dm.test_subsets == subsets
     batch = next(iter(dm.val_dataloader()))
     truth = read_mask(synthetic_data / FAKE / SUBSETS[0] / "masks" / "valid" / dm.plan.valid[0].image.name) != 255
     assert torch.equal(batch["mask"][0, 0].bool(), torch.from_numpy(np.ascontiguousarray(truth)))

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import Sample, index_subsets
-from deeploc.data.splits import SplitPlan, _check_disjoint, cross, in_domain, leave_one_out, make_split
-from deeploc.data.synthetic import SUBSETS
+from deeploc.data.layout import index_subsets
+from deeploc.data.manipulations import SUBSETS
+from deeploc.data.samples import Sample
+from deeploc.data.splits import SplitPlan, check_disjoint, cross, in_domain, leave_one_out, make_split
 
 SUBS = ["lama", "ldm", "pluralistic", "repaint-p2-9k"]
 COUNTS = {"train": 40, "valid": 12, "test": 10}
@@ -113,7 +114,7 @@ def test_no_test_file_in_train_or_valid() -> None:
         assert not test_files & {s.image for s in plan.train + plan.valid}
     s = _samples()[0]
     with pytest.raises(DatasetError, match=r"split leak: 1 file\(s\) are in both test and train"):
-        _check_disjoint(SplitPlan(train=[s], valid=[], test={"x": [s]}))
+        check_disjoint(SplitPlan(train=[s], valid=[], test={"x": [s]}))
 
 
 def test_make_split_dispatch_and_errors() -> None:

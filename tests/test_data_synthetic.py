@@ -14,7 +14,8 @@ import pytest
 from conftest import SYNTH_KWARGS
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.synthetic import DEFAULTS, MANIFEST_NAME, SUBSETS, generate_dataset, read_manifest
+from deeploc.data.manipulations import SUBSETS
+from deeploc.data.synthetic import DEFAULTS, MANIFEST_NAME, generate_dataset, read_manifest
 
 SPLITS = ("train", "valid", "test")
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
 
-from deeploc.data.layout import index_subsets, read_rgb
+from deeploc.data.images import read_rgb
+from deeploc.data.layout import index_subsets
 from deeploc.errors import ConfigError
 from deeploc.evaluation.detection import average_precision, balanced_accuracy, choose_threshold, roc_auc
 from deeploc.evaluation.perturbations import PERTURBATIONS, Perturbation, apply, parse_perturbations

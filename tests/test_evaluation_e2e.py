@@ -17,14 +17,14 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from deeploc.cli.evaluate import main as eval_main
 from deeploc.cli.report import main as report_main
-from deeploc.data.layout import read_rgb
+from deeploc.data.images import read_rgb
 from deeploc.data.sources import build_source
 from deeploc.evaluation.perturbations import Perturbation
 from deeploc.evaluation.robustness import run_robustness
 from deeploc.evaluation.scoring import evaluate, index_for_eval
 from deeploc.inference.loading import load_model
-from deeploc.inference.predict import image_score, predict_images
-from deeploc.metrics import metric_names
+from deeploc.inference.predict import predict_images
+from deeploc.metrics import image_score, metric_names
 from tests.test_data_sources import folders_copy, manifest_copy
 from tests.test_predict import shared_base, train_run
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from deeploc.data.datasets import ImageMaskDataset
-from deeploc.data.layout import Sample
+from deeploc.data.samples import Sample
 from deeploc.features.store import (
     HEADER_SIZE,
     FeatureCache,
@@ -416,7 +416,7 @@ _RSS_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import torch
-    from deeploc.data.layout import Sample
+    from deeploc.data.samples import Sample
     from deeploc.features.store import FeatureStore
 
     def peak_kib():

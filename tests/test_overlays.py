@@ -1,5 +1,6 @@
 """Overlays and W&B panels reuse the maps a run was scored on: kept by the test step or read from the feature cache,
-the encoder never runs again; without them, it runs once per subset for every head together."""
+the encoder never runs again; without them, it runs once per subset for every head together. Each panel names its
+image, subset and IoU, outlines the truth (no tint) and labels its colour bar."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from deeploc.config import CONF_DIR
+from deeploc.data.samples import Sample
 from deeploc.runs.rundir import RunDir
+from deeploc.training.callbacks import panel_header
 from deeploc.training.run import build_datamodule, build_model, serve_features, write_overlays
 from deeploc.training.test_maps import TestMaps
+from deeploc.visualize import COLORBAR_LABEL, INK, colorbar, outline, panel, title_bar, title_height
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
 
@@ -68,6 +72,8 @@ def test_overlays_of_a_cached_run_read_the_cache_and_without_it_encode_once_per_
     written = write_overlays(heads, datamodule, cached, count=2)
     subsets = list(datamodule.plan.test)
     assert calls == [] and len(written) == 2 * 2 * len(subsets)
+    # Header strip (name, subset, IoU) + tile titles + the 64 px image.
+    assert Image.open(written[0]).size[1] == max(16, title_height(64)) + title_height(64) + 64
 
     datamodule.set_dataset_factory(None)  # the same run, images in every dataset and no maps kept
     encoded = [RunDir(tmp_path / "encoded-a"), RunDir(tmp_path / "encoded-b")]
@@ -91,3 +97,41 @@ def test_a_streamed_run_draws_its_overlays_from_the_maps_its_test_step_kept(tmp_
     write_overlays([model], datamodule, encoded, count=3)
     assert calls[2 * len(subsets) :] == [3] * len(subsets)
     _same_pictures(kept, encoded)
+
+
+def test_the_truth_is_outlined_not_tinted() -> None:
+    image = np.full((128, 128, 3), (210, 60, 60), np.uint8)  # a reddish image: a red tint would vanish on it
+    truth = np.zeros((128, 128), bool)
+    truth[32:96, 32:96] = True
+    drawn = outline(image, truth)
+    np.testing.assert_array_equal(drawn[40:88, 40:88], image[40:88, 40:88])  # inside: untouched
+    np.testing.assert_array_equal(drawn[:24], image[:24])  # away from the border: untouched
+    edge = drawn[32, 40:88]
+    assert (edge == (0, 255, 0)).all() or (edge == INK).all()  # the border: bright line over a dark one
+    assert (drawn[30:35, 60] == INK).all(axis=1).any() and (drawn[30:35, 60] == (0, 255, 0)).all(axis=1).any()
+    tile = panel(image, truth.astype(float), truth)[-128:, -128:]  # the truth tile is the outline
+    np.testing.assert_array_equal(tile, drawn)
+
+
+def test_every_colour_bar_says_what_it_shows() -> None:
+    bar = colorbar(256)
+    # Its right edge is the label, written upwards along the bar (16 px text + 5 px margin at this height).
+    label = np.rot90(title_bar(256, COLORBAR_LABEL, 21))
+    np.testing.assert_array_equal(bar[:, -21:], label)
+    rows, cols = np.nonzero((label < 100).all(axis=2))
+    assert rows.max() - rows.min() > 4 * (cols.max() - cols.min())  # a line of text running up the bar
+
+
+def test_a_panel_header_names_the_image_its_subset_and_its_iou(tmp_path: Path) -> None:
+    truth = np.zeros((64, 64), bool)
+    truth[16:48, 16:48] = True
+    prob = np.zeros((64, 64), np.float32)
+    prob[16:48, 16:32] = 0.9  # half of the region
+    sample = Sample(tmp_path / "00007.png", tmp_path / "m.png", "copy-move", "test", "00007")
+    header = panel_header(sample, prob, truth)
+    assert header == "00007 (copy-move): IoU 50.0%"
+    image = np.zeros((64, 64, 3), np.uint8)
+    with_header, without = panel(image, prob, truth, header=header), panel(image, prob, truth)
+    assert with_header.shape[0] == without.shape[0] + max(16, title_height(64))
+    np.testing.assert_array_equal(with_header[-without.shape[0] :], without)
+    assert (with_header[: max(16, title_height(64))] < 100).any()  # ink: the header is written

@@ -15,17 +15,12 @@ import pytest
 import torch
 
 from deeploc.cli.predict import main as predict_main
-from deeploc.data.layout import read_rgb
+from deeploc.data.images import read_rgb
+from deeploc.inference.inputs import InputError, collect_inputs
 from deeploc.inference.loading import load_model
-from deeploc.inference.predict import (
-    IMAGE_SCORE,
-    InputError,
-    collect_inputs,
-    image_score,
-    output_names,
-    predict_images,
-    predict_paths,
-)
+from deeploc.inference.outputs import output_names
+from deeploc.inference.predict import predict_images, predict_paths
+from deeploc.metrics import IMAGE_SCORE, image_score
 from deeploc.runs.checkpoints import ModelError
 from deeploc.training.module import LocalizationModule
 from deeploc.visualize import colorbar, heatmap

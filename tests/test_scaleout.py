@@ -484,7 +484,7 @@ def test_resume_picks_the_most_advanced_checkpoint(tmp_path: Path) -> None:
 
 
 def test_shards_are_disjoint_stable_and_complete() -> None:
-    from deeploc.data.layout import Sample
+    from deeploc.data.samples import Sample
 
     samples = [Sample(Path(f"/x/{i}.png"), Path(f"/m/{i}.png"), f"s{i % 3}", "test", f"{i:05d}") for i in range(50)]
     shards = [cluster.shard_samples(samples, k, 3) for k in range(3)]

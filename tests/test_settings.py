@@ -141,7 +141,7 @@ def test_deeploc_errors_are_found_behind_the_errors_that_wrap_them() -> None:
 
     from deeploc.data.errors import DatasetError
     from deeploc.features.store import FeatureStoreError
-    from deeploc.inference.predict import InputError
+    from deeploc.inference.inputs import InputError
     from deeploc.models.encoders import EncoderError
     from deeploc.runs.checkpoints import ModelError
     from deeploc.training.module import IncompatibleCheckpointError

@@ -12,7 +12,7 @@ import yaml
 
 from deeploc import __version__
 from deeploc.cli.report import main as report_main
-from deeploc.data.layout import read_mask
+from deeploc.data.images import read_mask
 from tests.e2e import run_cli, train_args
 
 

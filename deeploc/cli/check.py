@@ -11,20 +11,12 @@ import time
 from collections.abc import Mapping
 
 from deeploc.cli.app import add_verbose_flag, report_error
-from deeploc.data.errors import DatasetError
-from deeploc.data.layout import (
-    SPLITS,
-    Sample,
-    available_subsets,
-    count_table,
-    dataset_problems,
-    find_samples,
-    format_count_table,
-    inspect_samples,
-    resolve_root,
-)
+from deeploc.data.errors import DatasetError, format_problems
+from deeploc.data.layout import available_subsets, index_subsets, resolve_root
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules, MaskStats
 from deeploc.data.regions import ERODE_SIZE
+from deeploc.data.samples import SPLITS, Sample, count_table, format_count_table
+from deeploc.data.validate import dataset_problems, inspect_samples
 from deeploc.errors import DeeplocError
 
 
@@ -72,7 +64,7 @@ def format_mask_table(stats: Mapping[Sample, MaskStats]) -> str:
     lines = [f"{'subset':<{width}}  {'masks':>6}  {'empty':>6}  {'thin':>6}  {'manip%':>7}  size (WxH)"]
     for subset, group in rows.items():
         empty = sum(st.manipulated == 0 for st in group)
-        thin = sum(st.manipulated > 0 and st.f1_positive == 0 for st in group)
+        thin = sum(st.thin for st in group)
         share = 100.0 * sum(st.fraction for st in group) / len(group)
         sizes = sorted({st.size for st in group})
         size = sizes[0] if len(sizes) == 1 else f"{len(sizes)} sizes: {', '.join(sizes[:3])}"
@@ -92,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         subsets = args.subsets or available_subsets(root, args.source)
         if not subsets:
             raise DatasetError(f"no localization subsets (fake/<subset>/masks) under {root / args.source}")
-        samples, problems = find_samples(root, subsets, args.splits, args.source, args.mask_polarity)
+        problems: list[str] = []
+        samples = index_subsets(root, subsets, args.splits, args.source, args.mask_polarity, problems=problems)
     except (DeeplocError, ValueError) as exc:
         return report_error("deeploc-check", exc, args.verbose)
     print(f"dataset root: {root}")
@@ -103,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if stats:
         print(format_mask_table(stats))
     if problems:
-        listed = "\n  - ".join(problems)
         print(
-            f"deeploc-check: {len(problems)} problem(s) in {root} ({len(samples)} samples indexed):\n  - {listed}\n"
+            f"deeploc-check: {len(problems)} problem(s) in {root} ({len(samples)} samples indexed):"
+            f"{format_problems(problems)}\n"
             "Fix or replace these files, or pass the named option. deeploc never skips a bad file: skipping would "
             "silently change the sample counts and the metrics.",
             file=sys.stderr,

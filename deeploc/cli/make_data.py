@@ -6,8 +6,10 @@ import argparse
 import time
 
 from deeploc.cli.app import add_verbose_flag, report_error
-from deeploc.data.layout import count_table, format_count_table, index_subsets
-from deeploc.data.synthetic import SUBSET_DESCRIPTIONS, SUBSETS, generate_dataset
+from deeploc.data.layout import index_subsets
+from deeploc.data.manipulations import SUBSET_DESCRIPTIONS, SUBSETS
+from deeploc.data.samples import count_table, format_count_table
+from deeploc.data.synthetic import generate_dataset
 from deeploc.errors import DeeplocError
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins, report_error
 from deeploc.errors import DeeplocError
-from deeploc.inference.predict import DEFAULT_MAX_PIXELS, IMAGE_SCORE, collect_inputs
+from deeploc.inference.inputs import DEFAULT_MAX_PIXELS, collect_inputs
+from deeploc.metrics import IMAGE_SCORE
 
 
 def build_parser() -> argparse.ArgumentParser:

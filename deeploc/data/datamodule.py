@@ -27,16 +27,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from deeploc.data.augment import build_augmentations
 from deeploc.data.datasets import ImageMaskDataset
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import (
-    Sample,
-    count_table,
-    format_count_table,
-    validate_samples,
-)
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, MaskRules
 from deeploc.data.regions import ERODE_SIZE
+from deeploc.data.samples import Sample, count_table, format_count_table
 from deeploc.data.sources import DataSource, build_source
 from deeploc.data.splits import SPLIT_MODES, SplitPlan, make_split, subsets_needed
+from deeploc.data.validate import validate_samples
 
 __all__ = ["DatasetFactory", "EpochSeededSampler", "LocalizationDataModule", "seed_worker"]
 
@@ -256,7 +252,7 @@ class LocalizationDataModule(L.LightningDataModule):
             stats = validate_samples(
                 used, cache_file=cache, workers=max(1, self.num_workers), rules=self.mask_rules, batches=batches
             )
-            thin = sum(st.manipulated > 0 and st.f1_positive == 0 for st in stats.values())
+            thin = sum(st.thin for st in stats.values())
             if thin:
                 log.info(
                     "%d of %d masks have regions thinner than the metrics' %dx%d erosion (no F1 positive)",

@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import Dataset
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import Sample, image_size, read_mask, read_rgb
+from deeploc.data.images import image_size, read_mask, read_rgb
 from deeploc.data.masks import DEFAULT_POLARITY
+from deeploc.data.samples import Sample
 
 __all__ = ["ImageMaskDataset", "image_tensor", "mask_tensor", "read_target", "sample_target"]
 

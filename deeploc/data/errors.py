@@ -24,3 +24,9 @@ def format_list(items: Sequence[object], limit: int = LIST_LIMIT) -> str:
     if len(items) > limit:
         shown += f" (+{len(items) - limit} more)"
     return shown
+
+
+def format_problems(problems: Sequence[str], limit: int | None = None) -> str:
+    """One problem a line, each as ``  - problem`` after a newline (the first ``limit`` of them, and how many more)."""
+    shown = "".join(f"\n  - {p}" for p in problems[:limit])
+    return shown + (f"\n  (+{len(problems) - limit} more)" if limit is not None and len(problems) > limit else "")

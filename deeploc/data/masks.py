@@ -138,6 +138,11 @@ class MaskStats:
     def size(self) -> str:
         return f"{self.width}x{self.height}"
 
+    @property
+    def thin(self) -> bool:
+        """Manipulated, but every region is thinner than the metrics' erosion: F1 has no positive pixel here."""
+        return self.manipulated > 0 and self.f1_positive == 0
+
 
 def to_dolos(values: np.ndarray, polarity: str) -> np.ndarray:
     """uint8 mask values in the Dolos convention (255 = real, anything else manipulated) from ``polarity``'s."""

@@ -19,9 +19,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import Sample
+from deeploc.data.samples import Sample
 
-__all__ = ["SPLIT_MODES", "SplitPlan", "cross", "in_domain", "leave_one_out", "make_split", "subsets_needed"]
+__all__ = [
+    "SPLIT_MODES",
+    "SplitPlan",
+    "check_disjoint",
+    "cross",
+    "in_domain",
+    "leave_one_out",
+    "make_split",
+    "subsets_needed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +68,7 @@ def _select(samples: Sequence[Sample], subset: str, split: str) -> list[Sample]:
     return chosen
 
 
-def _check_disjoint(plan: SplitPlan) -> SplitPlan:
+def check_disjoint(plan: SplitPlan) -> SplitPlan:
     """Raise if a test file is in train or valid, or train and valid share a file. Not an ``assert``: always on."""
     train = {s.image for s in plan.train}
     valid = {s.image for s in plan.valid}
@@ -77,7 +86,7 @@ def _check_disjoint(plan: SplitPlan) -> SplitPlan:
 
 def in_domain(samples: Sequence[Sample], subset: str) -> SplitPlan:
     """Train, valid and test on one subset's own splits."""
-    return _check_disjoint(
+    return check_disjoint(
         SplitPlan(
             train=_select(samples, subset, "train"),
             valid=_select(samples, subset, "valid"),
@@ -91,7 +100,7 @@ def cross(samples: Sequence[Sample], subset: str, test_subsets: Sequence[str]) -
     test_subsets = list(dict.fromkeys(test_subsets))
     if not test_subsets:
         raise DatasetError("cross: test_subsets is empty")
-    return _check_disjoint(
+    return check_disjoint(
         SplitPlan(
             train=_select(samples, subset, "train"),
             valid=_select(samples, subset, "valid"),
@@ -155,7 +164,7 @@ def leave_one_out(
     valid = _shared_names(samples, seen, "valid", n_valid, rng)
     test = {held_out: _select(samples, held_out, "test")}
     test.update({sub: _select(samples, sub, "test") for sub in seen})
-    return _check_disjoint(SplitPlan(train=train, valid=valid, test=test))
+    return check_disjoint(SplitPlan(train=train, valid=valid, test=test))
 
 
 def make_split(

@@ -37,7 +37,8 @@ from typing import Any
 
 import cv2
 
-from deeploc.data.layout import Sample, read_rgb
+from deeploc.data.images import read_rgb
+from deeploc.data.samples import Sample
 from deeploc.evaluation.figures import Line, strength_panels
 from deeploc.evaluation.perturbations import Perturbation, apply
 from deeploc.evaluation.scoring import THRESHOLD, evaluate, score_keys

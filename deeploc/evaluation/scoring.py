@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deeploc.data.datasets import ImageMaskDataset
-from deeploc.data.layout import Sample, image_size, validate_samples
+from deeploc.data.images import image_size
 from deeploc.data.masks import MaskRules
+from deeploc.data.samples import Sample
 from deeploc.data.sources import DataSource
+from deeploc.data.validate import validate_samples
 from deeploc.io import write_json_atomic
 from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention, metric_names, resize_probs
 

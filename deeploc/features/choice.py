@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from deeploc.features.store import FeatureStore, FeatureStoreError, entry_bytes, format_bytes, stored_entries
 
 if TYPE_CHECKING:
-    from deeploc.data.layout import Sample
+    from deeploc.data.samples import Sample
     from deeploc.models.encoders import FrozenEncoder
 
 __all__ = ["DISK_SHARE", "MODES", "CacheEstimate", "available_ram", "check_fits", "choose", "estimate"]

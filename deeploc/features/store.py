@@ -73,13 +73,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deeploc.data.datasets import image_tensor, mask_tensor, sample_target
-from deeploc.data.layout import read_rgb
+from deeploc.data.images import read_rgb
 from deeploc.errors import DeeplocError
 from deeploc.io import atomic_write_bytes, file_digest
 from deeploc.locks import exclusive as _locked
 
 if TYPE_CHECKING:
-    from deeploc.data.layout import Sample
+    from deeploc.data.samples import Sample
     from deeploc.models.encoders import FrozenEncoder
 
 __all__ = [

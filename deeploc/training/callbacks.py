@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
-from deeploc.data.layout import read_mask, read_rgb
-from deeploc.metrics import metric_names
+from deeploc.data.images import read_mask, read_rgb
+from deeploc.metrics import image_scores, metric_names
 from deeploc.visualize import panel
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,16 @@ def render_panels_of(
     out = []
     for module in modules:
         probs = module.predict_probabilities(batch, maps=maps).cpu().numpy()
-        out.append([panel(im, p, truth) for im, p, truth in zip(images, probs, truths)])
+        out.append(
+            [panel(im, p, t, header=panel_header(s, p, t)) for s, im, p, t in zip(samples, images, probs, truths)]
+        )
     return out
+
+
+def panel_header(sample: Any, prob: np.ndarray, truth: np.ndarray) -> str:
+    """What a panel shows: the image, its subset and the IoU of ``prob > 0.5`` with its true mask (as scored)."""
+    iou = image_scores(torch.from_numpy(prob), torch.from_numpy(truth))["iou"]
+    return f"{sample.name} ({sample.subset}): IoU {iou:.1f}%"
 
 
 def cached_maps(dataset: Any, samples: Sequence[Any]) -> dict[str, torch.Tensor] | None:

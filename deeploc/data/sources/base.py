@@ -1,6 +1,6 @@
 """The data-source contract: where a dataset's samples come from, and how its masks are read.
 
-A source turns a folder (or a file) into :class:`~deeploc.data.layout.Sample` records: manipulated images with
+A source turns a folder (or a file) into :class:`~deeploc.data.samples.Sample` records: manipulated images with
 their masks, per localization subset and split; optionally the pristine (real) images of a split. Everything after
 it (splits, validation, datasets, the feature cache, metrics) works on samples, so a new on-disk layout is one
 module in this package with ``@SOURCES.register("<name>")`` on a ``DataSource`` subclass plus a
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import SPLITS, Sample
 from deeploc.data.masks import DEFAULT_POLARITY, check_polarity, check_threshold
+from deeploc.data.samples import SPLITS, Sample
 from deeploc.registry import RecordsOptions, Registry
 
 __all__ = ["SOURCES", "DataSource", "build_source"]

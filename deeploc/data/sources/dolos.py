@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from deeploc.data.errors import DatasetError
-from deeploc.data.layout import SPLITS, Sample, available_subsets, index_real, index_subsets, resolve_root
+from deeploc.data.layout import available_subsets, index_real, index_subsets, resolve_root
 from deeploc.data.masks import DEFAULT_POLARITY
+from deeploc.data.samples import SPLITS, Sample
 from deeploc.data.sources.base import SOURCES, DataSource
 from deeploc.data.synthetic import dataset_home, generate_dataset
 

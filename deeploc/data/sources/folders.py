@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeploc.data.errors import DatasetError, format_list
-from deeploc.data.layout import SPLITS, Sample, index_real, scan_pair
+from deeploc.data.errors import DatasetError, format_list, format_problems
+from deeploc.data.layout import index_real, pair_masks, scan_folder
 from deeploc.data.masks import WHITE_POLARITY
+from deeploc.data.samples import SPLITS, Sample
 from deeploc.data.sources.base import SOURCES, DataSource
 
 SPLIT_FOLDERS = "folders"
@@ -93,7 +94,7 @@ class FoldersSource(DataSource):
                 idir, masks_root / split if self.splits == SPLIT_FOLDERS else masks_root, split, problems
             )
         if problems:
-            raise DatasetError(f"folders dataset at {self.root()} has problems:\n  - " + "\n  - ".join(problems))
+            raise DatasetError(f"folders dataset at {self.root()} has problems:{format_problems(problems)}")
         return samples
 
     def _index(self, idir: Path, mdir: Path, split: str, problems: list[str]) -> list[Sample]:
@@ -102,30 +103,14 @@ class FoldersSource(DataSource):
                 problems.append(f"no folder {folder}; set data.source_options.{option} (--source-option {option}=...)")
         if problems:
             return []
-        images, masks, _ = scan_pair(idir, mdir, problems, "stem")
+        images, _ = scan_folder(idir, problems, "stem")
+        masks, _ = scan_folder(mdir, problems, "stem")
         if not images:
             problems.append(f"{idir} holds no images")
-        suffix = self.mask_suffix
-        wanted = {stem + suffix: stem for stem in images}
-        no_mask = sorted(stem for key, stem in wanted.items() if key not in masks)
-        if no_mask:
-            problems.append(
-                f"{len(no_mask)} image(s) without a mask: {format_list([images[s].name for s in no_mask])} in {idir} "
-                f"have no file named <stem>{suffix}.<ext> in {mdir}; restore the masks, remove the images, or set "
-                "data.source_options.mask_suffix"
-            )
-        no_image = sorted(set(masks) - set(wanted))
-        if no_image:
-            problems.append(
-                f"{len(no_image)} mask(s) without an image: {format_list([masks[m].name for m in no_image])} in {mdir} "
-                f"(a mask is named <image stem>{suffix}); remove them or fix data.source_options.mask_suffix"
-            )
+        suffix, hint = self.mask_suffix, ", or set data.source_options.mask_suffix"
         return [
-            Sample(
-                images[stem], masks[stem + suffix], self.subset, split, stem, self.mask_polarity, self.mask_threshold
-            )
-            for stem in sorted(images)
-            if stem + suffix in masks
+            Sample(images[s], masks[s + suffix], self.subset, split, s, self.mask_polarity, self.mask_threshold)
+            for s in pair_masks(images, masks, idir, mdir, problems, suffix, hint)
         ]
 
     def real_samples(self, split: str) -> list[Sample]:

@@ -19,9 +19,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from deeploc.data.errors import DatasetError, format_list
-from deeploc.data.layout import REAL_SUBSET, SPLITS, Sample
+from deeploc.data.errors import DatasetError, format_list, format_problems
 from deeploc.data.masks import WHITE_POLARITY
+from deeploc.data.samples import REAL_SUBSET, SPLITS, Sample
 from deeploc.data.sources.base import SOURCES, DataSource
 
 COLUMNS = ("image", "mask", "subset", "split")
@@ -82,8 +82,7 @@ class ManifestSource(DataSource):
             problems.append("it lists no image")
         problems += _duplicates(samples)
         if problems:
-            shown = "\n  - ".join(problems[:30]) + (f"\n  (+{len(problems) - 30} more)" if len(problems) > 30 else "")
-            raise DatasetError(f"manifest {path} has problems:\n  - {shown}")
+            raise DatasetError(f"manifest {path} has problems:{format_problems(problems, 30)}")
         return samples
 
     def _sample(self, base: Path, line: int, row: dict[str, str], problems: list[str]) -> Sample | None:
