@@ -512,3 +512,24 @@ def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) ->
     assert f"1 damaged entry recomputed: {damaged} (crc32 mismatch)" in repair.stdout
     run_cli("deeploc.cli.train", train, tmp_path)
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_damaged_entry_read_in_a_dataloader_worker_is_reported_in_one_line(
+    tmp_path: Path, encoder: SAM2Encoder
+) -> None:
+    """torch re-raises a worker's error with the worker's traceback in its message; the commands print only the
+    entry's own line (issue 21, item 10)."""
+    from deeploc.cli.app import error_message
+
+    samples = make_samples(tmp_path / "data", 2)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
+    fill(store, samples, encoder, progress=False)
+    ds = store.dataset(samples)
+    damaged = ds.entries[FEATURE][0][1]
+    _flip_a_data_byte(damaged)
+    with pytest.raises(FeatureStoreError) as err:
+        list(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1))
+    assert "DataLoader worker" in str(err.value)  # torch's re-raise in the main process
+    line = error_message(err.value)
+    assert line.startswith(f"feature entry {damaged} is corrupt: crc32 mismatch") and "deeploc-extract" in line
+    assert "\n" not in line and "Traceback" not in line
