@@ -533,3 +533,62 @@ def test_a_damaged_entry_read_in_a_dataloader_worker_is_reported_in_one_line(
     line = error_message(err.value)
     assert line.startswith(f"feature entry {damaged} is corrupt: crc32 mismatch") and "deeploc-extract" in line
     assert "\n" not in line and "Traceback" not in line
+
+
+_DISK_FULL_SCRIPT = textwrap.dedent(
+    """
+    import json, math, os, shutil, sys, warnings
+    from pathlib import Path
+    warnings.filterwarnings("ignore", message="SAM2 encoder")
+    from deeploc.data.layout import Sample
+    from deeploc.features import FeatureStore, FeatureStoreError, extract_features
+    from deeploc.models.encoders.sam2 import SAM2Encoder
+
+    cache, listing = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    samples = [Sample(Path(i), Path(m), "lama", "train", Path(i).stem) for i, m in listing]
+    enc = SAM2Encoder("sam2.1_hiera_micro", random_init=True, image_size=256)
+    store = FeatureStore.for_encoder(cache, enc, "image_embed")
+    store.content_hashes(samples)  # the hash memo is written before the disk fills up
+    # Free space for the entries' bytes but not for the whole pages they occupy: the space check before the pass
+    # is satisfied, and a write then hits a full disk.
+    page = os.sysconf("SC_PAGE_SIZE")
+    filler = cache / "filler"
+    filler.write_bytes(bytes(shutil.disk_usage(cache).free - math.ceil(len(samples) * store.nbytes_per_image / page) * page))
+    try:
+        extract_features([store], samples, enc, progress=False)
+        first = "no error"
+    except FeatureStoreError as exc:
+        first = str(exc)
+    written = len(samples) - len(store.missing(samples, verify=True))
+    leftovers = [str(p) for p in store.path.rglob("*.tmp")]
+    filler.unlink()  # space again: the same extraction resumes
+    resumed = extract_features([store], samples, enc, progress=False)["image_embed"]
+    print(json.dumps({"first": first, "store": str(store.path), "written": written, "leftovers": leftovers,
+                      "resumed": resumed, "missing": len(store.missing(samples, verify=True))}))
+    """
+)
+
+
+def test_a_disk_full_during_extraction_ends_in_one_line_and_the_next_run_resumes(tmp_path: Path) -> None:
+    """A real full file system (a 4 MiB tmpfs mounted in a user namespace, no root needed): one line naming the folder,
+    the space needed and free and DEEPLOC_OUTPUTS; no half-written entry; the next extraction resumes (issue 21,
+    item 8)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged user namespaces here: cannot mount a small file system to fill")
+    samples = make_samples(tmp_path / "data", 8)
+    listing = tmp_path / "listing.json"
+    listing.write_text(json.dumps([[str(s.image), str(s.mask)] for s in samples]))
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mount_and_run = 'mount -t tmpfs -o size=4m tmpfs "$0" && exec "$1" -c "$2" "$0" "$3"'
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", mount_and_run, str(disk), sys.executable, _DISK_FULL_SCRIPT, str(listing)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    message = result["first"]
+    assert message.startswith(f"not enough disk space for the feature cache in {result['store']}: needs "), message
+    assert " free" in message and "DEEPLOC_OUTPUTS" in message and "\n" not in message
+    assert 0 < result["written"] < 8 and result["leftovers"] == []  # whole entries only
+    assert result["resumed"] == 8 - result["written"] and result["missing"] == 0

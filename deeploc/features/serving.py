@@ -8,11 +8,10 @@ the stream. ``deeploc-train``, multi-head jobs and ``deeploc-extract`` all ask :
   (its older name).
 * ``auto`` (the default): cache when it fits, else stream (:func:`choose`); one log line says which and why.
 
-Whatever the mode, the maps are streamed (and ``features=cache`` is refused where it cannot work) when:
-
-* the encoder is adapted (``encoder.adapt`` not ``frozen``: LoRA or full fine-tuning change its maps every step);
-* image augmentations are on (they change the encoder's input every epoch; a warning, also for ``features=cache``);
-* the job is a ``trainer.fast_dev_run`` pass: it reads a batch or two, so encoding them beats caching the split.
+Whatever the mode, the maps are streamed when the encoder is adapted (``encoder.adapt`` not ``frozen``: its maps
+change every step; ``features=cache`` is refused), when image augmentations are on (they change the encoder's input
+every epoch; a warning), and in a ``trainer.fast_dev_run`` pass (it reads a batch or two: encoding them beats caching
+the split).
 
 The cache's size is estimated before anything is computed (:func:`estimate`): the job's images times the bytes of
 the maps it reads, less what the stores of those maps already hold.

@@ -14,16 +14,13 @@ Layout under ``root`` (one root can hold many stores; they share the image-hash 
         .lock                                      fcntl.flock'ed around extraction
         entries/<h[:2]>/<h>.f16                    one image's feature map, h = sha256 of the image file
 
-Keys and reuse
-    * different encoder identity / feature / store format -> different folder; a folder whose ``identity.json``
-      does not match the expected identity is refused (:class:`FeatureStoreError`), and so is extraction with an
-      encoder whose ``identity()`` differs from the store's.
-    * identical image files (same bytes) share one entry, across subsets, splits, runs and sweep jobs; a changed
-      file gets a new hash and is recomputed. Hashes are memoised by (path, size, mtime_ns, ctime_ns): a file
-      rewritten in place with the same size within the file system's timestamp resolution would keep its stale
-      hash (ctime cannot be set back by a user, so ordinary edits, copies and ``touch`` are all noticed).
-    * NOT detected: features that were wrong when computed (e.g. an encoder whose ``identity()`` misses something
-      that changes its output, such as the precision it ran in).
+Keys and reuse: another encoder identity, feature or store format gets another folder; a folder whose
+``identity.json`` differs from the expected identity is refused (:class:`FeatureStoreError`). Identical image files
+share one entry across subsets, splits, runs and sweep jobs; a changed file gets a new hash and is recomputed. The
+memo of hashes by (path, size, mtime_ns, ctime_ns) misses only a file rewritten in place with the same size within
+the file system's timestamp resolution (ctime cannot be set back, so edits, copies and ``touch`` are noticed). NOT
+detected: features that were wrong when computed (an encoder whose ``identity()`` misses something that changes its
+output, such as the precision it ran in).
 """
 
 from __future__ import annotations
