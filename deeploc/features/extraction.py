@@ -112,7 +112,7 @@ def extract_features(
     (reads the whole store). ``lock_scope`` (e.g. ``"shard-0-of-4"``) locks only that scope, so jobs extracting
     disjoint shards into one store run in parallel; they leave stale temporary files to the next unscoped
     extraction."""
-    stores = list({store.path: store for store in stores}.values())
+    stores = list({store.path: store for store in stores}.values())  # a folder per (identity, feature)
     if not stores:
         return {}
     identity = canonical(json.loads(canonical(encoder.cache_identity())))  # type: ignore[operator]
@@ -122,8 +122,6 @@ def extract_features(
                 f"encoder identity {identity} does not match feature store {store.path} "
                 f"({canonical(store.encoder_identity)}); build the store from encoder.cache_identity()"
             )
-    if len({store.feature for store in stores}) != len(stores):
-        raise FeatureStoreError("extract_features: two stores of the same encoder identity hold the same feature")
     hashes = stores[0].content_hashes(samples, progress=progress)
     n_unique = len(set(hashes))
     with contextlib.ExitStack() as locks:
