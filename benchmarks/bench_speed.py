@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, work: Path, started: float) -> dict[str, Any]:
-    from deeploc.features.store import format_bytes
+    from deeploc.features.entry import format_bytes
 
     torch.set_num_threads(torch.get_num_threads())
     n_valid = n_test = max(1, args.images // 4)

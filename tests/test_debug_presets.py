@@ -56,6 +56,8 @@ def presets(shared_workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_fdr_runs_fit_validate_and_test_on_one_batch_and_keeps_no_file(presets: dict) -> None:
     output = presets["fdr"].stdout + presets["fdr"].stderr
     assert "fast_dev_run=1: a debug pass (1 batch(es) per loop)" in output and "Test IoU (%)" in output
+    # It encodes the batches it reads, not the whole split into the feature cache (issue 21, item 14).
+    assert "features=auto streams in a fast_dev_run pass" in output and "[feature store]" not in output
     # Data and features come from the shared folders: nothing at all was written under outputs/.
     assert _files(presets["work"] / "fdr" / "outputs") == []
 

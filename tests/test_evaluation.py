@@ -91,7 +91,8 @@ def test_perturbation_items_in_every_form(tmp_path: Path) -> None:
         ("noise=x", "noise strength 'x' is not a number"),
         ("sharpen=1", "unknown perturbation 'sharpen'; known: blur, jpeg, jpeg420, noise, resize"),
         ("heavy", "expected name=strength,... (e.g. jpeg=90,70), a YAML file, or one of conf/perturb: default"),
-        ("jpeg=", "no perturbation given"),
+        ("jpeg=", "jpeg has no strengths"),
+        ("missing.yaml", "missing.yaml does not exist"),
     ],
 )
 def test_bad_perturbation_items_are_refused_by_name(item: str, message: str) -> None:

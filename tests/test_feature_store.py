@@ -18,16 +18,9 @@ import torch
 from PIL import Image
 
 from deeploc.data.datasets import ImageMaskDataset
-from deeploc.data.samples import Sample
-from deeploc.features.store import (
-    HEADER_SIZE,
-    FeatureCache,
-    FeatureStore,
-    FeatureStoreError,
-    cache_allowed,
-    extract_features,
-    read_entry,
-)
+from deeploc.data.layout import Sample
+from deeploc.features import FeatureCache, FeatureStore, FeatureStoreError, extract_features
+from deeploc.features.entry import HEADER_SIZE, read_entry
 from deeploc.models.encoders.clip import CLIPEncoder
 from deeploc.models.encoders.sam2 import SAM2Encoder
 
@@ -72,6 +65,11 @@ def reference(encoder: SAM2Encoder, samples: list[Sample], feature: str = FEATUR
     return encoder(images, names=(feature,))[feature]
 
 
+def fill(store: FeatureStore, samples: list[Sample], encoder, **kwargs) -> int:
+    """Extract the missing entries of one store; how many were computed."""
+    return extract_features([store], samples, encoder, **kwargs)[store.feature]
+
+
 def n_entries(store: FeatureStore) -> int:
     return sum(1 for _ in (store.path / "entries").rglob("*.f16"))
 
@@ -83,7 +81,7 @@ def test_features_equal_encoder_output_and_dataset_items(tmp_path: Path, encoder
     samples = make_samples(tmp_path / "data", 5)
     store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     assert store.missing(samples) == samples
-    assert store.extract(samples, encoder, batch_size=2, progress=False) == 5
+    assert fill(store, samples, encoder, batch_size=2, progress=False) == 5
     ds = store.dataset(samples)
     expected = reference(encoder, samples)
     online = ImageMaskDataset(samples)
@@ -113,12 +111,12 @@ def test_second_extract_computes_nothing_and_identical_images_are_shared(
     shutil.copyfile(samples[0].image, twin)
     samples.append(Sample(twin, samples[0].mask, "ldm", "test", "00000"))
     store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
-    assert store.extract(samples, encoder, progress=False) == 4
+    assert fill(store, samples, encoder, progress=False) == 4
     assert "computing 4 of 4 images" in capsys.readouterr().out
     assert n_entries(store) == 4
     again = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)  # a new run / process
     assert again.missing(samples) == []
-    assert again.extract(samples, encoder, progress=False) == 0
+    assert fill(again, samples, encoder, progress=False) == 0
     assert "already cached" in capsys.readouterr().out
     ds = again.dataset(samples)
     assert torch.equal(ds[0]["features"][FEATURE], ds[4]["features"][FEATURE])
@@ -130,11 +128,11 @@ def test_second_extract_computes_nothing_and_identical_images_are_shared(
 def test_changed_image_is_recomputed(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 3)
     store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
-    store.extract(samples, encoder, progress=False)
+    fill(store, samples, encoder, progress=False)
     before = store.dataset(samples)[1]["features"][FEATURE]
     write_image(samples[1].image, seed=999)  # same path, same size, new contents
     assert store.missing(samples) == [samples[1]]
-    assert store.extract(samples, encoder, progress=False) == 1
+    assert fill(store, samples, encoder, progress=False) == 1
     after = store.dataset(samples)[1]["features"][FEATURE]
     assert not torch.equal(before, after)
     torch.testing.assert_close(after.float(), reference(encoder, samples[1:2])[0], rtol=1e-3, atol=1e-3)
@@ -143,7 +141,7 @@ def test_changed_image_is_recomputed(tmp_path: Path, encoder: SAM2Encoder) -> No
 def test_another_encoder_seed_or_size_or_feature_gets_its_own_cache(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 2)
     store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
-    store.extract(samples, encoder, progress=False)
+    fill(store, samples, encoder, progress=False)
     other_seed = make_encoder(seed=1)
     other_size = make_encoder(image_size=128)
     stores = [
@@ -156,8 +154,8 @@ def test_another_encoder_seed_or_size_or_feature_gets_its_own_cache(tmp_path: Pa
         assert s.missing(samples) == samples
     # Extracting into a store with another encoder's identity is refused.
     with pytest.raises(FeatureStoreError, match="does not match"):
-        stores[0].extract(samples, encoder, progress=False)
-    assert stores[1].extract(samples, other_size, progress=False) == 2
+        fill(stores[0], samples, encoder, progress=False)
+    assert fill(stores[1], samples, other_size, progress=False) == 2
     assert stores[1].dataset(samples)[0]["features"][FEATURE].shape == other_size.feature_shape(FEATURE)
     # A folder whose recorded identity differs (collision, hand edit) is never used.
     ident = store.path / "identity.json"
@@ -183,7 +181,7 @@ def test_one_encoder_pass_fills_the_stores_of_several_features(tmp_path: Path) -
     samples = make_samples(tmp_path / "data", 4)
     names = ("image_embed", "high_res_feats_0", "high_res_feats_1")
     first = FeatureStore.for_encoder(tmp_path / "cache", enc, names[0])
-    first.extract(samples[:2], enc, progress=False)
+    fill(first, samples[:2], enc, progress=False)
     assert enc.encoded == 2
     stores = [FeatureStore.for_encoder(tmp_path / "cache", enc, name) for name in names]
     counts = extract_features(stores, samples, enc, batch_size=3, progress=False)
@@ -244,7 +242,7 @@ def test_selected_layers_are_cached_in_the_pass_of_the_decoders_map(tmp_path: Pa
 def test_truncated_or_corrupted_entries_are_detected(tmp_path: Path, encoder: SAM2Encoder) -> None:
     samples = make_samples(tmp_path / "data", 3)
     store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
-    store.extract(samples, encoder, progress=False)
+    fill(store, samples, encoder, progress=False)
     good = store.dataset(samples)
     paths = good.entries[FEATURE][0]
     truncated, flipped = paths[0], paths[1]
@@ -266,7 +264,7 @@ def test_truncated_or_corrupted_entries_are_detected(tmp_path: Path, encoder: SA
     with pytest.raises(FeatureStoreError, match="belongs to image"):
         read_entry(paths[2], good.entries[FEATURE][1][0], store.shape)
     # Recomputed, not read as garbage.
-    assert store.extract(samples, encoder, progress=False, verify=True) == 2
+    assert fill(store, samples, encoder, progress=False, verify=True) == 2
     ds = store.dataset(samples)
     expected = reference(encoder, samples)
     for i in range(3):
@@ -287,7 +285,7 @@ def test_a_damaged_entry_names_the_file_to_delete_and_both_fixes_work(
 ) -> None:
     samples = make_samples(tmp_path / "data", 3)
     store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
-    store.extract(samples, encoder, progress=False)
+    fill(store, samples, encoder, progress=False)
     ds = store.dataset(samples)
     damaged = ds.entries[FEATURE][0][1]
     _flip_a_data_byte(damaged)
@@ -298,7 +296,7 @@ def test_a_damaged_entry_names_the_file_to_delete_and_both_fixes_work(
     assert f"rm {damaged}" in msg and "deeploc-extract" in msg
     # Fix 1, as advised: delete the file; the next extraction (training's own step) recomputes exactly that entry.
     Path(damaged).unlink()
-    assert store.extract(samples, encoder, progress=False) == 1
+    assert fill(store, samples, encoder, progress=False) == 1
     expected = reference(encoder, samples)
     torch.testing.assert_close(
         store.dataset(samples)[1]["features"][FEATURE].float(), expected[1], rtol=1e-3, atol=1e-3
@@ -306,8 +304,8 @@ def test_a_damaged_entry_names_the_file_to_delete_and_both_fixes_work(
     # Fix 2, as advised: a verifying extraction (deeploc-extract) finds the damage, says so and recomputes it.
     _flip_a_data_byte(damaged)
     capsys.readouterr()
-    assert store.extract(samples, encoder, progress=False) == 0  # the cheap checks cannot see it ...
-    assert store.extract(samples, encoder, progress=False, verify=True) == 1  # ... the crc32 check can
+    assert fill(store, samples, encoder, progress=False) == 0  # the cheap checks cannot see it ...
+    assert fill(store, samples, encoder, progress=False, verify=True) == 1  # ... the crc32 check can
     out = capsys.readouterr().out
     assert f"1 damaged entry recomputed: {damaged} (crc32 mismatch)" in out
     torch.testing.assert_close(
@@ -327,7 +325,7 @@ def test_features_that_overflow_float16_are_refused(tmp_path: Path) -> None:
     samples = make_samples(tmp_path / "data", 2)
     store = FeatureStore.for_encoder(tmp_path / "cache", enc, FEATURE)
     with pytest.raises(FeatureStoreError, match="not finite in float16"):
-        store.extract(samples, enc, progress=False)
+        fill(store, samples, enc, progress=False)
     assert n_entries(store) == 0
 
 
@@ -336,10 +334,10 @@ class InterruptedStore(FeatureStore):
 
     stop_after = 3
 
-    def _write_entry(self, digest: str, fmap: torch.Tensor) -> None:
+    def write_entry(self, digest: str, fmap: torch.Tensor) -> None:
         if self.stop_after == 0:
             raise KeyboardInterrupt
-        super()._write_entry(digest, fmap)
+        super().write_entry(digest, fmap)
         self.stop_after -= 1
 
 
@@ -347,14 +345,14 @@ def test_interrupted_extraction_resumes(tmp_path: Path, encoder: SAM2Encoder) ->
     samples = make_samples(tmp_path / "data", 7)
     store = InterruptedStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
     with pytest.raises(KeyboardInterrupt):
-        store.extract(samples, encoder, batch_size=2, progress=False)
+        fill(store, samples, encoder, batch_size=2, progress=False)
     assert len(store.missing(samples)) == 4
     # A temporary file left by a process killed mid-write is neither read nor kept.
     stale = store.entry_path("ab" * 32).with_name("x.f16.123.deadbeef.tmp")
     stale.parent.mkdir(exist_ok=True)
     stale.write_bytes(b"partial")
     resumed = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
-    assert resumed.extract(samples, encoder, batch_size=2, progress=False) == 4
+    assert fill(resumed, samples, encoder, batch_size=2, progress=False) == 4
     assert not stale.exists()
     ds = resumed.dataset(samples)
     expected = reference(encoder, samples)
@@ -370,7 +368,7 @@ def _extract_in_process(root: str, images: list[str], masks: list[str], barrier,
     enc = make_encoder()
     store = FeatureStore.for_encoder(root, enc, FEATURE)
     barrier.wait()
-    results.put(store.extract(samples, enc, batch_size=4, progress=False))
+    results.put(fill(store, samples, enc, batch_size=4, progress=False))
 
 
 def test_two_processes_extracting_at_once_share_the_work(tmp_path: Path, encoder: SAM2Encoder) -> None:
@@ -405,7 +403,7 @@ def test_refuses_when_the_disk_is_too_small(
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     needed = 3 * store.nbytes_per_image
     with pytest.raises(FeatureStoreError) as info:
-        store.extract(samples, encoder, progress=False)
+        fill(store, samples, encoder, progress=False)
     message = str(info.value)
     assert str(store.path) in message and f"needs {needed} bytes" in message and "1000 bytes" in message
     assert n_entries(store) == 0
@@ -416,7 +414,7 @@ _RSS_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import torch
-    from deeploc.data.samples import Sample
+    from deeploc.data.layout import Sample
     from deeploc.features.store import FeatureStore
 
     def peak_kib():
@@ -449,7 +447,7 @@ def test_peak_rss_does_not_grow_with_the_number_of_cached_images(tmp_path: Path)
     feature, n = "high_res_feats_0", 32
     samples = make_samples(tmp_path / "data", 4 * n)
     store = FeatureStore.for_encoder(tmp_path / "cache", enc, feature)
-    store.extract(samples, enc, batch_size=16, progress=False)
+    fill(store, samples, enc, batch_size=16, progress=False)
     listing = tmp_path / "listing.json"
     listing.write_text(json.dumps([[str(s.image), str(s.mask)] for s in samples]))
 
@@ -470,22 +468,6 @@ def test_peak_rss_does_not_grow_with_the_number_of_cached_images(tmp_path: Path)
     # Holding the features (or their mappings) would add ~extra_bytes; streaming adds little (allocator and
     # page-cache noise measured up to ~0.36 x extra_bytes on a busy machine).
     assert growth_large - growth_small < 0.6 * extra_bytes, (small, large, extra_bytes)
-
-
-# ------------------------------------------------------------------------------------------------ cache policy
-
-
-def test_cache_allowed_only_without_augmentations() -> None:
-    from omegaconf import OmegaConf
-
-    for off in (None, {}, {"jpeg": {"p": 0.0}}, OmegaConf.create({"blur": None})):
-        allowed, reason = cache_allowed(off)
-        assert allowed and "no image augmentation" in reason
-    allowed, reason = cache_allowed(OmegaConf.create({"jpeg": {"p": 1.0}, "blur": 0.5}))
-    assert not allowed
-    assert "ImageCompression" in reason and "GaussianBlur" in reason and "cannot be cached" in reason
-    with pytest.raises(ValueError, match="unknown section"):
-        cache_allowed({"flip": 1.0})
 
 
 # ------------------------------------------------------------------------------------------------ deeploc-extract
@@ -530,3 +512,83 @@ def test_deeploc_extract_fills_the_cache_a_training_run_reads(tmp_path: Path) ->
     assert f"1 damaged entry recomputed: {damaged} (crc32 mismatch)" in repair.stdout
     run_cli("deeploc.cli.train", train, tmp_path)
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_damaged_entry_read_in_a_dataloader_worker_is_reported_in_one_line(
+    tmp_path: Path, encoder: SAM2Encoder
+) -> None:
+    """torch re-raises a worker's error with the worker's traceback in its message; the commands print only the
+    entry's own line (issue 21, item 10)."""
+    from deeploc.cli.app import error_message
+
+    samples = make_samples(tmp_path / "data", 2)
+    store = FeatureStore.for_encoder(tmp_path / "cache", encoder, FEATURE)
+    fill(store, samples, encoder, progress=False)
+    ds = store.dataset(samples)
+    damaged = ds.entries[FEATURE][0][1]
+    _flip_a_data_byte(damaged)
+    with pytest.raises(FeatureStoreError) as err:
+        list(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1))
+    assert "DataLoader worker" in str(err.value)  # torch's re-raise in the main process
+    line = error_message(err.value)
+    assert line.startswith(f"feature entry {damaged} is corrupt: crc32 mismatch") and "deeploc-extract" in line
+    assert "\n" not in line and "Traceback" not in line
+
+
+_DISK_FULL_SCRIPT = textwrap.dedent(
+    """
+    import json, math, os, shutil, sys, warnings
+    from pathlib import Path
+    warnings.filterwarnings("ignore", message="SAM2 encoder")
+    from deeploc.data.layout import Sample
+    from deeploc.features import FeatureStore, FeatureStoreError, extract_features
+    from deeploc.models.encoders.sam2 import SAM2Encoder
+
+    cache, listing = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    samples = [Sample(Path(i), Path(m), "lama", "train", Path(i).stem) for i, m in listing]
+    enc = SAM2Encoder("sam2.1_hiera_micro", random_init=True, image_size=256)
+    store = FeatureStore.for_encoder(cache, enc, "image_embed")
+    store.content_hashes(samples)  # the hash memo is written before the disk fills up
+    # Free space for the entries' bytes but not for the whole pages they occupy: the space check before the pass
+    # is satisfied, and a write then hits a full disk.
+    page = os.sysconf("SC_PAGE_SIZE")
+    filler = cache / "filler"
+    filler.write_bytes(bytes(shutil.disk_usage(cache).free - math.ceil(len(samples) * store.nbytes_per_image / page) * page))
+    try:
+        extract_features([store], samples, enc, progress=False)
+        first = "no error"
+    except FeatureStoreError as exc:
+        first = str(exc)
+    written = len(samples) - len(store.missing(samples, verify=True))
+    leftovers = [str(p) for p in store.path.rglob("*.tmp")]
+    filler.unlink()  # space again: the same extraction resumes
+    resumed = extract_features([store], samples, enc, progress=False)["image_embed"]
+    print(json.dumps({"first": first, "store": str(store.path), "written": written, "leftovers": leftovers,
+                      "resumed": resumed, "missing": len(store.missing(samples, verify=True))}))
+    """
+)
+
+
+def test_a_disk_full_during_extraction_ends_in_one_line_and_the_next_run_resumes(tmp_path: Path) -> None:
+    """A real full file system (a 4 MiB tmpfs mounted in a user namespace, no root needed): one line naming the folder,
+    the space needed and free and DEEPLOC_OUTPUTS; no half-written entry; the next extraction resumes (issue 21,
+    item 8)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged user namespaces here: cannot mount a small file system to fill")
+    samples = make_samples(tmp_path / "data", 8)
+    listing = tmp_path / "listing.json"
+    listing.write_text(json.dumps([[str(s.image), str(s.mask)] for s in samples]))
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mount_and_run = 'mount -t tmpfs -o size=4m tmpfs "$0" && exec "$1" -c "$2" "$0" "$3"'
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", mount_and_run, str(disk), sys.executable, _DISK_FULL_SCRIPT, str(listing)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    message = result["first"]
+    assert message.startswith(f"not enough disk space for the feature cache in {result['store']}: needs "), message
+    assert " free" in message and "DEEPLOC_OUTPUTS" in message and "\n" not in message
+    assert 0 < result["written"] < 8 and result["leftovers"] == []  # whole entries only
+    assert result["resumed"] == 8 - result["written"] and result["missing"] == 0

@@ -14,8 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from deeploc.config import CONF_DIR
 from deeploc.errors import ConfigError
-from deeploc.features import choice
-from deeploc.features.store import FeatureCache, FeatureStoreError
+from deeploc.features import FeatureCache, FeatureStoreError, serving
 from deeploc.models.decoders import DecoderError
 from deeploc.models.encoders.sam2 import SAM2Encoder
 from deeploc.multihead.heads import check_run_folders, compose_heads
@@ -132,22 +131,22 @@ def test_settings_that_would_couple_the_heads_are_refused(job, override: str, me
 
 
 def _estimate(images: int, per_image: int, stored: int = 0, disk: int = 10**12, ram: int = 10**11):
-    return choice.CacheEstimate(Path("/cache"), images, ("image_embed",), per_image, stored, disk, ram)
+    return serving.CacheEstimate(Path("/cache"), images, ("image_embed",), per_image, stored, disk, ram)
 
 
 def test_auto_caches_what_fits_and_streams_what_does_not() -> None:
     # The Dolos paper table at 1024: 43,200 images x 8 MiB = 337.5 GiB, on a 64 GiB disk with 128 GiB of RAM.
     dolos = _estimate(43_200, 8 * 2**20, disk=64 * 2**30, ram=128 * 2**30)
-    mode, why = choice.choose(dolos, "cuda")
+    mode, why = serving.choose(dolos, "cuda")
     assert mode == "stream" and "337.5 GiB" in why and "64.0 GiB free" in why
     # It fits on a larger disk, but not in RAM: on a GPU recomputing beats reading it back every epoch.
     big_disk = _estimate(43_200, 8 * 2**20, disk=2**40, ram=128 * 2**30)
-    assert choice.choose(big_disk, "cuda")[0] == "stream"
-    # On the CPU a cache that fits on disk is always the faster choice.
-    assert choice.choose(big_disk, "cpu")[0] == "cache"
+    assert serving.choose(big_disk, "cuda")[0] == "stream"
+    # On the CPU a cache that fits on disk is always the faster serving.
+    assert serving.choose(big_disk, "cpu")[0] == "cache"
     # Entries already stored need no room; the free space must hold the rest within DISK_SHARE.
-    assert choice.choose(_estimate(100, 10**6, stored=90 * 10**6, disk=20 * 10**6), "cuda")[0] == "cache"
-    assert choice.choose(_estimate(100, 10**6, disk=int(100 * 10**6 / choice.DISK_SHARE) - 1), "cpu")[0] == "stream"
+    assert serving.choose(_estimate(100, 10**6, stored=90 * 10**6, disk=20 * 10**6), "cuda")[0] == "cache"
+    assert serving.choose(_estimate(100, 10**6, disk=int(100 * 10**6 / serving.DISK_SHARE) - 1), "cpu")[0] == "stream"
 
 
 def test_estimate_counts_what_the_stores_hold_already(synthetic_data: Path, tmp_path: Path) -> None:
@@ -156,11 +155,11 @@ def test_estimate_counts_what_the_stores_hold_already(synthetic_data: Path, tmp_
     samples = build_source("dolos", root=str(synthetic_data)).samples(["inpaint-telea"], ["test"])
     encoder = SAM2Encoder("sam2.1_hiera_micro", random_init=True, image_size=64)
     names = ("image_embed", "high_res_feats_1")
-    before = choice.estimate(tmp_path, encoder, names, samples)
+    before = serving.estimate(tmp_path, encoder, names, samples)
     assert before.images == len(samples) and before.stored == 0
     assert not any(tmp_path.iterdir())  # estimating creates nothing
     FeatureCache(tmp_path, encoder, names).extract(samples[:3], encoder, progress=False)
-    after = choice.estimate(tmp_path, encoder, names, samples)
+    after = serving.estimate(tmp_path, encoder, names, samples)
     assert after.stored == 3 * after.bytes_per_image
     assert after.needed == (len(samples) - 3) * after.bytes_per_image
 

@@ -89,7 +89,7 @@ def test_declip_schedule_divides_lr_and_stops_under_min_lr(shared_workdir: Path,
     assert metrics["epochs"] == 3  # epoch 1 sets the best, epochs 2-3 do not improve -> LR / 10 < min_lr -> stop
 
 
-@pytest.mark.slow  # ~9 s; in-process: test_feature_store.py::test_cache_allowed_only_without_augmentations
+@pytest.mark.slow  # ~9 s; in-process: test_feature_serving.py::test_augmentations_block_the_cache
 def test_augmentations_disable_the_feature_cache(shared_workdir: Path, tmp_path: Path) -> None:
     run_dir, proc = _train(
         shared_workdir, tmp_path, "aug", "trainer.max_epochs=1", "+data.augment.jpeg.p=1.0", "data.synthetic.n_train=32"

@@ -36,8 +36,20 @@ def report_error(prog: str, exc: BaseException, verbose: bool) -> int:
     re-raise with ``--verbose`` (the full traceback)."""
     if verbose:
         raise exc
-    print(f"{prog}: {exc}", file=sys.stderr)
+    print(f"{prog}: {without_worker_traceback(exc)}", file=sys.stderr)
     return 1
+
+
+def without_worker_traceback(exc: BaseException) -> str:
+    """``exc``'s message. torch re-raises a DataLoader worker's error in the main process as the same type with the
+    worker's traceback in front of the message ("Caught X in DataLoader worker process 0. Original Traceback ...
+    module.X: message"): the message is what follows that last line's ``module.X: ``."""
+    text = str(exc)
+    if not text.startswith(f"Caught {type(exc).__name__} in DataLoader worker process"):
+        return text
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker) :].strip() if at >= 0 else text
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +109,7 @@ def error_message(exc: BaseException) -> str | None:
 
     own = deeploc_error(exc)
     if own is not None:
-        return str(own)
+        return without_worker_traceback(own)
     if isinstance(exc, OSError) and exc.errno in _UNWRITABLE and exc.filename:
         return unwritable_message(Path(exc.filename), exc.strerror or str(exc))
     if isinstance(exc, CompactHydraException):  # unknown config option, missing key: Hydra's own short message

@@ -50,28 +50,28 @@ _OUTPUT_OVERRIDES = (
 
 def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
-    from deeploc.features import choice
-    from deeploc.features.store import cache_allowed
+    from deeploc.features.extraction import FeatureCache
+    from deeploc.features.serving import decide, stream_without_cache
     from deeploc.training.cluster import shard_samples
-    from deeploc.training.run import build_datamodule, open_feature_cache
+    from deeploc.training.run import build_datamodule, extraction_device
     from deeploc.training.settings import check_settings
 
     check_settings(cfg)  # the same checks of settings as deeploc-train, before any work
-    if cfg.features.mode in ("stream", "none"):
-        msg = f"features={cfg.features.mode}: this run reads no feature cache (the encoder runs on every batch)"
-        print(f"deeploc-extract: nothing to extract, {msg}")
-        return {"status": "skipped", "reason": msg}
-    allowed, reason = cache_allowed(to_primitive(cfg.data.get("augment")))
-    if not allowed:
-        print(f"deeploc-extract: nothing to extract, the run will not use the cache: {reason}")
-        return {"status": "skipped", "reason": reason}
     shard, num_shards = int(cfg.get("shard") or 0), int(cfg.get("num_shards") or 1)
-    verify = bool(cfg.get("verify", True))
     encoder, names = _encoder_and_maps(cfg)
-    datamodule = build_datamodule(cfg)
-    samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)  # checks 0 <= shard < num_shards
-    cache, device = open_feature_cache(cfg, encoder, names)
-    choice.check_fits(choice.estimate(cfg.features.dir, encoder, names, samples))
+    augment = to_primitive(cfg.data.get("augment"))
+    decision = stream_without_cache(cfg.features.mode, encoder, augment)  # before the data is indexed
+    if decision is None:
+        datamodule = build_datamodule(cfg)
+        samples = shard_samples(datamodule.plan.all_samples(), shard, num_shards)  # checks 0 <= shard < num_shards
+        device = extraction_device(cfg)
+        decision = decide(
+            cfg.features.mode, encoder, names, samples, cfg.features.dir, device, augment, extracting=True
+        )
+    if decision.mode == "stream":
+        print(f"deeploc-extract: nothing to extract, the run will not read a feature cache: {decision.reason}")
+        return {"status": "skipped", "reason": decision.reason}
+    cache = FeatureCache(cfg.features.dir, encoder, names)
     sharded = (shard, num_shards) != (0, 1)
     if sharded:
         print(f"deeploc-extract: shard {shard} of {num_shards}: {len(samples)} images", flush=True)
@@ -80,7 +80,7 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
         encoder,
         batch_size=cfg.features.batch_size,
         device=device,
-        verify=verify,  # training itself runs the cheap checks only; a damaged entry passes them
+        verify=bool(cfg.get("verify", True)),  # training itself runs the cheap checks only; a damaged entry passes
         lock_scope=f"shard-{shard}-of-{num_shards}" if sharded else None,  # disjoint shards fill a store in parallel
     )
     print(f"deeploc-extract: {cache.describe()}")

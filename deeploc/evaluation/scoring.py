@@ -77,7 +77,7 @@ def _datasets(
 ) -> dict[str, Any]:
     if feature_dir is None:
         return {name: ImageMaskDataset(samples, match_sizes=match_sizes) for name, samples in by_subset.items()}
-    from deeploc.features.store import FeatureCache
+    from deeploc.features.extraction import FeatureCache
 
     cache = FeatureCache(feature_dir, model.encoder, model.decoder.inputs)
     every = [s for samples in by_subset.values() for s in samples]

@@ -136,7 +136,7 @@ def panel_header(sample: Any, prob: np.ndarray, truth: np.ndarray) -> str:
 def cached_maps(dataset: Any, samples: Sequence[Any]) -> dict[str, torch.Tensor] | None:
     """The cached maps of ``samples``, the first items of ``dataset`` (a split's dataset), or None when the dataset
     serves images (the encoder must run; nothing is read) or holds other images."""
-    from deeploc.features.store import CachedFeatureDataset
+    from deeploc.features.dataset import CachedFeatureDataset
 
     if not isinstance(dataset, CachedFeatureDataset):
         return None

@@ -88,48 +88,27 @@ def extraction_device(cfg: DictConfig) -> str:
     return "cuda" if torch.cuda.is_available() and wants_gpu else "cpu"
 
 
-def open_feature_cache(cfg: DictConfig, encoder: Any, names: Sequence[str]) -> tuple[Any, str]:
-    """The feature cache (``features.dir``) of the maps ``names``, and the device to fill it on.
-
-    The encoder moves to that device first: its identity (the cache key) includes the precision it computes in.
-    """
-    from deeploc.features.store import FeatureCache
-
-    device = extraction_device(cfg)
-    encoder.to(device)
-    return FeatureCache(cfg.features.dir, encoder, names), device
-
-
 def serve_features(cfg: DictConfig, datamodule: Any, encoder: Any, names: Sequence[str]) -> str:
-    """Serve the encoder maps ``names`` as ``features.mode`` says (:mod:`deeploc.features.choice`); returns how
-    they are served: ``"cache"`` (the data module's datasets read the filled cache) or ``"stream"`` (the encoder
-    runs on every batch)."""
-    from deeploc.features import choice
-    from deeploc.features.store import cache_allowed
+    """Serve the encoder maps ``names`` as :func:`deeploc.features.serving.serve` decides from the run's settings;
+    returns how they are served: ``"cache"`` (the data module's datasets read the filled cache) or ``"stream"`` (the
+    encoder runs on every batch)."""
+    from deeploc.features.serving import serve
 
-    mode = cfg.features.mode
-    if mode in ("stream", "none"):
-        log.info("features=%s: the encoder runs on every batch (no feature cache)", mode)
+    cache = serve(
+        cfg.features.mode,
+        encoder,
+        names,
+        datamodule.plan.all_samples(),
+        cfg.features.dir,
+        extraction_device(cfg),
+        augment=to_primitive(cfg.data.get("augment")),
+        batch_size=cfg.features.batch_size,
+        debug_batches=int(cfg.trainer.get("fast_dev_run") or 0),
+    )
+    if cache is None:
         return "stream"
-    allowed, reason = cache_allowed(to_primitive(cfg.data.get("augment")))
-    if not allowed:
-        log.warning("feature cache not used: %s; the encoder runs on every batch", reason)
-        return "stream"
-    samples = datamodule.plan.all_samples()
-    device = extraction_device(cfg)
-    encoder.to(device)
-    estimate = choice.estimate(cfg.features.dir, encoder, names, samples)
-    if mode == "auto":
-        mode, why = choice.choose(estimate, device)
-        log.info("features=auto chose %s: %s", mode, why)
-    else:
-        choice.check_fits(estimate)
-    if mode == "cache":
-        cache, device = open_feature_cache(cfg, encoder, names)
-        cache.extract(samples, encoder, batch_size=cfg.features.batch_size, device=device)
-        datamodule.set_dataset_factory(lambda samples, stage: cache.dataset(samples))
-    encoder.to("cpu")
-    return mode
+    datamodule.set_dataset_factory(lambda samples, stage: cache.dataset(samples))
+    return "cache"
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 from deeploc.config import CONF_DIR
 from deeploc.data.masks import POLARITIES
 from deeploc.errors import ConfigError
-from deeploc.features.choice import MODES as FEATURE_MODES
+from deeploc.features.serving import MODES as FEATURE_MODES
 from deeploc.metrics import CONVENTIONS, OPTIMIZED_METRICS
 from deeploc.runs.naming import override_key
 

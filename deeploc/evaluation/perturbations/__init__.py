@@ -122,6 +122,8 @@ def parse_perturbations(items: Sequence[str]) -> list[Perturbation]:
     for item in items:
         for name, strengths in _expand(item).items():
             spec = _spec(name, item)
+            if strengths is None or strengths == []:
+                raise ConfigError(f"--perturb {item}: {name} has no strengths: give one or more ({spec.valid_text})")
             for value in strengths if isinstance(strengths, list) else [strengths]:
                 strength = _number(value, name, item)
                 if not spec.valid(strength):
@@ -143,6 +145,8 @@ def _expand(item: str) -> Mapping[str, Any]:
     if sep:
         return {name.strip(): [v for v in values.split(",") if v.strip()]}
     path = Path(item).expanduser()
+    if not path.is_file() and (path.suffix in (".yaml", ".yml") or "/" in item):
+        raise ConfigError(f"--perturb {item}: the file {path.absolute()} does not exist")
     if not path.is_file():
         path = Path(CONF_DIR) / "perturb" / f"{item}.yaml"
     if not path.is_file():
