@@ -10,7 +10,7 @@ from pathlib import Path
 
 from deeploc.cli.app import add_verbose_flag, report_error
 from deeploc.errors import DeeplocError
-from deeploc.report.build import log_wandb, write_report
+from deeploc.report.write import log_wandb, write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

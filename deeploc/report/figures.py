@@ -7,12 +7,14 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from deeploc.report.collect import RunResult, in_family
+from deeploc.report.provenance import LOO, caption
+from deeploc.report.render import fmt_stat
+from deeploc.report.tables import Matrix, SummaryRow
 from deeploc.visualize import add_caption, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from deeploc.report.build import Matrix, SummaryRow
 
 OUTLINE = "red"
 
@@ -42,11 +44,11 @@ def heatmap_figure(m: Matrix, caption: str) -> Figure:
     ax.set_xticks(range(n), labels=m.subsets, rotation=30, ha="right")
     ax.set_yticks(range(n), labels=m.subsets)
     ax.set_xlabel("test subset")
-    ax.set_ylabel("held-out subset" if m.split == "leave_one_out" else "training subset")
-    first, second = ("held-out", "seen") if m.split == "leave_one_out" else ("ID", "OOD")
+    ax.set_ylabel("held-out subset" if m.split == LOO else "training subset")
+    first, second = ("held-out", "seen") if m.split == LOO else ("ID", "OOD")
     incomplete = "*" if m.missing() else ""
     title = textwrap.fill(f"{m.label}{incomplete}", int(fig.get_size_inches()[0] * 11))
-    ax.set_title(f"{title}\n{first} {_stat_text(m.id_stat())}  {second} {_stat_text(m.ood_stat())}", fontsize=10)
+    ax.set_title(f"{title}\n{first} {fmt_stat(m.id_stat())}  {second} {fmt_stat(m.ood_stat())}", fontsize=10)
     fig.colorbar(image, ax=ax, label="IoU (%)")
     add_caption(fig, caption)
     return fig
@@ -105,7 +107,24 @@ def id_ood_figure(
     return fig
 
 
-def _stat_text(stat) -> str:
-    if stat.mean is None:
-        return "—"
-    return f"{stat.mean:.2f}" + ("" if stat.std is None else f" ± {stat.std:.2f}")
+def heatmap_caption(m: Matrix) -> str:
+    """The legend of a heatmap's marks, then what produced its numbers."""
+    if m.split == LOO:
+        legend = "Outlined: the held-out subset's own test split (never trained on). Rows: held-out subset."
+    else:
+        legend = "Outlined: in-domain cells (tested on the training subset). Rows: training subset."
+    legend += " * = incomplete matrix: means over the available cells only; — = no run."
+    seeds = m.seeds()
+    if seeds.n_max > 1:
+        legend += f" Values: mean ± std over seeds ({seeds.seeds} seeds per cell)."
+    settings = [m.settings] if m.settings is not None else []
+    return f"{legend}\n{caption(settings, m.versions)}"
+
+
+def bar_caption(rows: Sequence[SummaryRow], runs: Sequence[RunResult]) -> str:
+    """The legend of the ID-vs-OOD chart's marks, then what produced its numbers."""
+    legend = "* = incomplete matrix: means over the available cells only."
+    if any(r.matrix.seeds().n_max > 1 for r in rows):
+        legend += " Error bars: std over seeds, where every cell has the same seeds."
+    family = [r for r in runs if in_family(r, "cross")]
+    return f"{legend}\n{caption([r.settings for r in family], [r.version for r in family])}"

@@ -5,7 +5,7 @@ A run contributes the ``detection.json`` / ``robustness.json`` that ``deeploc-ev
 its ``eval/`` folder for its OWN test data (the data root it was trained on, split ``test``); a robustness file
 must also be in the run's metric convention, so its clean scores are the run's. When a run has several (another
 perturbation list, a re-run), the newest is used. Their numbers are arranged exactly as the IoU's
-(:func:`deeploc.report.build_matrices`): one matrix per configuration, rows the training subsets, ID the diagonal
+(:func:`deeploc.report.tables.build_matrices`): one matrix per configuration, rows the training subsets, ID the diagonal
 mean and OOD the off-diagonal mean, mean ± std over seeds.
 """
 
@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from deeploc.evaluation.detection import SCORES
 from deeploc.evaluation.figures import Line, strength_panels
@@ -23,10 +23,12 @@ from deeploc.evaluation.perturbations import Perturbation
 from deeploc.evaluation.robustness import CLEAN, ordered
 from deeploc.evaluation.scoring import THRESHOLD
 from deeploc.metrics import metric_label, metric_names
-
-if TYPE_CHECKING:
-    from deeploc.report.build import Matrix, RunResult
-    from deeploc.report.provenance import Settings
+from deeploc.report.collect import RunResult, read_metrics
+from deeploc.report.provenance import LABELS, OTHER_KEYS, Settings, caption
+from deeploc.report.render import fmt_stat, md_table, num, settings_cells, write_csv
+from deeploc.report.results import matrix_table
+from deeploc.report.tables import Matrix, Stat, build_matrices
+from deeploc.visualize import save
 
 DETECTION_METRICS = ("auc", "ap", "balanced_accuracy")
 DETECTION_LABELS = {"auc": "AUC", "ap": "AP", "balanced_accuracy": "bal. acc."}
@@ -37,10 +39,8 @@ DETECTION_LABELS = {"auc": "AUC", "ap": "AP", "balanced_accuracy": "bal. acc."}
 
 def run_evaluation(run: RunResult, filename: str, convention: str | None = None) -> dict[str, Any] | None:
     """The newest ``eval/*/<filename>`` of ``run`` on its own test data (and in ``convention`` when given)."""
-    try:
-        trained = json.loads((run.path / "metrics.json").read_text(encoding="utf-8"))["config"].get("data")
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
+    config = (read_metrics(run.path) or {}).get("config")
+    trained = config.get("data") if isinstance(config, dict) else None
     found = []
     for path in (run.path / "eval").glob(f"*/{filename}"):
         try:
@@ -85,28 +85,23 @@ def detection_runs(runs: Sequence[RunResult]) -> list[RunResult]:
 
 def detection_matrices(runs: Sequence[RunResult]) -> dict[Settings, Matrix]:
     """One matrix of detection values per configuration (cross and in-domain runs), as the IoU's."""
-    from deeploc.report.build import build_matrices
-
     return build_matrices(detection_runs(runs), "cross")
 
 
 def detection_md(matrices: Mapping[Settings, Matrix], label_keys: Sequence[str]) -> str:
     """The detection summary: ID / OOD AUC, AP and balanced accuracy per configuration, and the false alarms."""
-    from deeploc.report.build import _fmt_stat, _md_table
-    from deeploc.report.provenance import LABELS
-
     header = ["decoder", "feature", *(LABELS[k] for k in label_keys)]
     header += [f"{w} {DETECTION_LABELS[k]}" for k in DETECTION_METRICS for w in ("ID", "OOD")]
     header += ["pixels flagged (real)", "images flagged (real)", "seeds"]
     body = []
     for m in matrices.values():
         row = [m.decoder, m.feature, *(m.settings.show(k) for k in label_keys)]  # type: ignore[union-attr]
-        row += [_fmt_stat(s(k)) for k in DETECTION_METRICS for s in (m.id_stat, m.ood_stat)]
-        row += [_fmt_stat(m.id_stat(k)) for k in ("false_alarm_pixels", "false_alarm_images")]
+        row += [fmt_stat(s(k)) for k in DETECTION_METRICS for s in (m.id_stat, m.ood_stat)]
+        row += [fmt_stat(m.id_stat(k)) for k in ("false_alarm_pixels", "false_alarm_images")]
         body.append([*row, m.stat(list(m.runs), "auc").seeds])
     return (
         "## Detection on real images (%, test split)\n\n"
-        + _md_table(header, body)
+        + md_table(header, body)
         + f"\n\nFake = positive class; image score = {SCORES['top']}; AUC and AP over all real and fake test images "
         "(no subsampling, unlike Dolos' protocol: docs/evaluation.md); balanced accuracy at a threshold chosen on the "
         "valid split; ID = the training subset's fakes, OOD = the other subsets'. False alarms: share of real-image "
@@ -117,23 +112,16 @@ def detection_md(matrices: Mapping[Settings, Matrix], label_keys: Sequence[str])
 
 def detection_matrix_md(m: Matrix) -> str:
     """The AUC matrix of one configuration (rows: training subset; columns: the fake subset told from real)."""
-    from deeploc.report.build import _fmt_stat, _md_table
-
-    text = {(a, b): _fmt_stat(m.cell(a, b, "auc"), with_n=True) for a in m.subsets for b in m.subsets}
-    body = [[a, *(f"**{text[a, b]}**" if a == b else text[a, b] for b in m.subsets)] for a in m.subsets]
-    return "Detection AUC (real vs each test subset, %):\n\n" + _md_table(["train \\ test", *m.subsets], body)
+    return "Detection AUC (real vs each test subset, %):\n\n" + matrix_table(m, "auc")
 
 
 def detection_csv(matrices: Mapping[Settings, Matrix]) -> tuple[list[str], list[list[Any]]]:
     """One line per filled cell: the configuration, row and test subset, every detection value (mean over seeds)."""
-    from deeploc.report.build import _num, _settings_cells
-    from deeploc.report.provenance import OTHER_KEYS
-
     keys = [f"{k}{'' if kind == 'top' else '_' + kind}" for kind in SCORES for k in DETECTION_METRICS]
     keys += ["false_alarm_pixels", "false_alarm_images"]
     header = ["decoder", "feature", *OTHER_KEYS, "row_subset", "test_subset", *keys, "seeds", "pixel_threshold"]
     body = [
-        [*_settings_cells(m), a, b, *(_num(m.value(a, b, k)) for k in keys), m.cell(a, b, "auc").seeds, THRESHOLD]
+        [*settings_cells(m), a, b, *(num(m.value(a, b, k)) for k in keys), m.cell(a, b, "auc").seeds, THRESHOLD]
         for m in matrices.values()
         for a in m.subsets
         for b in m.subsets
@@ -166,10 +154,6 @@ def robustness_runs(runs: Sequence[RunResult]) -> tuple[list[Perturbation], dict
 def robustness_report(runs: Sequence[RunResult], out: Path) -> tuple[str, list[Path], Path | None]:
     """The report's robustness section, its figures (one per metric) and robustness.csv; ("", [], None) when no
     run has a robustness evaluation."""
-    from deeploc.report.build import _fmt_stat, _md_table, _num, _settings_cells, _write_csv, build_matrices
-    from deeploc.report.provenance import OTHER_KEYS, caption
-    from deeploc.visualize import save
-
     perturbations, points = robustness_runs(runs)
     if not points:
         return "", [], None
@@ -179,7 +163,7 @@ def robustness_report(runs: Sequence[RunResult], out: Path) -> tuple[str, list[P
     configs = matrices[CLEAN]
     names = {key: m.label for key, m in configs.items()}
 
-    def stat(point: str, key: Settings, which: str, metric: str) -> Any:
+    def stat(point: str, key: Settings, which: str, metric: str) -> Stat | None:
         """The ID or OOD Stat of one configuration at one point (None: no run of it has that point)."""
         m = matrices[point].get(key)
         return None if m is None else (m.id_stat if which == "ID" else m.ood_stat)(metric)
@@ -191,18 +175,18 @@ def robustness_report(runs: Sequence[RunResult], out: Path) -> tuple[str, list[P
         name, _, strength = point.partition("=")
         for key, m in configs.items():
             stats = [stat(point, key, w, k) for k in metric_names() for w in ("ID", "OOD")]
-            values = [_num(getattr(s, a)) if s is not None else "" for s in stats for a in ("mean", "std")]
-            rows.append([*_settings_cells(m), name, strength, *values, THRESHOLD])
-    csv_path = _write_csv(out / "robustness.csv", header, rows)
+            values = [num(getattr(s, a)) if s is not None else "" for s in stats for a in ("mean", "std")]
+            rows.append([*settings_cells(m), name, strength, *values, THRESHOLD])
+    csv_path = write_csv(out / "robustness.csv", header, rows)
 
     tables = []
     for metric in metric_names():
         body = [
-            [f"{names[key]} {w}", *(_fmt_stat(s) if (s := stat(p, key, w, metric)) is not None else "—" for p in order)]
+            [f"{names[key]} {w}", *(fmt_stat(stat(p, key, w, metric)) for p in order)]
             for key in configs
             for w in ("ID", "OOD")
         ]
-        tables.append(f"### {metric_label(metric)}\n\n" + _md_table(["configuration", "clean", *order[1:]], body))
+        tables.append(f"### {metric_label(metric)}\n\n" + md_table(["configuration", "clean", *order[1:]], body))
     section = (
         "## Robustness (test split, %, mean over images)\n\n"
         f"ID / OOD as in the results table, from each run's latest `deeploc-eval --perturb` on its own test data "
@@ -230,5 +214,5 @@ def robustness_report(runs: Sequence[RunResult], out: Path) -> tuple[str, list[P
     return section, figures, csv_path
 
 
-def _mean(stat: Any) -> float | None:
+def _mean(stat: Stat | None) -> float | None:
     return None if stat is None else stat.mean
