@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 from deeploc.evaluation.perturbations import Perturbation
@@ -11,6 +12,13 @@ from deeploc.metrics import metric_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+def root_name(root: str) -> str:
+    """How a caption names a data root: its folder name, never the machine path (``/home/me/wacv_data/data`` ->
+    ``wacv_data/data``: Dolos' ``data`` folder keeps its parent's name, which says which dataset it is)."""
+    path = PurePath(root)
+    return f"{path.parent.name}/{path.name}" if path.name == "data" and path.parent.name else path.name or root
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,7 @@ class Line:
     colour: str
     style: str
     values: dict[str, list[float | None]]
+    width: float = 1.5  # wider marks the line to notice (a run's in-domain subset)
 
 
 def strength_panels(
@@ -43,7 +52,15 @@ def strength_panels(
         ticks = ["clean", *(f"{p.strength:g}" for p in group)]
         for line in lines:
             values = [float("nan") if v is None else v for v in line.values[name]]
-            ax.plot(range(len(ticks)), values, line.style, marker="o", color=colours[line.colour], label=line.label)
+            ax.plot(
+                range(len(ticks)),
+                values,
+                line.style,
+                marker="o",
+                color=colours[line.colour],
+                label=line.label,
+                linewidth=line.width,
+            )
             top = max([top, *(v for v in values if v == v)])
         ax.set_xticks(range(len(ticks)), labels=ticks)
         ax.set_xlabel(group[0].spec.label)

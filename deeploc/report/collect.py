@@ -10,13 +10,16 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from deeploc.metrics import metric_names
 from deeploc.report.provenance import LOO, Settings, read_settings
 from deeploc.runs.rundir import HEADS_FILE, METRICS_FILE
+from deeploc.training.hparams import BEST_FILE
 
 DOLOS_SUBSETS = ("repaint-p2-9k", "ldm", "lama", "pluralistic")
 SPLITS = ("cross", "in_domain", LOO)
@@ -39,6 +42,7 @@ class RunResult:
     version: str | None = None  # deeploc version that wrote metrics.json (None: <= 0.1.0)
     epochs: int | None = None  # epochs actually trained
     parameters: int | None = None  # the decoder's trainable parameters (None: not recorded, deeploc <= 0.1)
+    validation: dict[str, float] = field(default_factory=dict)  # best value of each validation metric ("val/iou")
 
     @property
     def decoder(self) -> str:
@@ -73,6 +77,36 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[RunResult], list[MissingRu
             result = read_run(here)
             (runs if isinstance(result, RunResult) else missing).append(result)  # type: ignore[arg-type]
     return runs, missing
+
+
+@dataclass(frozen=True)
+class Search:
+    """A finished hyper-parameter search in the sweep (its ``best_trial.yaml``): the validation metric it optimized,
+    in which direction, and the run directory of the trial it chose."""
+
+    folder: Path
+    metric: str  # e.g. "val/iou"
+    direction: str  # "maximize" or "minimize"
+    best_run: Path
+
+    def holds(self, path: Path) -> bool:
+        """Whether run directory `path` is a trial of this search."""
+        return path.resolve().is_relative_to(self.folder.resolve())
+
+
+def find_searches(sweep_dir: str | Path) -> list[Search]:
+    """Every finished hyper-parameter search under `sweep_dir` (a readable ``best_trial.yaml``)."""
+    found = []
+    for path in sorted(Path(sweep_dir).rglob(BEST_FILE)):
+        try:
+            best = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(best, dict) and all(isinstance(best.get(k), str) for k in ("optimized_metric", "run_dir")):
+            run = Path(best["run_dir"])
+            run = run if run.is_absolute() else path.parent / run
+            found.append(Search(path.parent, best["optimized_metric"], str(best.get("direction", "")), run))
+    return found
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -133,6 +167,7 @@ def read_run(run_dir: Path) -> RunResult | MissingRun:
         version=config.get("deeploc_version"),
         epochs=data.get("epochs") if isinstance(data.get("epochs"), int) else None,
         parameters=config.get("parameters") if isinstance(config.get("parameters"), int) else None,
+        validation={str(k): float(v) for k, v in (data.get("best_val") or {}).items() if is_number(v)},
     )
 
 

@@ -4,7 +4,7 @@ beside ours when comparable. Every figure carries a caption: its legend and what
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from deeploc.report.collect import RunResult, in_family
@@ -54,29 +54,45 @@ def heatmap_figure(m: Matrix, caption: str) -> Figure:
     return fig
 
 
+Interval = tuple[float, float]  # (low, high) of an error bar
+
+
 def id_ood_figure(
-    rows: Sequence[SummaryRow], study: Sequence[tuple[float | None, float | None] | None], note: str, caption: str
+    rows: Sequence[SummaryRow],
+    study: Sequence[tuple[float | None, float | None] | None],
+    note: str,
+    caption: str,
+    intervals: Mapping[str, Sequence[Interval | None]] | None = None,
 ) -> Figure:
-    """Grouped bars of ID and OOD IoU per configuration (error bars: std over seeds), with the study's values
-    (hatched) beside each row whose `study` entry is not None; `note` (drawn in red) says why values are absent."""
+    """Grouped bars of ID and OOD IoU per configuration, with the study's values (hatched) beside each row whose
+    `study` entry is not None; `note` (drawn in red) says why values are absent.
+
+    Error bars: `intervals` ({"ID": [(low, high) or None per row], "OOD": [...]}, e.g. confidence intervals), else
+    mean ± std over seeds. A row without an interval (one seed: no std) gets no error bar at all, never a
+    zero-length one that would read as "no spread"; every row's label says its number of seeds (n)."""
     import numpy as np
 
     x = np.arange(len(rows))
     with_study = any(s is not None for s in study)
     width = 0.2 if with_study else 0.4
+    spread = dict(intervals) if intervals is not None else {}
+    for which, stats in (("ID", [r.id["iou"] for r in rows]), ("OOD", [r.ood["iou"] for r in rows])):
+        if which not in spread:
+            spread[which] = [
+                None if s.mean is None or s.std is None else (s.mean - s.std, s.mean + s.std) for s in stats
+            ]
     series = [
-        ("ID", "tab:blue", "", [r.id["iou"].mean for r in rows], [r.id["iou"].std for r in rows]),
-        ("OOD", "tab:orange", "", [r.ood["iou"].mean for r in rows], [r.ood["iou"].std for r in rows]),
+        ("ID", "tab:blue", "", [r.id["iou"].mean for r in rows], spread["ID"]),
+        ("OOD", "tab:orange", "", [r.ood["iou"].mean for r in rows], spread["OOD"]),
     ]
     if with_study:
         series.insert(1, ("ID (study)", "tab:blue", "//", [s[0] if s else None for s in study], [None] * len(rows)))
         series.append(("OOD (study)", "tab:orange", "//", [s[1] if s else None for s in study], [None] * len(rows)))
     fig = new_figure(3.0 + (2.0 if with_study else 1.4) * len(rows), 4.8)
     ax = fig.add_subplot()
-    for k, (name, colour, hatch, values, stds) in enumerate(series):
+    for k, (name, colour, hatch, values, bounds) in enumerate(series):
         offset = (k - (len(series) - 1) / 2) * width
         heights = [np.nan if v is None else v for v in values]
-        errors = [0.0 if s is None else s for s in stds]
         bars = ax.bar(
             x + offset,
             heights,
@@ -86,18 +102,20 @@ def id_ood_figure(
             alpha=0.45 if hatch else 1.0,
             hatch=hatch,
             edgecolor=colour if hatch else None,
-            yerr=errors if any(errors) else None,
-            capsize=3,
         )
         ax.bar_label(bars, labels=["" if v is None else f"{v:.1f}" for v in values], fontsize=7, padding=2)
+        drawn = [i for i, (v, b) in enumerate(zip(values, bounds)) if v is not None and b is not None]
+        if drawn:
+            low = [values[i] - bounds[i][0] for i in drawn]  # type: ignore[index,operator]
+            high = [bounds[i][1] - values[i] for i in drawn]  # type: ignore[index,operator]
+            ax.errorbar(x[drawn] + offset, [values[i] for i in drawn], yerr=[low, high], fmt="none", ecolor="black",
+                        capsize=3, linewidth=1)  # fmt: skip
     labels = []
     for r in rows:
         text = f"{r.decoder}\n{r.feature}{'' if r.complete else '*'}"
         if r.matrix.label_keys:
             text += "\n" + textwrap.fill(r.matrix.variant, 24)
-        if r.matrix.seeds().n_max > 1:
-            text += f"\n{r.matrix.seeds().seeds} seeds"
-        labels.append(text)
+        labels.append(f"{text}\nn={r.matrix.seeds().seeds}")
     ax.set_xticks(x, labels=labels, fontsize=8)
     ax.set_ylabel("mean IoU (%)")
     ax.set_ylim(0, 100)
@@ -123,8 +141,8 @@ def heatmap_caption(m: Matrix) -> str:
 
 def bar_caption(rows: Sequence[SummaryRow], runs: Sequence[RunResult]) -> str:
     """The legend of the ID-vs-OOD chart's marks, then what produced its numbers."""
-    legend = "* = incomplete matrix: means over the available cells only."
+    legend = "* = incomplete matrix: means over the available cells only. n = seeds per cell."
     if any(r.matrix.seeds().n_max > 1 for r in rows):
-        legend += " Error bars: std over seeds, where every cell has the same seeds."
+        legend += " Error bars: std over seeds, where every cell has the same seeds (none for n=1)."
     family = [r for r in runs if in_family(r, "cross")]
     return f"{legend}\n{caption([r.settings for r in family], [r.version for r in family])}"

@@ -3,11 +3,14 @@ matrices and the provenance header, as Markdown and CSV rows."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
 from deeploc import __version__
 from deeploc.metrics import metric_label, metric_names
-from deeploc.report.collect import RunResult, in_family, subset_order
+from deeploc.report.collect import RunResult, Search, in_family, subset_order
 from deeploc.report.provenance import LABELS, LOO, OTHER_KEYS, common_value, version_text
-from deeploc.report.render import fmt_stat, md_table, missing_text, num, params, settings_cells, values_text
+from deeploc.report.render import fmt_stat, md_table, missing_text, num, params, rel, settings_cells, values_text
 from deeploc.report.tables import Matrix, SummaryRow
 
 SEED_NOTE = (
@@ -55,22 +58,51 @@ def matrix_csv(m: Matrix) -> tuple[list[str], list[list]]:
     return [corner, *m.subsets], [[a, *(num(m.value(a, b)) for b in m.subsets)] for a in m.subsets]
 
 
-def summary_md(rows: list[SummaryRow], keys: tuple[str, ...]) -> str:
-    """The results table, then the missing cells of incomplete rows and the seed note."""
+def summary_md(rows: list[SummaryRow], keys: tuple[str, ...], searches: Sequence[Search] = ()) -> str:
+    """The results table, then the missing cells of incomplete rows and the seed note. Rows from a
+    hyper-parameter search (`searches`) also show the validation value it optimized, and its chosen trial is marked."""
+    searched = [next((s for s in searches if any(s.holds(p) for p in r.matrix.paths)), None) for r in rows]
     header = ["decoder", "feature", "params", *(LABELS[k] for k in keys)]
+    if any(searched):
+        header += ["best validation (optimized)", "chosen trial"]
     header += [f"{w} {metric_label(k)}" for k in metric_names() for w in ("ID", "OOD")] + ["seeds"]
-    body = [
-        [r.decoder, r.feature, params(r.matrix.parameters), *(r.matrix.settings.show(k) for k in keys)]  # type: ignore[union-attr]
-        + [fmt_stat(d[k], bool(r.missing[k])) for k in metric_names() for d in (r.id, r.ood)]
-        + [r.matrix.seeds().seeds]
-        for r in rows
-    ]
+    body = []
+    for r, search in zip(rows, searched):
+        line = [r.decoder, r.feature, params(r.matrix.parameters), *(r.matrix.settings.show(k) for k in keys)]  # type: ignore[union-attr]
+        if any(searched):
+            line += search_cells(r, search)
+        line += [fmt_stat(d[k], bool(r.missing[k])) for k in metric_names() for d in (r.id, r.ood)]
+        body.append([*line, r.matrix.seeds().seeds])
     notes = [f"- {r.matrix.label}: missing {missing_text(r.missing)}" for r in rows if not r.complete]
     if notes:
         notes.insert(0, "\n\\* incomplete matrix: mean of the available cells only. Missing cells (train→test):")
     if any(r.matrix.seeds().n_max > 1 for r in rows):
         notes.append("\n" + SEED_NOTE)
+    for s in dict.fromkeys(s for s in searched if s is not None):
+        notes.append(
+            f"\nHyper-parameter search ({s.folder.name}/best_trial.yaml): each trial's best validation {s.metric} "
+            f"over its epochs ({s.direction.removesuffix('imize')}imized) chose the trial marked **chosen**; the test "
+            "columns played no part in the choice and must not be used to rank trials."
+        )
     return md_table(header, body) + "\n".join(["", *notes])
+
+
+def search_cells(r: SummaryRow, search: Search | None) -> list[str]:
+    """The optimized validation value of a row (``val/iou 41.20``) and whether it holds the search's chosen trial."""
+    if search is None:
+        return ["", ""]
+    chosen = any(p.resolve() == search.best_run.resolve() for p in r.matrix.paths)
+    return [f"{search.metric} {fmt_stat(r.matrix.validation_stat(search.metric))}", "**chosen**" if chosen else ""]
+
+
+def runs_md(matrices: Iterable[Matrix], root: Path) -> str:
+    """Per row of a table: the seeds it averages and its run directories (relative to the sweep `root`), so runs of
+    an earlier seed averaged in are visible."""
+    lines = [
+        f"- {m.label}: seeds {values_text(m.seed_values())}; runs: {', '.join(rel(p, root) for p in m.paths)}"
+        for m in matrices
+    ]
+    return "Runs behind each row (seeds; run directories under the sweep):\n\n" + "\n".join(lines)
 
 
 def matrix_table(m: Matrix, metric: str = "iou") -> str:
@@ -86,8 +118,8 @@ def matrix_md(m: Matrix) -> str:
     return f"### {m.label}\n\n" + matrix_table(m)
 
 
-def loo_md(loo: dict) -> str:
-    """The leave-one-out section: each matrix and its held-out mean."""
+def loo_md(loo: dict, root: Path) -> str:
+    """The leave-one-out section: each matrix, its held-out mean, and the seeds and runs it averages."""
     text = ["## Leave-one-out (rows: held-out subset, columns: test subset; IoU)"]
     for m in loo.values():
         gaps = m.missing()
@@ -95,7 +127,7 @@ def loo_md(loo: dict) -> str:
         text.append(f"{matrix_md(m)}\n\nHeld-out mean IoU: {mean}")
         if gaps:
             text[-1] += f" (\\* missing held-out cells: {', '.join(a for a, _ in gaps)})"
-    return "\n\n".join(text)
+    return "\n\n".join([*text, runs_md(loo.values(), root)])
 
 
 def provenance_md(runs: list[RunResult]) -> str:

@@ -60,6 +60,7 @@ class Matrix:
     parameters: int | None = None  # the decoder's, equal in every run of one configuration
     versions: list[str | None] = field(default_factory=list)
     cross: bool = False  # a cross run exists, so off-diagonal cells are expected
+    validation: dict[Any, list[dict[str, float]]] = field(default_factory=dict)  # seed -> runs' best validation values
 
     @property
     def label(self) -> str:
@@ -78,6 +79,7 @@ class Matrix:
         for test, scores in run.test.items():
             self.runs.setdefault((run.subset, test), {}).setdefault(run.seed, []).append(scores)
         self.paths.append(run.path)
+        self.validation.setdefault(run.seed, []).append(run.validation)
         self.versions.append(run.version)
         self.parameters = self.parameters or run.parameters
         self.cross = self.cross or run.split == "cross"
@@ -99,6 +101,19 @@ class Matrix:
         if len(seed_sets) == 1 and sizes[0] >= 2:
             std = stdev([fmean(p[seed] for p in present) for seed in next(iter(seed_sets))])
         return Stat(mean, std, min(sizes), max(sizes))
+
+    def validation_stat(self, metric: str) -> Stat:
+        """The best validation value of `metric` ("val/iou") over the runs: per seed the mean over its runs (one
+        per training subset), then mean and sample std over seeds."""
+        per_seed = {
+            seed: fmean(values)
+            for seed, runs in self.validation.items()
+            if (values := [r[metric] for r in runs if metric in r])
+        }
+        if not per_seed:
+            return Stat(None)
+        std = stdev(per_seed.values()) if len(per_seed) >= 2 else None
+        return Stat(fmean(per_seed.values()), std, len(per_seed), len(per_seed))
 
     def cell(self, row: str, test: str, metric: str = "iou") -> Stat:
         return self.stat([(row, test)], metric)
@@ -137,9 +152,13 @@ class Matrix:
     def ood_mean(self, metric: str = "iou") -> float | None:
         return self.ood_stat(metric).mean
 
-    def seeds(self) -> Stat:
-        """Seeds per cell over every cell with a result (n_min, n_max)."""
-        return self.stat(list(self.runs))
+    def seeds(self, metric: str = "iou") -> Stat:
+        """Seeds per cell over every cell with a `metric` result (n_min, n_max)."""
+        return self.stat(list(self.runs), metric)
+
+    def seed_values(self) -> list[Any]:
+        """The seeds of the runs behind this matrix (None: a run that recorded none)."""
+        return list(dict.fromkeys(seed for seeds in self.runs.values() for seed in seeds))
 
     def duplicates(self) -> list[str]:
         """Cells where one seed has several runs, e.g. "lama→ldm seed 42 (2 runs)"."""
@@ -190,6 +209,27 @@ def build_matrices(runs: Iterable[RunResult], split: str = "cross") -> dict[Sett
             matrices[run.settings] = Matrix(run.decoder, run.feature, split, subsets, run.settings, label_keys)
         matrices[run.settings].add(run)
     return dict(sorted(matrices.items(), key=lambda item: (config_order(item[1]), sort_key(item[0]))))
+
+
+def matrices_like(runs: Iterable[RunResult], template: Mapping[Settings, Matrix]) -> dict[Settings, Matrix]:
+    """Other values of the runs of `template` (their detection or robustness scores as `runs`' `test`) arranged
+    exactly as `template`: the same configurations in the same order, labels, subsets and expected cells, so every
+    table groups, counts seeds and marks gaps as the results table does. A configuration without such runs gets an
+    empty matrix; runs of no configuration of `template` are left out."""
+    out = {
+        key: Matrix(t.decoder, t.feature, t.split, t.subsets, t.settings, t.label_keys, cross=t.cross)
+        for key, t in template.items()
+    }
+    for run in runs:
+        if run.settings in out and in_family(run, out[run.settings].split):
+            out[run.settings].add(run)
+    return out
+
+
+def unevaluated(m: Matrix, template: Matrix) -> list[Path]:
+    """The runs behind `template` that `m` (built by :func:`matrices_like`) lacks: their values are not in `m`."""
+    have = set(m.paths)
+    return [p for p in template.paths if p not in have]
 
 
 def summary_table(matrices: Mapping[Settings, Matrix]) -> list[SummaryRow]:

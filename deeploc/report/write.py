@@ -15,10 +15,19 @@ from pathlib import Path
 
 from deeploc.report import figures as report_figures
 from deeploc.report import sections
-from deeploc.report.collect import collect_runs
+from deeploc.report.collect import collect_runs, find_searches
 from deeploc.report.provenance import LOO, Settings
 from deeploc.report.render import md_table, rel, slug, write_csv
-from deeploc.report.results import cells_csv, loo_md, matrix_csv, matrix_md, provenance_md, summary_csv, summary_md
+from deeploc.report.results import (
+    cells_csv,
+    loo_md,
+    matrix_csv,
+    matrix_md,
+    provenance_md,
+    runs_md,
+    summary_csv,
+    summary_md,
+)
 from deeploc.report.study import comparison_csv, comparison_md, study_bars, study_comparison
 from deeploc.report.tables import build_matrices, label_keys, summary_table
 from deeploc.visualize import save
@@ -71,13 +80,16 @@ def write_report(
     comparison_rows = [(s, row) for s, c in comparisons for row in c.rows] if compare_study else []
     comparison_path = write_csv(out / "comparison.csv", *comparison_csv(comparison_rows)) if comparison_rows else None
 
-    summary = "## Results (means over test images, %)\n\n" + (
-        summary_md(rows, label_keys(cross)) if rows else "No results."
-    )
-    detection = sections.detection_matrices(runs)
+    if rows:
+        table = summary_md(rows, label_keys(cross), find_searches(sweep))
+        summary = f"## Results (means over test images, %)\n\n{table}\n\n{runs_md(cross.values(), sweep)}"
+    else:  # leave-one-out runs only: their matrices are the results
+        summary = loo_md(loo, sweep) if loo else "## Results (means over test images, %)\n\nNo results."
+    detection = sections.detection_matrices(runs, cross)
     detection_path = write_csv(out / "detection.csv", *sections.detection_csv(detection)) if detection else None
     matrices_md = "\n\n".join(
-        matrix_md(m) + (f"\n\n{sections.detection_matrix_md(detection[k])}" if k in detection else "")
+        matrix_md(m)
+        + (f"\n\n{sections.detection_matrix_md(detection[k])}" if k in detection and detection[k].paths else "")
         for k, m in cross.items()
     )
     parts = [
@@ -90,16 +102,16 @@ def write_report(
     if matrices_md:
         parts.append("## IoU matrices (rows: training subset, columns: test subset)\n\n" + matrices_md)
     if detection:
-        parts.append(sections.detection_md(detection, label_keys(detection)))
+        parts.append(sections.detection_md(detection, cross, sweep))
     robustness_md, robustness_figures, robustness_csv = (
-        sections.robustness_report(runs, out) if robustness else ("", [], None)
+        sections.robustness_report(runs, cross, out, sweep) if robustness else ("", [], None)
     )
     if robustness_md:
         parts.append(robustness_md)
     elif robustness:
         parts.append("## Robustness\n\nNo run has a `deeploc-eval --perturb` result on its own test data.")
-    if loo:
-        parts.append(loo_md(loo))
+    if loo and rows:
+        parts.append(loo_md(loo, sweep))
     if missing:
         listing = md_table(["run", "reason"], [[rel(r.path, sweep), r.reason] for r in missing])
         parts.append("## Missing or failed runs\n\n" + listing)
