@@ -6,6 +6,7 @@ A run's scores are read by :func:`test_scores` only, so a change of metrics.json
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from deeploc.metrics import metric_names
@@ -25,7 +27,18 @@ DOLOS_SUBSETS = ("repaint-p2-9k", "ldm", "lama", "pluralistic")
 SPLITS = ("cross", "in_domain", LOO)
 CONFIG_KEYS = ("decoder", "feature", "split", "subset")
 
+SCORES_DIR = "scores"  # <run>/scores/<subset>.csv: every test image's scores (deeploc.metrics' per-image files)
+
 Scores = dict[str, dict[str, float]]  # test subset -> metric -> value (%)
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    """Every test image's scores in one subset: image keys (names, else dataset positions) in file order, and per
+    metric the values (%; NaN = undefined for that image, left out of the mean)."""
+
+    keys: tuple[str, ...]
+    values: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,25 @@ def test_scores(metrics: Mapping[str, Any]) -> Scores:
         for subset, cell in (test.items() if isinstance(test, dict) else [])
         if isinstance(cell, dict)
     }
+
+
+def image_scores(run_dir: Path, convention: str) -> dict[str, ImageScores]:
+    """The per-image test scores a run saved, in `convention`: ``scores/<subset>.csv`` with columns ``index``,
+    ``name``, then ``<metric>[<convention>]``; {} when the run saved none (runs of older versions). Unreadable files
+    are left out (the report then says "no per-image scores" for their cells)."""
+    found = {}
+    for path in sorted((run_dir / SCORES_DIR).glob("*.csv")):
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+            keys = tuple(row.get("name") or row["index"] for row in rows)
+            columns = {m: f"{m}[{convention}]" for m in metric_names()}
+            values = {m: np.array([float(row[c]) for row in rows]) for m, c in columns.items() if rows and c in rows[0]}
+        except (OSError, KeyError, ValueError, csv.Error):
+            continue
+        if values and len(set(keys)) == len(keys):
+            found[path.stem] = ImageScores(keys, values)
+    return found
 
 
 def read_run(run_dir: Path) -> RunResult | MissingRun:

@@ -93,7 +93,7 @@ def id_ood_figure(
     for k, (name, colour, hatch, values, bounds) in enumerate(series):
         offset = (k - (len(series) - 1) / 2) * width
         heights = [np.nan if v is None else v for v in values]
-        bars = ax.bar(
+        ax.bar(
             x + offset,
             heights,
             width,
@@ -103,7 +103,10 @@ def id_ood_figure(
             hatch=hatch,
             edgecolor=colour if hatch else None,
         )
-        ax.bar_label(bars, labels=["" if v is None else f"{v:.1f}" for v in values], fontsize=7, padding=2)
+        for i, v in enumerate(values):  # the value above its bar, and above its error bar when it has one
+            if v is not None:
+                top = v if bounds[i] is None else max(v, bounds[i][1])  # type: ignore[index]
+                ax.text(x[i] + offset, top + 1.0, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
         drawn = [i for i, (v, b) in enumerate(zip(values, bounds)) if v is not None and b is not None]
         if drawn:
             low = [values[i] - bounds[i][0] for i in drawn]  # type: ignore[index,operator]
@@ -139,10 +142,13 @@ def heatmap_caption(m: Matrix) -> str:
     return f"{legend}\n{caption(settings, m.versions)}"
 
 
-def bar_caption(rows: Sequence[SummaryRow], runs: Sequence[RunResult]) -> str:
-    """The legend of the ID-vs-OOD chart's marks, then what produced its numbers."""
+def bar_caption(rows: Sequence[SummaryRow], runs: Sequence[RunResult], intervals: str = "") -> str:
+    """The legend of the ID-vs-OOD chart's marks, then what produced its numbers; `intervals` describes the
+    confidence intervals drawn as error bars (none: std over seeds)."""
     legend = "* = incomplete matrix: means over the available cells only. n = seeds per cell."
-    if any(r.matrix.seeds().n_max > 1 for r in rows):
+    if intervals:
+        legend += f" Error bars: {intervals}; none where a row has no per-image scores."
+    elif any(r.matrix.seeds().n_max > 1 for r in rows):
         legend += " Error bars: std over seeds, where every cell has the same seeds (none for n=1)."
     family = [r for r in runs if in_family(r, "cross")]
     return f"{legend}\n{caption([r.settings for r in family], [r.version for r in family])}"

@@ -58,10 +58,12 @@ def matrix_csv(m: Matrix) -> tuple[list[str], list[list]]:
     return [corner, *m.subsets], [[a, *(num(m.value(a, b)) for b in m.subsets)] for a in m.subsets]
 
 
-def summary_md(rows: list[SummaryRow], keys: tuple[str, ...], searches: Sequence[Search] = ()) -> str:
-    """The results table, then the missing cells of incomplete rows and the seed note. Rows from a
-    hyper-parameter search (`searches`) also show the validation value it optimized, and its chosen trial is marked."""
-    searched = [next((s for s in searches if any(s.holds(p) for p in r.matrix.paths)), None) for r in rows]
+def summary_rows(
+    rows: list[SummaryRow], keys: tuple[str, ...], searches: Sequence[Search] = ()
+) -> tuple[list[str], list[list[str]]]:
+    """The results table as printed (header, cells): settings, then (for a hyper-parameter search) the optimized
+    validation value and the chosen trial, then ID / OOD per metric (``*`` = incomplete) and the seeds."""
+    searched = [_search_of(r, searches) for r in rows]
     header = ["decoder", "feature", "params", *(LABELS[k] for k in keys)]
     if any(searched):
         header += ["best validation (optimized)", "chosen trial"]
@@ -73,18 +75,28 @@ def summary_md(rows: list[SummaryRow], keys: tuple[str, ...], searches: Sequence
             line += search_cells(r, search)
         line += [fmt_stat(d[k], bool(r.missing[k])) for k in metric_names() for d in (r.id, r.ood)]
         body.append([*line, r.matrix.seeds().seeds])
+    return header, body
+
+
+def summary_md(rows: list[SummaryRow], keys: tuple[str, ...], searches: Sequence[Search] = ()) -> str:
+    """The results table (:func:`summary_rows`), then the missing cells of incomplete rows, the seed note and what
+    a hyper-parameter search chose by."""
     notes = [f"- {r.matrix.label}: missing {missing_text(r.missing)}" for r in rows if not r.complete]
     if notes:
         notes.insert(0, "\n\\* incomplete matrix: mean of the available cells only. Missing cells (train→test):")
     if any(r.matrix.seeds().n_max > 1 for r in rows):
         notes.append("\n" + SEED_NOTE)
-    for s in dict.fromkeys(s for s in searched if s is not None):
+    for s in dict.fromkeys(s for s in (_search_of(r, searches) for r in rows) if s is not None):
         notes.append(
             f"\nHyper-parameter search ({s.folder.name}/best_trial.yaml): each trial's best validation {s.metric} "
             f"over its epochs ({s.direction.removesuffix('imize')}imized) chose the trial marked **chosen**; the test "
             "columns played no part in the choice and must not be used to rank trials."
         )
-    return md_table(header, body) + "\n".join(["", *notes])
+    return md_table(*summary_rows(rows, keys, searches)) + "\n".join(["", *notes])
+
+
+def _search_of(r: SummaryRow, searches: Sequence[Search]) -> Search | None:
+    return next((s for s in searches if any(s.holds(p) for p in r.matrix.paths)), None)
 
 
 def search_cells(r: SummaryRow, search: Search | None) -> list[str]:
@@ -105,12 +117,17 @@ def runs_md(matrices: Iterable[Matrix], root: Path) -> str:
     return "Runs behind each row (seeds; run directories under the sweep):\n\n" + "\n".join(lines)
 
 
-def matrix_table(m: Matrix, metric: str = "iou") -> str:
-    """One matrix of `metric` as a Markdown table (mean ± std (n) per cell, the diagonal in bold)."""
+def matrix_rows(m: Matrix, metric: str = "iou") -> tuple[list[str], list[list[str]]]:
+    """One matrix of `metric` as printed (header, cells): mean ± std (n) per cell, the diagonal in bold."""
     corner = "held-out \\ test" if m.split == LOO else "train \\ test"
     text = {(a, b): fmt_stat(m.cell(a, b, metric), with_n=True) for a in m.subsets for b in m.subsets}
     body = [[a, *(f"**{text[a, b]}**" if a == b else text[a, b] for b in m.subsets)] for a in m.subsets]
-    return md_table([corner, *m.subsets], body)
+    return [corner, *m.subsets], body
+
+
+def matrix_table(m: Matrix, metric: str = "iou") -> str:
+    """:func:`matrix_rows` as a Markdown table."""
+    return md_table(*matrix_rows(m, metric))
 
 
 def matrix_md(m: Matrix) -> str:

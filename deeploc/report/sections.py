@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,15 +169,26 @@ def robustness_runs(runs: Sequence[RunResult]) -> tuple[list[Perturbation], dict
     return perturbations, points
 
 
+@dataclass(frozen=True)
+class Robustness:
+    """The report's robustness section, its figures, robustness.csv and its tables as printed (metric -> header,
+    cells), for the LaTeX tables."""
+
+    section: str = ""
+    figures: list[Path] = field(default_factory=list)
+    csv: Path | None = None
+    tables: dict[str, tuple[list[str], list[list[str]]]] = field(default_factory=dict)
+
+
 def robustness_report(
     runs: Sequence[RunResult], template: Mapping[Settings, Matrix], out: Path, root: Path
-) -> tuple[str, list[Path], Path | None]:
+) -> Robustness:
     """The report's robustness section, its figures (one per metric) and robustness.csv, per configuration of the
-    results table `template` (same labels, seeds and `*` marks); ("", [], None) when no run has a robustness
+    results table `template` (same labels, seeds and `*` marks); an empty Robustness when no run has a robustness
     evaluation. Run paths in notes are relative to `root`."""
     perturbations, points = robustness_runs(runs)
     if not points:
-        return "", [], None
+        return Robustness()
     groups = ordered(perturbations)
     order = [CLEAN, *(p.text for g in groups.values() for p in g)]
     matrices = {point: matrices_like(points.get(point, []), template) for point in order}
@@ -207,16 +218,15 @@ def robustness_report(
             rows.append([*settings_cells(m), name, strength, *values, seeds, not gaps[key][point], THRESHOLD])
     csv_path = write_csv(out / "robustness.csv", header, rows)
 
-    tables = []
+    tables, cells = [], {}
     for metric in metric_names():
         body = [
             [f"{names[key]} {w}", *(text(p, key, w, metric) for p in order), configs[key].seeds().seeds or "0"]
             for key in configs
             for w in ("ID", "OOD")
         ]
-        tables.append(
-            f"### {metric_label(metric)}\n\n" + md_table(["configuration", "clean", *order[1:], "seeds"], body)
-        )
+        cells[metric] = (["configuration", "clean", *order[1:], "seeds"], body)
+        tables.append(f"### {metric_label(metric)}\n\n" + md_table(*cells[metric]))
     missing = {names[key]: list(dict.fromkeys(p for ps in gaps[key].values() for p in ps)) for key in configs}
     section = (
         "## Robustness (test split, %, mean over images)\n\n"
@@ -245,4 +255,4 @@ def robustness_report(
                     lines.append(Line(f"{names[key]} {which}", names[key], style, values, width))
         figure = strength_panels(groups, lines, metric, f"{legend}\n{provenance}; pixel threshold {THRESHOLD}")
         figures.append(save(figure, out / f"robustness_{metric}.png"))
-    return section, figures, csv_path
+    return Robustness(section, figures, csv_path, cells)

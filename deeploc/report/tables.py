@@ -57,6 +57,7 @@ class Matrix:
     label_keys: tuple[str, ...] = ()  # the settings that tell this matrix apart from the others of its split
     runs: dict[Cell, dict[Any, list[dict[str, float]]]] = field(default_factory=dict)
     paths: list[Path] = field(default_factory=list)
+    results: list[RunResult] = field(default_factory=list)  # the runs behind it, in the order they were added
     parameters: int | None = None  # the decoder's, equal in every run of one configuration
     versions: list[str | None] = field(default_factory=list)
     cross: bool = False  # a cross run exists, so off-diagonal cells are expected
@@ -79,6 +80,7 @@ class Matrix:
         for test, scores in run.test.items():
             self.runs.setdefault((run.subset, test), {}).setdefault(run.seed, []).append(scores)
         self.paths.append(run.path)
+        self.results.append(run)
         self.validation.setdefault(run.seed, []).append(run.validation)
         self.versions.append(run.version)
         self.parameters = self.parameters or run.parameters
