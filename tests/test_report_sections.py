@@ -161,3 +161,13 @@ def test_evaluation_robustness_figure_marks_the_in_domain_subset_and_hides_paths
     assert "test split of wacv_data/data;" in robustness_caption(context) and "/home" not in robustness_caption(context)
     paths = robustness_figures(tmp_path, clean, perturbed, groups, context, trained)
     assert [p.name for p in paths] == [f"robustness_{m}.png" for m in METRICS]
+
+
+def test_latex_robustness_tables_carry_the_markdown_numbers(three_seeds: Path, tmp_path: Path) -> None:
+    paths = write_report(three_seeds, tmp_path / "out", robustness=True, latex=True)
+    tex = paths.latex.read_text(encoding="utf-8")
+    robustness = tex.split("tab:deeploc-robustness-iou")[1].split(r"\end{table}")[0]
+    assert r"conv4/image\_embed (lr 0.001) ID & 80.00* & 40.00* & 1 \\" in robustness
+    assert r"conv4/image\_embed (lr 0.0001) ID & --- & --- & 0 \\" in robustness
+    md = section(paths.report_md.read_text(encoding="utf-8"), "## Robustness")
+    assert "| conv4/image_embed (lr 0.001) ID | 80.00* | 40.00* | 1 |" in md
