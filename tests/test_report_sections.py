@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from deeploc.evaluation.figures import strength_panels
+from deeploc.evaluation.figures import Line, strength_panels
 from deeploc.evaluation.perturbations import Perturbation
 from deeploc.evaluation.robustness import ordered, robustness_caption, robustness_figures, robustness_lines
 from deeploc.report import figures as report_figures
@@ -156,6 +156,11 @@ def test_evaluation_robustness_figure_marks_the_in_domain_subset_and_hides_paths
     ]
     figure = strength_panels(groups, lines, "iou", "caption")
     assert [line.get_linewidth() for line in figure.axes[0].get_lines()] == [3.0, 1.5]
+    plt.close(figure)
+    long = [Line("conv20/image_embed (encoder sam2.1_hiera_t, weights random (seed 0), input size 256) ID", "a", "-",
+                 {"jpeg": [50.0, 40.0]})]  # fmt: skip
+    figure = strength_panels(groups, long, "iou", "caption")  # a report label wraps instead of squeezing the panels
+    assert all(len(x) <= 40 for t in figure.axes[-1].get_legend().get_texts() for x in t.get_text().splitlines())
     plt.close(figure)
     context = {"described": "conv4 on image_embed", "split": "test", "data": DATA, "convention": "study"}
     assert "test split of wacv_data/data;" in robustness_caption(context) and "/home" not in robustness_caption(context)

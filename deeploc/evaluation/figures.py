@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -12,6 +13,8 @@ from deeploc.metrics import metric_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+LEGEND_WIDTH = 40  # characters per legend line
 
 
 def root_name(root: str) -> str:
@@ -69,7 +72,10 @@ def strength_panels(
     axes[0].set_ylim(0, min(100.0, 1.15 * top + 1.0))
     axes[0].set_ylabel(f"{metric_label(metric)} (%)")
     legend_ax.axis("off")
-    legend_ax.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", frameon=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    # Long configuration labels (the report names each by its differing settings) wrap instead of squeezing the panels.
+    labels = [textwrap.fill(label, LEGEND_WIDTH) for label in labels]
+    legend_ax.legend(handles, labels, fontsize=7, loc="center left", frameon=False)
     fig.suptitle(f"{metric_label(metric)} under perturbation (clean, then milder to harsher)", fontsize=10)
     add_caption(fig, caption)
     return fig
