@@ -11,7 +11,7 @@ import torch
 
 from deeploc.evaluation.scoring import score_keys, write_results
 from deeploc.metrics import METRICS, LocalizationMetrics, ScoreInputs, image_scores, metric_names, register_metric
-from deeploc.report.build import write_report
+from deeploc.report.write import write_report
 from tests.test_report import write_run
 
 

@@ -19,7 +19,7 @@ from deeploc.models.decoders import DecoderError
 from deeploc.models.encoders.sam2 import SAM2Encoder
 from deeploc.multihead.heads import check_run_folders, compose_heads
 from deeploc.multihead.job import _build_heads, train_heads
-from deeploc.report.build import collect_runs
+from deeploc.report.collect import collect_runs
 from deeploc.training.run import build_datamodule, serve_features
 from tests.e2e import TINY_DATA
 

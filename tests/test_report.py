@@ -1,4 +1,4 @@
-"""deeploc.report.build and deeploc-report on sweep directories written here in the documented metrics.json format."""
+"""deeploc.report and deeploc-report on sweep directories written here in the documented metrics.json format."""
 
 from __future__ import annotations
 
@@ -14,16 +14,11 @@ from matplotlib.patches import Rectangle
 from deeploc import __version__
 from deeploc.cli.report import main
 from deeploc.report import figures as report_figures
-from deeploc.report.build import (
-    MissingRun,
-    build_matrices,
-    collect_runs,
-    study_bars,
-    study_comparison,
-    summary_table,
-    write_report,
-)
+from deeploc.report.collect import MissingRun, collect_runs
 from deeploc.report.provenance import LABELS, study_gaps
+from deeploc.report.study import study_bars, study_comparison
+from deeploc.report.tables import build_matrices, summary_table
+from deeploc.report.write import write_report
 
 RP, LDM, LAMA, PLUR = "repaint-p2-9k", "ldm", "lama", "pluralistic"
 # iou[train][test]; ID = (60 + 40 + 80 + 70) / 4 = 62.5; OOD = sum(off-diagonal) / 12 = 151 / 12
@@ -599,9 +594,7 @@ def test_id_ood_chart_draws_the_study_beside_comparable_rows_only(tmp_path: Path
 def test_heatmap_outlines_the_diagonal_and_explains_its_marks(sweep: Path, tmp_path: Path) -> None:
     paths = write_report(sweep, tmp_path / "out")
     matrix = by_name(build_matrices(collect_runs(sweep)[0]))[("conv20", "high_res_feats_1")]
-    from deeploc.report.build import heatmap_caption
-
-    figure = report_figures.heatmap_figure(matrix, heatmap_caption(matrix))
+    figure = report_figures.heatmap_figure(matrix, report_figures.heatmap_caption(matrix))
     outlines = [p for p in figure.axes[0].patches if isinstance(p, Rectangle) and not p.get_fill()]
     assert sorted(p.get_xy() for p in outlines) == [(i - 0.5, i - 0.5) for i in range(4)]
     assert figure.axes[0].get_title().startswith("conv20/high_res_feats_1*")

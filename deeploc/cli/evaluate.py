@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if real is not None:
             written += _real(args, model, real, scored, out, context)
         if perturbations:
-            written += _robustness(args, model, by_subset, perturbations, results, out, context)
+            written += _robustness(args, model, by_subset, perturbations, results, out, context, trained)
     except (DeeplocError, ValueError) as exc:
         return report_error("deeploc-eval", exc, args.verbose)
     print("wrote " + ", ".join(str(p) for p in written))
@@ -303,13 +303,14 @@ def _robustness(
     clean: dict[str, dict[str, float]],
     out: Path,
     context: dict[str, Any],
+    trained: dict[str, Any],
 ) -> list[Path]:
     """--perturb: the scores of every perturbed copy of the test images, tables and figures."""
     from deeploc.evaluation.robustness import metric_table, ordered, run_robustness, write_robustness
     from deeploc.evaluation.scoring import THRESHOLD
 
     perturbed = run_robustness(model, by_subset, perturbations, *_run(args))
-    paths = write_robustness(out, clean, perturbed, perturbations, context)
+    paths = write_robustness(out, clean, perturbed, perturbations, context, trained)
     print(
         f"IoU under perturbation (%, {args.split} split, metric convention {args.convention}, pixel threshold {THRESHOLD}):"
     )

@@ -1,5 +1,5 @@
-"""`deeploc-report SWEEP_DIR [--out DIR] [--wandb] [--compare-study] [--robustness]`: tables and figures of a
-sweep."""
+"""`deeploc-report SWEEP_DIR [--out DIR] [--wandb] [--compare-study] [--robustness] [--bootstrap N] [--ci-seed S]
+[--compare A B]... [--latex]`: tables, confidence intervals, paired tests and figures of a sweep."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 from deeploc.cli.app import add_verbose_flag, report_error
 from deeploc.errors import DeeplocError
-from deeploc.report.build import log_wandb, write_report
+from deeploc.report.uncertainty import Bootstrap
+from deeploc.report.write import log_wandb, write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,13 +31,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="compare the runs' deeploc-eval --perturb results: a table and one figure per metric (ID / OOD per "
         "configuration against the perturbation strength)",
     )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap draws of the 95%% confidence intervals (over test images and seeds; default 1000)",
+    )
+    parser.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        help="paired test of configuration A against B (labels as in the report, e.g. 'conv20/image_embed') on the "
+        "same test images: difference, its CI and p-value, Holm-corrected over all pairs; repeatable; "
+        "'--compare all all' compares every pair",
+    )
+    parser.add_argument("--latex", action="store_true", help="also write tables.tex (booktabs tables)")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    if args.bootstrap < 1:
+        parser.error(f"--bootstrap {args.bootstrap}: give at least 1 draw (e.g. 1000)")
     if not args.sweep_dir.is_dir():
         print(f"deeploc-report: sweep directory not found: {args.sweep_dir}", file=sys.stderr)
         return 2
     try:
-        paths = write_report(args.sweep_dir, args.out, compare_study=args.compare_study, robustness=args.robustness)
+        paths = write_report(
+            args.sweep_dir,
+            args.out,
+            compare_study=args.compare_study,
+            robustness=args.robustness,
+            bootstrap=Bootstrap(args.bootstrap, args.ci_seed),
+            compare=[tuple(pair) for pair in args.compare or []],
+            latex=args.latex,
+        )
     except DeeplocError as exc:
         return report_error("deeploc-report", exc, args.verbose)
     print(paths.report_md.read_text(encoding="utf-8"))

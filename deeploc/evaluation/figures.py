@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 from deeploc.evaluation.perturbations import Perturbation
@@ -11,6 +13,15 @@ from deeploc.metrics import metric_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+LEGEND_WIDTH = 40  # characters per legend line
+
+
+def root_name(root: str) -> str:
+    """How a caption names a data root: its folder name, never the machine path (``/home/me/wacv_data/data`` ->
+    ``wacv_data/data``: Dolos' ``data`` folder keeps its parent's name, which says which dataset it is)."""
+    path = PurePath(root)
+    return f"{path.parent.name}/{path.name}" if path.name == "data" and path.parent.name else path.name or root
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,7 @@ class Line:
     colour: str
     style: str
     values: dict[str, list[float | None]]
+    width: float = 1.5  # wider marks the line to notice (a run's in-domain subset)
 
 
 def strength_panels(
@@ -43,7 +55,15 @@ def strength_panels(
         ticks = ["clean", *(f"{p.strength:g}" for p in group)]
         for line in lines:
             values = [float("nan") if v is None else v for v in line.values[name]]
-            ax.plot(range(len(ticks)), values, line.style, marker="o", color=colours[line.colour], label=line.label)
+            ax.plot(
+                range(len(ticks)),
+                values,
+                line.style,
+                marker="o",
+                color=colours[line.colour],
+                label=line.label,
+                linewidth=line.width,
+            )
             top = max([top, *(v for v in values if v == v)])
         ax.set_xticks(range(len(ticks)), labels=ticks)
         ax.set_xlabel(group[0].spec.label)
@@ -52,7 +72,10 @@ def strength_panels(
     axes[0].set_ylim(0, min(100.0, 1.15 * top + 1.0))
     axes[0].set_ylabel(f"{metric_label(metric)} (%)")
     legend_ax.axis("off")
-    legend_ax.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", frameon=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    # Long configuration labels (the report names each by its differing settings) wrap instead of squeezing the panels.
+    labels = [textwrap.fill(label, LEGEND_WIDTH) for label in labels]
+    legend_ax.legend(handles, labels, fontsize=7, loc="center left", frameon=False)
     fig.suptitle(f"{metric_label(metric)} under perturbation (clean, then milder to harsher)", fontsize=10)
     add_caption(fig, caption)
     return fig

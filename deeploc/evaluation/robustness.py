@@ -38,8 +38,9 @@ from typing import Any
 import cv2
 
 from deeploc.data.images import read_rgb
+from deeploc.data.roles import subset_role
 from deeploc.data.samples import Sample
-from deeploc.evaluation.figures import Line, strength_panels
+from deeploc.evaluation.figures import Line, root_name, strength_panels
 from deeploc.evaluation.perturbations import Perturbation, apply
 from deeploc.evaluation.scoring import THRESHOLD, evaluate, score_keys
 from deeploc.io import atomic_write_bytes, file_digest, write_json_atomic
@@ -125,8 +126,10 @@ def write_robustness(
     perturbed: Mapping[str, Scores],
     perturbations: Sequence[Perturbation],
     context: dict[str, Any],
+    trained: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """robustness.json / .csv / .md and one figure per metric (module docstring)."""
+    """robustness.json / .csv / .md and one figure per metric (module docstring); `trained` (the model's training
+    config: split, subset) names each subset's role in the figures' legends."""
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = ordered(perturbations)
     payload = {
@@ -154,7 +157,7 @@ def write_robustness(
             writer.writerow([name, kind, strength, context["split"], context["convention"], THRESHOLD, *values])
     paths.append(out_dir / "robustness.md")
     paths[-1].write_text(robustness_markdown(clean, perturbed, groups, context) + "\n", encoding="utf-8")
-    paths += robustness_figures(out_dir, clean, perturbed, groups, context)
+    paths += robustness_figures(out_dir, clean, perturbed, groups, context, trained)
     return paths
 
 
@@ -192,28 +195,50 @@ def robustness_figures(
     perturbed: Mapping[str, Scores],
     groups: Mapping[str, list[Perturbation]],
     context: Mapping[str, Any],
+    trained: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """``robustness_<metric>.png``: a panel per perturbation, strength on x (clean first), a line per subset."""
-    caption = (
-        f"{context.get('described', '')}; {context['split']} split of {context.get('data', '')}; metric convention "
-        f"{context['convention']}, pixel threshold {THRESHOLD}."
-    )
+    """``robustness_<metric>.png``: a panel per perturbation, strength on x (clean first), a line per subset
+    (:func:`robustness_lines`), under :func:`robustness_caption`."""
     paths = []
     for metric in metric_names():
-        lines = [
-            Line(
-                name,
-                name,
-                "-",
-                {
-                    kind: [clean[name][metric], *(perturbed[p.text][name][metric] for p in group)]
-                    for kind, group in groups.items()
-                },
-            )
-            for name in clean
-        ]
-        paths.append(save(strength_panels(groups, lines, metric, caption), out_dir / f"robustness_{metric}.png"))
+        lines = robustness_lines(clean, perturbed, groups, metric, trained)
+        figure = strength_panels(groups, lines, metric, robustness_caption(context))
+        paths.append(save(figure, out_dir / f"robustness_{metric}.png"))
     return paths
+
+
+def robustness_caption(context: Mapping[str, Any]) -> str:
+    """What produced a robustness figure: the model, the split and data folder (its name, not its machine path),
+    the metric convention and the pixel threshold."""
+    return (
+        f"{context.get('described', '')}; {context['split']} split of {root_name(str(context.get('data', '')))}; "
+        f"metric convention {context['convention']}, pixel threshold {THRESHOLD}."
+    )
+
+
+def robustness_lines(
+    clean: Scores,
+    perturbed: Mapping[str, Scores],
+    groups: Mapping[str, list[Perturbation]],
+    metric: str,
+    trained: Mapping[str, Any] | None = None,
+) -> list[Line]:
+    """One line of `metric` per subset; with `trained` (the model's split and subset) each legend names the
+    subset's role (in-domain / out-of-domain, held out / seen) and the training (or held-out) subset is wider."""
+    split, subset = (trained or {}).get("split"), (trained or {}).get("subset")
+    return [
+        Line(
+            f"{name} ({subset_role(split, subset, name)})" if split and subset else name,
+            name,
+            "-",
+            {
+                kind: [clean[name][metric], *(perturbed[p.text][name][metric] for p in group)]
+                for kind, group in groups.items()
+            },
+            width=3.0 if name == subset else 1.5,
+        )
+        for name in clean
+    ]
 
 
 def _fmt(value: float | None) -> str:

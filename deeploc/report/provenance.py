@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from deeploc.evaluation.figures import root_name
+
 LOO = "leave_one_out"
 UNKNOWN = "unknown"
 LEGACY_CONVENTION = "trufor"
@@ -190,13 +192,20 @@ def caption(settings: Sequence[Settings], versions: Sequence[str | None] = ()) -
     deeploc version; settings that differ between the figure's configurations are named, not listed."""
     shared, varying = [], []
     for k in CAPTION_KEYS:
-        values = list(dict.fromkeys(s.show(k) for s in settings))
+        values = list(dict.fromkeys(_caption_value(s, k) for s in settings))
         if len(values) > 1:
             varying.append(LABELS[k])
         elif values and values[0] not in ("none", "full subsets"):
             shared.append(f"{LABELS[k]} {values[0]}")
     text = ", ".join([*shared, f"deeploc {version_text(versions)}"])
     return text + (f"; differing between configurations (see their labels): {', '.join(varying)}" if varying else "")
+
+
+def _caption_value(s: Settings, key: str) -> str:
+    """A setting as a caption prints it: a real data root by its folder name, no machine path."""
+    if key == "data" and s.data is not None and not s.generated:
+        return root_name(s.data)
+    return s.show(key)
 
 
 def version_text(versions: Sequence[str | None]) -> str:
