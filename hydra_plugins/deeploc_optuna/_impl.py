@@ -227,9 +227,8 @@ class OptunaSearch:
             reason = None if value is not None and math.isfinite(value) else f"the job returned {ret._return_value!r}"
         if reason is None:
             study.tell(trial, value)
-            log.info(
-                "trial %d: %s -> %s", trial.number, " ".join(trial.user_attrs[OVERRIDES][: len(trial.params)]), value
-            )
+            searched = " ".join(trial.user_attrs[OVERRIDES][: len(trial.params)])
+            log.info("trial %d: %s -> %.4f", trial.number, searched, value)  # fixed notation, never 3.5e-10
             return None
         trial.set_user_attr(FAILURE, reason)
         study.tell(trial, state=TrialState.FAIL)
