@@ -110,6 +110,8 @@ def test_search_space_direction_and_sampler_seed_are_the_documented_ones() -> No
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert sweeper.sampler.seed == 12345 and sweeper.direction == "maximize" and cfg.optimized_metric == "val/iou"
     assert set(sweeper.params) == set(SEARCHED)
+    assert (sweeper.n_trials, sweeper.n_jobs, sweeper.sampler.n_startup_trials) == (20, 1, 10)
+    assert sweeper.max_failure_rate == 0.5 and sweeper.storage is None  # the journal in the sweep folder
     # Minimising the validation loss turns the direction around.
     assert _compose("hparams_search=optuna", "optimized_metric=val/loss").hydra.sweeper.direction == "minimize"
 
@@ -164,6 +166,23 @@ def test_the_search_submits_its_trials_as_slurm_arrays(tmp_path: Path, monkeypat
     results = yaml.safe_load((tmp_path / "out" / "sweeps" / "optuna" / RESULTS_FILE).read_text())
     assert results["best_value"] == 3.0
     assert {f"{k}={v}" for k, v in results["best_params"].items()} <= set(trials[-1])
+
+
+def test_the_search_space_syntax_is_hydras_sweep_syntax_and_the_command_line_wins() -> None:
+    """`data.batch_size=64` fixes a searched key, `model.lr='interval(1e-4,1e-3)'` re-ranges it (after the preset)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.deeploc_optuna._space import search_space
+
+    preset = [f"{key}={value}" for key, value in _compose("hparams_search=optuna").hydra.sweeper.params.items()]
+    space, fixed = search_space([*preset, "data.batch_size=64", "model.lr=interval(1e-4,1e-3)", "seed=range(0,12,4)"])
+    assert fixed == {"data.batch_size": "64"}
+    assert space["model.lr"] == FloatDistribution(1e-4, 1e-3)
+    assert space["model.weight_decay"] == CategoricalDistribution([0.0, 1e-5, 1e-4, 1e-3])
+    assert space["decoder.depth"] == CategoricalDistribution([4, 12, 20]) and space["seed"] == IntDistribution(
+        0, 8, step=4
+    )
+    assert search_space(preset)[0]["model.lr"] == FloatDistribution(1e-4, 1e-2, log=True)
 
 
 def test_a_search_without_m_is_refused_naming_the_preset() -> None:

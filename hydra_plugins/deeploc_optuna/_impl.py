@@ -224,7 +224,12 @@ class OptunaSearch:
                 value = float(value)
             except (TypeError, ValueError):
                 value = None
-            reason = None if value is not None and math.isfinite(value) else f"the job returned {ret._return_value!r}"
+            if value is not None and math.isfinite(value):
+                reason = None
+            elif ret._return_value is None:
+                reason = "the job returned no value (its run had no validation epoch, or it trained several heads)"
+            else:
+                reason = f"the job returned {ret._return_value!r}, not a finite number"
         if reason is None:
             study.tell(trial, value)
             searched = " ".join(trial.user_attrs[OVERRIDES][: len(trial.params)])

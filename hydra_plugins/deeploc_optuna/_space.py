@@ -1,7 +1,7 @@
 """The search space of an Optuna search from Hydra's sweep syntax, as hydra-optuna-sweeper reads it.
 
 ``model.lr='tag(log, interval(1e-4,1e-2))'`` is a log-uniform float, ``interval(a, b)`` a uniform one (integer
-bounds: an integer), ``choice(...)`` a categorical, ``range(a, b, step)`` a stepped grid; ``key=value`` fixes the key
+bounds: an integer), ``choice(...)`` a categorical, ``range(a, b, step)`` the values of Hydra's range (``b`` excluded); ``key=value`` fixes the key
 (the command line wins over the preset's ``hydra.sweeper.params``). Written for Optuna 3+ distributions
 (``FloatDistribution``/``IntDistribution``) with the semantics of hydra-optuna-sweeper 1.2's ``_impl.py``, so a search
 space typed for it means the same here.
@@ -39,9 +39,11 @@ def distribution(override: Override) -> BaseDistribution | str:
     if override.is_range_sweep():
         if value.shuffle:
             return _choices(override)
+        # Hydra's range excludes its stop (range(0,12,4) is 0, 4, 8); hydra-optuna-sweeper searched up to the stop.
+        values = list(override.sweep_iterator())
         if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
-            return FloatDistribution(value.start, value.stop, step=value.step)
-        return IntDistribution(int(value.start), int(value.stop), step=int(value.step))
+            return FloatDistribution(values[0], values[-1], step=value.step)
+        return IntDistribution(int(values[0]), int(values[-1]), step=int(value.step))
     if override.is_interval_sweep():
         log = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
