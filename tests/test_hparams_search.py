@@ -333,3 +333,33 @@ def test_a_search_survives_kill_9_of_its_driver_and_the_same_command_continues(t
     whole = _study(tmp_path / "whole")
     finished = [t.params for t in study.trials if t.state.name == "COMPLETE"]
     assert finished == [t.params for t in whole.trials]
+
+
+def test_a_trial_of_a_driver_on_another_host_is_taken_as_interrupted_when_its_heartbeat_stops(tmp_path: Path) -> None:
+    """Drivers on several nodes share a study: another node's running trial is left alone while its driver's
+    heartbeat file is fresh, and restarted when it is older than STALE_S (or gone: the driver ended)."""
+    import os
+    import socket
+    import time
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from hydra_plugins.deeploc_optuna._impl import DRIVERS, STALE_S, driver_stopped
+
+    def running(driver: str):
+        return create_trial(
+            state=TrialState.RUNNING, params={"lr": 0.1}, distributions={"lr": FloatDistribution(0, 1)},
+            user_attrs={"driver": driver},
+        )  # fmt: skip
+
+    other = running("node-b:4242")
+    assert driver_stopped(other, tmp_path)  # no heartbeat: its driver ended
+    beat = tmp_path / DRIVERS / "node-b-4242"
+    beat.parent.mkdir()
+    beat.touch()
+    assert not driver_stopped(other, tmp_path)
+    os.utime(beat, (time.time() - STALE_S - 5,) * 2)
+    assert driver_stopped(other, tmp_path)
+    # On this host the process decides: this test's own process is alive.
+    assert not driver_stopped(running(f"{socket.gethostname()}:{os.getpid()}"), tmp_path)

@@ -6,9 +6,9 @@
 * **n_trials finished trials**: the search ends when the study holds ``n_trials`` COMPLETE trials; a failed trial
   is recorded (state FAIL, its reason in the user attr ``failure``) and replaced, within a failure budget of
   ``max_failure_rate * n_trials`` failures per run of the command; past it the search stops with one line.
-* **Resumable after kill -9**: a trial left RUNNING by a driver of this host that no longer exists is marked FAIL
-  (user attr ``interrupted``) and its settings are asked again first (the same run directory: it resumes from its
-  checkpoint).
+* **Resumable after kill -9**: a trial left RUNNING by a driver that stopped (of this host: its process is gone; of
+  another host: its heartbeat file in ``<sweep>/.optuna_drivers`` is older than 10 minutes) is marked FAIL (user attr
+  ``interrupted``) and its settings are asked again first (the same run directory: it resumes from its checkpoint).
 * **Same proposals**: the sampler is instantiated from its config before each batch, seeded with ``seed + number of
   trials proposed before`` (interrupted ones not counted), so a fixed command proposes the same trials, interrupted
   and resumed or not.
@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 JOURNAL = "optuna.journal"
 # Trial user attrs: its overrides, the driver that launched it (host:pid), why it failed, that it was interrupted.
 OVERRIDES, DRIVER, FAILURE, INTERRUPTED = "overrides", "driver", "failure", "interrupted"
+# Drivers touch <sweep>/.optuna_drivers/<host>-<pid> this often; a driver of another host silent for STALE_S is gone.
+DRIVERS, HEARTBEAT_S, STALE_S = ".optuna_drivers", 60.0, 600.0
 
 
 class SearchFailed(DeeplocError):
@@ -58,6 +62,41 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+class _Heartbeat:
+    """While a driver lives, a daemon thread touches its file every HEARTBEAT_S seconds (removed at its end)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stop = threading.Event()
+
+    def __enter__(self) -> _Heartbeat:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        threading.Thread(target=self._beat, name="optuna-driver-heartbeat", daemon=True).start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self.path.touch()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.path.unlink(missing_ok=True)
+
+
+def driver_stopped(trial: FrozenTrial, sweep_dir: Path) -> bool:
+    """Whether the driver (``host:pid``) of a RUNNING trial is gone: its process (this host), or its heartbeat
+    (another host; a trial asked by a driver that died before naming itself: its age)."""
+    host, _, pid = str(trial.user_attrs.get(DRIVER, "")).rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return not _alive(int(pid))
+    try:
+        since = (sweep_dir / DRIVERS / f"{host}-{pid}").stat().st_mtime if host else trial.datetime_start.timestamp()
+    except FileNotFoundError:  # its driver ended (and removed its file), or never had one
+        return True
+    return time.time() - since > STALE_S
 
 
 def _reason(exc: BaseException) -> str:
@@ -142,14 +181,15 @@ class OptunaSearch:
         seed = self.sampler.get("seed")
         return instantiate(self.sampler) if seed is None else instantiate(self.sampler, seed=int(seed) + proposed)
 
-    def _restart_interrupted(self, study: optuna.Study) -> None:
-        """Mark the trials left RUNNING by a stopped driver of this host FAIL and ask their settings again first."""
-        host = socket.gethostname()
+    def _restart_interrupted(self, study: optuna.Study, sweep_dir: Path) -> None:
+        """Mark the trials left RUNNING by a stopped driver FAIL and ask their settings again first."""
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            trial_host, _, pid = str(trial.user_attrs.get(DRIVER, "")).rpartition(":")
-            if trial_host != host or not pid.isdigit() or _alive(int(pid)):
-                continue  # another driver's trial (possibly still running), or not ours to judge
-            reason = f"interrupted: its driver (pid {pid}) stopped while it ran; restarted with the same settings"
+            if not driver_stopped(trial, sweep_dir):
+                continue  # another driver's trial, still running
+            host, _, pid = str(trial.user_attrs.get(DRIVER, "?:?")).rpartition(":")
+            reason = (
+                f"interrupted: its driver (pid {pid} on {host}) stopped while it ran; restarted with the same settings"
+            )
             # Optuna's public API tells a trial's state by number but sets user attrs only through the storage.
             study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, reason)
             study.tell(trial.number, state=TrialState.FAIL)
@@ -165,7 +205,12 @@ class OptunaSearch:
         lines = [f"{key}={value}" for key, value in self.params.items()] + list(arguments)
         space, fixed = search_space(lines)
         study = self._open_study(sweep_dir, space, fixed)
-        self._restart_interrupted(study)
+        with _Heartbeat(sweep_dir / DRIVERS / self.driver.replace(":", "-")):
+            self._restart_interrupted(study, sweep_dir)
+            self._search(study, sweep_dir, space, fixed, arguments)
+
+    def _search(self, study: optuna.Study, sweep_dir: Path, space: dict, fixed: dict, arguments: list[str]) -> None:
+        """Ask, launch and tell batches until n_trials trials finished or too many failed."""
         allowed = math.floor(self.max_failure_rate * self.n_trials)
         failures: list[str] = []
         while True:
