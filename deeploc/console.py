@@ -8,7 +8,8 @@ Known third-party noise is filtered where it comes from, one named message at a 
   (``conf/hydra/default.yaml``) keeps Lightning's records below WARNING off the screen. The litlogger advert is
   dropped everywhere (:class:`DropMessages`).
 * :data:`KNOWN_WARNINGS`: Python warnings deeploc knows to be noise for its use of the libraries, each ignored by
-  message (and module where the message alone could match something else).
+  message (and module where the message alone could match something else); the warnings that remain print as one
+  line each (:func:`one_line_warning`, without Python's echo of the source line).
 
 W&B's "anonymous setting" warning is removed at its cause (``deeploc.training.loggers``), the "requeue armed" line is
 logged once per process (``deeploc.training.cluster``); an Optuna search quiets Optuna's and alembic's informational lines
@@ -21,7 +22,7 @@ import logging
 import warnings
 from collections.abc import Iterable
 
-__all__ = ["KNOWN_WARNINGS", "ConsoleFilter", "DropMessages", "quiet_console", "quiet_optuna"]
+__all__ = ["KNOWN_WARNINGS", "ConsoleFilter", "DropMessages", "one_line_warning", "quiet_console", "quiet_optuna"]
 
 # (message regex, category, module regex or "" for any): warnings.filterwarnings("ignore", ...) for each.
 KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
@@ -33,6 +34,9 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"Found \d+ module\(s\) in eval mode", UserWarning, ""),
     # debug=overfit: Lightning turns off shuffling of the training batches, as overfitting a fixed batch wants.
     (r"You requested to overfit but enabled train.* dataloader shuffling", UserWarning, ""),
+    # A resumed run's checkpoints folder holds its own checkpoints (run directories are named by their overrides and
+    # locked while in use, deeploc.runs): the "not empty" warning is what resuming looks like, not a clash.
+    (r"Checkpoint directory .* exists and is not empty", UserWarning, ""),
 )
 # Log messages of Lightning's that are adverts, not information about the run.
 LIGHTNING_ADVERTS = ("try installing [litlogger]",)
@@ -63,8 +67,17 @@ class DropMessages(logging.Filter):
         return not any(fragment in message for fragment in self.fragments)
 
 
+def one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as one line (where and what), for :data:`warnings.formatwarning`: Python's default echoes the
+    source line that raised it (a library's ``warnings.warn(`` call) under every warning, in every job."""
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
 def quiet_console() -> None:
     """Install the filters above in this process (idempotent). Called at the start of every training job."""
+    warnings.formatwarning = one_line_warning
     for message, category, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name in _LIGHTNING_LOGGERS:

@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
 from lightning.pytorch.loggers import WandbLogger
 
 from deeploc.data.images import read_mask, read_rgb
@@ -52,9 +53,40 @@ class EpochSummary(L.Callback):
             log.info(epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
 
 
+class _SpeedColumn(ProcessingSpeedColumn):
+    """The batch rate once Rich has measured one; Lightning's column shows ``0.00it/s`` until then (all along
+    for an epoch of one or two batches)."""
+
+    def render(self, task: Any) -> Any:
+        from rich.text import Text
+
+        return Text("") if task.speed is None else super().render(task)
+
+
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar, numbering epochs from 1 like the epoch summary ("Epoch 3/20" is the third of
-    twenty; Lightning's own bar says "Epoch 2/19"), without the logger's version column."""
+    twenty; Lightning's own bar says "Epoch 2/19"), without the logger's version column and without a rate before
+    there is one. Only on a terminal (or in Jupyter): into a log file (SLURM output, a pipe) Rich would write each
+    bar once when it ends, its metrics wrapped over lines; the epoch summary lines say it there."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._interactive: bool | None = None
+
+    @property
+    def is_enabled(self) -> bool:
+        if self._interactive is None:
+            from rich.console import Console
+
+            # The console the bar will draw on (Lightning reconfigures Rich's with these console_kwargs).
+            console = Console(**self._console_kwargs)
+            self._interactive = console.is_terminal or console.is_jupyter
+        return super().is_enabled and self._interactive
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        columns = super().configure_columns(trainer)
+        speed = _SpeedColumn(style=self.theme.processing_speed)
+        return [speed if isinstance(column, ProcessingSpeedColumn) else column for column in columns]
 
     def _get_train_description(self, current_epoch: int) -> str:
         description = f"Epoch {current_epoch + 1}"
