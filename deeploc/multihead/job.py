@@ -179,6 +179,12 @@ def _build_heads(cfg: DictConfig, heads: Sequence[Head]) -> dict[str, Any]:
     """Each head's LocalizationModule, built as its single run builds it, on one shared encoder."""
     from deeploc.training.run import build_model
 
+    adapt = cfg.encoder.get("adapt", "frozen")
+    if adapt != "frozen":  # the heads share one encoder pass: each head would need its own adapted encoder
+        raise DeeplocError(
+            f"encoder.adapt={adapt}: a multi-head job shares one frozen encoder pass among its heads, so it cannot "
+            "adapt the encoder; train adapted runs one by one (drop heads=, or set encoder.adapt=frozen)"
+        )
     encoder = instantiate(cfg.encoder)
     modules = {}
     for head in heads:

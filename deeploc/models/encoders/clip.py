@@ -168,6 +168,9 @@ class CLIPEncoder(FrozenEncoder):
     preprocessing = "bilinear-antialias-resize+clip-norm"
     selection_keys = ("layers",)  # which blocks are returned, not their values: one cache for every layer list
     weights_hint = "OpenAI's ViT-L-14.pt (docs/clip.md)"
+    # The attention of each block (torch's MultiheadAttention: peft adapts its in- and out-projections).
+    lora_targets = ("attn",)
+    lora_scope = "transformer"
 
     def __init__(
         self,
@@ -178,6 +181,9 @@ class CLIPEncoder(FrozenEncoder):
         random_init: bool = False,
         seed: int = 0,
         bf16: bool = False,
+        adapt: str = "frozen",
+        lora: Mapping[str, Any] | None = None,
+        lr: float | None = None,
     ) -> None:
         if config not in ARCHITECTURES:
             raise EncoderError(
@@ -192,7 +198,7 @@ class CLIPEncoder(FrozenEncoder):
                 f"encoder.image_size={image_size!r} must be a positive multiple of {config}'s "
                 f"{self.vit.patch_size}-px patches (DeCLIP: 224)"
             )
-        super().__init__(image_size, checkpoint, random_init, seed, bf16)
+        super().__init__(image_size, checkpoint, random_init, seed, bf16, adapt, lora, lr)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -1,0 +1,110 @@
+"""How an encoder's own weights take part in training (``encoder.adapt``): ``frozen``, ``lora`` or ``full``.
+
+* ``frozen`` (the study's recipe, the default): no encoder parameter trains; features can be cached.
+* ``lora``: low-rank adapters (the ``peft`` library's LoRA layers, injected in place, no wrapper model) on the
+  attention projections of the encoder's blocks; only the adapters (and the decoder) train, the pretrained weights
+  stay bit-identical. Adapters start at zero (LoRA's B matrices), so step 0 gives the frozen features.
+* ``full``: every encoder parameter trains, at its own learning rate (``encoder.lr``).
+
+Which modules LoRA adapts is each encoder's choice (:attr:`FrozenEncoder.lora_targets`: module-name suffixes, e.g.
+timm ViTs' ``qkv`` and ``proj``); ``encoder.lora.targets`` replaces it. ``peft`` is imported only for ``lora``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from deeploc.errors import DeeplocError
+
+__all__ = [
+    "ADAPTATIONS",
+    "LORA_DEFAULTS",
+    "AdaptationError",
+    "check_adapt",
+    "inject_lora",
+    "lora_module_names",
+    "lora_settings",
+    "merge_lora",
+]
+
+ADAPTATIONS = ("frozen", "lora", "full")
+LORA_DEFAULTS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "targets": None, "dropout": 0.0}
+# Module types peft's LoRA can wrap.
+_LORA_TYPES = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
+
+
+class AdaptationError(DeeplocError, ValueError):
+    """An ``encoder.adapt`` / ``encoder.lora`` / ``encoder.lr`` setting that cannot be used."""
+
+
+def check_adapt(adapt: Any) -> str:
+    """``adapt`` when it is one of :data:`ADAPTATIONS`, else one clear line listing them."""
+    if adapt not in ADAPTATIONS:
+        raise AdaptationError(f"encoder.adapt={adapt!r} is not one of {'|'.join(ADAPTATIONS)} (docs/backbones.md)")
+    return str(adapt)
+
+
+def lora_settings(lora: Mapping[str, Any] | None, default_targets: Sequence[str]) -> dict[str, Any]:
+    """``encoder.lora`` completed with the defaults (targets: the encoder's), checked; plain values."""
+    given = dict(lora or {})
+    unknown = sorted(set(given) - set(LORA_DEFAULTS))
+    if unknown:
+        raise AdaptationError(f"encoder.lora has unknown key(s) {unknown}; its keys are {list(LORA_DEFAULTS)}")
+    settings = {**LORA_DEFAULTS, **given}
+    targets = settings["targets"] if settings["targets"] is not None else list(default_targets)
+    settings["targets"] = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    rank, alpha, dropout = settings["rank"], settings["alpha"], settings["dropout"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise AdaptationError(f"encoder.lora.rank={rank!r} must be a positive integer (e.g. 8)")
+    if not isinstance(alpha, int | float) or alpha <= 0:
+        raise AdaptationError(f"encoder.lora.alpha={alpha!r} must be a positive number (e.g. 16)")
+    if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise AdaptationError(f"encoder.lora.dropout={dropout!r} must be in [0, 1)")
+    if not settings["targets"]:
+        raise AdaptationError("encoder.lora.targets is empty; name module suffixes to adapt, e.g. [qkv,proj]")
+    return {"rank": rank, "alpha": float(alpha), "targets": settings["targets"], "dropout": float(dropout)}
+
+
+def lora_module_names(model: nn.Module, scope: str, targets: Sequence[str]) -> list[str]:
+    """Names (in ``model``) of the modules under ``scope`` whose last name part is one of ``targets``."""
+    prefix = f"{scope}." if scope else ""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(prefix) and name.rsplit(".", 1)[-1] in targets and isinstance(module, _LORA_TYPES)
+    ]
+    if not names:
+        layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)})
+        raise AdaptationError(
+            f"encoder.lora.targets={list(targets)} match no Linear/Conv2d/MultiheadAttention module under "
+            f"{scope or 'the model'}; its adaptable module names end in {layers[:12]}"
+        )
+    return names
+
+
+def inject_lora(model: nn.Module, settings: Mapping[str, Any], names: Sequence[str]) -> None:
+    """Put peft LoRA adapters on the modules ``names`` of ``model`` in place; only they require grad after."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=settings["rank"],
+        lora_alpha=settings["alpha"],
+        lora_dropout=settings["dropout"],
+        target_modules=list(names),
+    )
+    inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base weights (peft's ``merge``); returns how many were merged."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.merge()
+    return len(layers)
