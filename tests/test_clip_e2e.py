@@ -60,7 +60,11 @@ def test_backbones_experiment_pairs_each_configuration_with_its_encoder() -> Non
                     20,
                 )
             elif arch == "conv20_dinov2_layer20":  # CONV-20 on block 20 of DINOv2 ViT-L/14 (docs/backbones.md)
-                assert (cfg.encoder.model, cfg.feature.name, cfg.decoder.depth) == ("vit_large_patch14_dinov2", "layer20", 20)
+                assert (cfg.encoder.model, cfg.feature.name, cfg.decoder.depth) == (
+                    "vit_large_patch14_dinov2",
+                    "layer20",
+                    20,
+                )
                 assert 20 in cfg.encoder.layers
             else:  # the study's backbone for its configurations
                 assert cfg.encoder.config == "sam2.1_hiera_s" and cfg.encoder.image_size == 1024

@@ -113,6 +113,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         "encoder": dict(ckpt["deeploc"]["encoder"]),
         "encoder_options": {"bf16": bool(encoder_config.get("bf16", True))},
         "encoder_checkpoint_path": encoder_config.get("checkpoint"),
+        # The tuned encoder tensors of an adapted run (LoRA adapters, a fully tuned encoder); empty when frozen.
+        "encoder_state": {
+            k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")
+        },
         "hyperparameters": {k: v for k, v in hparams.items() if k not in ("encoder", "decoder", "feature", "depth")},
         "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"),

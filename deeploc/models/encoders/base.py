@@ -32,6 +32,7 @@ from torch import nn
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest
+from deeploc.models.state_dicts import state_dict_mismatch
 from deeploc.models.encoders.adaptation import (
     AdaptationError,
     check_adapt,
@@ -233,6 +234,17 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         identity = self.identity_of(self.architecture(), self.image_size, self.weights, self.compute_precision())
         identity["preprocessing"] = self.preprocessing  # an instance may derive it (timm: the model's config)
         return {**identity, **self.adaptation()}
+
+    def load_tuned_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load the tuned tensors a checkpoint or export carries (:meth:`tuned_keys`), refusing any other set."""
+        details = state_dict_mismatch({k: v for k, v in self.state_dict().items() if k in self.tuned_keys()}, state)
+        if details:
+            raise EncoderError(
+                f"{source}: its tuned encoder tensors do not fit encoder.adapt={self.adapt} of {self.describe()} "
+                f"({details})"
+            )
+        if state:
+            self.load_state_dict(dict(state), strict=False)
 
     def adaptation(self) -> dict[str, Any]:
         """The identity entries of the adaptation: ``{}`` when frozen (identities as before adaptation existed),

@@ -44,12 +44,18 @@ def _check_model_name(name: str) -> None:
     import timm
 
     if not isinstance(name, str) or not name or name == "???":
-        raise EncoderError("encoder.model is not set: give a timm model name, e.g. encoder.model=vit_small_patch14_dinov2")
+        raise EncoderError(
+            "encoder.model is not set: give a timm model name, e.g. encoder.model=vit_small_patch14_dinov2"
+        )
     known = timm.list_models()
     if name.split(".", 1)[0] in known:
         return
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-    hint = f"; close matches: {', '.join(close)}" if close else "; list them with python -c 'import timm; print(timm.list_models())'"
+    hint = (
+        f"; close matches: {', '.join(close)}"
+        if close
+        else "; list them with python -c 'import timm; print(timm.list_models())'"
+    )
     raise EncoderError(f"encoder.model={name!r} is not a timm {timm.__version__} model{hint}")
 
 
@@ -181,7 +187,13 @@ class TimmEncoder(FrozenEncoder):
         self.layers = self._check_layers(self.requested_layers)
         # A ViT's maps (stride = patch size p) decode to logits at p / 16 (four x2 upsamplings), as CLIP's.
         self.target_stride = max(i["stride"] for i in self.feature_info) / 16
-        bad = sorted({int(self.feature_info[k]["stride"]) for k in self.layers if self.image_size % self.feature_info[k]["stride"]})
+        bad = sorted(
+            {
+                int(self.feature_info[k]["stride"])
+                for k in self.layers
+                if self.image_size % self.feature_info[k]["stride"]
+            }
+        )
         if bad:
             raise EncoderError(
                 f"encoder.image_size={self.image_size} is not a multiple of {self.model_name}'s stride {bad[0]} "
