@@ -47,7 +47,7 @@ def test_maps_equal_timms_forward_intermediates() -> None:
     with torch.no_grad():
         expected = reference.forward_intermediates(encoder.preprocess(images), indices=4, intermediates_only=True)
     assert list(maps) == ["layer1", "layer3"]
-    assert maps["layer1"].shape == (2, 32, 8, 8) == encoder.feature_shape("layer1")[:0] + (2, 32, 8, 8)
+    assert maps["layer1"].shape == (2, *encoder.feature_shape("layer1")) == (2, 32, 8, 8)
     torch.testing.assert_close(maps["layer1"], expected[1], rtol=0, atol=0)
     torch.testing.assert_close(maps["layer3"], expected[3], rtol=0, atol=0)
     assert encoder.feature_specs["layer3"].stride == 14 and encoder.target_stride == 14 / 16
@@ -105,14 +105,14 @@ def test_weights_of_another_model_are_refused_by_name(tmp_path: Path) -> None:
 
 
 def test_bad_input_gives_one_clear_line() -> None:
-    with pytest.raises(EncoderError, match="not a timm .* model; close matches: vit_small_patch14_dinov2") as err:
+    with pytest.raises(EncoderError, match=r"not a timm .* model; close matches: vit_small_patch14_dinov2") as err:
         build_encoder("timm", model="vit_smal_patch14_dinov2", random_init=True)
     assert "\n" not in str(err.value)
     with pytest.raises(EncoderError, match=r"encoder.layers=\[4\]: give distinct indices in 0..3 .* 4 feature"):
         tiny(layers=[4])
-    with pytest.raises(EncoderError, match="image_size=100 is not a multiple of .* stride 14"):
+    with pytest.raises(EncoderError, match=r"image_size=100 is not a multiple of .* stride 14"):
         tiny(image_size=100)
-    with pytest.raises(EncoderError, match="encoder.checkpoint=.* does not exist"):
+    with pytest.raises(EncoderError, match=r"encoder.checkpoint=.* does not exist"):
         tiny(checkpoint="/nonexistent/dinov2.safetensors")
 
 

@@ -32,7 +32,6 @@ from torch import nn
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest
-from deeploc.models.state_dicts import state_dict_mismatch
 from deeploc.models.encoders.adaptation import (
     AdaptationError,
     check_adapt,
@@ -40,6 +39,7 @@ from deeploc.models.encoders.adaptation import (
     lora_module_names,
     lora_settings,
 )
+from deeploc.models.state_dicts import state_dict_mismatch
 from deeploc.registry import RecordsOptions, Registry
 
 __all__ = [
