@@ -92,7 +92,7 @@ def test_weights_of_another_model_are_refused_by_name(tmp_path: Path) -> None:
     )
     path = save_timm_weights(tmp_path / "dinov3.safetensors", other)
     with pytest.raises(
-        EncoderError, match="are for model vit_small_patch16_dinov3, not encoder.model=vit_small_patch14"
+        EncoderError, match=r"are for model vit_small_patch16_dinov3, not encoder.model=vit_small_patch14"
     ):
         tiny(checkpoint=str(path))
     # Without a recorded name (a .pth), the shapes say what is wrong and what the file holds.
