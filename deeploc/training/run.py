@@ -145,8 +145,8 @@ def build_trainer(
     """The Lightning Trainer with the configured callbacks and loggers (or those given), plus deeploc.training.cluster's
     requeue-on-signal callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md), writing
     checkpoints atomically in their own folder (deeploc.runs.checkpoint_io)."""
-    from deeploc.training import cluster
     from deeploc.runs.checkpoint_io import with_atomic_checkpoints
+    from deeploc.training import cluster
 
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     loggers = build_loggers(cfg.get("logger")) if loggers is None else loggers

@@ -8,6 +8,10 @@
 
 Which modules LoRA adapts is each encoder's choice (:attr:`FrozenEncoder.lora_targets`: module-name suffixes, e.g.
 timm ViTs' ``qkv`` and ``proj``); ``encoder.lora.targets`` replaces it. ``peft`` is imported only for ``lora``.
+A torch ``MultiheadAttention`` (CLIP's blocks) is adapted on its joint q/k/v projection weight through peft's
+parameter LoRA (``target_parameters``): peft's module-level LoRA for it merges the adapters into the base weights
+and subtracts them again on every forward, which changes those weights by float rounding (they would no longer be
+the pretrained ones), and peft cannot also wrap the out-projection of the same module.
 """
 
 from __future__ import annotations
@@ -68,32 +72,39 @@ def lora_settings(lora: Mapping[str, Any] | None, default_targets: Sequence[str]
     return {"rank": rank, "alpha": float(alpha), "targets": settings["targets"], "dropout": float(dropout)}
 
 
-def lora_module_names(model: nn.Module, scope: str, targets: Sequence[str]) -> list[str]:
-    """Names (in ``model``) of the modules under ``scope`` whose last name part is one of ``targets``."""
+def lora_module_names(model: nn.Module, scope: str, targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(modules, parameters)`` peft adapts: the names (in ``model``) of the Linear / Conv2d modules under ``scope``
+    whose last name part is one of ``targets``, and the q/k/v weights of such MultiheadAttention modules."""
     prefix = f"{scope}." if scope else ""
-    names = [
-        name
+    chosen = [
+        (name, module)
         for name, module in model.named_modules()
         if name.startswith(prefix) and name.rsplit(".", 1)[-1] in targets and isinstance(module, _LORA_TYPES)
     ]
-    if not names:
+    modules = [name for name, module in chosen if not isinstance(module, nn.MultiheadAttention)]
+    parameters = [f"{name}.in_proj_weight" for name, module in chosen if isinstance(module, nn.MultiheadAttention)]
+    if not chosen:
         layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)})
         raise AdaptationError(
             f"encoder.lora.targets={list(targets)} match no Linear/Conv2d/MultiheadAttention module under "
             f"{scope or 'the model'}; its adaptable module names end in {layers[:12]}"
         )
-    return names
+    return modules, parameters
 
 
-def inject_lora(model: nn.Module, settings: Mapping[str, Any], names: Sequence[str]) -> None:
-    """Put peft LoRA adapters on the modules ``names`` of ``model`` in place; only they require grad after."""
+def inject_lora(
+    model: nn.Module, settings: Mapping[str, Any], modules: Sequence[str], parameters: Sequence[str] = ()
+) -> None:
+    """Put peft LoRA adapters on the ``modules`` and ``parameters`` of ``model`` in place; only they require grad
+    after."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
         r=settings["rank"],
         lora_alpha=settings["alpha"],
         lora_dropout=settings["dropout"],
-        target_modules=list(names),
+        target_modules=list(modules),
+        target_parameters=list(parameters) or None,
     )
     inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():

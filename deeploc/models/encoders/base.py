@@ -160,8 +160,9 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         elif self.lora is not None:
             with torch.random.fork_rng(devices=[]):  # the adapters' initial A matrices, the same in every process
                 torch.manual_seed(seed)
-                names = lora_module_names(self.model, self.lora_scope, self.lora["targets"])
-                inject_lora(self.model, self.lora, names)
+                inject_lora(
+                    self.model, self.lora, *lora_module_names(self.model, self.lora_scope, self.lora["targets"])
+                )
 
     # ------------------------------------------------------------------ what subclasses provide
     @property

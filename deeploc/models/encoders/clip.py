@@ -168,7 +168,7 @@ class CLIPEncoder(FrozenEncoder):
     preprocessing = "bilinear-antialias-resize+clip-norm"
     selection_keys = ("layers",)  # which blocks are returned, not their values: one cache for every layer list
     weights_hint = "OpenAI's ViT-L-14.pt (docs/clip.md)"
-    # The attention of each block (torch's MultiheadAttention: peft adapts its in- and out-projections).
+    # The attention of each block (torch's MultiheadAttention: its joint q/k/v projection, see .adaptation).
     lora_targets = ("attn",)
     lora_scope = "transformer"
 
