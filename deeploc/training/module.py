@@ -130,18 +130,22 @@ class LocalizationModule(L.LightningModule):
     # ----------------------------------------------------------------- forward
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The decoder's input maps for a batch: cached features, or the encoder run on the images."""
-        if "features" in batch and self.encoder.adapt != "frozen":
-            # Cached maps are the frozen encoder's: training on them would silently ignore the adaptation.
-            raise DeeplocError(
-                f"encoder.adapt={self.encoder.adapt} trains the encoder, so its maps cannot come from the feature "
-                "cache; set features=stream"
-            )
         maps = batch["features"] if "features" in batch else self.encoder(batch["image"], names=self.decoder.inputs)
         out = {}
         for name in self.decoder.inputs:
             fmap = maps[name].float()
             out[name] = fmap.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else fmap
         return out
+
+    def served_maps(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`features` of a data loader's batch, refusing cached maps for an adapted encoder (they are the
+        frozen encoder's: training or scoring on them would silently ignore the adaptation)."""
+        if "features" in batch and self.encoder.adapt != "frozen":
+            raise DeeplocError(
+                f"encoder.adapt={self.encoder.adapt} trains the encoder, so its maps cannot come from the feature "
+                "cache; set features=stream"
+            )
+        return self.features(batch)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decoder logits ``B x 1 x h x w`` at the encoder's target stride."""
@@ -180,13 +184,13 @@ class LocalizationModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(self.features(batch))
+        logits = self(self.served_maps(batch))
         loss = self._loss(logits, batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self(self.features(batch))
+        logits = self(self.served_maps(batch))
         self.log(
             "val/loss", self._loss(logits, batch["mask"]), prog_bar=True, batch_size=logits.shape[0], sync_dist=True
         )
@@ -239,7 +243,7 @@ class LocalizationModule(L.LightningModule):
         ).to(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        maps = self.features(batch)
+        maps = self.served_maps(batch)
         if "name" in batch:
             self.test_maps.add(self.test_names[dataloader_idx], maps, batch["name"])
         logits = self(maps)
