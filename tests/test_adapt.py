@@ -223,7 +223,7 @@ def test_a_multi_head_job_refuses_an_adapted_encoder() -> None:
         train_heads(cfg)
 
 
-@pytest.mark.slow  # ~90 s; default suite: test_lora_run_trains_and_predicts_end_to_end, and
+@pytest.mark.slow  # ~5 min on the shared CPU; default suite: test_lora_run_trains_and_predicts_end_to_end, and
 # test_checkpoint_and_export_carry_the_tuned_encoder (adapters saved and reloaded through Lightning)
 def test_lora_resume_after_kill_equals_an_uninterrupted_run(shared_workdir: Path, tmp_path: Path) -> None:
     epochs = 4
