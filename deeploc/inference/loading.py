@@ -20,7 +20,13 @@ import torch
 from deeploc.data.roles import describe_training
 from deeploc.inference.export import export_metadata, is_export, read_export, split_encoder_state
 from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
-from deeploc.models.encoders import EncoderError, FrozenEncoder, MissingWeightsError, encoder_from_identity
+from deeploc.models.encoders import (
+    AdaptationError,
+    EncoderError,
+    FrozenEncoder,
+    MissingWeightsError,
+    encoder_from_identity,
+)
 from deeploc.models.state_dicts import state_dict_mismatch
 from deeploc.registry import UnknownComponentError
 from deeploc.runs.checkpoints import (
@@ -148,7 +154,7 @@ def _build_module(
     try:
         encoder.load_tuned_state(tuned, source)  # an adapted encoder's adapters / tuned weights
         module = LocalizationModule(encoder=encoder, decoder=decoder)
-    except (DecoderError, EncoderError) as exc:
+    except (DecoderError, AdaptationError) as exc:
         raise IncompatibleModelError(f"{source}: {exc}") from exc
     return module.to(device).eval()
 

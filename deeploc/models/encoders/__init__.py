@@ -4,6 +4,7 @@ Built-ins register themselves (``@ENCODERS.register("sam2")``) and are found by 
 ``build_encoder(kind, **kwargs)`` builds one and ``encoder_from_identity`` rebuilds one from a checkpoint's record.
 """
 
+from deeploc.models.encoders.adaptation import ADAPTATIONS, AdaptationError
 from deeploc.models.encoders.base import (
     ENCODERS,
     EncoderError,
@@ -17,7 +18,9 @@ from deeploc.models.encoders.base import (
 )
 
 __all__ = [
+    "ADAPTATIONS",
     "ENCODERS",
+    "AdaptationError",
     "EncoderError",
     "FeatureSpec",
     "FrozenEncoder",

@@ -17,15 +17,18 @@ the pretrained ones), and peft cannot also wrap the out-projection of the same m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from deeploc.errors import DeeplocError
+from deeploc.models.state_dicts import state_dict_mismatch
 
 __all__ = [
     "ADAPTATIONS",
     "LORA_DEFAULTS",
+    "Adaptable",
     "AdaptationError",
     "check_adapt",
     "inject_lora",
@@ -36,6 +39,9 @@ __all__ = [
 
 ADAPTATIONS = ("frozen", "lora", "full")
 LORA_DEFAULTS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "targets": None, "dropout": 0.0}
+# Constructor keywords of the adaptation (encoder.adapt, encoder.lora, encoder.lr); left out of the recorded
+# options of a frozen encoder, so frozen runs record exactly what they did before adaptation existed.
+ADAPT_KEYS = ("adapt", "lora", "lr")
 # Module types peft's LoRA can wrap.
 _LORA_TYPES = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
@@ -119,3 +125,74 @@ def merge_lora(model: nn.Module) -> int:
     for layer in layers:
         layer.merge()
     return len(layers)
+
+
+class Adaptable:
+    """The adaptation side of :class:`~deeploc.models.encoders.FrozenEncoder` (a mixin before ``RecordsOptions``
+    and ``nn.Module``): its settings, what trains, what checkpoints carry, its identity entries."""
+
+    #: Module-name suffixes LoRA adapts by default (the attention projections), and the module they live under.
+    lora_targets: ClassVar[tuple[str, ...]] = ("qkv", "proj")
+    lora_scope: ClassVar[str] = ""
+    model: nn.Module
+
+    def setup_adaptation(self, adapt: str, lora: Mapping[str, Any] | None, lr: float | None) -> None:
+        """Check and keep ``encoder.adapt`` / ``encoder.lora`` / ``encoder.lr`` (before the network is built)."""
+        self.adapt = check_adapt(adapt)
+        self.lora = lora_settings(lora, self.lora_targets) if self.adapt == "lora" else None
+        if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0):
+            raise AdaptationError(f"encoder.lr={lr!r} must be a positive number, or null for model.lr")
+        self.lr = None if lr is None else float(lr)
+
+    def apply_adaptation(self, seed: int) -> None:
+        """Make the (loaded, frozen) network trainable as ``adapt`` says; LoRA's initial adapters from ``seed``."""
+        if self.adapt == "full":
+            self.model.requires_grad_(True)
+        elif self.lora is not None:
+            with torch.random.fork_rng(devices=[]):  # the adapters' initial A matrices, the same in every process
+                torch.manual_seed(seed)
+                inject_lora(
+                    self.model, self.lora, *lora_module_names(self.model, self.lora_scope, self.lora["targets"])
+                )
+
+    def options(self) -> dict[str, Any]:
+        """The constructor keywords; a frozen encoder's leave out the adaptation keys (recorded as before them)."""
+        options = super().options()  # type: ignore[misc]
+        if self.adapt == "frozen":
+            options = {k: v for k, v in options.items() if k not in ADAPT_KEYS}
+        return options
+
+    def train(self, mode: bool = True) -> Any:
+        """A frozen encoder stays in eval mode whatever the trainer asks; an adapted one follows the trainer."""
+        return super().train(mode and self.adapt != "frozen")  # type: ignore[misc]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that train with ``adapt`` (none when frozen; LoRA adapters; every one when full)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def tuned_keys(self) -> list[str]:
+        """Keys of ``state_dict()`` that checkpoints and exports carry: none when frozen (rebuilt from the weights
+        file), the adapters' with LoRA, every tensor with full fine-tuning."""
+        if self.adapt == "frozen":
+            return []
+        keys = list(self.state_dict())  # type: ignore[attr-defined]
+        return [k for k in keys if "lora_" in k] if self.adapt == "lora" else keys
+
+    def load_tuned_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load the tuned tensors a checkpoint or export carries (:meth:`tuned_keys`), refusing any other set."""
+        tuned = set(self.tuned_keys())
+        details = state_dict_mismatch({k: v for k, v in self.state_dict().items() if k in tuned}, state)  # type: ignore[attr-defined]
+        if details:
+            raise AdaptationError(
+                f"{source}: its tuned encoder tensors do not fit encoder.adapt={self.adapt} ({details})"
+            )
+        if state:
+            self.load_state_dict(dict(state), strict=False)  # type: ignore[attr-defined]
+
+    def adaptation(self) -> dict[str, Any]:
+        """The identity entries of the adaptation: ``{}`` when frozen (identities as before adaptation existed),
+        else ``adapt`` and, with LoRA, its settings. ``weights`` stays the base weights' digest; the tuned tensors
+        travel in checkpoints and exports (:meth:`tuned_keys`)."""
+        if self.adapt == "frozen":
+            return {}
+        return {"adapt": self.adapt, **({"lora": dict(self.lora)} if self.lora is not None else {})}

@@ -32,14 +32,7 @@ from torch import nn
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest
-from deeploc.models.encoders.adaptation import (
-    AdaptationError,
-    check_adapt,
-    inject_lora,
-    lora_module_names,
-    lora_settings,
-)
-from deeploc.models.state_dicts import state_dict_mismatch
+from deeploc.models.encoders.adaptation import Adaptable
 from deeploc.registry import RecordsOptions, Registry
 
 __all__ = [
@@ -56,9 +49,6 @@ ENCODERS: Registry[type[FrozenEncoder]] = Registry("encoder", "deeploc.models.en
 
 # Identity keys every encoder has; the others are its architecture keywords.
 _BASE_KEYS = ("kind", "image_size", "weights", "preprocessing", "precision")
-# Constructor keywords of the adaptation (encoder.adapt, encoder.lora, encoder.lr); left out of the recorded
-# options of a frozen encoder, so frozen runs record exactly what they did before adaptation existed.
-_ADAPT_KEYS = ("adapt", "lora", "lr")
 _RANDOM_WEIGHTS = re.compile(r"^random:seed=(-?\d+)$")
 _SHA256_WEIGHTS = re.compile(r"^sha256:([0-9a-f]{64})$")
 
@@ -75,7 +65,7 @@ class FeatureSpec:
     stride: float
 
 
-class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
+class FrozenEncoder(Adaptable, RecordsOptions, nn.Module, abc.ABC):
     """Base class of frozen encoders (see the module docstring for the contract).
 
     Args:
@@ -101,9 +91,6 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
     selection_keys: ClassVar[tuple[str, ...]] = ()
     #: What a user downloads to get real weights, for messages.
     weights_hint: ClassVar[str] = "the official weights file"
-    #: Module-name suffixes LoRA adapts by default (the attention projections), and the module they live under.
-    lora_targets: ClassVar[tuple[str, ...]] = ("qkv", "proj")
-    lora_scope: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -117,11 +104,7 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         lr: float | None = None,
     ) -> None:
         super().__init__()
-        self.adapt = check_adapt(adapt)
-        self.lora = lora_settings(lora, self.lora_targets) if self.adapt == "lora" else None
-        if lr is not None and (not isinstance(lr, int | float) or lr <= 0):
-            raise AdaptationError(f"encoder.lr={lr!r} must be a positive number, or null for model.lr")
-        self.lr = None if lr is None else float(lr)
+        self.setup_adaptation(adapt, lora, lr)
         if checkpoint is None and not random_init:
             raise EncoderError(
                 f"encoder.checkpoint is not set. Point it at {self.weights_hint} or set encoder.random_init=true "
@@ -155,14 +138,7 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
             self.weights = f"random:seed={seed}"
         self.model.requires_grad_(False)
         self.model.eval()
-        if self.adapt == "full":
-            self.model.requires_grad_(True)
-        elif self.lora is not None:
-            with torch.random.fork_rng(devices=[]):  # the adapters' initial A matrices, the same in every process
-                torch.manual_seed(seed)
-                inject_lora(
-                    self.model, self.lora, *lora_module_names(self.model, self.lora_scope, self.lora["targets"])
-                )
+        self.apply_adaptation(seed)
 
     # ------------------------------------------------------------------ what subclasses provide
     @property
@@ -201,29 +177,6 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         main = next((str(v) for v in arch.values() if isinstance(v, str)), self.registry_name)
         return f"{main}@{self.image_size}"
 
-    def options(self) -> dict[str, Any]:
-        """The constructor keywords; a frozen encoder's leave out the adaptation keys (recorded as before them)."""
-        options = super().options()
-        if self.adapt == "frozen":
-            options = {k: v for k, v in options.items() if k not in _ADAPT_KEYS}
-        return options
-
-    def train(self, mode: bool = True) -> FrozenEncoder:
-        """A frozen encoder stays in eval mode whatever the trainer asks; an adapted one follows the trainer."""
-        return super().train(mode and self.adapt != "frozen")
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters that train with ``adapt`` (none when frozen; LoRA adapters; every one when full)."""
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def tuned_keys(self) -> list[str]:
-        """Keys of :meth:`state_dict` that checkpoints and exports carry: none when frozen (rebuilt from the
-        weights file), the adapters' with LoRA, every tensor with full fine-tuning."""
-        if self.adapt == "frozen":
-            return []
-        keys = list(self.state_dict())
-        return [k for k in keys if "lora_" in k] if self.adapt == "lora" else keys
-
     def compute_precision(self) -> str:
         """bf16 autocast on capable GPUs, else fp32 (depends on where the encoder sits now)."""
         param = next(self.model.parameters(), None)
@@ -235,25 +188,6 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         identity = self.identity_of(self.architecture(), self.image_size, self.weights, self.compute_precision())
         identity["preprocessing"] = self.preprocessing  # an instance may derive it (timm: the model's config)
         return {**identity, **self.adaptation()}
-
-    def load_tuned_state(self, state: Mapping[str, torch.Tensor], source: str) -> None:
-        """Load the tuned tensors a checkpoint or export carries (:meth:`tuned_keys`), refusing any other set."""
-        details = state_dict_mismatch({k: v for k, v in self.state_dict().items() if k in self.tuned_keys()}, state)
-        if details:
-            raise EncoderError(
-                f"{source}: its tuned encoder tensors do not fit encoder.adapt={self.adapt} of {self.describe()} "
-                f"({details})"
-            )
-        if state:
-            self.load_state_dict(dict(state), strict=False)
-
-    def adaptation(self) -> dict[str, Any]:
-        """The identity entries of the adaptation: ``{}`` when frozen (identities as before adaptation existed),
-        else ``adapt`` and, with LoRA, its settings. ``weights`` stays the base weights' digest; the tuned tensors
-        travel in checkpoints and exports (:meth:`tuned_keys`)."""
-        if self.adapt == "frozen":
-            return {}
-        return {"adapt": self.adapt, **({"lora": dict(self.lora)} if self.lora is not None else {})}
 
     @classmethod
     def identity_of(
