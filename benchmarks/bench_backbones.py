@@ -72,9 +72,9 @@ def one_mode(args: argparse.Namespace) -> dict[str, Any]:
     encoder = build_encoder(**encoder_options(args), adapt=adapt)
     name = next(iter(encoder.feature_specs))
     decoder = build_decoder("conv", encoder.feature_specs, encoder.target_stride, inputs=name, depth=4)
-    model = LocalizationModule(encoder=encoder, decoder=decoder)
+    model = LocalizationModule(encoder=encoder, decoder=decoder).to(args.device)
     optimizer = model.configure_optimizers()
-    data = batch(args)
+    data = {k: v.to(args.device) for k, v in batch(args).items()}
     if args.mode == "cache":
         with torch.no_grad():
             data = {"features": {k: v.half() for k, v in encoder(data["image"], names=(name,)).items()},
@@ -89,6 +89,8 @@ def one_mode(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad()
         F.binary_cross_entropy_with_logits(logits, target).backward()
         optimizer.step()
+        if args.device != "cpu":
+            torch.cuda.synchronize()
         if step >= 2:
             times.append(time.perf_counter() - start)
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
@@ -96,6 +98,7 @@ def one_mode(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
         "step_s": statistics.median(times),
         "peak_rss_mib": peak_rss_kib() / 1024,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu" else None,
         "rss_after_build_mib": rss_built / 1024,
         "trainable_params": trainable,
         "encoder": encoder.describe(),
@@ -108,13 +111,13 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     from deeploc.evaluation.knn_probe import ProbeSettings, build_banks, probe_scores
     from deeploc.models.encoders import build_encoder
 
-    encoder = build_encoder(**encoder_options(args))
+    encoder = build_encoder(**encoder_options(args)).to(args.device)
     settings = ProbeSettings(k=10, bank_size=args.bank)
     cells = (args.image_size // 14) ** 2
     n_train = -(-args.bank // cells)  # enough images to fill the bank
     train = [batch(args, seed) for seed in range(-(-n_train // args.batch))]
     start = time.perf_counter()
-    banks = build_banks(train, encoder, tuple(encoder.feature_specs), len(train) * args.batch, settings)
+    banks = build_banks(train, encoder, tuple(encoder.feature_specs), len(train) * args.batch, settings, args.device)
     bank_s = time.perf_counter() - start
     test = [
         {**batch(args, 1000 + i), "index": torch.arange(args.batch) + i * args.batch}
@@ -124,10 +127,10 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     with torch.no_grad():
         for b in test:
-            encoder(b["image"])
+            encoder(b["image"].to(args.device))
     encoder_s = time.perf_counter() - start
     start = time.perf_counter()
-    probe_scores(test, encoder, banks, settings)
+    probe_scores(test, encoder, banks, settings, args.device)
     test_s = time.perf_counter() - start
     return {
         "bank_patches": len(next(iter(banks.values()))),
@@ -150,6 +153,7 @@ def main() -> None:
     parser.add_argument("--bank", type=int, default=65_536)
     parser.add_argument("--test-images", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the encoder then runs in bf16 autocast)")
     parser.add_argument("--mode", choices=(*MODES, "probe"), help=argparse.SUPPRESS)  # one measurement, internal
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -159,7 +163,7 @@ def main() -> None:
     if args.mode:
         print(json.dumps(one_mode(args) if args.mode != "probe" else probe(args)))
         return
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    forwarded = [a for a in sys.argv[1:] if not a.startswith("--json") and a != str(args.json)]
     rows = {}
     for mode in (*MODES, "probe"):
         proc = subprocess.run([sys.executable, __file__, *forwarded, "--mode", mode], capture_output=True, text=True)
@@ -168,15 +172,21 @@ def main() -> None:
         rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     threads = torch.get_num_threads()
     first = rows["cache"]
-    print(f"CPU, {threads} threads; torch {torch.__version__}; encoder {first['encoder']} (random weights), map "
-          f"{first['map']}; CONV-4 decoder; batch {args.batch}; median of {args.steps} steps after 2 warm-up steps\n")
-    print("| mode | s / step | vs cache | vs stream | trainable params | peak RSS MiB | RSS after build MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    where = f"CPU, {threads} threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(
+        f"{where}; torch {torch.__version__}; encoder {first['encoder']} (random weights), map "
+        f"{first['map']}; CONV-4 decoder; batch {args.batch}; median of {args.steps} steps after 2 warm-up steps\n"
+    )
+    print(
+        "| mode | s / step | vs cache | vs stream | trainable params | peak RSS MiB | RSS after build MiB | peak GPU MiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in MODES:
         r = rows[mode]
+        gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
         print(f"| {mode} | {r['step_s']:.3f} | {r['step_s'] / rows['cache']['step_s']:.1f} | "
               f"{r['step_s'] / rows['stream']['step_s']:.2f} | {r['trainable_params']:,} | {r['peak_rss_mib']:.0f} | "
-              f"{r['rss_after_build_mib']:.0f} |")  # fmt: skip
+              f"{r['rss_after_build_mib']:.0f} | {gpu} |")  # fmt: skip
     p = rows["probe"]
     print(f"\nk-NN probe: bank {p['bank_patches']:,} patches from {p['train_images']} images in {p['bank_s']:.1f} s; "
           f"test {p['test_s_per_1000']:.1f} s per 1000 images (encoder {p['encoder_s_per_1000']:.1f} s, k-NN + "
