@@ -202,6 +202,8 @@ def test_lora_run_trains_and_predicts_end_to_end(shared_workdir: Path, tmp_path:
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["test"]
+    # The report tells adapted runs apart by the encoder's name (never averaged with frozen ones).
+    assert metrics["config"]["encoder"] == "vit_small_patch14_dinov2 (lora rank 8)"
     ckpt = torch.load(next(run_dir.glob("checkpoints/*.ckpt")), map_location="cpu", weights_only=True)
     assert ckpt["deeploc"]["encoder"]["adapt"] == "lora"
     assert any("lora_B" in k for k in ckpt["state_dict"])

@@ -170,6 +170,16 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     return None if newest is None else str(newest)
 
 
+def adapted_name(identity: dict[str, Any]) -> str:
+    """The encoder's name in metrics.json: its config (SAM2, CLIP) or timm model, plus its adaptation when adapted
+    (``vit_large_patch14_dinov2 (lora rank 8)``); a frozen encoder's name is as before adaptation existed."""
+    name = str(identity.get("config", identity.get("model", identity["kind"])))
+    if "adapt" not in identity:
+        return name
+    rank = f" rank {identity['lora']['rank']}" if "lora" in identity else ""
+    return f"{name} ({identity['adapt']}{rank})"
+
+
 def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> dict[str, Any]:
     """What identifies a run in tables: every setting that changes its scores (deeploc.report.provenance reads them back)
     and the data it used, plus how the maps were served (``features``: cache or stream). The full config is in
@@ -193,7 +203,8 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
         "subset": cfg.subset,
         "subsets": list(cfg.data.subsets),
         "encoder_kind": encoder["kind"],
-        "encoder": encoder.get("config", encoder["kind"]),
+        # An adapted encoder is another setting (deeploc-report never averages it with the frozen one): named here.
+        "encoder": adapted_name(encoder),
         "encoder_overrides": encoder.get("overrides") or {},
         "encoder_weights": "random" if model.encoder.weights.startswith("random") else str(model.encoder.checkpoint),
         # sha256 of the checkpoint or the random-weight seed, as the encoder computed it for its identity.
