@@ -161,6 +161,7 @@ class CLIPEncoder(FrozenEncoder):
         image_size: input side, a multiple of the patch size; real weights fix it (ViT-L-14: 224).
         random_init, seed: seeded random weights instead of a checkpoint (demos and tests only).
         bf16: run under bfloat16 autocast on CUDA devices (off by default: DeCLIP runs CLIP in float32).
+        adapt, lora, lr: adaptation of the encoder's weights (``frozen``, ``lora``, ``full``; :mod:`.adaptation`).
     """
 
     family = "CLIP"
