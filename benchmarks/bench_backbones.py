@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import peak_rss_kib  # noqa: E402
+from timing import peak_rss_kib
 
 MODES = ("cache", "stream", "lora", "full")
 
