@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError
 from deeploc.metrics import OPTIMIZED_METRICS, metric_specs, recorded_convention
+from deeploc.models.encoders import identity_name
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.naming import changed_inputs
@@ -170,16 +171,6 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     return None if newest is None else str(newest)
 
 
-def adapted_name(identity: dict[str, Any]) -> str:
-    """The encoder's name in metrics.json: its config (SAM2, CLIP) or timm model, plus its adaptation when adapted
-    (``vit_large_patch14_dinov2 (lora rank 8)``); a frozen encoder's name is as before adaptation existed."""
-    name = str(identity.get("config", identity.get("model", identity["kind"])))
-    if "adapt" not in identity:
-        return name
-    rank = f" rank {identity['lora']['rank']}" if "lora" in identity else ""
-    return f"{name} ({identity['adapt']}{rank})"
-
-
 def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> dict[str, Any]:
     """What identifies a run in tables: every setting that changes its scores (deeploc.report.provenance reads them back)
     and the data it used, plus how the maps were served (``features``: cache or stream). The full config is in
@@ -204,7 +195,7 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
         "subsets": list(cfg.data.subsets),
         "encoder_kind": encoder["kind"],
         # An adapted encoder is another setting (deeploc-report never averages it with the frozen one): named here.
-        "encoder": adapted_name(encoder),
+        "encoder": identity_name(encoder),
         "encoder_overrides": encoder.get("overrides") or {},
         "encoder_weights": "random" if model.encoder.weights.startswith("random") else str(model.encoder.checkpoint),
         # sha256 of the checkpoint or the random-weight seed, as the encoder computed it for its identity.

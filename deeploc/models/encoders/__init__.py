@@ -14,6 +14,7 @@ from deeploc.models.encoders.base import (
     build_encoder,
     encoder_from_identity,
     file_digest,
+    identity_name,
     same_encoder,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "build_encoder",
     "encoder_from_identity",
     "file_digest",
+    "identity_name",
     "same_encoder",
 ]

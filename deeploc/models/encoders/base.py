@@ -42,6 +42,7 @@ __all__ = [
     "FrozenEncoder",
     "build_encoder",
     "file_digest",
+    "identity_name",
     "same_encoder",
 ]
 
@@ -333,6 +334,17 @@ def encoder_from_identity(
             "(another deeploc version with other preprocessing?)"
         )
     return encoder
+
+
+def identity_name(identity: Mapping[str, Any]) -> str:
+    """An encoder's name in metrics.json and messages: its config (SAM2, CLIP) or timm model, plus its adaptation
+    when adapted (``vit_large_patch14_dinov2 (lora rank 8)``), so reports never average it with the frozen one; a
+    frozen encoder's name is what it was before adaptation existed."""
+    name = str(identity.get("config", identity.get("model", identity.get("kind", "sam2"))))
+    if "adapt" not in identity:
+        return name
+    rank = f" rank {identity['lora']['rank']}" if "lora" in identity else ""
+    return f"{name} ({identity['adapt']}{rank})"
 
 
 def same_encoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
