@@ -44,8 +44,8 @@ def tiny(shared: Path, features: Path, *overrides: str) -> list[str]:
 def test_backbones_experiment_pairs_each_configuration_with_its_encoder() -> None:
     jobs = sweep_jobs(CONF, ["experiment=backbones", "data=dolos", "data.root=/data/wacv_data"])
     grid = {(job[0], job[1]) for job in jobs}  # the swept keys come first: arch, subset_index
-    archs = {f"arch={arch}" for arch in STUDY_ARCHS | {"conv20_layer20"}}
-    assert len(jobs) == 24 and grid == {(a, f"subset_index={i}") for a in archs for i in range(4)}
+    archs = {f"arch={arch}" for arch in STUDY_ARCHS | {"conv20_layer20", "conv20_dinov2_layer20"}}
+    assert len(jobs) == 28 and grid == {(a, f"subset_index={i}") for a in archs for i in range(4)}
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for job in (job for job in jobs if "subset_index=3" in job):  # one job per configuration
             cfg = compose("train", overrides=job, return_hydra_config=True)
@@ -59,6 +59,13 @@ def test_backbones_experiment_pairs_each_configuration_with_its_encoder() -> Non
                     "layer20",
                     20,
                 )
+            elif arch == "conv20_dinov2_layer20":  # CONV-20 on block 20 of DINOv2 ViT-L/14 (docs/backbones.md)
+                assert (cfg.encoder.model, cfg.feature.name, cfg.decoder.depth) == (
+                    "vit_large_patch14_dinov2",
+                    "layer20",
+                    20,
+                )
+                assert 20 in cfg.encoder.layers
             else:  # the study's backbone for its configurations
                 assert cfg.encoder.config == "sam2.1_hiera_s" and cfg.encoder.image_size == 1024
 

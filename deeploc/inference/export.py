@@ -1,6 +1,7 @@
 """The export file format: a trained decoder as ONE self-describing safetensors file.
 
-An export holds the decoder's tensors (its ``state_dict()``, BatchNorm statistics included; no encoder weights) and,
+An export holds the decoder's tensors (its ``state_dict()``, BatchNorm statistics included; no encoder weights, except
+the tuned tensors of an adapted encoder, LoRA adapters or a fully tuned encoder, under ``encoder.``) and,
 in the safetensors header's ``__metadata__`` under the key ``deeploc``, a JSON document that says how to rebuild
 everything else:
 
@@ -58,6 +59,7 @@ __all__ = [
     "is_export",
     "metadata_digest",
     "read_export",
+    "split_encoder_state",
     "write_export",
 ]
 
@@ -88,6 +90,18 @@ def decoder_digest(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"sha256:{digest.hexdigest()}"
+
+
+ENCODER_PREFIX = "encoder."
+
+
+def split_encoder_state(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(decoder tensors, tuned encoder tensors without their ``encoder.`` prefix) of an export's tensors."""
+    decoder = {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIX)}
+    encoder = {k.removeprefix(ENCODER_PREFIX): v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    return decoder, encoder
 
 
 def write_export(out: str | os.PathLike[str], state: Mapping[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -194,7 +208,8 @@ def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[st
     )  # the weights fit the record before anything is written
     if out is None:
         out = RunDir(run_dir).export_file if run_dir is not None else ckpt_path.parent / "decoder.safetensors"
-    return write_export(out, state, export_metadata(info, metrics, source, _data_config(run_dir)))
+    tensors = {**state, **{ENCODER_PREFIX + k: v for k, v in info.get("encoder_state", {}).items()}}
+    return write_export(out, tensors, export_metadata(info, metrics, source, _data_config(run_dir)))
 
 
 def is_export(path: Path) -> bool:

@@ -18,9 +18,15 @@ from typing import Any
 import torch
 
 from deeploc.data.roles import describe_training
-from deeploc.inference.export import export_metadata, is_export, read_export
+from deeploc.inference.export import export_metadata, is_export, read_export, split_encoder_state
 from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
-from deeploc.models.encoders import EncoderError, FrozenEncoder, MissingWeightsError, encoder_from_identity
+from deeploc.models.encoders import (
+    AdaptationError,
+    EncoderError,
+    FrozenEncoder,
+    MissingWeightsError,
+    encoder_from_identity,
+)
 from deeploc.models.state_dicts import state_dict_mismatch
 from deeploc.registry import UnknownComponentError
 from deeploc.runs.checkpoints import (
@@ -143,10 +149,12 @@ def _build_module(
 ) -> Any:
     from deeploc.training.module import LocalizationModule
 
+    state, tuned = split_encoder_state(state)
     decoder = decoder_with_weights(metadata["decoder"], state, source)
     try:
+        encoder.load_tuned_state(tuned, source)  # an adapted encoder's adapters / tuned weights
         module = LocalizationModule(encoder=encoder, decoder=decoder)
-    except DecoderError as exc:
+    except (DecoderError, AdaptationError) as exc:
         raise IncompatibleModelError(f"{source}: {exc}") from exc
     return module.to(device).eval()
 
@@ -171,6 +179,7 @@ def load_model_and_metadata(
     else:
         ckpt_path = resolve_checkpoint(p)
         state, info = read_checkpoint(ckpt_path)
+        state = {**state, **{f"encoder.{k}": v for k, v in info["encoder_state"].items()}}
         run_dir = p if p.is_dir() else run_dir_of(ckpt_path)
         if run_dir is not None:
             check_run_checkpoint(run_dir, ckpt_path, info)

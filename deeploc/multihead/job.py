@@ -69,6 +69,12 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
             "trainer.gradient_clip_val with heads: the clipping norm would mix the gradients of all heads, so no head "
             "would train as in its own run; train the heads one by one (deeploc-train -m arch=...) to clip gradients"
         )
+    adapt = cfg.encoder.get("adapt", "frozen")
+    if adapt != "frozen":  # the heads share one encoder pass: each head would need its own adapted encoder
+        raise ConfigError(
+            f"encoder.adapt={adapt}: a multi-head job shares one frozen encoder pass among its heads, so it cannot "
+            "adapt the encoder; train adapted runs one by one (drop heads=, or set encoder.adapt=frozen)"
+        )
     heads = compose_heads(cfg, HydraConfig.get())
     job = run_directory(cfg)
     check_run_folders(heads, job.path)

@@ -19,6 +19,7 @@ import torch
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest
+from deeploc.models.encoders import identity_name
 from deeploc.runs.rundir import RunDir
 
 __all__ = [
@@ -113,6 +114,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         "encoder": dict(ckpt["deeploc"]["encoder"]),
         "encoder_options": {"bf16": bool(encoder_config.get("bf16", True))},
         "encoder_checkpoint_path": encoder_config.get("checkpoint"),
+        # The tuned encoder tensors of an adapted run (LoRA adapters, a fully tuned encoder); empty when frozen.
+        "encoder_state": {
+            k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")
+        },
         "hyperparameters": {k: v for k, v in hparams.items() if k not in ("encoder", "decoder", "feature", "depth")},
         "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"),
@@ -179,7 +184,7 @@ def _encoder_summary(info: Mapping[str, Any], expected: Mapping[str, Any]) -> st
         weights = str(info.get("encoder_checkpoint_path"))  # runs name the weights file by its path
     elif expected.get("seeded") is False:
         weights = "random"  # metrics.json of deeploc <= 0.1 recorded "random" without the seed
-    return _encoder_text(identity.get("config", identity.get("kind")), identity["image_size"], weights)
+    return _encoder_text(identity_name(identity), identity["image_size"], weights)
 
 
 def _encoder_text(name: Any, image_size: Any, weights: Any) -> str:

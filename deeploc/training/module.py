@@ -129,13 +129,23 @@ class LocalizationModule(L.LightningModule):
 
     # ----------------------------------------------------------------- forward
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The decoder's input maps for a batch: cached features, or the frozen encoder run on the images."""
+        """The decoder's input maps for a batch: cached features, or the encoder run on the images."""
         maps = batch["features"] if "features" in batch else self.encoder(batch["image"], names=self.decoder.inputs)
         out = {}
         for name in self.decoder.inputs:
             fmap = maps[name].float()
             out[name] = fmap.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else fmap
         return out
+
+    def served_maps(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`features` of a data loader's batch, refusing cached maps for an adapted encoder (they are the
+        frozen encoder's: training or scoring on them would silently ignore the adaptation)."""
+        if "features" in batch and self.encoder.adapt != "frozen":
+            raise DeeplocError(
+                f"encoder.adapt={self.encoder.adapt} trains the encoder, so its maps cannot come from the feature "
+                "cache; set features=stream"
+            )
+        return self.features(batch)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decoder logits ``B x 1 x h x w`` at the encoder's target stride."""
@@ -174,13 +184,13 @@ class LocalizationModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(self.features(batch))
+        logits = self(self.served_maps(batch))
         loss = self._loss(logits, batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self(self.features(batch))
+        logits = self(self.served_maps(batch))
         self.log(
             "val/loss", self._loss(logits, batch["mask"]), prog_bar=True, batch_size=logits.shape[0], sync_dist=True
         )
@@ -233,7 +243,7 @@ class LocalizationModule(L.LightningModule):
         ).to(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        maps = self.features(batch)
+        maps = self.served_maps(batch)
         if "name" in batch:
             self.test_maps.add(self.test_names[dataloader_idx], maps, batch["name"])
         logits = self(maps)
@@ -254,12 +264,24 @@ class LocalizationModule(L.LightningModule):
 
     # --------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.decoder.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(self.param_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def param_groups(self) -> Any:
+        """What the optimizer trains: the decoder's parameters (frozen encoder: exactly as before adaptation
+        existed), plus a group of the adapted encoder's trainable ones at ``encoder.lr`` (default ``model.lr``)."""
+        trainable = self.encoder.trainable_parameters()
+        if not trainable:
+            return self.decoder.parameters()
+        encoder_lr = self.encoder.lr if self.encoder.lr is not None else self.hparams.lr
+        return [{"params": list(self.decoder.parameters())}, {"params": trainable, "lr": encoder_lr}]
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        frozen = [k for k in checkpoint["state_dict"] if k.startswith("encoder.")]
-        if any(p.requires_grad for p in self.encoder.parameters()):
+        # Frozen weights are rebuilt from the weights file; tuned ones (LoRA adapters, a fully tuned encoder) stay.
+        tuned = {f"encoder.{k}" for k in self.encoder.tuned_keys()}
+        frozen = [k for k in checkpoint["state_dict"] if k.startswith("encoder.") and k not in tuned]
+        named = dict(self.named_parameters())
+        if any(named[k].requires_grad for k in frozen if k in named):
             raise RuntimeError("refusing to drop encoder weights from the checkpoint: some are trainable")
         for key in frozen:
             del checkpoint["state_dict"][key]
@@ -280,6 +302,13 @@ class LocalizationModule(L.LightningModule):
             raise IncompatibleCheckpointError(
                 f"checkpoint was trained on encoder {meta['encoder']}, but the current config builds {ours}; "
                 "use the encoder settings the run was trained with (its .hydra/config.yaml)"
+            )
+        tuned = [f"encoder.{k}" for k in self.encoder.tuned_keys()]
+        missing = [k for k in tuned if k not in checkpoint["state_dict"]]
+        if missing:
+            raise IncompatibleCheckpointError(
+                f"checkpoint lacks {len(missing)} tuned encoder tensor(s) of encoder.adapt={self.encoder.adapt} "
+                f"(e.g. {missing[0]}): it was not written by this adapted run"
             )
         theirs = checkpoint_decoder_record(checkpoint)
         decoder_state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("encoder.")}

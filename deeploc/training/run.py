@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError
 from deeploc.metrics import OPTIMIZED_METRICS, metric_specs, recorded_convention
+from deeploc.models.encoders import identity_name
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.naming import changed_inputs
@@ -172,7 +173,8 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
         "subset": cfg.subset,
         "subsets": list(cfg.data.subsets),
         "encoder_kind": encoder["kind"],
-        "encoder": encoder.get("config", encoder["kind"]),
+        # An adapted encoder is another setting (deeploc-report never averages it with the frozen one): named here.
+        "encoder": identity_name(encoder),
         "encoder_overrides": encoder.get("overrides") or {},
         "encoder_weights": "random" if model.encoder.weights.startswith("random") else str(model.encoder.checkpoint),
         # sha256 of the checkpoint or the random-weight seed, as the encoder computed it for its identity.

@@ -4,6 +4,7 @@ Built-ins register themselves (``@ENCODERS.register("sam2")``) and are found by 
 ``build_encoder(kind, **kwargs)`` builds one and ``encoder_from_identity`` rebuilds one from a checkpoint's record.
 """
 
+from deeploc.models.encoders.adaptation import ADAPTATIONS, AdaptationError
 from deeploc.models.encoders.base import (
     ENCODERS,
     EncoderError,
@@ -13,11 +14,14 @@ from deeploc.models.encoders.base import (
     build_encoder,
     encoder_from_identity,
     file_digest,
+    identity_name,
     same_encoder,
 )
 
 __all__ = [
+    "ADAPTATIONS",
     "ENCODERS",
+    "AdaptationError",
     "EncoderError",
     "FeatureSpec",
     "FrozenEncoder",
@@ -25,5 +29,6 @@ __all__ = [
     "build_encoder",
     "encoder_from_identity",
     "file_digest",
+    "identity_name",
     "same_encoder",
 ]

@@ -32,6 +32,7 @@ from torch import nn
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest
+from deeploc.models.encoders.adaptation import Adaptable
 from deeploc.registry import RecordsOptions, Registry
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "FrozenEncoder",
     "build_encoder",
     "file_digest",
+    "identity_name",
     "same_encoder",
 ]
 
@@ -64,7 +66,7 @@ class FeatureSpec:
     stride: float
 
 
-class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
+class FrozenEncoder(Adaptable, RecordsOptions, nn.Module, abc.ABC):
     """Base class of frozen encoders (see the module docstring for the contract).
 
     Args:
@@ -73,6 +75,9 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         random_init: seeded random weights instead (tests, demos); every run says so loudly.
         seed: seed of the random weights, so every process rebuilds the same encoder.
         bf16: compute under bfloat16 autocast on CUDA devices that support it.
+        adapt: ``frozen`` (default), ``lora`` or ``full``: which encoder weights train (:mod:`.adaptation`).
+        lora: LoRA settings (``rank``, ``alpha``, ``targets``, ``dropout``) for ``adapt=lora``.
+        lr: learning rate of the encoder's trainable parameters (None: the decoder's, ``model.lr``).
     """
 
     registry_name: ClassVar[str]
@@ -95,8 +100,12 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         random_init: bool = False,
         seed: int = 0,
         bf16: bool = True,
+        adapt: str = "frozen",
+        lora: Mapping[str, Any] | None = None,
+        lr: float | None = None,
     ) -> None:
         super().__init__()
+        self.setup_adaptation(adapt, lora, lr)
         if checkpoint is None and not random_init:
             raise EncoderError(
                 f"encoder.checkpoint is not set. Point it at {self.weights_hint} or set encoder.random_init=true "
@@ -130,6 +139,7 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
             self.weights = f"random:seed={seed}"
         self.model.requires_grad_(False)
         self.model.eval()
+        self.apply_adaptation(seed)
 
     # ------------------------------------------------------------------ what subclasses provide
     @property
@@ -168,10 +178,6 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
         main = next((str(v) for v in arch.values() if isinstance(v, str)), self.registry_name)
         return f"{main}@{self.image_size}"
 
-    def train(self, mode: bool = True) -> FrozenEncoder:
-        """The encoder is frozen: it stays in eval mode whatever the trainer asks."""
-        return super().train(False)
-
     def compute_precision(self) -> str:
         """bf16 autocast on capable GPUs, else fp32 (depends on where the encoder sits now)."""
         param = next(self.model.parameters(), None)
@@ -180,7 +186,9 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
 
     def identity(self) -> dict[str, Any]:
         """Everything that determines the features (see the module docstring); ``precision`` is where it runs."""
-        return self.identity_of(self.architecture(), self.image_size, self.weights, self.compute_precision())
+        identity = self.identity_of(self.architecture(), self.image_size, self.weights, self.compute_precision())
+        identity["preprocessing"] = self.preprocessing  # an instance may derive it (timm: the model's config)
+        return {**identity, **self.adaptation()}
 
     @classmethod
     def identity_of(
@@ -233,9 +241,13 @@ class FrozenEncoder(RecordsOptions, nn.Module, abc.ABC):
                 f"it provides {list(self.feature_specs)}"
             ) from None
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Feature maps (float32, ``B x C x h x w``) by name: all of them unless ``names`` picks some."""
+        """Feature maps (float32, ``B x C x h x w``) by name: all of them unless ``names`` picks some. Gradients
+        flow only through an adapted encoder (and only where grad mode is on)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.adapt != "frozen"):
+            return self._maps(images, names)
+
+    def _maps(self, images: torch.Tensor, names: Sequence[str] | None) -> dict[str, torch.Tensor]:
         wanted = tuple(names) if names else tuple(self.feature_specs)
         for name in wanted:
             self.spec(name)
@@ -322,6 +334,17 @@ def encoder_from_identity(
             "(another deeploc version with other preprocessing?)"
         )
     return encoder
+
+
+def identity_name(identity: Mapping[str, Any]) -> str:
+    """An encoder's name in metrics.json and messages: its config (SAM2, CLIP) or timm model, plus its adaptation
+    when adapted (``vit_large_patch14_dinov2 (lora rank 8)``), so reports never average it with the frozen one; a
+    frozen encoder's name is what it was before adaptation existed."""
+    name = str(identity.get("config", identity.get("model", identity.get("kind", "sam2"))))
+    if "adapt" not in identity:
+        return name
+    rank = f" rank {identity['lora']['rank']}" if "lora" in identity else ""
+    return f"{name} ({identity['adapt']}{rank})"
 
 
 def same_encoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -161,6 +161,7 @@ class CLIPEncoder(FrozenEncoder):
         image_size: input side, a multiple of the patch size; real weights fix it (ViT-L-14: 224).
         random_init, seed: seeded random weights instead of a checkpoint (demos and tests only).
         bf16: run under bfloat16 autocast on CUDA devices (off by default: DeCLIP runs CLIP in float32).
+        adapt, lora, lr: adaptation of the encoder's weights (``frozen``, ``lora``, ``full``; :mod:`.adaptation`).
     """
 
     family = "CLIP"
@@ -168,6 +169,9 @@ class CLIPEncoder(FrozenEncoder):
     preprocessing = "bilinear-antialias-resize+clip-norm"
     selection_keys = ("layers",)  # which blocks are returned, not their values: one cache for every layer list
     weights_hint = "OpenAI's ViT-L-14.pt (docs/clip.md)"
+    # The attention of each block (torch's MultiheadAttention: its joint q/k/v projection, see .adaptation).
+    lora_targets = ("attn",)
+    lora_scope = "transformer"
 
     def __init__(
         self,
@@ -178,6 +182,9 @@ class CLIPEncoder(FrozenEncoder):
         random_init: bool = False,
         seed: int = 0,
         bf16: bool = False,
+        adapt: str = "frozen",
+        lora: Mapping[str, Any] | None = None,
+        lr: float | None = None,
     ) -> None:
         if config not in ARCHITECTURES:
             raise EncoderError(
@@ -192,7 +199,7 @@ class CLIPEncoder(FrozenEncoder):
                 f"encoder.image_size={image_size!r} must be a positive multiple of {config}'s "
                 f"{self.vit.patch_size}-px patches (DeCLIP: 224)"
             )
-        super().__init__(image_size, checkpoint, random_init, seed, bf16)
+        super().__init__(image_size, checkpoint, random_init, seed, bf16, adapt, lora, lr)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 

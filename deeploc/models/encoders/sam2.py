@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,7 @@ class SAM2Encoder(FrozenEncoder):
         image_size: encoder input side (multiple of 32); the study uses 1024.
         random_init, seed: seeded random weights instead of a checkpoint (demos and tests only).
         overrides: dotted keys under ``model`` to change in the SAM2 config.
+        adapt, lora, lr: adaptation of the encoder's weights (``frozen``, ``lora``, ``full``; :mod:`.adaptation`).
         bf16: run the encoder under bfloat16 autocast on CUDA devices.
     """
 
@@ -186,6 +188,8 @@ class SAM2Encoder(FrozenEncoder):
     target_stride = 4.0  # the study's decoders give 256 x 256 logits for a 1024 input
     preprocessing = "bilinear-antialias-resize+imagenet-norm"
     weights_hint = "an official SAM2 checkpoint (e.g. sam2.1_hiera_small.pt, github.com/facebookresearch/sam2)"
+    lora_targets = ("qkv", "proj")  # the attention projections of the Hiera trunk's blocks
+    lora_scope = "image_encoder.trunk"
 
     def __init__(
         self,
@@ -196,6 +200,9 @@ class SAM2Encoder(FrozenEncoder):
         seed: int = 0,
         overrides: dict[str, Any] | None = None,
         bf16: bool = True,
+        adapt: str = "frozen",
+        lora: Mapping[str, Any] | None = None,
+        lr: float | None = None,
     ) -> None:
         self.config = config
         self.overrides = dict(overrides or {})
@@ -204,7 +211,7 @@ class SAM2Encoder(FrozenEncoder):
             f"{CHECKPOINT_NAMES.get(config, 'the matching SAM2 .pt file')} from the SAM2 release page "
             "(github.com/facebookresearch/sam2, 'Download Checkpoints')"
         )
-        super().__init__(image_size, checkpoint, random_init, seed, bf16)
+        super().__init__(image_size, checkpoint, random_init, seed, bf16, adapt, lora, lr)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
