@@ -11,6 +11,7 @@ from deeploc.metrics.aggregate import LocalizationMetrics
 from deeploc.metrics.image_level import IMAGE_SCORE, TOP_FRACTION, image_score
 from deeploc.metrics.pixels import average_precision, resize_probs
 from deeploc.metrics.registry import (
+    CONVENTION_SOURCES,
     CONVENTIONS,
     DEFAULT_CONVENTION,
     LEGACY_CONVENTION,
@@ -19,19 +20,25 @@ from deeploc.metrics.registry import (
     MetricSpec,
     ScoreInputs,
     check_convention,
+    check_conventions,
+    column_label,
+    convention_specs,
     metric_label,
     metric_names,
     metric_specs,
     recorded_convention,
     register_metric,
 )
-from deeploc.metrics.scores import image_scores
+from deeploc.metrics.scores import image_scores, reported_specs
+from deeploc.metrics.thresholds import GRID, choose_thresholds
 
 __all__ = [
     "CONVENTIONS",
+    "CONVENTION_SOURCES",
     "DEFAULT_CONVENTION",
     "DILATE_SIZE",
     "ERODE_SIZE",
+    "GRID",
     "IMAGE_SCORE",
     "LEGACY_CONVENTION",
     "METRICS",
@@ -42,6 +49,10 @@ __all__ = [
     "ScoreInputs",
     "average_precision",
     "check_convention",
+    "check_conventions",
+    "choose_thresholds",
+    "column_label",
+    "convention_specs",
     "f1_positive_count",
     "image_score",
     "image_scores",
@@ -50,5 +61,6 @@ __all__ = [
     "metric_specs",
     "recorded_convention",
     "register_metric",
+    "reported_specs",
     "resize_probs",
 ]

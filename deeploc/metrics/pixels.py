@@ -5,6 +5,7 @@ pixels; the conventions that decide the undefined cases are described in :mod:`d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +55,22 @@ def last_of_ties(sorted_values: torch.Tensor) -> torch.Tensor:
     return last
 
 
-def best_f1_sweep(
-    v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, dtype: torch.dtype, convention: str
-) -> torch.Tensor:
-    """Best F1 over thresholds = distinct values among kept pixels (``BxN`` flattened); -inf if there is none."""
+@dataclass(frozen=True)
+class KeptSweep:
+    """Every row's kept pixels (F1 positives and negatives) sorted ascending, ignored pixels last (as +inf), with
+    the counts of the threshold ``t`` = the value at each position (predicted manipulated: value > t)."""
+
+    sorted_v: torch.Tensor
+    kept: torch.Tensor  # bool, in sorted order
+    tp: torch.Tensor
+    fp: torch.Tensor
+    fn: torch.Tensor
+    tn: torch.Tensor
+    run_end: torch.Tensor  # last position of each run of equal values: the real operating points
+
+
+def kept_sweep(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> KeptSweep:
+    """The threshold sweep over the distinct values of the kept pixels of each row of ``BxN``."""
     # Ignored pixels go to +inf: they sort last and never create a threshold below a real one; the +inf
     # group's counts equal those of the largest real threshold (nothing predicted), which TruFor includes.
     kept = pos | neg
@@ -67,20 +80,34 @@ def best_f1_sweep(
     tn = neg.gather(1, order).cumsum(1)
     tp = pos.sum(1, keepdim=True) - fn
     fp = neg.sum(1, keepdim=True) - tn
-    f1 = f1_percent(tp, fp, fn, dtype, convention)
+    return KeptSweep(sorted_v, kept.gather(1, order), tp, fp, fn, tn, last_of_ties(sorted_v))
+
+
+def best_f1_sweep(sweep: KeptSweep, dtype: torch.dtype, convention: str) -> torch.Tensor:
+    """Best F1 (``study`` or the previous ``trufor`` formula, no inversion) over the sweep's operating points;
+    -inf if there is none."""
+    f1 = f1_percent(sweep.tp, sweep.fp, sweep.fn, dtype, convention)
     # Only the end of a tie run is a real operating point (a threshold cannot split equal values).
-    valid = last_of_ties(sorted_v)
+    valid = sweep.run_end.clone()
     if convention == "study":
         # DeCLIP excludes the largest kept value: a position counts only if a larger kept value follows it.
-        valid[:, :-1] &= kept.gather(1, order)[:, 1:]
+        valid[:, :-1] &= sweep.kept[:, 1:]
         valid[:, -1] = False
     return f1.masked_fill(~valid, float("-inf")).amax(1)
 
 
-def average_precision(v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Exact binary AP in percent per row of ``BxN`` (torchmetrics/sklearn step formula); NaN without positives."""
+def sort_descending(v: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's values sorted descending, and the ground truth in that order (AP and AUC share it)."""
     sorted_v, order = v.sort(dim=1, descending=True)
-    target = gt.gather(1, order)
+    return sorted_v, gt.gather(1, order)
+
+
+def average_precision(
+    v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype, presorted: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Exact binary AP in percent per row of ``BxN`` (torchmetrics/sklearn step formula); NaN without positives.
+    ``presorted``: :func:`sort_descending` of ``v, gt`` when it is computed already."""
+    sorted_v, target = presorted if presorted is not None else sort_descending(v, gt)
     tps = target.cumsum(1)
     n = v.shape[1]
     # AP = sum_k (R_k - R_{k-1}) P_k = (1/P) * sum over positive pixels of the precision at the end of
@@ -92,3 +119,41 @@ def average_precision(v: torch.Tensor, gt: torch.Tensor, dtype: torch.dtype) -> 
     n_pos = tps[:, -1]
     ap = 100.0 * ((precision * target).sum(1) / n_pos.clamp(min=1).to(dtype))
     return torch.where(n_pos > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def roc_auc(sorted_v: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact ROC AUC in percent per row (sklearn's ``roc_auc_score``: ties form one operating point), from
+    :func:`sort_descending`'s output; NaN for a row without positives or without negatives."""
+    tps = target.cumsum(1)
+    fps = (~target).cumsum(1)
+    n = tps.shape[1]
+    # Trapezoids between consecutive operating points (the ends of tie runs), from (0, 0): twice the area in
+    # integer counts, exact, then one division by 2 P N.
+    positions = torch.arange(n, device=tps.device).expand_as(tps)
+    first = torch.ones_like(target)
+    first[:, 1:] = sorted_v[:, 1:] != sorted_v[:, :-1]
+    previous_end = torch.where(first, positions, 0).cummax(1).values - 1  # end of the run before this one
+    has_previous = previous_end >= 0
+    tps_prev = torch.where(has_previous, tps.gather(1, previous_end.clamp(min=0)), 0)
+    fps_prev = torch.where(has_previous, fps.gather(1, previous_end.clamp(min=0)), 0)
+    twice_area = ((fps - fps_prev) * (tps + tps_prev)).masked_fill(~last_of_ties(sorted_v), 0).sum(1)
+    n_pos, n_neg = tps[:, -1], fps[:, -1]
+    auc = 100.0 * (twice_area.to(dtype) / (2 * n_pos * n_neg).clamp(min=1).to(dtype))
+    return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))
+
+
+def grid_counts(
+    v: torch.Tensor, gt: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, grid: torch.Tensor
+) -> torch.Tensor:
+    """``B x T x 4`` counts at every threshold of the ascending ``grid`` (predicted: value > t): kept positives
+    predicted, kept negatives predicted, ground-truth pixels predicted, pixels predicted. One pass (histograms)."""
+    b, t = v.shape[0], grid.numel()
+    # bucket = how many grid thresholds lie below the value: predicted at threshold k iff bucket > k.
+    bucket = torch.bucketize(v.contiguous(), grid.to(v.dtype), right=False)
+    out = torch.zeros(b, 4, t + 1, dtype=torch.long, device=v.device)
+    for column, members in enumerate((pos, neg, gt, None)):
+        weights = torch.ones_like(bucket) if members is None else members.long()
+        out[:, column].scatter_add_(1, bucket, weights)
+    # Suffix sums over buckets k+1..T give the counts predicted at threshold k.
+    above = out.flip(2).cumsum(2).flip(2)[:, :, 1:]
+    return above.transpose(1, 2).contiguous()
