@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 "themselves: pass --threshold-split none (no balanced accuracy), or evaluate the test split"
             )
         model, meta = load_model_and_metadata(args.model, args.encoder_checkpoint, args.device)
+        chosen = model.val_thresholds = _recorded_thresholds(Path(args.model))
         trained = (meta.get("training") or {}).get("config") or {}
         source, same = _source(args, trained)
         subsets = args.subsets or (trained.get("subsets") if same else source.available_subsets())
@@ -236,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         scored = score_subsets(model, by_subset, *_run(args), keep_predictions=args.save_predictions)
         results = {name: result.metrics for name, result in scored.items()}
         every = {c: {name: result.by_convention[c] for name, result in scored.items()} for c in args.conventions}
-        chosen = getattr(model, "val_thresholds", None) or {}
         out = _out_dir(args, source.root(), subsets)
         context = {
             "model": str(args.model),
@@ -292,6 +292,21 @@ def _image_files(args: argparse.Namespace, out: Path, scored: dict[str, Any]) ->
             path = out / PREDICTIONS_DIR / f"{name}.npz"
             written.append(save_predictions(path, result.predictions, args.prediction_dtype, names))
     return written
+
+
+def _recorded_thresholds(model: Path) -> dict[str, dict[str, float]]:
+    """The thresholds chosen on the validation split that a run directory (its metrics.json) or a checkpoint
+    records; none for an exported decoder."""
+    if model.is_dir():
+        from deeploc.evaluation.rescoring import chosen_thresholds, read_record
+
+        return chosen_thresholds(read_record(model))
+    if model.suffix == ".ckpt":
+        import torch
+
+        checkpoint = torch.load(model, map_location="cpu", weights_only=True)
+        return dict((checkpoint.get("deeploc") or {}).get("val_thresholds") or {})
+    return {}
 
 
 _DATA_FLAGS = ("data_root", "subsets", "source", "real", "perturb")
