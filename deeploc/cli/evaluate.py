@@ -208,6 +208,7 @@ def _source(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[DataSour
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from deeploc.evaluation.rescoring import recorded_thresholds, write_image_files
     from deeploc.evaluation.scoring import THRESHOLD, index_for_eval, score_subsets, write_results
     from deeploc.inference.loading import describe_model, load_model_and_metadata
     from deeploc.runs.checkpoints import ModelError
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 "themselves: pass --threshold-split none (no balanced accuracy), or evaluate the test split"
             )
         model, meta = load_model_and_metadata(args.model, args.encoder_checkpoint, args.device)
-        chosen = model.val_thresholds = _recorded_thresholds(Path(args.model))
+        chosen = model.val_thresholds = recorded_thresholds(Path(args.model))
         trained = (meta.get("training") or {}).get("config") or {}
         source, same = _source(args, trained)
         subsets = args.subsets or (trained.get("subsets") if same else source.available_subsets())
@@ -250,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             "thresholds": {"split": "valid", "chosen": chosen},
         }
         written = list(write_results(out, results, context, every))  # type: ignore[arg-type]
-        written += _image_files(args, out, scored)
+        written += write_image_files(out, scored, args.prediction_dtype)
         print(f"{describe_model(meta)}; {args.split} split of {source.root()}")
         print(
-            f"{args.split} scores (%, mean over images), metric conventions {', '.join(args.conventions)}, pixel "
+            f"{args.split} scores (%, mean over images), metric convention{'s' if len(args.conventions) > 1 else ''} {', '.join(args.conventions)}, pixel "
             f"threshold {THRESHOLD}" + (f" and thresholds chosen on the valid split {chosen}" if chosen else "") + ":"
         )
         print("\n".join(format_scores(results, trained, every, chosen)))  # type: ignore[arg-type]
@@ -280,35 +281,6 @@ def _run(args: argparse.Namespace) -> tuple[int, int, str | None, tuple[str, ...
     return args.batch_size, args.num_workers, args.features_dir, args.conventions
 
 
-def _image_files(args: argparse.Namespace, out: Path, scored: dict[str, Any]) -> list[Path]:
-    """``<out>/scores/<subset>.csv`` (every image's scores) and, with --save-predictions, the kept maps."""
-    from deeploc.metrics.store import PREDICTIONS_DIR, SCORES_DIR, save_predictions, write_per_image
-
-    written = []
-    for name, result in scored.items():
-        names = result.images.names
-        written.append(write_per_image(out / SCORES_DIR / f"{name}.csv", result.per_image, names))
-        if result.predictions is not None:
-            path = out / PREDICTIONS_DIR / f"{name}.npz"
-            written.append(save_predictions(path, result.predictions, args.prediction_dtype, names))
-    return written
-
-
-def _recorded_thresholds(model: Path) -> dict[str, dict[str, float]]:
-    """The thresholds chosen on the validation split that a run directory (its metrics.json) or a checkpoint
-    records; none for an exported decoder."""
-    if model.is_dir():
-        from deeploc.evaluation.rescoring import chosen_thresholds, read_record
-
-        return chosen_thresholds(read_record(model))
-    if model.suffix == ".ckpt":
-        import torch
-
-        checkpoint = torch.load(model, map_location="cpu", weights_only=True)
-        return dict((checkpoint.get("deeploc") or {}).get("val_thresholds") or {})
-    return {}
-
-
 _DATA_FLAGS = ("data_root", "subsets", "source", "real", "perturb")
 
 
@@ -333,31 +305,18 @@ def _rescoring(args: argparse.Namespace) -> bool:
 
 def _rescore(args: argparse.Namespace) -> int:
     """--rescore: every saved subset in --conventions, written like an evaluation (eval.json, eval.csv, scores/)."""
-    from deeploc.evaluation.rescoring import chosen_thresholds, rescore_folder
-    from deeploc.evaluation.scoring import THRESHOLD, write_results
-    from deeploc.metrics.store import SCORES_DIR, write_per_image
+    from deeploc.evaluation.rescoring import rescore_into
+    from deeploc.evaluation.scoring import THRESHOLD
 
     folder = Path(args.model)
-    rescored = rescore_folder(folder, args.conventions)
     out = Path(args.out) if args.out else folder / "eval" / f"rescored-{'-'.join(args.conventions)}"
-    chosen = chosen_thresholds(rescored.record)
-    context = {
-        "model": str(folder),
-        "rescored_from": str(folder / "predictions"),
-        "split": rescored.record.get("split", "test"),
-        "convention": args.convention,
-        "thresholds": {"split": "valid", "chosen": chosen},
-    }
-    results = rescored.scores[args.convention]
-    written = list(write_results(out, results, context, rescored.scores))
-    for subset, columns in rescored.per_image.items():
-        written.append(write_per_image(out / SCORES_DIR / f"{subset}.csv", columns, rescored.names[subset]))
-    trained = (rescored.record.get("config") or {}) if "config" in rescored.record else {}
+    rescored, chosen, written = rescore_into(folder, args.conventions, out)
+    trained = rescored.record.get("config") or {}
     print(f"rescored the saved predictions of {folder} (no model, encoder or images used)")
     print(
         f"scores (%, mean over images), metric conventions {', '.join(args.conventions)}, pixel threshold {THRESHOLD}:"
     )
-    print("\n".join(format_scores(results, trained, rescored.scores, chosen)))
+    print("\n".join(format_scores(rescored.scores[args.convention], trained, rescored.scores, chosen)))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

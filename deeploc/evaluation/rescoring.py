@@ -5,15 +5,25 @@ encoder, GPU or dataset images: the maps and masks saved by ``eval.save_predicti
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from deeploc.evaluation.scoring import write_results
 from deeploc.metrics import check_conventions
-from deeploc.metrics.store import PredictionsError, load_predictions, predictions_files, rescore
+from deeploc.metrics.store import (
+    PREDICTIONS_DIR,
+    SCORES_DIR,
+    PredictionsError,
+    load_predictions,
+    predictions_files,
+    rescore,
+    save_predictions,
+    write_per_image,
+)
 
 RECORDS = ("metrics.json", "eval.json")  # where a run directory / an eval folder records its chosen thresholds
 
@@ -74,3 +84,47 @@ def rescore_folder(folder: Path, conventions: str | Sequence[str]) -> Rescored:
         by_index = dict(zip(predictions["index"].tolist(), predictions["names"]))
         names[subset] = [by_index.get(i, "") for i in range(max(by_index, default=-1) + 1)]
     return Rescored(scores, per_image, names, record)
+
+
+def rescore_into(
+    folder: Path, conventions: str | Sequence[str], out: Path
+) -> tuple[Rescored, dict[str, dict[str, float]], list[Path]]:
+    """:func:`rescore_folder`, written to ``out`` like an evaluation: eval.json (``rescored_from``), eval.csv and
+    ``scores/<subset>.csv``. Returns the rescoring, the thresholds it used and the files written."""
+    rescored = rescore_folder(folder, conventions)
+    primary = check_conventions(conventions)[0]
+    chosen = chosen_thresholds(rescored.record)
+    context = {
+        "model": str(folder),
+        "rescored_from": str(folder / PREDICTIONS_DIR),
+        "split": rescored.record.get("split", "test"),
+        "convention": primary,
+        "thresholds": {"split": "valid", "chosen": chosen},
+    }
+    written = list(write_results(out, rescored.scores[primary], context, rescored.scores))
+    for subset, columns in rescored.per_image.items():
+        written.append(write_per_image(out / SCORES_DIR / f"{subset}.csv", columns, rescored.names[subset]))
+    return rescored, chosen, written
+
+
+def write_image_files(out: Path, scored: Mapping[str, Any], dtype: str = "float32") -> list[Path]:
+    """``<out>/scores/<subset>.csv`` (every image's scores) and ``<out>/predictions/<subset>.npz`` for the subsets
+    whose maps were kept (:class:`deeploc.evaluation.scoring.SubsetScores` of each subset)."""
+    written = []
+    for name, result in scored.items():
+        names = result.images.names
+        written.append(write_per_image(out / SCORES_DIR / f"{name}.csv", result.per_image, names))
+        if result.predictions is not None:
+            written.append(save_predictions(out / PREDICTIONS_DIR / f"{name}.npz", result.predictions, dtype, names))
+    return written
+
+
+def recorded_thresholds(model: Path) -> dict[str, dict[str, float]]:
+    """The thresholds chosen on the validation split that a run directory (its metrics.json) or a checkpoint
+    records; none for an exported decoder."""
+    if model.is_dir():
+        return chosen_thresholds(read_record(model))
+    if model.suffix == ".ckpt":
+        checkpoint = torch.load(model, map_location="cpu", weights_only=True)
+        return dict((checkpoint.get("deeploc") or {}).get("val_thresholds") or {})
+    return {}

@@ -503,8 +503,8 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
     widths = [max(8, len(label) + 2) for label in labels_]
     lines = [
         f"test results (%, mean over images) of {config['decoder']} on {config['feature']}, {split} split, "
-        f"{training_phrase(split, subset, config.get('subsets'))}; metric conventions "
-        f"{', '.join(by_convention)}"
+        f"{training_phrase(split, subset, config.get('subsets'))}; metric convention"
+        f"{'s' if len(by_convention) > 1 else ''} {', '.join(by_convention)}"
         + (f"; thresholds chosen on the valid split: {chosen}" if any(chosen.values()) else "")
         + ":",
         f"  {'test subset':<{width}}"
