@@ -33,33 +33,9 @@ SCORE_KEYS = ("iou", "f1_fixed", "f1_best", "ap")
 
 
 # --------------------------------------------------------------------------------------------------
-# Independent reference: one image at a time, brute force over thresholds, scipy filters, sklearn AP.
+# Independent reference of the study's formulas: one image at a time, brute force over thresholds, sklearn AP.
+# (TruFor's and BenCo's references: tests/test_metric_conventions.py.)
 # --------------------------------------------------------------------------------------------------
-def ref_scores(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    gt = mask > 0.5
-    pred = prob > threshold
-    inter = np.logical_and(pred, gt).sum()
-    union = np.logical_or(pred, gt).sum()
-    iou = 100.0 * (inter + 1e-8) / (union + 1e-8)
-
-    # TruFor's extractGTs: scipy filters in their default 'reflect' mode.
-    pos = ndimage.minimum_filter(gt, size=15)
-    neg = np.logical_not(ndimage.maximum_filter(gt, size=11))
-
-    def f1_of(p: np.ndarray) -> float:
-        tp = np.logical_and(p, pos).sum()
-        fp = np.logical_and(p, neg).sum()
-        fn = np.logical_and(~p, pos).sum()
-        den = 2 * tp + fp + fn
-        return 100.0 * 2 * tp / den if den > 0 else 0.0
-
-    f1_fixed = f1_of(pred)
-    thresholds = np.unique(prob[pos | neg])
-    sweep = max((f1_of(prob > t) for t in thresholds), default=0.0)
-    ap = 100.0 * average_precision_score(gt.ravel(), prob.ravel()) if gt.any() else math.nan
-    return {"iou": iou, "f1_fixed": f1_fixed, "f1_best": max(sweep, f1_fixed), "ap": ap}
-
-
 def _window_extreme(gt: np.ndarray, size: int, pad_value: float, reduce) -> np.ndarray:
     """min/max of every size x size window, pixels outside the image = `pad_value` (one shifted copy per offset)."""
     r = size // 2
@@ -149,6 +125,10 @@ def random_prob(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return np.clip(prob, 0, 1).astype(np.float32)
 
 
+def subset(scores: dict[str, float], keys: tuple[str, ...] = SCORE_KEYS) -> dict[str, float]:
+    return {k: scores[k] for k in keys}
+
+
 def assert_scores_close(got: dict[str, float], want: dict[str, float], context: str = "") -> None:
     for key in SCORE_KEYS:
         g, w = got[key], want[key]
@@ -162,6 +142,10 @@ def trufor_scores(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) ->
     return image_scores(torch.from_numpy(prob), torch.from_numpy(mask), threshold, convention="trufor")
 
 
+def benco_scores(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    return image_scores(torch.from_numpy(prob), torch.from_numpy(mask), threshold, convention="benco")
+
+
 def study_scores(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     return image_scores(torch.from_numpy(prob), torch.from_numpy(mask), threshold, convention="study")
 
@@ -169,24 +153,6 @@ def study_scores(prob: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> 
 # --------------------------------------------------------------------------------------------------
 # image_scores
 # --------------------------------------------------------------------------------------------------
-def test_image_scores_match_reference_on_random_cases() -> None:
-    rng = np.random.default_rng(1234)
-    sizes = [(48, 48), (40, 56), (17, 23), (8, 8), (64, 31)]
-    n_ties = n_no_positive = n_empty = 0
-    for case in range(60):
-        h, w = sizes[case % len(sizes)]
-        mask = random_mask(rng, h, w)
-        prob = random_prob(rng, mask)
-        threshold = 0.5 if case % 4 else float(rng.choice([0.3, 0.7]))
-        want = ref_scores(prob, mask, threshold)
-        assert_scores_close(trufor_scores(prob, mask, threshold), want, f"case {case}")
-        n_ties += len(np.unique(prob)) < prob.size // 2
-        n_empty += math.isnan(want["ap"])
-        n_no_positive += not ndimage.minimum_filter(mask > 0.5, size=15).any()
-    # The random cases do cover the interesting regimes.
-    assert n_ties > 10 and n_empty > 3 and n_no_positive > 10
-
-
 def test_ap_matches_torchmetrics_binary_average_precision() -> None:
     rng = np.random.default_rng(7)
     for _ in range(10):
@@ -196,45 +162,52 @@ def test_ap_matches_torchmetrics_binary_average_precision() -> None:
         want = 100.0 * float(
             binary_average_precision(torch.from_numpy(prob).flatten(), torch.from_numpy(mask > 0.5).flatten())
         )
-        assert trufor_scores(prob, mask)["ap"] == pytest.approx(want, abs=1e-4)
+        assert study_scores(prob, mask)["ap"] == pytest.approx(want, abs=1e-4)
 
 
-def test_empty_mask_empty_prediction() -> None:
-    s = trufor_scores(np.full((32, 32), 0.1, np.float32), np.zeros((32, 32), np.float32))
-    assert s["iou"] == 100.0
-    assert s["f1_fixed"] == 0.0 and s["f1_best"] == 0.0  # no positives: TruFor's 0
-    assert math.isnan(s["ap"])
+def test_empty_mask_in_each_convention() -> None:
+    empty = np.zeros((32, 32), np.float32)
+    quiet = np.full((32, 32), 0.1, np.float32)
+    # study: empty/empty scores 100 (AP: torchmetrics' 0, averaged in); pixel AUC undefined (one class): NaN.
+    s = study_scores(quiet, empty)
+    assert subset(s) == {"iou": 100.0, "f1_fixed": 100.0, "f1_best": 100.0, "ap": 0.0} and math.isnan(s["auc"])
+    # trufor: sklearn's 1x1 confusion matrix makes F1@0.5 NaN (left out); the sweep gives 0 (map and inverse).
+    t = trufor_scores(quiet, empty)
+    assert math.isnan(t["f1_fixed"]) and t["f1_best"] == 0.0 and set(t) == {"f1_fixed", "f1_best"}
+    # benco: 0 for everything, averaged in (BenCo #46).
+    b = benco_scores(quiet, empty)
+    assert (b["iou"], b["f1_fixed"], b["auc"]) == (0.0, 0.0, 0.0)
+    noisy = quiet.copy()
+    noisy[:4, :5] = 0.9  # false positives: every convention scores ~0
+    assert study_scores(noisy, empty)["iou"] == pytest.approx(0.0, abs=1e-6)
+    assert trufor_scores(noisy, empty) == {"f1_fixed": 0.0, "f1_best": 0.0}  # 2x2 confusion matrix now
+    assert benco_scores(noisy, empty)["f1_fixed"] == 0.0
 
 
-def test_empty_mask_with_false_positives() -> None:
-    prob = np.zeros((32, 32), np.float32)
-    prob[:4, :5] = 0.9
-    s = trufor_scores(prob, np.zeros((32, 32), np.float32))
-    assert s["iou"] == pytest.approx(0.0, abs=1e-6)
-    assert s["f1_fixed"] == 0.0 and s["f1_best"] == 0.0
-    assert math.isnan(s["ap"])
-
-
-def test_full_mask() -> None:
+def test_full_mask_in_each_convention() -> None:
     mask = np.ones((24, 24), np.float32)
-    # The border does not erode, so every pixel is a positive; there are no negatives.
-    hi = trufor_scores(np.full((24, 24), 0.9, np.float32), mask)
-    assert hi == pytest.approx({"iou": 100.0, "f1_fixed": 100.0, "f1_best": 100.0, "ap": 100.0})
-    lo = trufor_scores(np.full((24, 24), 0.2, np.float32), mask)
-    assert lo["iou"] == pytest.approx(0.0, abs=1e-6)
-    assert lo["f1_fixed"] == 0.0 and lo["f1_best"] == 0.0  # the sweep never predicts "everything"
-    assert lo["ap"] == pytest.approx(100.0)  # all pixels are positive: precision 1 at any threshold
+    hi, lo = np.full((24, 24), 0.9, np.float32), np.full((24, 24), 0.2, np.float32)
+    # The border does not erode, so every pixel is an F1 positive; there are no negatives.
+    assert subset(study_scores(hi, mask)) == pytest.approx(dict.fromkeys(SCORE_KEYS, 100.0))
+    assert math.isnan(study_scores(hi, mask)["auc"])  # no negative pixel: AUC undefined
+    # TruFor's inverted map: predicting nothing on an all-manipulated image scores 100 (F1 of 1 - map).
+    assert math.isnan(trufor_scores(hi, mask)["f1_fixed"]) and trufor_scores(hi, mask)["f1_best"] == 100.0
+    assert trufor_scores(lo, mask) == {"f1_fixed": 100.0, "f1_best": 100.0}
+    b = benco_scores(hi, mask)
+    assert b["iou"] == pytest.approx(100.0) and b["f1_fixed"] == pytest.approx(100.0) and math.isnan(b["auc"])
 
 
-def test_one_pixel_region() -> None:
+def test_one_pixel_region_in_each_convention() -> None:
     mask = np.zeros((32, 32), np.float32)
     mask[10, 20] = 1.0
     prob = np.full((32, 32), 0.1, np.float32)
     prob[10, 20] = 0.9
-    s = trufor_scores(prob, mask)
-    assert s["iou"] == pytest.approx(100.0)
-    assert s["ap"] == pytest.approx(100.0)
-    assert s["f1_fixed"] == 0.0 and s["f1_best"] == 0.0  # nothing survives the 15x15 erosion
+    s = study_scores(prob, mask)
+    assert s["iou"] == pytest.approx(100.0) and s["ap"] == pytest.approx(100.0) and s["auc"] == 100.0
+    assert s["f1_fixed"] == 100.0 and s["f1_best"] == 100.0  # nothing survives the erosion: DeCLIP's 0/0 = 100
+    t = trufor_scores(prob, mask)
+    assert math.isnan(t["f1_fixed"]) and t["f1_best"] == 0.0  # no kept positive: TruFor's NaN / 0
+    assert benco_scores(prob, mask)["f1_fixed"] == pytest.approx(100.0)  # every pixel counts in BenCo
 
 
 def test_region_touching_the_border_is_not_eroded_from_that_side() -> None:
@@ -244,13 +217,13 @@ def test_region_touching_the_border_is_not_eroded_from_that_side() -> None:
     mask[:, :10] = 1.0
     prob = np.full((40, 40), 0.1, np.float32)
     prob[:, :2] = 0.9  # TP = 80, FN = 40 (column 2), FP = 0 -> F1 = 160 / 200
-    s = trufor_scores(prob, mask)
+    s = study_scores(prob, mask)
     assert s["f1_fixed"] == pytest.approx(80.0)
     assert s["f1_best"] == pytest.approx(80.0)
     # With a zero border the strip (10 < 15 wide) would vanish and F1 would be 0.
     prob[:, 2] = 0.6
     prob[:, 20] = 0.7  # false positives among the negatives: 40 at 0.5
-    s = trufor_scores(prob, mask)
+    s = study_scores(prob, mask)
     assert s["f1_fixed"] == pytest.approx(100.0 * 240 / (240 + 40))
     # Sweep: t=0.1 gives 240/280, t=0.6 160/240, t=0.7 160/200, t=0.9 0 -> best 240/280.
     assert s["f1_best"] == pytest.approx(100.0 * 240 / 280)
@@ -259,11 +232,11 @@ def test_region_touching_the_border_is_not_eroded_from_that_side() -> None:
     corner[:10, :10] = 1.0
     cprob = np.full((40, 40), 0.1, np.float32)
     cprob[:3, :3] = 0.9
-    assert trufor_scores(cprob, corner)["f1_fixed"] == pytest.approx(100.0)
+    assert study_scores(cprob, corner)["f1_fixed"] == pytest.approx(100.0)
     cprob[3, 3] = 0.9  # an ignored boundary pixel: no change
-    assert trufor_scores(cprob, corner)["f1_fixed"] == pytest.approx(100.0)
+    assert study_scores(cprob, corner)["f1_fixed"] == pytest.approx(100.0)
     cprob[30, 30] = 0.9  # a negative: FP = 1 -> 18 / 19
-    assert trufor_scores(cprob, corner)["f1_fixed"] == pytest.approx(100.0 * 18 / 19)
+    assert study_scores(cprob, corner)["f1_fixed"] == pytest.approx(100.0 * 18 / 19)
 
 
 def test_all_equal_probabilities() -> None:
@@ -273,13 +246,13 @@ def test_all_equal_probabilities() -> None:
     pos = int(ndimage.minimum_filter(mask > 0.5, size=15).sum())  # 11 x 6
     neg = int((~ndimage.maximum_filter(mask > 0.5, size=11)).sum())
     assert pos == 11 * 6
-    hi = trufor_scores(np.full((40, 40), 0.7, np.float32), mask)
+    hi = study_scores(np.full((40, 40), 0.7, np.float32), mask)
     assert hi["iou"] == pytest.approx(100.0 * n_pos_gt / 1600)
     assert hi["f1_fixed"] == pytest.approx(100.0 * 2 * pos / (2 * pos + neg))
     assert hi["f1_best"] == pytest.approx(hi["f1_fixed"])  # the only sweep point predicts nothing
     assert hi["ap"] == pytest.approx(100.0 * n_pos_gt / 1600)  # one tie group: precision = prevalence
-    lo = trufor_scores(np.full((40, 40), 0.3, np.float32), mask)
-    assert lo["f1_fixed"] == 0.0 and lo["f1_best"] == 0.0
+    lo = study_scores(np.full((40, 40), 0.3, np.float32), mask)
+    assert lo["f1_fixed"] == pytest.approx(0.0, abs=1e-20) and lo["f1_best"] == lo["f1_fixed"]
     assert lo["ap"] == pytest.approx(hi["ap"])
 
 
@@ -290,7 +263,9 @@ def test_perfect_prediction_scores_100() -> None:
         y, x = rng.integers(0, 30, size=2)
         mask[y : y + 18, x : x + 18] = 1.0
         for prob in (mask.copy(), np.where(mask > 0.5, 0.97, 0.02).astype(np.float32)):
-            assert trufor_scores(prob, mask) == pytest.approx(dict.fromkeys(SCORE_KEYS, 100.0))
+            for score in (study_scores, trufor_scores, benco_scores):
+                s = score(prob, mask)
+                assert s == pytest.approx(dict.fromkeys(s, 100.0)), score.__name__
 
 
 def test_sweep_does_not_split_ties() -> None:
@@ -300,10 +275,10 @@ def test_sweep_does_not_split_ties() -> None:
     prob = np.full((40, 40), 0.1, np.float32)
     prob[:13, :] = 0.4
     prob[39, :] = 0.4  # 40 negatives tied with the 520 positives
-    s = trufor_scores(prob, mask)
-    assert s["f1_fixed"] == 0.0
+    s = study_scores(prob, mask)
+    assert s["f1_fixed"] == pytest.approx(0.0, abs=1e-20)
     assert s["f1_best"] == pytest.approx(100.0 * 1040 / (1040 + 40))  # at t = 0.1
-    assert s == pytest.approx(ref_scores(prob, mask))
+    assert subset(s) == pytest.approx(ref_scores_study(prob, mask))
 
 
 def test_image_scores_checks_shapes() -> None:
@@ -331,7 +306,7 @@ def study_case(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np
 def test_study_matches_an_independent_implementation_of_declips_formulas() -> None:
     rng = np.random.default_rng(2024)
     sizes = [(48, 48), (40, 56), (17, 23), (8, 8), (64, 31), (30, 30)]
-    seen = dict.fromkeys(("ties", "single", "empty", "thin", "full", "border", "thin_100", "differs"), 0)
+    seen = dict.fromkeys(("ties", "single", "empty", "thin", "full", "border", "thin_100"), 0)
     for case in range(100):
         h, w = sizes[case % len(sizes)]
         prob, mask = study_case(rng, h, w)
@@ -341,9 +316,6 @@ def test_study_matches_an_independent_implementation_of_declips_formulas() -> No
         assert_scores_close(got, want, f"case {case}")
         gt = mask > 0.5
         has_positive = bool(ndimage.minimum_filter(gt, size=15, mode="nearest").any())
-        trufor = trufor_scores(prob, mask, threshold)
-        if gt.any() and has_positive:  # the conventions only differ in the undefined cases
-            assert_scores_close(got, trufor, f"case {case} (study vs trufor)")
         seen["ties"] += len(np.unique(prob)) < prob.size // 2
         seen["single"] += len(np.unique(prob)) == 1
         seen["empty"] += not gt.any()
@@ -351,10 +323,7 @@ def test_study_matches_an_independent_implementation_of_declips_formulas() -> No
         seen["full"] += gt.all()
         seen["border"] += has_positive and bool(gt[0].any() or gt[-1].any() or gt[:, 0].any() or gt[:, -1].any())
         seen["thin_100"] += not has_positive and want["f1_best"] == 100.0
-        seen["differs"] += any(
-            abs(got[k] - trufor[k]) > 1 for k in ("f1_fixed", "f1_best") if not math.isnan(trufor[k])
-        )
-    # The random cases do cover every regime the brief names, and the conventions really differ on some.
+    # The random cases do cover every regime the brief names.
     assert min(seen.values()) >= 4, seen
 
 
@@ -365,7 +334,7 @@ def test_study_no_positive_after_erosion_scores_100_without_false_positive() -> 
     prob = np.where(mask > 0.5, 0.9, 0.1).astype(np.float32)
     s = study_scores(prob, mask)
     # Kept pixels are all negatives at 0.1: nothing kept is predicted, 0/0 -> (0 + 1e-32) / 1e-32 = 100.
-    assert s == pytest.approx({"iou": 100.0, "f1_fixed": 100.0, "f1_best": 100.0, "ap": 100.0})
+    assert subset(s) == pytest.approx({"iou": 100.0, "f1_fixed": 100.0, "f1_best": 100.0, "ap": 100.0})
     assert trufor_scores(prob, mask)["f1_best"] == 0.0  # TruFor's 0
     prob[30, 30] = 0.7  # one false positive among the negatives
     s = study_scores(prob, mask)
@@ -375,7 +344,7 @@ def test_study_no_positive_after_erosion_scores_100_without_false_positive() -> 
 def test_study_empty_mask() -> None:
     empty = np.zeros((32, 32), np.float32)
     s = study_scores(np.full((32, 32), 0.1, np.float32), empty)
-    assert s == {"iou": 100.0, "f1_fixed": 100.0, "f1_best": 100.0, "ap": 0.0}  # AP: torchmetrics' 0
+    assert subset(s) == {"iou": 100.0, "f1_fixed": 100.0, "f1_best": 100.0, "ap": 0.0}  # AP: torchmetrics' 0
     low = (np.random.default_rng(0).random((32, 32)) * 0.4).astype(np.float32)
     s = study_scores(low, empty)
     # Every sweep threshold below the largest predicts some negative (~0); F1_fixed predicts nothing (100).
@@ -405,7 +374,7 @@ def test_study_single_distinct_score_uses_the_fixed_threshold() -> None:
 def test_study_full_mask() -> None:
     mask = np.ones((24, 24), np.float32)
     hi = study_scores(np.full((24, 24), 0.9, np.float32), mask)
-    assert hi == pytest.approx({"iou": 100.0, "f1_fixed": 100.0, "f1_best": 100.0, "ap": 100.0})
+    assert subset(hi) == pytest.approx({"iou": 100.0, "f1_fixed": 100.0, "f1_best": 100.0, "ap": 100.0})
     lo = study_scores(np.full((24, 24), 0.2, np.float32), mask)
     assert lo["f1_fixed"] == pytest.approx(0.0, abs=1e-20) and lo["f1_best"] == pytest.approx(0.0, abs=1e-20)
     assert lo["ap"] == pytest.approx(100.0)
@@ -436,13 +405,15 @@ def test_border_regions_and_ties_score_alike_in_both_conventions(convention: str
 def test_default_convention_is_study_and_unknown_ones_name_the_config_key() -> None:
     mask = np.zeros((32, 32), np.float32)
     prob = np.full((32, 32), 0.1, np.float32)
-    assert image_scores(torch.from_numpy(prob), torch.from_numpy(mask)) == study_scores(prob, mask)
+    assert image_scores(torch.from_numpy(prob), torch.from_numpy(mask)) == pytest.approx(
+        study_scores(prob, mask), nan_ok=True
+    )
     assert LocalizationMetrics().convention == "study"
     for build in (
         lambda: image_scores(torch.from_numpy(prob), torch.from_numpy(mask), convention="declip"),
         lambda: LocalizationMetrics(convention="declip"),
     ):
-        with pytest.raises(ValueError, match=r"metrics\.convention='declip'.*study.*trufor"):
+        with pytest.raises(ValueError, match=r"convention 'declip' is unknown: choose among.*study.*trufor.*benco"):
             build()
 
 
@@ -474,11 +445,10 @@ def _batch_data(rng: np.random.Generator, n: int, logit_hw: tuple[int, int], mas
 
 def _manual_means(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     probs = resize_probs(logits, masks.shape[-2:]).numpy()
-    rows = [ref_scores(p, m[0]) for p, m in zip(probs, masks.numpy())]
-    out = {k: float(np.mean([r[k] for r in rows])) for k in ("iou", "f1_fixed", "f1_best")}
-    out["ap"] = float(np.nanmean([r["ap"] for r in rows]))
+    rows = [ref_scores_study(p, m[0]) for p, m in zip(probs, masks.numpy())]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in SCORE_KEYS}
     out["n_images"] = float(len(rows))
-    out["n_ap_undefined"] = float(sum(math.isnan(r["ap"]) for r in rows))
+    out["n_ap_undefined"] = float(sum(not (m > 0.5).any() for m in masks.numpy()))
     return out
 
 
@@ -489,7 +459,7 @@ def _as_floats(result: dict[str, torch.Tensor]) -> dict[str, float]:
 def test_metric_equals_mean_of_per_image_scores_at_other_resolution() -> None:
     rng = np.random.default_rng(11)
     logits, masks = _batch_data(rng, 10, (16, 16), (48, 40))
-    metric = LocalizationMetrics(convention="trufor")
+    metric = LocalizationMetrics()
     for s in range(0, 10, 4):  # uneven batches
         metric.update(logits[s : s + 4], masks[s : s + 4], torch.arange(s, min(s + 4, 10)))
     got = _as_floats(metric.compute())
@@ -500,7 +470,7 @@ def test_metric_equals_mean_of_per_image_scores_at_other_resolution() -> None:
     masks_np = masks.numpy()[:, 0] > 0.5
     assert got["n_f1_no_positive"] == sum(not ndimage.minimum_filter(m, size=15).any() for m in masks_np)
     # BxHxW masks and no indices give the same numbers.
-    metric2 = LocalizationMetrics(convention="trufor")
+    metric2 = LocalizationMetrics()
     metric2.update(logits, masks[:, 0])
     assert _as_floats(metric2.compute()) == pytest.approx(got, nan_ok=True)
 
@@ -510,9 +480,9 @@ def test_metric_study_averages_torchmetrics_zero_for_empty_masks() -> None:
     logits, masks = _batch_data(rng, 10, (16, 16), (48, 40))  # sample 0: empty mask
     masks[3, 0] = 0.0
     masks[3, 0, 10:13] = 1.0  # a thin region: no positive after erosion
-    study, trufor = LocalizationMetrics(), LocalizationMetrics(convention="trufor")
+    study, benco = LocalizationMetrics(), LocalizationMetrics(convention="benco")
     for s in range(0, 10, 4):
-        for metric in (study, trufor):
+        for metric in (study, benco):
             metric.update(logits[s : s + 4], masks[s : s + 4], torch.arange(s, min(s + 4, 10)))
     got = _as_floats(study.compute())
     probs = resize_probs(logits, masks.shape[-2:]).numpy()
@@ -520,11 +490,9 @@ def test_metric_study_averages_torchmetrics_zero_for_empty_masks() -> None:
     for key in SCORE_KEYS:
         assert got[key] == pytest.approx(float(np.mean([r[key] for r in rows])), abs=1e-5), key
     # The undefined cases are still counted, whatever the convention.
-    want_counts = _as_floats(trufor.compute())
+    want_counts = _as_floats(benco.compute())
     assert got["n_ap_undefined"] == want_counts["n_ap_undefined"] == 1.0
     assert got["n_f1_no_positive"] == want_counts["n_f1_no_positive"] >= 2.0
-    n = got["n_images"]
-    assert got["ap"] == pytest.approx(want_counts["ap"] * (n - got["n_ap_undefined"]) / n)
 
 
 def test_metric_deduplicates_by_index() -> None:
@@ -566,15 +534,15 @@ def _refuse_constant(name: str) -> None:
 
 
 def test_metrics_json_is_strict_json_with_undefined_scores_as_null(tmp_path: Path) -> None:
-    metric = LocalizationMetrics(convention="trufor")
-    metric.update(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.arange(2))  # empty masks: AP NaN
+    metric = LocalizationMetrics()
+    metric.update(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.arange(2))  # empty masks: AUC NaN
     scores = {key: float(value) for key, value in metric.compute().items()}
-    assert math.isnan(scores["ap"])
-    payload = {"convention": "trufor", "test": {"a": scores}, "other": [math.inf, -math.inf, (1.5, math.nan)]}
+    assert math.isnan(scores["auc"])
+    payload = {"convention": "study", "test": {"a": scores}, "other": [math.inf, -math.inf, (1.5, math.nan)]}
     path = write_json_atomic(tmp_path / "metrics.json", payload)
     text = path.read_text()
     data = json.loads(text, parse_constant=_refuse_constant)
-    assert data["test"]["a"]["ap"] is None and data["test"]["a"]["n_ap_undefined"] == 2
+    assert data["test"]["a"]["auc"] is None and data["test"]["a"]["n_ap_undefined"] == 2
     assert data["test"]["a"]["iou"] == scores["iou"]
     assert data["other"] == [None, None, [1.5, None]]
     # A value JSON cannot hold fails, leaving the previous file and no temporary file behind.
@@ -640,16 +608,17 @@ def test_ddp_sync_equals_single_process(tmp_path: Path) -> None:
 # metrics.convention: config, LightningModule, training run, deeploc-eval
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
-def test_metrics_convention_typed_on_the_command_line_reaches_the_module() -> None:
+def test_metrics_conventions_typed_on_the_command_line_reach_the_module() -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         default = compose("train", overrides=["encoder=micro"])
-        trufor = compose("train", overrides=["encoder=micro", "metrics.convention=trufor"])
-    assert default.metrics.convention == "study"
-    for cfg, want in ((default, "study"), (trufor, "trufor")):
+        alias = compose("train", overrides=["encoder=micro", "metrics.convention=trufor"])
+        several = compose("train", overrides=["encoder=micro", "metrics.conventions=[benco,study,trufor]"])
+    assert default.metrics.convention == "study" and default.metrics.conventions is None
+    for cfg, want in ((default, ("study",)), (alias, ("trufor",)), (several, ("benco", "study", "trufor"))):
         model = build_model(cfg)
-        assert model.hparams.metric_convention == want and type(model.hparams.metric_convention) is str
-        assert model.val_metrics.convention == want
-    with pytest.raises(ValueError, match=r"metrics\.convention='declip'"):
+        assert model.conventions == want
+        assert model.val_metrics.convention == "study"  # model selection follows the study's protocol
+    with pytest.raises(ValueError, match=r"convention 'declip' is unknown: choose among"):
         LocalizationModule(
             encoder=instantiate(default.encoder), decoder=instantiate(default.decoder), metric_convention="declip"
         )
@@ -659,55 +628,79 @@ def test_unknown_metrics_convention_is_refused_before_any_work(tmp_path: Path) -
     run_dir = tmp_path / "run"
     proc = run_cli(
         "deeploc.cli.train",
-        ["encoder=micro", "metrics.convention=declip", f"hydra.run.dir={run_dir}"],
+        ["encoder=micro", "metrics.conventions=[study,declip]", f"hydra.run.dir={run_dir}"],
         tmp_path,
         check=False,
     )
     assert proc.returncode != 0
-    assert "metrics.convention='declip' must be study" in proc.stderr
+    assert (
+        "metrics.conventions=['study', 'declip'] must be null or a list of distinct conventions among study, "
+        in proc.stderr
+    )
     assert not (run_dir / "config_resolved.yaml").exists() and not (tmp_path / "outputs").exists()
 
 
-def test_convention_chosen_for_training_is_measured_recorded_and_reproduced_by_eval(
+def test_conventions_are_measured_recorded_rescored_and_reproduced_by_eval(
     shared_workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
     args = train_args(shared_workdir, "trainer.max_epochs=1", "overlays=0", "logger=csv", f"hydra.run.dir={run_dir}")
-    run_cli("deeploc.cli.train", [*args, "metrics.convention=trufor"], tmp_path)
+    run_cli(
+        "deeploc.cli.train", [*args, "metrics.conventions=[trufor,study,benco]", "eval.save_predictions=true"], tmp_path
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["convention"] == "trufor"
+    assert metrics["convention"] == "trufor" and metrics["conventions"] == ["trufor", "study", "benco"]
+    assert metrics["test"] == metrics["scores"]["trufor"]  # the primary convention fills the old block
+    chosen = metrics["thresholds"]["chosen"]
+    assert set(chosen) == {"study", "trufor", "benco"} and set(chosen["benco"]) == {"f1_val", "iou_val"}
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["hyper_parameters"]["metric_convention"] == "trufor"
+    assert ckpt["deeploc"]["val_thresholds"] == chosen  # the best epoch's thresholds reached the test
+    for subset, scores in metrics["scores"]["study"].items():
+        assert set(scores) >= {"iou", "f1_fixed", "f1_best", "ap", "auc", "ciou", "f1_val", "iou_val"}
+        with open(run_dir / "scores" / f"{subset}.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == scores["n_images"] and rows[0]["name"]
+        assert float(np.mean([float(r["iou[study]"]) for r in rows])) == pytest.approx(scores["iou"], abs=1e-9)
 
-    # deeploc-eval measures either convention on the same model and records which one it used.
-    evaluated = {}
-    for convention in ("trufor", "study"):
-        out = tmp_path / f"eval-{convention}"
-        features = str(shared_workdir / "features")
-        assert eval_main([str(run_dir), "--out", str(out), "--features-dir", features, "--convention", convention]) == 0
-        assert f"convention {convention}" in capsys.readouterr().out
-        data = json.loads((out / "eval.json").read_text())
-        assert data["convention"] == convention
-        with open(out / "eval.csv", newline="") as handle:
-            assert {row["convention"] for row in csv.DictReader(handle)} == {convention}
-        evaluated[convention] = data["test"]
-    for subset, scores in metrics["test"].items():
-        trufor, study = evaluated["trufor"][subset], evaluated["study"][subset]
-        for key in SCORE_KEYS:  # eval reproduces the training run's own numbers
-            assert trufor[key] == pytest.approx(scores[key], abs=1e-6), (subset, key)
-        assert study["iou"] == trufor["iou"]
-        n, n_empty = study["n_images"], study["n_ap_undefined"]
-        assert n_empty == trufor["n_ap_undefined"] and study["n_f1_no_positive"] == trufor["n_f1_no_positive"]
-        if n_empty < n:
-            assert study["ap"] == pytest.approx(trufor["ap"] * (n - n_empty) / n, abs=1e-6)
-        if study["n_f1_no_positive"] == 0:
-            assert study["f1_best"] == pytest.approx(trufor["f1_best"], abs=1e-6)
+    # Rescoring the saved maps in any convention, with no model, equals test-time scoring exactly.
+    out = tmp_path / "rescored"
+    assert eval_main([str(run_dir), "--conventions", "benco", "study", "trufor", "--out", str(out)]) == 0
+    assert "rescored the saved predictions" in capsys.readouterr().out
+    rescored = json.loads((out / "eval.json").read_text())
+    assert rescored["scores"] == metrics["scores"] and rescored["convention"] == "benco"
+    for subset in metrics["test"]:
+        with open(run_dir / "scores" / f"{subset}.csv") as a, open(out / "scores" / f"{subset}.csv") as b:
+            test_rows, rescored_rows = list(csv.DictReader(a)), list(csv.DictReader(b))
+        assert [dict(sorted(r.items())) for r in test_rows] == [dict(sorted(r.items())) for r in rescored_rows]
+
+    # deeploc-eval with the model reproduces the run's numbers in the convention it is asked for.
+    out = tmp_path / "eval-study"
+    features = str(shared_workdir / "features")
+    subsets = list(metrics["test"])  # naming the data runs the model instead of rescoring
+    assert eval_main([str(run_dir), "--subsets", *subsets, "--out", str(out), "--features-dir", features,
+                      "--convention", "study"]) == 0  # fmt: skip
+    assert "F1@0.5[study]" in capsys.readouterr().out
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["convention"] == "study"
+    with open(out / "eval.csv", newline="") as handle:
+        assert {row["convention"] for row in csv.DictReader(handle)} == {"study"}
+    for subset, scores in metrics["scores"]["study"].items():
+        for key, value in scores.items():
+            assert evaluated["test"][subset][key] == pytest.approx(value, abs=1e-6), (subset, key)
 
     # A finished run from deeploc <= 0.1 (no "convention": trufor) is skipped with a warning, never relabelled.
-    del metrics["convention"]
+    for key in ("convention", "conventions"):
+        del metrics[key]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     proc = run_cli("deeploc.cli.train", args, tmp_path)
     log = proc.stdout + proc.stderr
     assert "already finished; skipping" in log
-    assert "metrics.convention=trufor" in log and "if_finished=eval" in log
+    assert "conventions ['trufor'], not ['study']" in log and "if_finished=eval" in log
     assert "convention" not in json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_rescoring_a_run_without_saved_predictions_says_how_to_keep_them(tmp_path: Path, capsys) -> None:
+    (tmp_path / "metrics.json").write_text("{}")
+    assert eval_main([str(tmp_path), "--rescore"]) == 1
+    err = capsys.readouterr().err
+    assert "holds no saved predictions" in err and "eval.save_predictions=true" in err and "--save-predictions" in err

@@ -13,7 +13,8 @@ from deeploc.cli.app import add_model_flags, add_verbose_flag, import_plugins, r
 from deeploc.data.masks import MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules
 from deeploc.data.sources import DataSource, build_source
 from deeploc.errors import ConfigError, DeeplocError
-from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION
+from deeploc.metrics import CONVENTION_SOURCES, DEFAULT_CONVENTION, check_conventions, column_label, reported_specs
+from deeploc.metrics.store import PREDICTION_DTYPES
 from deeploc.runs.rundir import RunDir
 
 
@@ -43,11 +44,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--no-validate", action="store_true", help="skip decoding every file once before scoring")
     parser.add_argument(
-        "--convention",
-        default=DEFAULT_CONVENTION,
-        choices=CONVENTIONS,
-        help="metric convention for the undefined cases (thin regions, empty masks): study = DeCLIP's formulas "
-        "(default), trufor = TruFor's (deeploc <= 0.1); recorded in eval.json and eval.csv",
+        "--conventions",
+        nargs="+",
+        metavar="NAME",
+        help=f"metric conventions to score in, the first primary (default: {DEFAULT_CONVENTION}): "
+        + "; ".join(f"{name} = {source}" for name, source in CONVENTION_SOURCES.items())
+        + ". Recorded in eval.json (scores.<convention>) and eval.csv",
+    )
+    parser.add_argument("--convention", help="one metric convention (= --conventions NAME)")
+    parser.add_argument(
+        "--save-predictions",
+        action="store_true",
+        help="keep every image's probability map and mask in <out>/predictions/<subset>.npz, to rescore them later "
+        "in any convention without the model",
+    )
+    parser.add_argument(
+        "--prediction-dtype",
+        default="float32",
+        choices=PREDICTION_DTYPES,
+        help="how --save-predictions stores the maps: float32 rescores bit-identically; float16 / uint8 are 2x / 4x "
+        "smaller and rescore approximately",
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="rescore MODEL's saved predictions (a run directory or deeploc-eval folder holding predictions/) in "
+        "--conventions, with no model, GPU or images; this is the default for a run directory that holds them "
+        "when no --data-root, --subsets, --source, --split, --real or --perturb is given",
     )
     parser.add_argument(
         "--source",
@@ -112,19 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_scores(results: dict[str, dict[str, float]], trained: dict) -> list[str]:
+def format_scores(
+    results: dict[str, dict[str, float]],
+    trained: dict,
+    scores: dict[str, dict[str, dict[str, float]]] | None = None,
+    chosen: dict[str, dict[str, float]] | None = None,
+) -> list[str]:
     """One console line per subset, the subset labelled by its role in the model's training when that is known
-    (in-domain / out-of-domain; held out / seen for leave-one-out)."""
+    (in-domain / out-of-domain; held out / seen for leave-one-out); every value named ``<metric>[<convention>]``
+    (``scores``: every convention's; default: ``results`` as study's)."""
     from deeploc.data.roles import subset_role
-    from deeploc.metrics import metric_specs
 
+    scores = scores or {DEFAULT_CONVENTION: results}
+    chosen = chosen or {}
     known = bool(trained.get("split") and trained.get("subset"))
     names = {n: f"{n} ({subset_role(trained['split'], trained['subset'], n)})" if known else n for n in results}
     width = max(map(len, names.values()))
-    specs = metric_specs()
+    columns = [(c, spec) for c in scores for spec in reported_specs(c, chosen.get(c))]
     return [
         f"  {names[n]:<{width}}  "
-        + "  ".join(f"{spec.label} {_percent(s.get(spec.name)):>6}" for spec in specs)
+        + "  ".join(
+            f"{column_label(spec.name, c)} {_percent(scores[c].get(n, {}).get(spec.name)):>6}" for c, spec in columns
+        )
         + f"  (n={s['n_images']:.0f}{_undefined_note(s)})"
         for n, s in results.items()
     ]
@@ -176,12 +208,17 @@ def _source(args: argparse.Namespace, trained: dict[str, Any]) -> tuple[DataSour
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from deeploc.evaluation.rescoring import recorded_thresholds, write_image_files
     from deeploc.evaluation.scoring import THRESHOLD, index_for_eval, score_subsets, write_results
     from deeploc.inference.loading import describe_model, load_model_and_metadata
     from deeploc.runs.checkpoints import ModelError
 
     try:
         import_plugins(args)
+        args.conventions = check_conventions(args.conventions or args.convention or DEFAULT_CONVENTION)
+        args.convention = args.conventions[0]
+        if _rescoring(args):
+            return _rescore(args)
         perturbations = _perturbations(args.perturb)
         if args.real and args.split == args.threshold_split:
             raise ConfigError(
@@ -189,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 "themselves: pass --threshold-split none (no balanced accuracy), or evaluate the test split"
             )
         model, meta = load_model_and_metadata(args.model, args.encoder_checkpoint, args.device)
+        chosen = model.val_thresholds = recorded_thresholds(Path(args.model))
         trained = (meta.get("training") or {}).get("config") or {}
         source, same = _source(args, trained)
         subsets = args.subsets or (trained.get("subsets") if same else source.available_subsets())
@@ -197,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
         by_subset = index_for_eval(source, subsets, args.split, not args.no_validate, rules)
         real = _real_samples(args, source, subsets, rules) if args.real else None  # checked before any encoding
-        scored = score_subsets(model, by_subset, *_run(args))
+        scored = score_subsets(model, by_subset, *_run(args), keep_predictions=args.save_predictions)
         results = {name: result.metrics for name, result in scored.items()}
+        every = {c: {name: result.by_convention[c] for name, result in scored.items()} for c in args.conventions}
         out = _out_dir(args, source.root(), subsets)
         context = {
             "model": str(args.model),
@@ -209,13 +248,16 @@ def main(argv: list[str] | None = None) -> int:
             "convention": args.convention,
             "mask_polarity": source.mask_polarity,
             "mask_threshold": source.mask_threshold,
+            "thresholds": {"split": "valid", "chosen": chosen},
         }
-        written = list(write_results(out, results, context))  # type: ignore[arg-type]
+        written = list(write_results(out, results, context, every))  # type: ignore[arg-type]
+        written += write_image_files(out, scored, args.prediction_dtype)
         print(f"{describe_model(meta)}; {args.split} split of {source.root()}")
         print(
-            f"{args.split} scores (%, mean over images), metric convention {args.convention}, pixel threshold {THRESHOLD}:"
+            f"{args.split} scores (%, mean over images), metric convention{'s' if len(args.conventions) > 1 else ''} {', '.join(args.conventions)}, pixel "
+            f"threshold {THRESHOLD}" + (f" and thresholds chosen on the valid split {chosen}" if chosen else "") + ":"
         )
-        print("\n".join(format_scores(results, trained)))  # type: ignore[arg-type]
+        print("\n".join(format_scores(results, trained, every, chosen)))  # type: ignore[arg-type]
         if real is not None:
             written += _real(args, model, real, scored, out, context)
         if perturbations:
@@ -234,9 +276,49 @@ def _kind(source: str) -> str:
     return "dolos" if source == "generated" else source
 
 
-def _run(args: argparse.Namespace) -> tuple[int, int, str | None, str]:
-    """How every evaluation pass runs: batch size, workers, feature cache, metric convention."""
-    return args.batch_size, args.num_workers, args.features_dir, args.convention
+def _run(args: argparse.Namespace) -> tuple[int, int, str | None, tuple[str, ...]]:
+    """How every evaluation pass runs: batch size, workers, feature cache, metric conventions."""
+    return args.batch_size, args.num_workers, args.features_dir, args.conventions
+
+
+_DATA_FLAGS = ("data_root", "subsets", "source", "real", "perturb")
+
+
+def _rescoring(args: argparse.Namespace) -> bool:
+    """Whether this call rescores saved predictions (--rescore, or a run directory holding them and no flag that
+    asks for other data) instead of running the model."""
+    from deeploc.metrics.store import predictions_files
+
+    if args.rescore:
+        return True
+    model = Path(args.model)
+    asks_other_data = any(getattr(args, flag) for flag in _DATA_FLAGS) or args.split != "test"
+    if not model.is_dir() or asks_other_data:
+        return False
+    if predictions_files(model):
+        return True
+    if (model / "metrics.json").is_file():
+        print(f"no saved predictions in {model}: scoring with the model (keep them with eval.save_predictions=true "
+              "when training, or --save-predictions, to rescore later without it)")  # fmt: skip
+    return False
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    """--rescore: every saved subset in --conventions, written like an evaluation (eval.json, eval.csv, scores/)."""
+    from deeploc.evaluation.rescoring import rescore_into
+    from deeploc.evaluation.scoring import THRESHOLD
+
+    folder = Path(args.model)
+    out = Path(args.out) if args.out else folder / "eval" / f"rescored-{'-'.join(args.conventions)}"
+    rescored, chosen, written = rescore_into(folder, args.conventions, out)
+    trained = rescored.record.get("config") or {}
+    print(f"rescored the saved predictions of {folder} (no model, encoder or images used)")
+    print(
+        f"scores (%, mean over images), metric conventions {', '.join(args.conventions)}, pixel threshold {THRESHOLD}:"
+    )
+    print("\n".join(format_scores(rescored.scores[args.convention], trained, rescored.scores, chosen)))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
 
 
 def _perturbations(items: list[str] | None) -> list[Any]:
@@ -312,9 +394,10 @@ def _robustness(
     perturbed = run_robustness(model, by_subset, perturbations, *_run(args))
     paths = write_robustness(out, clean, perturbed, perturbations, context, trained)
     print(
-        f"IoU under perturbation (%, {args.split} split, metric convention {args.convention}, pixel threshold {THRESHOLD}):"
+        f"{column_label(reported_specs(args.convention)[0].name, args.convention)} under perturbation (%, {args.split} split, metric convention {args.convention}, pixel threshold "
+        f"{THRESHOLD}):"
     )
-    print(metric_table(clean, perturbed, ordered(perturbations), "iou"))
+    print(metric_table(clean, perturbed, ordered(perturbations), reported_specs(args.convention)[0].name))
     return paths
 
 

@@ -153,12 +153,18 @@ def write_robustness(
         writer = csv.writer(handle)
         writer.writerow(["subset", "perturbation", "strength", "split", "convention", "threshold", *score_keys()])
         for name, kind, strength, scores in rows:
-            values = [f"{scores[k]:.4f}" for k in score_keys()]
+            values = [f"{scores[k]:.4f}" if k in scores else "" for k in score_keys()]  # "": not in the convention
             writer.writerow([name, kind, strength, context["split"], context["convention"], THRESHOLD, *values])
     paths.append(out_dir / "robustness.md")
     paths[-1].write_text(robustness_markdown(clean, perturbed, groups, context) + "\n", encoding="utf-8")
     paths += robustness_figures(out_dir, clean, perturbed, groups, context, trained)
     return paths
+
+
+def reported(clean: Scores) -> list[str]:
+    """The metrics the scores hold (a convention reports only the metrics it defines), in registry order."""
+    first = next(iter(clean.values()), {})
+    return [m for m in metric_names() if m in first]
 
 
 def robustness_markdown(
@@ -171,7 +177,7 @@ def robustness_markdown(
         + "; ".join(f"{name}: {group[0].spec.description}" for name, group in groups.items())
         + "."
     ]
-    for metric in metric_names():
+    for metric in reported(clean):
         sections.append(f"### {metric_label(metric)}\n\n" + metric_table(clean, perturbed, groups, metric))
     return "\n\n".join(sections)
 
@@ -200,7 +206,7 @@ def robustness_figures(
     """``robustness_<metric>.png``: a panel per perturbation, strength on x (clean first), a line per subset
     (:func:`robustness_lines`), under :func:`robustness_caption`."""
     paths = []
-    for metric in metric_names():
+    for metric in reported(clean):
         lines = robustness_lines(clean, perturbed, groups, metric, trained)
         figure = strength_panels(groups, lines, metric, robustness_caption(context))
         paths.append(save(figure, out_dir / f"robustness_{metric}.png"))

@@ -1,8 +1,8 @@
 """Evaluate a trained decoder on any list of subsets and splits, without retraining.
 
 Scores are the study's (per image, then averaged): the same :class:`LocalizationMetrics` the training run uses,
-in the metric convention asked for (``study`` by default, or ``trufor``) at the pixel threshold 0.5, which the
-outputs record. Each pass also keeps every image's image-level scores (:class:`ImageScores`), from which
+in the metric conventions asked for (``study`` by default; ``trufor``, ``benco``) at the pixel threshold 0.5 and at
+the model's validation-chosen thresholds, which the outputs record. Each pass also keeps every image's image-level scores (:class:`ImageScores`), from which
 :mod:`deeploc.evaluation` measures false alarms and detection on real images.
 Features come from the feature store when a cache folder is given, so the frozen encoder never runs twice on
 the same image across evaluations.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from deeploc.data.samples import Sample
 from deeploc.data.sources import DataSource
 from deeploc.data.validate import validate_samples
 from deeploc.io import write_json_atomic
-from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention, metric_names, resize_probs
+from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_conventions, metric_names, resize_probs
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,15 @@ class ImageScores:
 
 @dataclass(frozen=True)
 class SubsetScores:
-    """One subset's localization metrics (None for real images, which have nothing to localize) and image scores."""
+    """One subset's localization metrics in the primary convention (None for real images, which have nothing to
+    localize) and image scores; ``by_convention``: every convention's metrics; ``per_image``: every image's scores
+    (:meth:`LocalizationMetrics.per_image`); ``predictions``: its maps when kept."""
 
     metrics: dict[str, float] | None
     images: ImageScores
+    by_convention: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_image: dict[str, torch.Tensor] = field(default_factory=dict)
+    predictions: dict[str, Any] | None = None
 
 
 @torch.no_grad()
@@ -124,21 +129,26 @@ def score_subsets(
     batch_size: int = 32,
     num_workers: int = 0,
     feature_dir: str | None = None,
-    convention: str = DEFAULT_CONVENTION,
+    convention: str | Sequence[str] = DEFAULT_CONVENTION,
     localize: bool = True,
     match_sizes: bool = True,
+    keep_predictions: bool = False,
 ) -> dict[str, SubsetScores]:
     """One pass of ``model`` (a LocalizationModule) over each subset: its mean per-image metrics in ``convention``
-    at :data:`THRESHOLD` (when ``localize``) and every image's :class:`ImageScores`, at the masks' size.
-    ``match_sizes=False`` accepts images of another size than their masks (perturbed, resized copies)."""
+    (one or several, the first primary) at :data:`THRESHOLD` and at the model's validation-chosen thresholds (when
+    ``localize``), and every image's :class:`ImageScores`, at the masks' size. ``match_sizes=False`` accepts images
+    of another size than their masks (perturbed, resized copies); ``keep_predictions`` keeps every map."""
     from deeploc.metrics import image_score
 
-    check_convention(convention)
+    conventions = check_conventions(convention)
+    chosen = getattr(model, "val_thresholds", None) or {}
     model.eval()
     results: dict[str, SubsetScores] = {}
     for name, dataset in _datasets(model, by_subset, feature_dir, batch_size, match_sizes).items():
         samples = by_subset[name]
-        metric = LocalizationMetrics(threshold=THRESHOLD, convention=convention).to(model.device)
+        metric = LocalizationMetrics(
+            threshold=THRESHOLD, conventions=conventions, chosen=chosen, keep_predictions=keep_predictions
+        ).to(model.device)
         values: dict[str, list[float]] = {
             "top": [0.0] * len(samples),
             "max": [0.0] * len(samples),
@@ -154,14 +164,17 @@ def score_subsets(
             for i, prob in zip(batch["index"].tolist(), probs):
                 values["top"][i], values["max"][i] = image_score(prob), float(prob.max())
                 values["flagged"][i] = float((prob > THRESHOLD).double().mean())
-        scores = {key: float(value) for key, value in metric.compute().items()} if localize else None
+        every = {c: {k: float(v) for k, v in d.items()} for c, d in metric.compute_all().items()} if localize else {}
+        scores = every.get(conventions[0])
         images = ImageScores(
             [s.name for s in samples],
             *(torch.tensor(values[k], dtype=torch.float64) for k in ("top", "max", "flagged")),
         )
-        results[name] = SubsetScores(scores, images)
+        per_image = {k: v.cpu() for k, v in metric.per_image().items()} if localize else {}
+        kept = metric.predictions() if localize and keep_predictions else None
+        results[name] = SubsetScores(scores, images, every, per_image, kept)
         if scores is not None:
-            log.info("%s: %s", name, ", ".join(f"{k} {scores[k]:.2f}" for k in score_keys()))
+            log.info("%s: %s", name, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     return results
 
 
@@ -180,27 +193,37 @@ def evaluate(
     return {name: result.metrics for name, result in scored.items()}  # type: ignore[misc]
 
 
-def write_results(out_dir: Path, results: dict[str, dict[str, float]], context: dict[str, Any]) -> tuple[Path, Path]:
-    """``eval.json`` (context + per-subset scores) and ``eval.csv`` (one row per subset).
+def write_results(
+    out_dir: Path,
+    results: dict[str, dict[str, float]],
+    context: dict[str, Any],
+    scores: dict[str, dict[str, dict[str, float]]] | None = None,
+) -> tuple[Path, Path]:
+    """``eval.json`` (context + per-subset scores) and ``eval.csv`` (one row per subset and convention).
 
-    ``context`` holds at least ``split`` and ``convention``; both are repeated on every CSV row, with the pixel
-    threshold.
+    ``results``: the primary convention's scores per subset (eval.json's ``test``); ``scores``: ``{convention:
+    {subset: scores}}`` of every convention (eval.json's ``scores``; default: ``results`` in ``context``'s
+    convention). ``context`` holds at least ``split`` and ``convention``; the CSV repeats the split, the
+    convention and the pixel threshold on every row, and leaves a metric the convention does not define empty.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = write_json_atomic(out_dir / "eval.json", {**context, "threshold": THRESHOLD, "test": results})
+    scores = scores or {context["convention"]: results}
+    payload = {**context, "threshold": THRESHOLD, "test": results, "conventions": list(scores), "scores": scores}
+    json_path = write_json_atomic(out_dir / "eval.json", payload)
     csv_path = out_dir / "eval.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["subset", "split", "convention", "threshold", *score_keys(), *UNDEFINED_KEYS])
-        for name, scores in results.items():
-            writer.writerow(
-                [
-                    name,
-                    context["split"],
-                    context["convention"],
-                    THRESHOLD,
-                    *(f"{scores[k]:.4f}" for k in score_keys()),
-                    *(f"{scores[k]:.0f}" for k in UNDEFINED_KEYS),
-                ]
-            )
+        for convention, by_subset in scores.items():
+            for name, values in by_subset.items():
+                writer.writerow(
+                    [
+                        name,
+                        context["split"],
+                        convention,
+                        THRESHOLD,
+                        *(f"{values[k]:.4f}" if k in values else "" for k in score_keys()),
+                        *(f"{values[k]:.0f}" for k in UNDEFINED_KEYS),
+                    ]
+                )
     return json_path, csv_path

@@ -1,10 +1,66 @@
-"""Localization metrics: per-image scores, their DDP-exact mean (:class:`LocalizationMetrics`) and the registry
-every table reads its metric list from.
+"""Localization metrics: the registry of metrics and conventions (:mod:`.registry`), per-image scores in each
+convention (:mod:`.scores`, built on :mod:`.pixels`), their DDP-exact mean (:mod:`.aggregate`) and the image-level
+score (:mod:`.image_level`).
 
-The study's four metrics live in :mod:`.core`. Another metric is one module in this package (found without an
-import list) with a ``@register_metric(name, label, description)`` function ``ScoreInputs -> per-image values``;
-see docs/extending.md.
+Another metric is one module in this package (found without an import list) with a
+``@register_metric(name, label, description)`` function ``ScoreInputs -> per-image values``; see docs/extending.md.
 """
 
-from deeploc.metrics.core import *  # noqa: F403
-from deeploc.metrics.core import __all__  # noqa: F401
+from deeploc.data.regions import DILATE_SIZE, ERODE_SIZE, f1_positive_count
+from deeploc.metrics.aggregate import LocalizationMetrics
+from deeploc.metrics.image_level import IMAGE_SCORE, TOP_FRACTION, image_score
+from deeploc.metrics.pixels import average_precision, resize_probs
+from deeploc.metrics.registry import (
+    CONVENTION_SOURCES,
+    CONVENTIONS,
+    DEFAULT_CONVENTION,
+    LEGACY_CONVENTION,
+    METRICS,
+    OPTIMIZED_METRICS,
+    MetricSpec,
+    ScoreInputs,
+    check_convention,
+    check_conventions,
+    column_label,
+    convention_specs,
+    metric_label,
+    metric_names,
+    metric_specs,
+    recorded_convention,
+    register_metric,
+)
+from deeploc.metrics.scores import image_scores, reported_specs
+from deeploc.metrics.thresholds import GRID, choose_thresholds
+
+__all__ = [
+    "CONVENTIONS",
+    "CONVENTION_SOURCES",
+    "DEFAULT_CONVENTION",
+    "DILATE_SIZE",
+    "ERODE_SIZE",
+    "GRID",
+    "IMAGE_SCORE",
+    "LEGACY_CONVENTION",
+    "METRICS",
+    "OPTIMIZED_METRICS",
+    "TOP_FRACTION",
+    "LocalizationMetrics",
+    "MetricSpec",
+    "ScoreInputs",
+    "average_precision",
+    "check_convention",
+    "check_conventions",
+    "choose_thresholds",
+    "column_label",
+    "convention_specs",
+    "f1_positive_count",
+    "image_score",
+    "image_scores",
+    "metric_label",
+    "metric_names",
+    "metric_specs",
+    "recorded_convention",
+    "register_metric",
+    "reported_specs",
+    "resize_probs",
+]

@@ -113,7 +113,7 @@ class MultiHeadModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         for name, head in list(self.training_heads()):
             scores = head.validation_scores()
-            for metric in metric_names():
+            for metric in head.val_metrics.names:
                 self.log(f"{name}/val/{metric}", scores[metric])
             if head.hparams.schedule != "plateau" or self.trainer.sanity_checking:
                 continue
@@ -160,7 +160,7 @@ class MultiHeadModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         for name, head in self.heads.items():
             for subset, scores in head.collect_test_results().items():
-                for key in metric_names():
+                for key in [k for k in metric_names() if k in scores]:  # the metrics its primary convention reports
                     self.log(f"{name}/test/{subset}/{key}", scores[key], add_dataloader_idx=False)
 
     # ------------------------------------------------------------- checkpoints
@@ -178,6 +178,7 @@ class MultiHeadModule(L.LightningModule):
             "decoders": {name: head.decoder.record() for name, head in self.heads.items()},
             "plateau": {name: dict(head._plateau) for name, head in self.heads.items()},
             "stopped": dict(self.stopped),
+            "val_thresholds": {name: head.val_thresholds for name, head in self.heads.items()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -198,4 +199,5 @@ class MultiHeadModule(L.LightningModule):
                     f"this job builds {head.decoder.label}"
                 )
             head._plateau = dict(meta["plateau"][name])
+            head.val_thresholds = dict((meta.get("val_thresholds") or {}).get(name, {}))
         self.stopped = {str(k): int(v) for k, v in meta.get("stopped", {}).items()}

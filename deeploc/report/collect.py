@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from deeploc.metrics import metric_names
+from deeploc.metrics.store import SCORES_DIR
 from deeploc.report.provenance import LOO, Settings, read_settings
 from deeploc.runs.rundir import HEADS_FILE, METRICS_FILE
 from deeploc.training.hparams import BEST_FILE
@@ -27,7 +28,6 @@ DOLOS_SUBSETS = ("repaint-p2-9k", "ldm", "lama", "pluralistic")
 SPLITS = ("cross", "in_domain", LOO)
 CONFIG_KEYS = ("decoder", "feature", "split", "subset")
 
-SCORES_DIR = "scores"  # <run>/scores/<subset>.csv: every test image's scores (deeploc.metrics' per-image files)
 
 Scores = dict[str, dict[str, float]]  # test subset -> metric -> value (%)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeploc.errors import DeeplocError
-from deeploc.metrics import DEFAULT_CONVENTION, LocalizationMetrics, check_convention, metric_names
+from deeploc.metrics import CONVENTIONS, DEFAULT_CONVENTION, LocalizationMetrics, check_conventions
 from deeploc.models.decoders import Decoder, DecoderError, UnknownMapError, decoder_from_record
 from deeploc.models.encoders import FrozenEncoder, build_encoder, same_encoder
 from deeploc.models.state_dicts import state_dict_mismatch
@@ -88,8 +88,13 @@ class LocalizationModule(L.LightningModule):
         schedule: ``fixed`` (the study: constant LR) or ``plateau`` (DeCLIP: LR / ``plateau_factor`` after
             ``plateau_patience`` epochs without val IoU improvement, stop once LR < ``min_lr``).
         channels_last: run the decoder in channels-last memory format (faster convolutions on GPUs).
-        metric_convention: ``study`` or ``trufor``, how validation and test scores treat the undefined cases
-            (config ``metrics.convention``; deeploc.metrics).
+        metric_convention: the test's metric convention when ``metric_conventions`` is not given (config
+            ``metrics.convention``; deeploc.metrics).
+        metric_conventions: the conventions the test scores in, the first one primary (``metrics.conventions``).
+            Validation always scores in ``study`` (model selection follows the study's protocol) and chooses each
+            convention's F1 and IoU threshold on the validation split (deeploc.metrics.thresholds).
+        keep_predictions: keep the test's probability maps (``eval.save_predictions``), to rescore them later;
+            ``prediction_dtype``: how they are saved (``eval.prediction_dtype``: float32, float16, uint8).
     """
 
     def __init__(
@@ -104,9 +109,12 @@ class LocalizationModule(L.LightningModule):
         min_lr: float = 1e-6,
         channels_last: bool = False,
         metric_convention: str = DEFAULT_CONVENTION,
+        metric_conventions: list[str] | None = None,
+        keep_predictions: bool = False,
+        prediction_dtype: str = "float32",
     ) -> None:
         super().__init__()
-        check_convention(metric_convention)
+        self.conventions = check_conventions(metric_conventions or metric_convention)
         if schedule not in SCHEDULES:
             raise ValueError(f"model.schedule={schedule!r} is not one of {SCHEDULES}")
         self.encoder = as_encoder(encoder)
@@ -117,10 +125,17 @@ class LocalizationModule(L.LightningModule):
         if channels_last:
             self.decoder = self.decoder.to(memory_format=torch.channels_last)
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.val_metrics = LocalizationMetrics(convention=metric_convention)
+        self.val_metrics = LocalizationMetrics(convention="study", choose=True)
+        #: Per convention, the F1 and IoU thresholds chosen at the last validation epoch (saved in checkpoints, so
+        #: the best epoch's reach the test).
+        self.val_thresholds: dict[str, dict[str, float]] = {}
         self.test_metrics = nn.ModuleList()
         self.test_names: list[str] = []
         self.test_results: dict[str, dict[str, float]] = {}
+        #: ``{convention: {subset: scores}}``, per-image scores and (``keep_predictions``) maps of every subset.
+        self.test_scores: dict[str, dict[str, dict[str, float]]] = {}
+        self.test_per_image: dict[str, dict[str, torch.Tensor]] = {}
+        self.test_predictions: dict[str, dict[str, Any]] = {}
         #: The maps of the first test images of each subset, for the run's overlays (``test_maps.keep`` of them).
         self.test_maps = TestMaps()
         # Frozen weights are rebuilt from config, not stored in checkpoints (see on_load_checkpoint's guard).
@@ -198,7 +213,7 @@ class LocalizationModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         scores = self.validation_scores()
-        for name in metric_names():
+        for name in self.val_metrics.names:
             self.log(f"val/{name}", scores[name], prog_bar=name == "iou")
         if self.hparams.schedule == "plateau" and not self.trainer.sanity_checking:
             optimizer = self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer") else self.optimizers()
@@ -211,6 +226,7 @@ class LocalizationModule(L.LightningModule):
     def validation_scores(self) -> dict[str, torch.Tensor]:
         """The scores of the validation epoch that just ended (the metric state is reset for the next one)."""
         scores = self.val_metrics.compute()
+        self.val_thresholds = self.val_metrics.chosen_thresholds(CONVENTIONS)  # all: any convention can rescore
         self.val_metrics.reset()
         return scores
 
@@ -239,7 +255,10 @@ class LocalizationModule(L.LightningModule):
         count = len(self.trainer.test_dataloaders) if isinstance(self.trainer.test_dataloaders, list) else 1
         self.test_names = names if len(names) == count else [f"test_{i}" for i in range(count)]
         self.test_metrics = nn.ModuleList(
-            LocalizationMetrics(convention=self.hparams.metric_convention) for _ in self.test_names
+            LocalizationMetrics(
+                conventions=self.conventions, chosen=self.val_thresholds, keep_predictions=self.hparams.keep_predictions
+            )
+            for _ in self.test_names
         ).to(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -250,16 +269,28 @@ class LocalizationModule(L.LightningModule):
         self.test_metrics[dataloader_idx].update(logits, batch["mask"], batch.get("index"))
 
     def on_test_epoch_end(self) -> None:
-        for name, scores in self.collect_test_results().items():
-            for key in metric_names():
-                self.log(f"test/{name}/{key}", scores[key], add_dataloader_idx=False)
+        self.collect_test_results()
+        for name, metric in zip(self.test_names, self.test_metrics):
+            for convention in self.conventions:
+                suffix = "" if convention == self.conventions[0] else f"[{convention}]"  # the primary's keys as before
+                for spec in metric.specs[convention]:
+                    value = self.test_scores[convention][name][spec.name]
+                    self.log(f"test/{name}/{spec.name}{suffix}", value, add_dataloader_idx=False)
 
     def collect_test_results(self) -> dict[str, dict[str, float]]:
-        """The test scores of every test subset (also kept in :attr:`test_results`); the metric states are reset."""
-        self.test_results = {}
+        """The primary convention's test scores of every test subset (:attr:`test_results`); every convention's in
+        :attr:`test_scores`, per-image scores in :attr:`test_per_image`, kept maps in :attr:`test_predictions`.
+        The metric states are reset."""
+        self.test_scores = {c: {} for c in self.conventions}
+        self.test_per_image, self.test_predictions = {}, {}
         for name, metric in zip(self.test_names, self.test_metrics):
-            self.test_results[name] = {key: float(value) for key, value in metric.compute().items()}
+            for convention, scores in metric.compute_all().items():
+                self.test_scores[convention][name] = {key: float(value) for key, value in scores.items()}
+            self.test_per_image[name] = {k: v.cpu() for k, v in metric.per_image().items()}
+            if metric.keep_predictions:
+                self.test_predictions[name] = metric.predictions()
             metric.reset()
+        self.test_results = self.test_scores[self.conventions[0]]
         return self.test_results
 
     # --------------------------------------------------------------- optimiser
@@ -289,6 +320,7 @@ class LocalizationModule(L.LightningModule):
             "encoder": self.encoder.identity(),
             "decoder": self.decoder.record(),
             "plateau": dict(self._plateau),
+            "val_thresholds": self.val_thresholds,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -321,3 +353,4 @@ class LocalizationModule(L.LightningModule):
                 "the decoder and feature the run was trained with."
             )
         self._plateau = dict(meta.get("plateau", self._plateau))
+        self.val_thresholds = dict(meta.get("val_thresholds", {}))

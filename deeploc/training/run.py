@@ -35,7 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError
-from deeploc.metrics import OPTIMIZED_METRICS, metric_specs, recorded_convention
+from deeploc.metrics import OPTIMIZED_METRICS, check_conventions, column_label, recorded_convention, reported_specs
+from deeploc.metrics.store import PREDICTIONS_DIR, SCORES_DIR, save_predictions, write_per_image
 from deeploc.models.encoders import identity_name
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
@@ -290,13 +291,16 @@ def reuse_decision(run: RunDir, cfg: DictConfig) -> str:
     if cfg.if_finished == "skip":
         previous = run.read_metrics()
         log.info("run %s already finished; skipping (if_finished=eval re-tests, =retrain starts over)", run.path)
-        if recorded_convention(previous) != cfg.metrics.convention:
+        asked = check_conventions(cfg.metrics.get("conventions") or cfg.metrics.convention)
+        recorded = tuple(previous.get("conventions") or [recorded_convention(previous)])
+        if recorded != asked:
             log.warning(
-                "its scores were computed with metrics.convention=%s, not %s as asked; they are left as they are: "
-                "if_finished=eval re-tests its best checkpoint with %s",
-                recorded_convention(previous),
-                cfg.metrics.convention,
-                cfg.metrics.convention,
+                "its scores were computed in metric conventions %s, not %s as asked; they are left as they are: "
+                "if_finished=eval re-tests its best checkpoint in %s (or rescore its saved predictions: "
+                "deeploc-eval RUN --conventions ...)",
+                list(recorded),
+                list(asked),
+                list(asked),
             )
         return "skip"
     if cfg.if_finished == "retrain":
@@ -385,8 +389,13 @@ def run_results(
     )
     return {
         "config": summarise_config(cfg, datamodule, model, features),
-        "convention": model.hparams.metric_convention,
+        "convention": model.conventions[0],
         "test": model.test_results,
+        # Every convention's scores ({convention: {subset: scores}}; the primary one is "test" above) and the
+        # thresholds chosen on the validation split at the best epoch (deeploc.metrics.thresholds).
+        "conventions": list(model.conventions),
+        "scores": model.test_scores,
+        "thresholds": {"split": "valid", "chosen": model.val_thresholds},
         "best_checkpoint": str(best.relative_to(run.path)),
         "checkpoint_sha256": run.checkpoint_digests(),
         "best_val_iou": best_val_iou,
@@ -406,9 +415,23 @@ def finish_runs(
 ) -> None:
     """Write tested runs' overlays, then each one's metrics.json (last: the mark of a finished run); log results."""
     write_overlays(models, datamodule, runs, overlays, kept)
-    for run, results in zip(runs, metrics):
+    for model, run, results in zip(models, runs, metrics):
+        write_test_files(model, datamodule, run.path)
         run.write_metrics(results)
         log.info("%s", format_results(results, run))
+
+
+def write_test_files(model: Any, datamodule: Any, folder: Path) -> None:
+    """``scores/<subset>.csv`` (every image's score in every convention) and, with ``eval.save_predictions``,
+    ``predictions/<subset>.npz`` (its probability maps and masks, to rescore without the model)."""
+    for subset, columns in model.test_per_image.items():
+        dataset = datamodule.dataset("test", subset) if hasattr(datamodule, "dataset") else None
+        samples = getattr(dataset, "samples", None)
+        names = [s.name for s in samples] if samples is not None else None
+        write_per_image(folder / SCORES_DIR / f"{subset}.csv", columns, names)
+        if subset in model.test_predictions:
+            dtype = model.hparams.get("prediction_dtype", "float32")
+            save_predictions(folder / PREDICTIONS_DIR / f"{subset}.npz", model.test_predictions[subset], dtype, names)
 
 
 def check_run_inputs(run: RunDir, cfg: DictConfig) -> None:
@@ -454,16 +477,25 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
     split, subset = config["split"], config["subset"]
     labels = {name: f"{name} ({subset_role(split, subset, name)})" for name in metrics["test"]}
     width = max([len("test subset"), *map(len, labels.values())]) + 2
-    specs = metric_specs()
-    columns = [max(8, len(spec.label) + 2) for spec in specs]
+    chosen = (metrics.get("thresholds") or {}).get("chosen") or {}
+    by_convention = metrics.get("scores") or {metrics.get("convention", "trufor"): metrics["test"]}
+    columns = [(c, spec) for c in by_convention for spec in reported_specs(c, chosen.get(c))]
+    labels_ = [column_label(spec.name, c) for c, spec in columns]
+    widths = [max(8, len(label) + 2) for label in labels_]
     lines = [
         f"test results (%, mean over images) of {config['decoder']} on {config['feature']}, {split} split, "
-        f"{training_phrase(split, subset, config.get('subsets'))}; metric convention "
-        f"{metrics.get('convention', 'trufor')}:",
-        f"  {'test subset':<{width}}" + "".join(f"{s.label:>{w}}" for s, w in zip(specs, columns)) + f"{'images':>8}",
+        f"{training_phrase(split, subset, config.get('subsets'))}; metric convention"
+        f"{'s' if len(by_convention) > 1 else ''} {', '.join(by_convention)}"
+        + (f"; thresholds chosen on the valid split: {chosen}" if any(chosen.values()) else "")
+        + ":",
+        f"  {'test subset':<{width}}"
+        + "".join(f"{label:>{w}}" for label, w in zip(labels_, widths))
+        + f"{'images':>8}",
     ]
     for name, scores in metrics["test"].items():
-        values = "".join(f"{_number(scores.get(s.name)):>{w}}" for s, w in zip(specs, columns))
+        values = "".join(
+            f"{_number(by_convention[c].get(name, {}).get(spec.name)):>{w}}" for (c, spec), w in zip(columns, widths)
+        )
         lines.append(f"  {labels[name]:<{width}}{values}{scores['n_images']:8.0f}")
     if config.get("generated_data"):
         lines.append(

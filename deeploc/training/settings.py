@@ -21,6 +21,7 @@ from deeploc.data.masks import POLARITIES
 from deeploc.errors import ConfigError
 from deeploc.features.serving import MODES as FEATURE_MODES
 from deeploc.metrics import CONVENTIONS, OPTIMIZED_METRICS
+from deeploc.metrics.store import PREDICTION_DTYPES
 from deeploc.runs.naming import override_key
 
 IF_FINISHED = ("skip", "eval", "retrain")
@@ -110,8 +111,15 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     (
         "metrics.convention",
         _one_of(CONVENTIONS),
-        "must be study (DeCLIP's formulas, the study's numbers; the default) or trufor (TruFor's, deeploc <= 0.1)",
+        f"must be one of {', '.join(CONVENTIONS)} (study: DeCLIP's formulas, the study's numbers; the default)",
     ),
+    (
+        "metrics.conventions",
+        lambda v: v is None or (len(v) > 0 and len(set(v)) == len(v) and all(c in CONVENTIONS for c in v)),
+        f"must be null or a list of distinct conventions among {', '.join(CONVENTIONS)}, e.g. [study,trufor,benco]",
+    ),
+    ("eval.save_predictions", lambda v: isinstance(v, bool), "must be true or false"),
+    ("eval.prediction_dtype", _one_of(PREDICTION_DTYPES), f"must be one of {', '.join(PREDICTION_DTYPES)}"),
     ("data.mask_polarity", _one_of(POLARITIES), f"must be one of {', '.join(POLARITIES)}"),
     (
         "data.mask_threshold",
