@@ -42,7 +42,6 @@ from deeploc.runs.checkpoints import (
     legacy_conv_record,
     read_checkpoint,
     resolve_checkpoint,
-    run_dir_of,
 )
 from deeploc.runs.rundir import RunDir
 
@@ -107,12 +106,12 @@ def metadata_digest(text: str) -> str:
 
 def _data_config(run_dir: Path | None) -> dict[str, Any] | None:
     """The run's resolved ``data`` settings (subsets, split, sizes) from config_resolved.yaml, when present."""
-    if run_dir is None or not (run_dir / "config_resolved.yaml").is_file():
+    if run_dir is None or not RunDir(run_dir).resolved_config.is_file():
         return None
     import yaml
 
     try:
-        config = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
+        config = yaml.safe_load(RunDir(run_dir).resolved_config.read_text())
     except (OSError, yaml.YAMLError):
         return None
     data = (config or {}).get("data")
@@ -174,7 +173,7 @@ def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[st
     if is_export(ckpt_path):
         raise ModelError(f"{ckpt_path} is already an exported decoder; export takes a run directory or a .ckpt")
     state, info = read_checkpoint(ckpt_path)
-    run_dir = src if src.is_dir() else run_dir_of(ckpt_path)
+    run_dir = src if src.is_dir() else RunDir.of_checkpoint(ckpt_path)
     if run_dir is not None:
         check_run_checkpoint(run_dir, ckpt_path, info)
     metrics = RunDir(run_dir).read_metrics() if run_dir is not None else None

@@ -30,7 +30,6 @@ from deeploc.runs.checkpoints import (
     check_run_checkpoint,
     read_checkpoint,
     resolve_checkpoint,
-    run_dir_of,
 )
 from deeploc.runs.rundir import RunDir
 
@@ -171,7 +170,7 @@ def load_model_and_metadata(
     else:
         ckpt_path = resolve_checkpoint(p)
         state, info = read_checkpoint(ckpt_path)
-        run_dir = p if p.is_dir() else run_dir_of(ckpt_path)
+        run_dir = p if p.is_dir() else RunDir.of_checkpoint(ckpt_path)
         if run_dir is not None:
             check_run_checkpoint(run_dir, ckpt_path, info)
         metrics = RunDir(run_dir).read_metrics() if run_dir is not None else None

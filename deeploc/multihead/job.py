@@ -44,7 +44,7 @@ from deeploc.multihead.heads import Head, check_run_folders, compose_heads
 from deeploc.multihead.module import MultiHeadModule
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
-from deeploc.runs.rundir import HEADS_FILE, RunDir
+from deeploc.runs.rundir import RunDir
 from deeploc.training.callbacks import EpochSummary, PredictionPanel
 from deeploc.training.loggers import build_loggers, continue_history
 from deeploc.training.test_maps import TestMaps
@@ -301,7 +301,7 @@ def _write_summary(job: RunDir, heads: Sequence[Head], status: Mapping[str, str]
     """``<job>/heads.json``: the job's heads, their single-run commands and run directories, and what became of
     them."""
     write_json_atomic(
-        job.path / HEADS_FILE,
+        job.heads_file,
         {
             "heads": {
                 head.name: {"run": str(head.run.path), "overrides": head.overrides, "status": status[head.name]}

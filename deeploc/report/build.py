@@ -41,7 +41,7 @@ from deeploc.report.provenance import (
     varying_keys,
     version_text,
 )
-from deeploc.runs.rundir import HEADS_FILE
+from deeploc.runs.rundir import HEADS_FILE, METRICS_FILE, RunDir
 
 # The study's maps first, in the protocol's order; other maps (other decoders, encoders) after, by name.
 STUDY_FEATURES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
@@ -266,16 +266,17 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[RunResult], list[MissingRu
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
-        if HEADS_FILE in filenames and "metrics.json" not in filenames:
+        run = RunDir(here)
+        if HEADS_FILE in filenames and METRICS_FILE not in filenames:
             continue  # a multi-head job's own folder: its heads' run directories are the runs
-        if "metrics.json" in filenames or (here / ".hydra" / "config.yaml").is_file():
+        if METRICS_FILE in filenames or run.hydra_config.is_file():
             result = _read_run(here)
             (runs if isinstance(result, RunResult) else missing).append(result)  # type: ignore[arg-type]
     return runs, missing
 
 
 def _read_run(run_dir: Path) -> RunResult | MissingRun:
-    path = run_dir / "metrics.json"
+    path = RunDir(run_dir).metrics_file
     if not path.is_file():
         return MissingRun(run_dir, "no metrics.json (run failed, was killed or is still running)")
     try:

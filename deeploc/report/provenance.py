@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from deeploc.runs.rundir import RunDir
+
 LOO = "leave_one_out"
 UNKNOWN = "unknown"
 LEGACY_CONVENTION = "trufor"
@@ -109,7 +111,7 @@ def show(key: str, value: Any) -> str:
 def read_settings(run_dir: Path, metrics: Mapping[str, Any]) -> Settings:
     """The Settings of a finished run from its metrics.json (`metrics`), falling back to config_resolved.yaml."""
     config = metrics["config"]
-    resolved = _Resolved(run_dir / "config_resolved.yaml")
+    resolved = _Resolved(RunDir(run_dir).resolved_config)
 
     def get(key: str, *path: str) -> Any:  # metrics.json's value, else config_resolved.yaml's
         return config[key] if key in config else resolved.get(*path)

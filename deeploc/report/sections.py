@@ -23,6 +23,7 @@ from deeploc.evaluation.perturbations import Perturbation
 from deeploc.evaluation.robustness import CLEAN, ordered
 from deeploc.evaluation.scoring import THRESHOLD
 from deeploc.metrics import metric_label, metric_names
+from deeploc.runs.rundir import RunDir
 
 if TYPE_CHECKING:
     from deeploc.report.build import Matrix, RunResult
@@ -38,11 +39,11 @@ DETECTION_LABELS = {"auc": "AUC", "ap": "AP", "balanced_accuracy": "bal. acc."}
 def run_evaluation(run: RunResult, filename: str, convention: str | None = None) -> dict[str, Any] | None:
     """The newest ``eval/*/<filename>`` of ``run`` on its own test data (and in ``convention`` when given)."""
     try:
-        trained = json.loads((run.path / "metrics.json").read_text(encoding="utf-8"))["config"].get("data")
+        trained = json.loads(RunDir(run.path).metrics_file.read_text(encoding="utf-8"))["config"].get("data")
     except (OSError, ValueError, KeyError, AttributeError):
         return None
     found = []
-    for path in (run.path / "eval").glob(f"*/{filename}"):
+    for path in RunDir(run.path).eval_root.glob(f"*/{filename}"):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

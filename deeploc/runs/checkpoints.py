@@ -19,7 +19,7 @@ import torch
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest
-from deeploc.runs.rundir import RunDir
+from deeploc.runs.rundir import METRICS_FILE, RESOLVED_CONFIG, RunDir
 
 __all__ = [
     "IncompatibleModelError",
@@ -31,7 +31,6 @@ __all__ = [
     "legacy_conv_record",
     "read_checkpoint",
     "resolve_checkpoint",
-    "run_dir_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,12 +119,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     return state, info
 
 
-def run_dir_of(ckpt_path: Path) -> Path | None:
-    """The run directory of ``<run>/checkpoints/x.ckpt``, when that is where the checkpoint lives."""
-    parent = ckpt_path.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else None
-
-
 # ------------------------------------------------------------------------- is a run's checkpoint its own?
 
 
@@ -200,9 +193,9 @@ def _run_model(run_dir: Path) -> tuple[dict[str, Any], str] | None:
             "decoder": f"{config['decoder']} on {config['feature']}",
             "encoder": _encoder_text(config["encoder"], config["image_size"], weights),
             "seeded": seeded,
-        }, "metrics.json"
+        }, METRICS_FILE
     try:
-        resolved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text()) or {}
+        resolved = yaml.safe_load(RunDir(run_dir).resolved_config.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     encoder = resolved.get("encoder")
@@ -212,7 +205,7 @@ def _run_model(run_dir: Path) -> tuple[dict[str, Any], str] | None:
     return {
         "decoder": _configured_decoder(resolved.get("decoder")),
         "encoder": _encoder_text(encoder.get("config"), encoder.get("image_size"), weights),
-    }, "config_resolved.yaml"
+    }, RESOLVED_CONFIG
 
 
 def _configured_decoder(node: Any) -> str | None:

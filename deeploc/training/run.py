@@ -39,15 +39,13 @@ from deeploc.metrics import OPTIMIZED_METRICS, metric_specs, recorded_convention
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.naming import changed_inputs
+from deeploc.runs.record import RunRecord
 from deeploc.runs.rundir import RunDir
 from deeploc.training.callbacks import BestValidation
 from deeploc.training.loggers import build_loggers, continue_history
 from deeploc.training.test_maps import TestMaps
 
 log = logging.getLogger("deeploc.training.run")
-
-RUN_LOCK = ".lock"
-RESOLVED_CONFIG = "config_resolved.yaml"
 
 
 def run_directory(cfg: DictConfig) -> RunDir:
@@ -145,8 +143,8 @@ def build_trainer(
     """The Lightning Trainer with the configured callbacks and loggers (or those given), plus deeploc.training.cluster's
     requeue-on-signal callback and the cluster environment a SLURM / submitit job needs (docs/cluster.md), writing
     checkpoints atomically in their own folder (deeploc.runs.checkpoint_io)."""
-    from deeploc import cluster
     from deeploc.runs.checkpoint_io import with_atomic_checkpoints
+    from deeploc.training import cluster
 
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     loggers = build_loggers(cfg.get("logger")) if loggers is None else loggers
@@ -170,10 +168,10 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     return None if newest is None else str(newest)
 
 
-def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> dict[str, Any]:
+def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> RunRecord:
     """What identifies a run in tables: every setting that changes its scores (deeploc.report.provenance reads them back)
     and the data it used, plus how the maps were served (``features``: cache or stream). The full config is in
-    .hydra/ and config_resolved.yaml. Values are primitives."""
+    .hydra/ and config_resolved.yaml. Values are primitives (metrics.json's ``config``: ``record.to_dict()``)."""
     from deeploc import __version__
 
     counts = datamodule.describe()
@@ -181,7 +179,7 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
     plateau = cfg.model.schedule == "plateau"
     decoder = model.decoder.record()
     encoder = model.encoder.identity()
-    return {
+    fields = {
         "decoder": decoder["label"],
         "depth": decoder["options"].get("depth"),
         "decoder_name": decoder["name"],
@@ -227,6 +225,7 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
         "features": features,
         "deeploc_version": __version__,
     }
+    return RunRecord(**fields)
 
 
 def write_overlays(
@@ -251,7 +250,7 @@ def write_overlays(
         if maps is None:
             maps = cached_maps(datamodule.dataset("test", subset), chosen)
         for run, pictures in zip(runs, render_panels_of(models, chosen, maps)):
-            folder = run.path / "overlays" / subset
+            folder = run.overlay_dir(subset)
             folder.mkdir(parents=True, exist_ok=True)
             for sample, picture in zip(chosen, pictures):
                 path = folder / f"{sample.name}.png"
@@ -282,9 +281,9 @@ def is_debug_pass(cfg: DictConfig) -> bool:
 def _remove_if_empty(run: RunDir) -> None:
     """A debug pass keeps no files: a run folder holding nothing but its lock (Hydra creates the folder; with
     ``debug=fdr`` nothing else writes there) is removed. Any other folder, e.g. a real run's, is left as it is."""
-    if not run.path.is_dir() or [p.name for p in run.path.iterdir()] != [RUN_LOCK]:
+    if not run.path.is_dir() or list(run.path.iterdir()) != [run.lock_file]:
         return
-    (run.path / RUN_LOCK).unlink(missing_ok=True)
+    run.lock_file.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run.path.rmdir()
 
@@ -294,7 +293,7 @@ def run_lock(run: RunDir) -> contextlib.AbstractContextManager[Any]:
     from deeploc.locks import exclusive_or_fail
 
     return exclusive_or_fail(
-        run.path / RUN_LOCK,
+        run.lock_file,
         f"run directory {run.path}",
         fix="wait for it to finish, or stop it; the same command then resumes the run",
     )
@@ -331,7 +330,7 @@ def reuse_decision(run: RunDir, cfg: DictConfig) -> str:
 def write_resolved_config(run: RunDir, cfg: DictConfig) -> None:
     """``<run>/config_resolved.yaml``: the run's config with every interpolation resolved."""
     run.path.mkdir(parents=True, exist_ok=True)
-    (run.path / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run.resolved_config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
@@ -403,7 +402,7 @@ def run_results(
         (previous["best_val_iou"], previous.get("best_val", {}), previous["epochs"]) if training is None else training
     )
     return {
-        "config": summarise_config(cfg, datamodule, model, features),
+        "config": summarise_config(cfg, datamodule, model, features).to_dict(),
         "convention": model.hparams.metric_convention,
         "test": model.test_results,
         "best_checkpoint": str(best.relative_to(run.path)),
@@ -437,7 +436,7 @@ def check_run_inputs(run: RunDir, cfg: DictConfig) -> None:
     same last components would share a run directory. A run directory without results or checkpoints holds nothing
     to reuse and is never refused.
     """
-    earlier = run.path / RESOLVED_CONFIG
+    earlier = run.resolved_config
     if not earlier.is_file() or not (run.metrics_file.exists() or run.resume_candidates()):
         return
     moved, conflicts = changed_inputs(OmegaConf.load(earlier), cfg)
@@ -496,7 +495,7 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
             f"pretrained {encoder.family}. Use a pretrained encoder config (conf/encoder) with "
             f"encoder.checkpoint=<{encoder.weights_hint}>."
         )
-    lines.append(f"  results: {run.metrics_file}; overlays: {run.path / 'overlays'}; checkpoints: {run.checkpoints}")
+    lines.append(f"  results: {run.metrics_file}; overlays: {run.overlays}; checkpoints: {run.checkpoints}")
     return "\n".join(lines)
 
 
