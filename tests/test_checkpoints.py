@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from deeploc.runs.checkpoint_io import AtomicCheckpointIO
+from deeploc.testing import sam2_conv
 from deeploc.training.module import LocalizationModule
-from tests.decoder_contract import sam2_conv
 from tests.e2e import env_for, run_cli, train_args
 
 pytestmark = [
@@ -138,3 +138,11 @@ def test_disk_full_or_kill_during_a_checkpoint_write_never_costs_the_previous_on
     assert f"resuming from {checkpoints / 'last.ckpt'}" in proc.stdout + proc.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+def test_a_checkpoint_without_a_decoder_record_is_refused_with_the_fix() -> None:
+    from deeploc.runs.checkpoints import ModelError, checkpoint_decoder_record
+
+    old = {"hyper_parameters": {"feature": "image_embed", "depth": 4}, "deeploc": {}}  # deeploc 0.1's CONV-N
+    with pytest.raises(ModelError, match=r"checkpoint x.ckpt records no decoder .*deeploc 0.1.*if_finished=retrain"):
+        checkpoint_decoder_record(old, "checkpoint x.ckpt")

@@ -24,8 +24,8 @@ from deeploc.inference.predict import predict_images
 from deeploc.io import file_digest
 from deeploc.models.encoders.sam2 import save_random_checkpoint
 from deeploc.runs.checkpoints import IncompatibleModelError, MissingCheckpointError, ModelError
+from deeploc.testing import sam2_conv
 from deeploc.training.module import LocalizationModule
-from tests.decoder_contract import sam2_conv
 from tests.test_predict import TRAIN_OVERRIDES, shared_base, train_run
 
 pytestmark = [
@@ -190,7 +190,9 @@ def test_sam2_checkpoint_is_verified_by_digest(checkpoint_run, run_dir: Path, tm
     from PIL import Image
 
     Image.fromarray(images[1]).save(image)
-    rc = predict_main([str(image), "--model", str(out), "--sam2-checkpoint", str(other), "--out", str(tmp_path / "p")])
+    rc = predict_main(
+        [str(image), "--model", str(out), "--encoder-checkpoint", str(other), "--out", str(tmp_path / "p")]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and wrong in err and right in err
 
@@ -358,13 +360,18 @@ def test_a_run_whose_checkpoint_was_replaced_is_refused_naming_both(
     with pytest.raises(IncompatibleModelError, match=theirs):
         load_model(best)  # the .ckpt inside the run directory is checked too
 
-    # A run without recorded digests (deeploc <= 0.1) is still checked against the config its metrics.json
-    # records, and an unfinished run (no metrics.json) against its config_resolved.yaml.
+    # The checkpoint is also checked against the config metrics.json records (here with its digest recorded), and
+    # an unfinished run (no metrics.json) against its config_resolved.yaml.
     metrics = json.loads((run / "metrics.json").read_text())
-    del metrics["checkpoint_sha256"]
+    metrics["checkpoint_sha256"]["checkpoints/best.ckpt"] = theirs
     (run / "metrics.json").write_text(json.dumps(metrics))
     for err in _refusals(run, tmp_path, capsys):
         assert "conv12 on" in err and "conv4 on" in err and "(metrics.json)" in err, err
+    # A finished run without recorded digests (deeploc 0.1) is refused as such, with the fix.
+    del metrics["checkpoint_sha256"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for err in _refusals(run, tmp_path, capsys):
+        assert "records no checkpoint digests" in err and "if_finished=retrain" in err, err
     (run / "metrics.json").unlink()
     for err in _refusals(run, tmp_path, capsys):
         assert "conv12 on" in err and "conv4 on" in err and "(config_resolved.yaml)" in err, err

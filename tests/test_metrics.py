@@ -703,11 +703,10 @@ def test_convention_chosen_for_training_is_measured_recorded_and_reproduced_by_e
         if study["n_f1_no_positive"] == 0:
             assert study["f1_best"] == pytest.approx(trufor["f1_best"], abs=1e-6)
 
-    # A finished run from deeploc <= 0.1 (no "convention": trufor) is skipped with a warning, never relabelled.
+    # A finished run of deeploc 0.1 (no "convention") is refused with the fix, never relabelled.
     del metrics["convention"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    proc = run_cli("deeploc.cli.train", args, tmp_path)
-    log = proc.stdout + proc.stderr
-    assert "already finished; skipping" in log
-    assert "metrics.convention=trufor" in log and "if_finished=eval" in log
+    proc = run_cli("deeploc.cli.train", args, tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "records no metric convention" in proc.stderr and "if_finished=retrain" in proc.stderr
     assert "convention" not in json.loads((run_dir / "metrics.json").read_text())

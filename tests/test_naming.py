@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from deeploc.config import CONF_DIR
-from deeploc.runs.naming import MAX_NAME, changed_inputs, eval_dir_name, run_dir_name, run_label, run_name
+from deeploc.runs.naming import MAX_NAME, changed_inputs, eval_dir_name, run_name
 
 
 def _compose(*overrides: str):
@@ -63,23 +63,6 @@ def test_hydra_names_run_and_sweep_directories_with_the_new_rule(
     expected = f"subset_index=1,arch=conv4_image_embed,data.root=wacv_data-{_tail_digest('dolos', 'wacv_data')}"
     assert cfg.hydra.run.dir == f"{tmp_path}/runs/{expected}"
     assert cfg.hydra.sweep.subdir == expected
-
-
-def test_a_directory_named_the_old_way_is_used_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DEEPLOC_OUTPUTS", str(tmp_path))
-    overrides = ["data.root=/d/dolos/wacv_data", "subset_index=1", "seed=3"]
-    cfg = _compose(*overrides)
-    # deeploc <= 0.1 named the directory run_label(Hydra's override_dirname): sorted "key=value", "/" -> "_".
-    old = tmp_path / "runs" / run_label(cfg.hydra.job.override_dirname)
-    assert old.name == "data.root=_d_dolos_wacv_data,seed=3,subset_index=1"
-    new_name = Path(cfg.hydra.run.dir).name
-    assert new_name != old.name
-    old.mkdir(parents=True)
-    assert _compose(*overrides).hydra.run.dir == str(old)
-    # Once a new-style directory exists, it wins.
-    (tmp_path / "runs" / new_name).mkdir()
-    assert _compose(*overrides).hydra.run.dir == str(tmp_path / "runs" / new_name)
-    assert run_dir_name(str(tmp_path / "nowhere"), ["a=1"], [], "a=1") == "a=1"
 
 
 def test_eval_folders_differ_for_different_data_and_subsets(tmp_path: Path) -> None:

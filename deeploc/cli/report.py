@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeploc.cli.app import add_verbose_flag, report_error
+from deeploc.cli.app import add_verbose_flag, import_plugins, report_error
 from deeploc.errors import DeeplocError
 from deeploc.report.build import log_wandb, write_report
 
@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deeploc-report: sweep directory not found: {args.sweep_dir}", file=sys.stderr)
         return 2
     try:
+        import_plugins(args)  # metrics of your own are report columns once registered
         paths = write_report(args.sweep_dir, args.out, compare_study=args.compare_study, robustness=args.robustness)
     except DeeplocError as exc:
         return report_error("deeploc-report", exc, args.verbose)

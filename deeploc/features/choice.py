@@ -2,8 +2,8 @@
 
 * ``cache``: every image is encoded once into the feature cache (:mod:`deeploc.features.store`) and the maps are read
   back every epoch. Refused before any work when the cache cannot fit on its disk (:func:`check_fits`).
-* ``stream``: the frozen encoder runs on every batch on the training device; nothing is written. ``none`` is the
-  same (its older name).
+* ``stream``: the frozen encoder runs on every batch on the training device; nothing is written (``none``, the
+  name of deeploc 0.1, is gone: Hydra refuses ``features=none`` listing the choices).
 * ``auto`` (the default): cache when it fits, else stream (:func:`choose`); one log line says which and why.
 
 The cache's size is estimated before anything is computed (:func:`estimate`): the job's images times the bytes of
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DISK_SHARE", "MODES", "CacheEstimate", "available_ram", "check_fits", "choose", "estimate"]
 
-MODES = ("auto", "cache", "stream", "none")
+MODES = ("auto", "cache", "stream")
 # features=auto caches only when the new entries take at most this share of the free disk space: the space left
 # over is for checkpoints, logs and other jobs.
 DISK_SHARE = 0.9

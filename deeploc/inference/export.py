@@ -39,7 +39,6 @@ from deeploc.io import atomic_write_bytes, file_digest, finite_or_null
 from deeploc.runs.checkpoints import (
     ModelError,
     check_run_checkpoint,
-    legacy_conv_record,
     read_checkpoint,
     resolve_checkpoint,
 )
@@ -269,7 +268,9 @@ def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
             f"{p}: decoder weights digest {actual} differs from the recorded {metadata['decoder_sha256']}; "
             "the file is damaged or was modified"
         )
-    decoder = metadata["decoder"]
-    if "name" not in decoder and {"feature", "depth"} <= set(decoder):  # an export written before decoder records
-        metadata["decoder"] = legacy_conv_record(str(decoder["feature"]), int(decoder["depth"]))
+    if not isinstance(metadata["decoder"], dict) or "name" not in metadata["decoder"]:
+        raise ModelError(
+            f"{p}: its decoder has no registered name (an export of deeploc 0.1, which is not read any more); "
+            f"re-export the run with this deeploc: deeploc-export RUN_DIR --out {p}"
+        )
     return state, metadata

@@ -11,7 +11,7 @@ single distinct score); ``convention`` selects one (config ``metrics.convention`
     study reports; read for its facts and re-implemented here.
 ``trufor``
     TruFor's metric code (grip-unina/TruFor ``metrics.py``: ``extractGTs``, ``computeMetricsContinue``,
-    ``computeF1``); deeploc <= 0.1 used it, so a metrics.json without ``"convention"`` is ``trufor``.
+    ``computeF1``), as deeploc 0.1 did. A metrics.json / eval.json without ``"convention"`` (deeploc 0.1) is refused.
 
 Prediction and ground truth (both conventions)
     * ``prob = sigmoid(logits)`` (in float32, also for half-precision logits), then resized bilinearly
@@ -90,9 +90,7 @@ __all__ = [
     "DILATE_SIZE",
     "ERODE_SIZE",
     "IMAGE_SCORE",
-    "LEGACY_CONVENTION",
     "METRICS",
-    "OPTIMIZED_METRICS",
     "TOP_FRACTION",
     "LocalizationMetrics",
     "MetricSpec",
@@ -105,6 +103,7 @@ __all__ = [
     "metric_label",
     "metric_names",
     "metric_specs",
+    "optimized_metrics",
     "recorded_convention",
     "register_metric",
     "resize_probs",
@@ -115,8 +114,6 @@ DEFAULT_CONVENTION = "study"
 TOP_FRACTION = 0.01
 IMAGE_SCORE = "mean of the top 1% of the per-pixel manipulation probabilities (at least one pixel)"
 # Validation metrics a sweeper can optimise (the LightningModule logs them every epoch) and what "best" means for each.
-OPTIMIZED_METRICS = {"val/iou": "max", "val/f1_fixed": "max", "val/f1_best": "max", "val/ap": "max", "val/loss": "min"}
-LEGACY_CONVENTION = "trufor"  # what a metrics.json / eval.json without "convention" was computed with
 _F1_EPS = 1e-32  # DeCLIP's compute_f1: numerator + eps over max(denominator, eps)
 
 # 0/1 flags of the undefined cases, kept per image next to the scores and counted by ``compute``.
@@ -145,17 +142,22 @@ class MetricSpec:
     label: str
     description: str
     score: Callable[[ScoreInputs], torch.Tensor]
+    direction: str = "max"  # "max" or "min": which way is better (best validation value, sweepers)
 
 
 METRICS: Registry[MetricSpec] = Registry("metric", "deeploc.metrics", "deeploc.metrics")
 
 
-def register_metric(name: str, label: str, description: str) -> Callable[[Callable], Callable]:
+def register_metric(name: str, label: str, description: str, direction: str = "max") -> Callable[[Callable], Callable]:
     """Decorator: report ``score`` (``ScoreInputs -> B`` per-image values) as metric ``name`` everywhere (module
-    logs, metrics.json, deeploc-eval, reports, console tables). A module in this package registers by existing."""
+    logs, metrics.json, deeploc-eval, reports, console tables, best validation values, ``optimized_metric``).
+    ``direction``: ``"max"`` when higher is better, else ``"min"``. A module in this package registers by existing;
+    one outside it by being imported (``plugins: [module]`` in deeploc-train / -extract, ``--import module``)."""
+    if direction not in ("max", "min"):
+        raise ValueError(f"metric {name!r}: direction={direction!r} must be 'max' or 'min'")
 
     def add(score: Callable[[ScoreInputs], torch.Tensor]) -> Callable[[ScoreInputs], torch.Tensor]:
-        METRICS.add(name, MetricSpec(name, label, description, score))
+        METRICS.add(name, MetricSpec(name, label, description, score, direction))
         return score
 
     return add
@@ -164,6 +166,12 @@ def register_metric(name: str, label: str, description: str) -> Callable[[Callab
 def metric_specs() -> list[MetricSpec]:
     """Every metric in report order: the study's four first, then those of other modules and entry points."""
     return [spec for _, spec in METRICS.items()]
+
+
+def optimized_metrics() -> dict[str, str]:
+    """Every value a run can optimize, with its direction: ``val/<name>`` of each registered metric, and
+    ``val/loss`` (``"min"``)."""
+    return {**{f"val/{spec.name}": spec.direction for spec in metric_specs()}, "val/loss": "min"}
 
 
 def metric_names() -> tuple[str, ...]:
@@ -188,9 +196,15 @@ def check_convention(convention: str) -> str:
     return convention
 
 
-def recorded_convention(record: Mapping[str, Any]) -> str:
-    """The convention a metrics.json / eval.json object was computed with (no key: deeploc <= 0.1, trufor)."""
-    return str(record.get("convention", LEGACY_CONVENTION))
+def recorded_convention(record: Mapping[str, Any], source: str) -> str:
+    """The convention a metrics.json / eval.json object (read from file ``source``) was computed with; one without
+    (deeploc 0.1) is refused."""
+    if "convention" not in record:
+        raise ConfigError(
+            f"{source} records no metric convention (written by deeploc 0.1, which is not read any more): "
+            "train the run again with this deeploc (deeploc-train with the same overrides and if_finished=retrain)"
+        )
+    return str(record["convention"])
 
 
 # Bound the working set of the batched sort/cumsum (elements per chunk of images).

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError, DeeplocError, deeploc_error
 from deeploc.io import write_json_atomic
-from deeploc.metrics import OPTIMIZED_METRICS
+from deeploc.metrics import optimized_metrics
 from deeploc.multihead.callbacks import (
     HeadBestValidation,
     HeadCheckpoint,
@@ -240,7 +240,7 @@ def _callbacks(cfg: DictConfig, job: RunDir, training: Sequence[Head], loggers: 
     own: list[Any] = []
     checkpoints: list[Any] = []
     for head in training:
-        own.append(HeadBestValidation(head.name, OPTIMIZED_METRICS))
+        own.append(HeadBestValidation(head.name, optimized_metrics()))
         for node in (head.cfg.get("callbacks") or {}).values():
             if node is None:
                 continue

@@ -28,6 +28,7 @@ from statistics import fmean, stdev
 from typing import Any
 
 from deeploc import __version__
+from deeploc.errors import DeeplocError
 from deeploc.metrics import metric_label, metric_names
 from deeploc.report.provenance import (
     LABELS,
@@ -73,9 +74,9 @@ class RunResult:
     test: dict[str, dict[str, float]]
     seed: Any = None  # int, or None when metrics.json records none
     subsets: tuple[str, ...] = ()  # the run's data.subsets, in order
-    version: str | None = None  # deeploc version that wrote metrics.json (None: <= 0.1.0)
+    version: str | None = None  # deeploc version that wrote metrics.json
     epochs: int | None = None  # epochs actually trained
-    parameters: int | None = None  # the decoder's trainable parameters (None: not recorded, deeploc <= 0.1)
+    parameters: int | None = None  # the decoder's trainable parameters
 
     @property
     def decoder(self) -> str:
@@ -304,9 +305,13 @@ def _read_run(run_dir: Path) -> RunResult | MissingRun:
     if not any(scores.values()):
         return MissingRun(run_dir, "metrics.json has no test scores")
     subsets = config.get("subsets")
+    try:
+        settings = read_settings(run_dir, data)
+    except DeeplocError as err:  # a metrics.json of deeploc 0.1
+        return MissingRun(run_dir, str(err))
     return RunResult(
         run_dir,
-        read_settings(run_dir, data),
+        settings,
         config["split"],
         config["subset"],
         scores,

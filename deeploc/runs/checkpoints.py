@@ -3,8 +3,8 @@
 A checkpoint (``<run>/checkpoints/{best,last}.ckpt``) holds the decoder's tensors (``decoder.*``), the module's
 plain hyperparameters and, under ``deeploc``, the encoder identity and the decoder record (registered name, keyword
 arguments, input specs) from which :mod:`deeploc.inference.loading` rebuilds the model. It is read with
-``torch.load(weights_only=True)``: nothing pickled is executed. Checkpoints of deeploc 0.1 (CONV-N on SAM2 only,
-no decoder record) are read too: their ``feature`` and ``depth`` name a ``conv`` decoder.
+``torch.load(weights_only=True)``: nothing pickled is executed. Checkpoints of deeploc 0.1 (no decoder record) are
+refused, naming the file and the fix (train the run again).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest
+from deeploc.runs.record import RunRecord
 from deeploc.runs.rundir import METRICS_FILE, RESOLVED_CONFIG, RunDir
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "check_checkpoint_digest",
     "check_run_checkpoint",
     "checkpoint_decoder_record",
-    "legacy_conv_record",
     "read_checkpoint",
     "resolve_checkpoint",
 ]
@@ -48,25 +48,15 @@ class MissingCheckpointError(ModelError):
     """The decoder needs the encoder weights file it was trained on, and none was given or found."""
 
 
-def legacy_conv_record(feature: str, depth: int) -> dict[str, Any]:
-    """The decoder record of a deeploc 0.1 checkpoint or export: CONV-``depth`` on SAM2 map ``feature``."""
-    from deeploc.models.decoders import build_decoder
-    from deeploc.models.encoders.sam2 import FEATURE_SPECS
-
-    if feature not in FEATURE_SPECS:
-        raise ModelError(f"unknown SAM2 feature {feature!r} in a deeploc 0.1 file; SAM2 maps: {list(FEATURE_SPECS)}")
-    return build_decoder("conv", FEATURE_SPECS, 4.0, inputs=feature, depth=int(depth)).record()
-
-
-def checkpoint_decoder_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+def checkpoint_decoder_record(checkpoint: Mapping[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
     """The decoder record a checkpoint (a dict as ``torch.load`` returns it) was saved with."""
     meta = checkpoint.get("deeploc") or {}
     if isinstance(meta.get("decoder"), Mapping):
         return dict(meta["decoder"])
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if "feature" in hparams and "depth" in hparams:
-        return legacy_conv_record(str(hparams["feature"]), int(hparams["depth"]))
-    raise ModelError("the checkpoint records no decoder (neither a decoder record nor deeploc 0.1's feature/depth)")
+    raise ModelError(
+        f"{source} records no decoder (a checkpoint of deeploc 0.1, which is not read any more): train the run "
+        "again with this deeploc (deeploc-train with the same overrides and if_finished=retrain)"
+    )
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -108,7 +98,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     if not state:
         raise ModelError(f"checkpoint {p} holds no decoder weights")
     info = {
-        "decoder": checkpoint_decoder_record(ckpt),
+        "decoder": checkpoint_decoder_record(ckpt, f"checkpoint {p}"),
         "encoder": dict(ckpt["deeploc"]["encoder"]),
         "encoder_options": {"bf16": bool(encoder_config.get("bf16", True))},
         "encoder_checkpoint_path": encoder_config.get("checkpoint"),
@@ -123,9 +113,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
 
 
 def check_checkpoint_digest(run_dir: Path, ckpt_path: Path) -> None:
-    """Refuse a run's checkpoint whose sha256 differs from the one its metrics.json recorded (if it recorded one)."""
+    """Refuse a run's checkpoint whose sha256 differs from the one its metrics.json recorded (a finished run
+    records the digests of its best and last checkpoints; one that records none was written by deeploc 0.1)."""
     relative = ckpt_path.resolve().relative_to(run_dir.resolve()).as_posix()
-    recorded = ((RunDir(run_dir).read_metrics() or {}).get("checkpoint_sha256") or {}).get(relative)
+    metrics = RunDir(run_dir).read_metrics() or {}
+    if metrics.get("status") == "finished" and "checkpoint_sha256" not in metrics:
+        raise ModelError(
+            f"run {run_dir} records no checkpoint digests (a run of deeploc 0.1, which is not read any more): "
+            "train it again with this deeploc (deeploc-train with the same overrides and if_finished=retrain)"
+        )
+    recorded = (metrics.get("checkpoint_sha256") or {}).get(relative)
     if recorded is None:
         return
     actual = f"sha256:{file_digest(ckpt_path)}"
@@ -141,8 +138,7 @@ def check_checkpoint_digest(run_dir: Path, ckpt_path: Path) -> None:
 def check_run_checkpoint(run_dir: Path, ckpt_path: Path, info: Mapping[str, Any]) -> None:
     """Refuse a checkpoint inside a run directory that is not the run's own, naming both sides and the fix.
 
-    Its sha256 must equal the one the run recorded in metrics.json (runs of deeploc <= 0.1 recorded none), and the
-    decoder and encoder it was trained with must be those the run records: metrics.json's ``config`` for a finished
+    Its sha256 must equal the one the run recorded in metrics.json, and the decoder and encoder it was trained with must be those the run records: metrics.json's ``config`` for a finished
     run (config_resolved.yaml is rewritten by every later launch in the directory, even a refused one), else
     config_resolved.yaml.
     """
@@ -151,7 +147,7 @@ def check_run_checkpoint(run_dir: Path, ckpt_path: Path, info: Mapping[str, Any]
     if recorded is None:
         return
     expected, source = recorded
-    trained = {"decoder": _decoder_summary(info["decoder"]), "encoder": _encoder_summary(info, expected)}
+    trained = {"decoder": _decoder_summary(info["decoder"]), "encoder": _encoder_summary(info)}
     differing = [k for k in ("decoder", "encoder") if expected.get(k) is not None and expected[k] != trained[k]]
     if differing:
         details = "; ".join(f"its {k} is {trained[k]}, the run's is {expected[k]}" for k in differing)
@@ -165,13 +161,11 @@ def _decoder_summary(record: Mapping[str, Any]) -> str:
     return f"{record.get('label', record.get('name'))} on {'+'.join(record.get('inputs', []))}"
 
 
-def _encoder_summary(info: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+def _encoder_summary(info: Mapping[str, Any]) -> str:
     identity = info["encoder"]
     weights = str(identity["weights"])
     if not weights.startswith("random:"):
         weights = str(info.get("encoder_checkpoint_path"))  # runs name the weights file by its path
-    elif expected.get("seeded") is False:
-        weights = "random"  # metrics.json of deeploc <= 0.1 recorded "random" without the seed
     return _encoder_text(identity.get("config", identity.get("kind")), identity["image_size"], weights)
 
 
@@ -183,16 +177,15 @@ def _run_model(run_dir: Path) -> tuple[dict[str, Any], str] | None:
     """What a run says its decoder and encoder are, and the file that says it (None when nothing does)."""
     import yaml
 
-    config = (RunDir(run_dir).read_metrics() or {}).get("config")
-    if isinstance(config, dict) and all(k in config for k in ("decoder", "feature", "encoder", "image_size")):
-        weights = config.get("weights") or config.get("encoder_weights")
-        seeded = str(weights).startswith("random:")
-        if str(weights).startswith("sha256:"):
-            weights = config.get("encoder_weights")  # the path, as _encoder_summary names checkpoint weights
+    run = RunDir(run_dir)
+    metrics = run.read_metrics()
+    if metrics is not None:
+        record = RunRecord.from_metrics(metrics, str(run.metrics_file))
+        # Checkpoint weights are named by their path, as _encoder_summary names them.
+        weights = record.weights if record.weights.startswith("random:") else record.encoder_weights
         return {
-            "decoder": f"{config['decoder']} on {config['feature']}",
-            "encoder": _encoder_text(config["encoder"], config["image_size"], weights),
-            "seeded": seeded,
+            "decoder": f"{record.decoder} on {record.feature}",
+            "encoder": _encoder_text(record.encoder, record.image_size, weights),
         }, METRICS_FILE
     try:
         resolved = yaml.safe_load(RunDir(run_dir).resolved_config.read_text()) or {}

@@ -13,10 +13,8 @@ not), so re-running a command finds its earlier work. :func:`run_name`:
 * characters other than letters, digits and ``_.,=+-[]`` become ``_``; a name longer than :data:`MAX_NAME` is cut
   and ends with a digest of the whole name.
 
-The full overrides are in ``<run>/.hydra/overrides.yaml`` (written by Hydra for every job).
-
-Directories named by deeploc <= 0.1 (:func:`run_label`: the sorted overrides, cut at 120 characters) are still
-found: :func:`run_dir_name` returns the old name when such a directory exists and no new-style one does.
+The full overrides are in ``<run>/.hydra/overrides.yaml`` (written by Hydra for every job). Directories named by
+deeploc 0.1 (Hydra's ``override_dirname``) are not looked for.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ LEADING_KEYS = ("subset_index", "subset", "arch", "decoder", "feature", "seed")
 LONG_VALUE = 32
 MAX_NAME = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-\[\]]")
-_LEGACY_MAX_NAME = 120
 # Settings whose paths identify what a run trains and tests on (refused when a reused run had another folder).
 INPUT_KEYS = ("data.root", "encoder.checkpoint")
 
@@ -85,26 +82,6 @@ def run_name(overrides: Iterable[str], exclude: Iterable[str] = ()) -> str:
     name = safe(",".join(text for _, text in items))
     if len(name) > MAX_NAME:
         name = f"{name[: MAX_NAME - 11]}-{digest(name, 10)}"
-    return name
-
-
-def run_label(override_dirname: str) -> str:
-    """The run directory name deeploc <= 0.1 derived from Hydra's ``override_dirname`` (kept to find old runs)."""
-    if not override_dirname:
-        return "default"
-    label = safe(override_dirname)
-    if len(label) > _LEGACY_MAX_NAME:
-        label = f"{label[: _LEGACY_MAX_NAME - 11]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:10]}"
-    return label
-
-
-def run_dir_name(parent: str, overrides: Sequence[str], exclude: Sequence[str], override_dirname: str) -> str:
-    """The name of a job's run directory under ``parent``: :func:`run_name`, or the deeploc <= 0.1 name
-    (:func:`run_label`) when only a directory of that name exists (so old runs are resumed and skipped as before)."""
-    name = run_name(overrides, exclude)
-    legacy = run_label(override_dirname)
-    if legacy != name and not (Path(parent) / name).exists() and (Path(parent) / legacy).is_dir():
-        return legacy
     return name
 
 

@@ -61,6 +61,9 @@ class RunRecord:
     seed: Any
     features: str | None  # how the maps were served: "cache" or "stream"
     deeploc_version: str
+    # Every constructor keyword that defines the encoder's network (``architecture()``: a plug-in's depth, width,
+    # ...): runs whose encoders differ in any of them are different experiments. None: not recorded.
+    encoder_architecture: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as metrics.json's ``config`` object (field order)."""

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError
-from deeploc.metrics import OPTIMIZED_METRICS, metric_specs, recorded_convention
+from deeploc.metrics import metric_specs, optimized_metrics, recorded_convention
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.naming import changed_inputs
@@ -106,7 +106,7 @@ def serve_features(cfg: DictConfig, datamodule: Any, encoder: Any, names: Sequen
     from deeploc.features.store import cache_allowed
 
     mode = cfg.features.mode
-    if mode in ("stream", "none"):
+    if mode == "stream":
         log.info("features=%s: the encoder runs on every batch (no feature cache)", mode)
         return "stream"
     allowed, reason = cache_allowed(to_primitive(cfg.data.get("augment")))
@@ -133,7 +133,7 @@ def serve_features(cfg: DictConfig, datamodule: Any, encoder: Any, names: Sequen
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The configured callbacks (``conf/callbacks``) plus the best-validation tracker."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(BestValidation(OPTIMIZED_METRICS))
+    callbacks.append(BestValidation(optimized_metrics()))
     return callbacks
 
 
@@ -224,6 +224,7 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
         "seed": cfg.seed,
         "features": features,
         "deeploc_version": __version__,
+        "encoder_architecture": to_primitive(model.encoder.architecture()),
     }
     return RunRecord(**fields)
 
@@ -308,11 +309,11 @@ def reuse_decision(run: RunDir, cfg: DictConfig) -> str:
     if cfg.if_finished == "skip":
         previous = run.read_metrics()
         log.info("run %s already finished; skipping (if_finished=eval re-tests, =retrain starts over)", run.path)
-        if recorded_convention(previous) != cfg.metrics.convention:
+        if recorded_convention(previous, str(run.metrics_file)) != cfg.metrics.convention:
             log.warning(
                 "its scores were computed with metrics.convention=%s, not %s as asked; they are left as they are: "
                 "if_finished=eval re-tests its best checkpoint with %s",
-                recorded_convention(previous),
+                recorded_convention(previous, str(run.metrics_file)),
                 cfg.metrics.convention,
                 cfg.metrics.convention,
             )
@@ -477,7 +478,7 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
     lines = [
         f"test results (%, mean over images) of {config['decoder']} on {config['feature']}, {split} split, "
         f"{training_phrase(split, subset, config.get('subsets'))}; metric convention "
-        f"{metrics.get('convention', 'trufor')}:",
+        f"{metrics['convention']}:",
         f"  {'test subset':<{width}}" + "".join(f"{s.label:>{w}}" for s, w in zip(specs, columns)) + f"{'images':>8}",
     ]
     for name, scores in metrics["test"].items():
@@ -513,12 +514,9 @@ def _best_values(trainer: L.Trainer) -> dict[str, float]:
 
 
 def best_validation_value(metrics: dict[str, Any] | None, metric: str) -> float | None:
-    """The best validation value of ``metric`` recorded in a run's metrics (deeploc <= 0.1 recorded val/iou only)."""
-    metrics = metrics or {}
-    best = metrics.get("best_val") or {}
-    if metric in best:
-        return float(best[metric])
-    return metrics.get("best_val_iou") if metric == "val/iou" else None
+    """The best validation value of ``metric`` recorded in a run's metrics (``best_val``), None when not recorded."""
+    value = ((metrics or {}).get("best_val") or {}).get(metric)
+    return None if value is None else float(value)
 
 
 def _best_score(trainer: L.Trainer) -> float | None:
