@@ -20,14 +20,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory of deeploc-train, or one of its .ckpt files")
     p.add_argument("--out", default=None, help="output file (default: <run dir>/decoder.safetensors)")
     p.add_argument("--show", action="store_true", help="print the metadata that was written")
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import a module that registers your own decoder (repeatable)",
-    )
     add_verbose_flag(p)
     return p
 
