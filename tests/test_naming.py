@@ -1,4 +1,4 @@
-"""Run directory and evaluation folder names: readable, stable, old names still found (real Hydra composition)."""
+"""Run directory and evaluation folder names: readable, short, shell-safe, stable (real Hydra composition)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_moving_a_dataset_keeps_the_name_another_parent_folder_changes_it() -> N
 def test_long_values_unsafe_characters_and_long_names_are_bounded() -> None:
     long_value = "x" * 100
     name = run_name([f"data.subsets=[{long_value}]"])
-    assert len(name) < 60 and name.startswith("data.subsets=[xxxxxxxxxxxxxxx-")
+    assert len(name) < 60 and name.startswith("data.subsets=xxxxxxxxxxxxxxxx-")
     assert run_name(["+foo='a b'"]) == "+foo=a_b"
     many = [f"key{i:03d}={'v' * 20}" for i in range(30)]
     cut = run_name(["subset_index=3", *many])
@@ -96,3 +96,20 @@ def test_optimized_metric_does_not_name_runs(value: str, tmp_path: Path, monkeyp
     monkeypatch.setenv("DEEPLOC_OUTPUTS", str(tmp_path))
     cfg = _compose(f"optimized_metric={value}", "seed=1")
     assert Path(cfg.hydra.run.dir).name == "seed=1"
+
+
+SHELL_SAFE = r"[A-Za-z0-9_.,=+-]+"
+
+
+def test_names_of_everyday_commands_are_short_and_shell_safe() -> None:
+    # The tiny-data e2e overrides plus a list value made a 200+ character name holding "[" (issue 21, item 15).
+    import re
+
+    from tests.e2e import TINY_DATA
+
+    overrides = [*TINY_DATA, "data.root=/data/x/wacv_data", "features.dir=/cache/features", "heads=[conv4,fusion]",
+                 "trainer.max_epochs=2", "+model.extra='a b'", "~callbacks.last"]  # fmt: skip
+    name = run_name(overrides)
+    assert len(name) <= MAX_NAME == 100 and re.fullmatch(SHELL_SAFE, name), name
+    assert run_name(["heads=[conv4,fusion]"]) == "heads=conv4+fusion"
+    assert run_name([*overrides[:-1], "~callbacks.best"]) != name  # the digest covers the cut part

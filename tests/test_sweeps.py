@@ -61,7 +61,7 @@ def test_run_directory_names_are_derived_from_overrides() -> None:
     assert run_name([]) == "default"
     assert run_name(["subset_index=1", "arch=conv4_image_embed"]) == "subset_index=1,arch=conv4_image_embed"
     assert "/" not in run_name(["data.root=/a/b"])
-    assert len(run_name(["x=" + "y" * 400])) <= 120
+    assert len(run_name(["x=" + "y" * 400])) <= 100
 
 
 def _offline_runs(run_dir: Path) -> list[Path]:

@@ -9,9 +9,11 @@ not), so re-running a command finds its earlier work. :func:`run_name`:
   wacv_data`` -> ``data.root=wacv_data-<8 hex>``): a dataset or checkpoint moved elsewhere keeps its runs, a folder of
   the same name in another parent folder gets other runs. A run made with another folder that still exists and
   has the same last two components is refused at start (:func:`changed_inputs`);
-* other values longer than :data:`LONG_VALUE` characters keep their start and get a digest of the whole value;
-* characters other than letters, digits and ``_.,=+-[]`` become ``_``; a name longer than :data:`MAX_NAME` is cut
-  and ends with a digest of the whole name.
+* a list value ``[a,b]`` is written ``a+b``; other values longer than :data:`LONG_VALUE` characters keep their
+  start and get a digest of the whole value;
+* names are shell-safe: characters other than letters, digits and ``_.,=+-`` become ``_`` (no brackets, quotes,
+  spaces or ``~``); a name longer than :data:`MAX_NAME` is cut and ends with a digest of the whole name, so it stays
+  short enough to read, type and tab-complete.
 
 The full overrides are in ``<run>/.hydra/overrides.yaml`` (written by Hydra for every job). Directories named by
 deeploc 0.1 (Hydra's ``override_dirname``) are not looked for.
@@ -29,8 +31,8 @@ from typing import Any
 # The keys that distinguish the jobs of deeploc's sweeps, in the order they lead a name.
 LEADING_KEYS = ("subset_index", "subset", "arch", "decoder", "feature", "seed")
 LONG_VALUE = 32
-MAX_NAME = 200
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-\[\]]")
+MAX_NAME = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-]")
 # Settings whose paths identify what a run trains and tests on (refused when a reused run had another folder).
 INPUT_KEYS = ("data.root", "encoder.checkpoint")
 
@@ -58,6 +60,8 @@ def path_parts(value: str) -> tuple[str, ...]:
 def short_value(value: str) -> str:
     """How an override value appears in a run name (paths and long values shortened, see the module docstring)."""
     bare = value.strip("'\"")
+    if bare.startswith("[") and bare.endswith("]"):
+        bare = "+".join(item.strip().strip("'\"") for item in bare[1:-1].split(",") if item.strip())
     if is_path(bare):
         parts = path_parts(bare)
         return f"{parts[-1] if parts else 'root'}-{digest('/'.join(parts[-2:]))}"
