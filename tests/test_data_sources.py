@@ -238,12 +238,16 @@ def test_manifest_problems_are_listed_with_their_line(synthetic_data: Path, tmp_
         ["copy-move/test/missing.png", second[1], "copy-move", "test"],  # no such file
         [first[0], first[1], "copy-move", "test"],  # listed twice
         [second[0], second[1], "", "test"],  # mask but no subset
+        [str(csv_path.parent / second[0]), second[1], "copy-move", "test"],  # absolute, inside the folder
     ]
     with pytest.raises(DatasetError) as err:
         build_source("manifest", root=write_csv(csv_path, bad)).rows()
     msg = str(err.value)
     assert "line 3: image '../outside.png' is not inside the manifest's folder" in msg
-    assert f"line 4: image {str(outside)!r} is not inside" in msg
+    assert f"line 4: image {str(outside)!r} is an absolute path" in msg
+    # Inside the folder, the reason is still that it is absolute (not "not inside"), with the relative spelling.
+    inside = str(csv_path.parent / second[0])
+    assert f"line 10: image {inside!r} is an absolute path" in msg and f"write it as {second[0]!r}" in msg
     assert "line 5: image" in msg and "has no mask; give its mask" in msg
     assert "line 6: split 'dev' is not one of train, valid, test" in msg
     assert "line 7: image" in msg and "missing.png does not exist" in msg

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from deeploc.errors import DeeplocError
-from deeploc.io import file_digest
+from deeploc.io import file_digest, torch_load_failure
 from deeploc.runs.record import RunRecord
 from deeploc.runs.rundir import METRICS_FILE, RESOLVED_CONFIG, RunDir
 
@@ -87,9 +87,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(
-            f"cannot read checkpoint {p} safely (torch.load weights_only=True): {exc}. "
-            "Only Lightning checkpoints written by deeploc-train are supported."
-        ) from exc
+            f"{p} is not a checkpoint deeploc can read safely: {torch_load_failure(exc)}. Only checkpoints written "
+            "by deeploc-train are read (with torch.load(weights_only=True), so nothing in the file is executed)"
+        ) from None
     if not isinstance(ckpt, dict) or "deeploc" not in ckpt or "hyper_parameters" not in ckpt:
         raise ModelError(f"{p} is not a checkpoint written by deeploc's LocalizationModule (no 'deeploc' entry)")
     hparams = dict(ckpt["hyper_parameters"])

@@ -364,7 +364,8 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         if not evaluate_only:
             if resume:
                 log.info("resuming from %s", resume)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            with foreign_checkpoint_refused(run, resume):
+                trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
             if trainer.interrupted:
                 raise KeyboardInterrupt(
                     f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
@@ -377,13 +378,29 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         # Before testing: Lightning restores the callbacks' states from the checkpoint it tests (the best epoch's).
         training = None if evaluate_only else (_best_score(trainer), _best_values(trainer), trainer.current_epoch)
         model.test_maps = TestMaps(cfg.overlays)  # the overlays' maps, kept as the test computes them
-        trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+        with foreign_checkpoint_refused(run, best):
+            trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = run_results(cfg, datamodule, model, run, best, features, previous, training)
         if trainer.is_global_zero:
             finish_runs([model], datamodule, [run], [metrics], cfg.overlays, model.test_maps)
         return metrics
     finally:
         _finish_wandb()
+
+
+@contextlib.contextmanager
+def foreign_checkpoint_refused(run: RunDir, checkpoint: str | Path | None) -> Iterator[None]:
+    """Name the checkpoint file and how to start over when Lightning loads one this config did not train
+    (:class:`deeploc.training.module.IncompatibleCheckpointError`, raised without the file's path)."""
+    from deeploc.training.module import IncompatibleCheckpointError
+
+    try:
+        yield
+    except IncompatibleCheckpointError as exc:
+        raise IncompatibleCheckpointError(
+            f"{checkpoint}: {exc} To start this run over with the current settings instead, delete {run.checkpoints} "
+            "(and metrics.json) and run the same command again, or give it a new folder: hydra.run.dir=/path/to/new/run"
+        ) from None
 
 
 def run_results(
