@@ -115,4 +115,3 @@ def torch_load_failure(exc: BaseException) -> str:
         if line and not any(s in line.lower() for s in skip):
             details.append(line)
     return "it holds something other than plain tensors" + (f" ({'; '.join(details)})" if details else "")
-

@@ -390,3 +390,64 @@ def test_a_run_whose_checkpoint_was_replaced_is_refused_naming_both(
     proc = run_cli("deeploc.cli.train", args, tmp_path, check=False)
     assert proc.returncode != 0 and "replaced or modified" in proc.stdout + proc.stderr
     assert json.loads((run / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------------ keyed signatures (issue 21, 19)
+
+
+def _forge(exported: Path, out: Path, key: bytes | None = None) -> Path:
+    """A deliberate forgery: another encoder seed, both digests recomputed, signed with ``key`` (without one, the
+    original signature is kept: the forger has no key)."""
+    from deeploc.inference.export import metadata_digest
+    from deeploc.inference.signing import SIGNATURE_KEY, sign
+
+    state, metadata = read_export(exported)
+    metadata["encoder"]["weights"] = "random:seed=7"
+    text = json.dumps(metadata, sort_keys=True)
+    header = {"deeploc": text, "deeploc_sha256": metadata_digest(text)}
+    with safe_open(str(exported), framework="pt") as handle:
+        original = (handle.metadata() or {}).get(SIGNATURE_KEY)
+    if key is not None:
+        header[SIGNATURE_KEY] = sign(text, key)
+    elif original is not None:
+        header[SIGNATURE_KEY] = original
+    save_file(state, out, metadata=header)
+    return out
+
+
+def test_a_keyed_signature_refuses_forgeries_that_the_digest_accepts(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from deeploc.inference.signing import KEY_ENV, SignatureError
+
+    key_file = tmp_path / "key"
+    key_file.write_text("a-shared-secret-of-the-lab\n")
+    signed = tmp_path / "signed.safetensors"
+    assert export_main([str(run_dir), "--out", str(signed), "--key-file", str(key_file)]) == 0
+    unsigned = tmp_path / "unsigned.safetensors"
+    assert export_main([str(run_dir), "--out", str(unsigned)]) == 0
+    forged = _forge(signed, tmp_path / "forged.safetensors")
+    assert load_model(forged) is not None  # the unkeyed digest cannot tell a recomputed forgery
+
+    key = b"a-shared-secret-of-the-lab"
+    assert load_model(signed, signing_key=key) is not None
+    with pytest.raises(SignatureError, match="signature does not match"):
+        load_model(forged, signing_key=key)
+    with pytest.raises(SignatureError, match="signature does not match"):
+        load_model(_forge(signed, tmp_path / "other-key.safetensors", b"another key"), signing_key=key)
+    with pytest.raises(SignatureError, match="is not signed"):
+        load_model(unsigned, signing_key=key)
+
+    # The commands: --key-file, or the key in DEEPLOC_SIGNING_KEY.
+    image = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    predict = [str(image), "--out", str(tmp_path / "pred"), "--quiet"]
+    assert predict_main([*predict, "--model", str(signed), "--key-file", str(key_file)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv(KEY_ENV, key.decode())
+    assert predict_main([*predict, "--model", str(forged)]) == 1
+    assert "signature does not match" in capsys.readouterr().err
+    assert eval_main([str(unsigned), "--out", str(tmp_path / "eval")]) == 1
+    assert "is not signed" in capsys.readouterr().err

@@ -59,6 +59,17 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="the encoder weights file the decoder was trained on (SAM2 .pt, CLIP ViT-L-14.pt...; verified by "
         "sha256; default: the path recorded in the run). Not needed for decoders trained on random-weight encoders.",
     )
+    add_key_flag(parser, "verify: an export must carry a signature made with this key")
+
+
+def add_key_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--key-file``: the secret of exports' keyed signatures (default: $DEEPLOC_SIGNING_KEY; docs/inference.md)."""
+    parser.add_argument(
+        "--key-file",
+        default=None,
+        metavar="PATH",
+        help=f"a file holding the secret key of export signatures ({what}); default: $DEEPLOC_SIGNING_KEY, if set",
+    )
 
 
 def import_plugins(args: argparse.Namespace) -> None:

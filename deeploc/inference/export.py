@@ -15,7 +15,8 @@ everything else:
 
 The header's second key, ``deeploc_sha256``, is the sha256 of that JSON text exactly as stored: it covers every
 metadata field and, through ``decoder_sha256``, the tensors, so any edit of the file is refused on load. It is an
-integrity check against damage and hand edits, not a signature against forgery (anyone can recompute it).
+integrity check against damage and hand edits, not a signature against forgery (anyone can recompute it); a keyed
+signature (``deeploc_hmac_sha256``, :mod:`deeploc.inference.signing`) is written and checked when a key is configured.
 Format 1 exports (deeploc 0.1) had no such digest and are refused with the command that re-exports them.
 Reading an export parses only safetensors tensors and JSON: nothing is unpickled, nothing is imported (the decoder
 is looked up by its registered name, :mod:`deeploc.registry`). Loading for inference: :mod:`deeploc.inference.loading`.
@@ -35,10 +36,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from deeploc.inference.signing import SIGNATURE_KEY, check_signature, sign
 from deeploc.io import atomic_write_bytes, file_digest, finite_or_null
 from deeploc.runs.checkpoints import (
     ModelError,
     check_run_checkpoint,
+    decoder_with_weights,
     read_checkpoint,
     resolve_checkpoint,
 )
@@ -88,14 +91,22 @@ def decoder_digest(state: Mapping[str, torch.Tensor]) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def write_export(out: str | os.PathLike[str], state: Mapping[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+def write_export(
+    out: str | os.PathLike[str],
+    state: Mapping[str, torch.Tensor],
+    metadata: dict[str, Any],
+    signing_key: bytes | None = None,
+) -> Path:
     """Write decoder tensors + metadata (JSON in the safetensors header) as one file, atomically."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     meta = dict(metadata)
     meta["decoder_sha256"] = decoder_digest(tensors)
     # Strict JSON (no bare NaN): an undefined test score is null, as in metrics.json.
     text = json.dumps(finite_or_null(meta), sort_keys=True, allow_nan=False)
-    return atomic_write_bytes(out, save(tensors, metadata={METADATA_KEY: text, DIGEST_KEY: metadata_digest(text)}))
+    header = {METADATA_KEY: text, DIGEST_KEY: metadata_digest(text)}
+    if signing_key is not None:
+        header[SIGNATURE_KEY] = sign(text, signing_key)
+    return atomic_write_bytes(out, save(tensors, metadata=header))
 
 
 def metadata_digest(text: str) -> str:
@@ -160,13 +171,13 @@ def export_metadata(
     }
 
 
-def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+def export_decoder(
+    model_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, signing_key: bytes | None = None
+) -> Path:
     """Export the decoder of a run directory (its best checkpoint) or of a ``.ckpt`` file; returns the file.
 
     ``out`` defaults to ``<run dir>/decoder.safetensors`` (next to the ``.ckpt`` for a checkpoint file).
     """
-    from deeploc.inference.loading import decoder_with_weights
-
     src = Path(model_path).expanduser()
     ckpt_path = resolve_checkpoint(src)
     if is_export(ckpt_path):
@@ -192,7 +203,7 @@ def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[st
     )  # the weights fit the record before anything is written
     if out is None:
         out = RunDir(run_dir).export_file if run_dir is not None else ckpt_path.parent / "decoder.safetensors"
-    return write_export(out, state, export_metadata(info, metrics, source, _data_config(run_dir)))
+    return write_export(out, state, export_metadata(info, metrics, source, _data_config(run_dir)), signing_key)
 
 
 def is_export(path: Path) -> bool:
@@ -243,8 +254,11 @@ def _verified_metadata(p: Path, header: Mapping[str, str]) -> dict[str, Any]:
     return metadata
 
 
-def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Decoder tensors and metadata of an exported file (safetensors + JSON only), with integrity checks."""
+def read_export(
+    path: str | os.PathLike[str], signing_key: bytes | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Decoder tensors and metadata of an exported file (safetensors + JSON only), with integrity checks; with
+    ``signing_key``, its keyed signature must match (:mod:`deeploc.inference.signing`)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ModelError(f"exported decoder {p} does not exist")
@@ -256,6 +270,8 @@ def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
                     f"{p} is a safetensors file but not a deeploc decoder export (no '{METADATA_KEY}' metadata)"
                 )
             metadata = _verified_metadata(p, header)
+            if signing_key is not None:
+                check_signature(p, header[METADATA_KEY], header.get(SIGNATURE_KEY), signing_key)
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no iter
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{p} is not a readable safetensors file: {exc}") from exc

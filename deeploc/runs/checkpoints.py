@@ -19,6 +19,9 @@ import torch
 
 from deeploc.errors import DeeplocError
 from deeploc.io import file_digest, torch_load_failure
+from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
+from deeploc.models.state_dicts import state_dict_mismatch
+from deeploc.registry import UnknownComponentError
 from deeploc.runs.record import RunRecord
 from deeploc.runs.rundir import METRICS_FILE, RESOLVED_CONFIG, RunDir
 
@@ -29,6 +32,7 @@ __all__ = [
     "check_checkpoint_digest",
     "check_run_checkpoint",
     "checkpoint_decoder_record",
+    "decoder_with_weights",
     "read_checkpoint",
     "resolve_checkpoint",
 ]
@@ -57,6 +61,24 @@ def checkpoint_decoder_record(checkpoint: Mapping[str, Any], source: str = "the 
         f"{source} records no decoder (a checkpoint of deeploc 0.1, which is not read any more): train the run "
         "again with this deeploc (deeploc-train with the same overrides and if_finished=retrain)"
     )
+
+
+def decoder_with_weights(record: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> Decoder:
+    """The decoder a record describes, holding ``state`` (refused naming the mismatch when they do not fit)."""
+    try:
+        decoder = decoder_from_record(record)
+    except UnknownComponentError as exc:
+        raise ModelError(f"{source}: {exc}") from None
+    except DecoderError as exc:
+        raise ModelError(f"{source}: cannot rebuild its decoder: {exc}") from exc
+    problems = state_dict_mismatch(decoder.state_dict(), state)
+    if problems:
+        raise IncompatibleModelError(
+            f"{source}: the weights are not a {record.get('label')} decoder on {'+'.join(record.get('inputs', []))} "
+            f"({problems})"
+        )
+    decoder.load_state_dict(dict(state), strict=True)
+    return decoder
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
