@@ -66,3 +66,19 @@ def test_a_record_without_a_field_is_refused_naming_the_file_and_the_fix() -> No
     del config["weights"]
     with pytest.raises(RunRecordError, match=r"run/metrics.json: its config lacks weights.*if_finished=retrain"):
         RunRecord.from_metrics({"config": config}, source="run/metrics.json")
+
+
+def test_the_suite_ignores_deeploc_settings_of_the_shell(tmp_path: Path) -> None:
+    # A debug-preset test failed when DEEPLOC_OUTPUTS was set in the shell (issue 21, item 20).
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DEEPLOC_OUTPUTS=str(tmp_path / "elsewhere"), DEEPLOC_SIGNING_KEY="x", SLURM_JOB_ID="1")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+         "tests/test_debug_presets.py::test_every_preset_composes_without_plus_into_the_debug_folders"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
