@@ -112,4 +112,6 @@ def test_names_of_everyday_commands_are_short_and_shell_safe() -> None:
     name = run_name(overrides)
     assert len(name) <= MAX_NAME == 100 and re.fullmatch(SHELL_SAFE, name), name
     assert run_name(["heads=[conv4,fusion]"]) == "heads=conv4+fusion"
+    # The keys that tell sweep jobs apart lead, so a cut name keeps them.
+    assert run_name([*overrides, "debug=limit", "seed=3"]).startswith("debug=limit,heads=conv4+fusion,seed=3,")
     assert run_name([*overrides[:-1], "~callbacks.best"]) != name  # the digest covers the cut part

@@ -28,8 +28,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-# The keys that distinguish the jobs of deeploc's sweeps, in the order they lead a name.
-LEADING_KEYS = ("subset_index", "subset", "arch", "decoder", "feature", "seed")
+# The keys that distinguish the jobs of deeploc's sweeps, in the order they lead a name (a debug run says so first;
+# a name cut at MAX_NAME keeps them).
+LEADING_KEYS = ("debug", "subset_index", "subset", "arch", "heads", "decoder", "feature", "seed")
 LONG_VALUE = 32
 MAX_NAME = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-]")
