@@ -100,3 +100,18 @@ def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def torch_load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line, without torch's advice to retry with
+    ``weights_only=False`` (which would run whatever code the file pickles: never do that for a refused file)."""
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    skip = ("weights only load failed", "weights_only", "check the documentation")
+    details = []
+    for line in text.splitlines():
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if line and not any(s in line.lower() for s in skip):
+            details.append(line)
+    return "it holds something other than plain tensors" + (f" ({'; '.join(details)})" if details else "")

@@ -5,8 +5,8 @@ imports, at most once, every module of the registry's own package (so a built-in
 anywhere else) and the Python entry points of the registry's group (so an installed third-party package can
 provide plug-ins). Nothing else is ever imported: a name read from a checkpoint or an export file selects among
 classes that are already known, it never names a module to import. A user's own plug-in outside any package
-registers by being imported (Hydra imports the ``_target_`` of a training config; ``deeploc-eval/predict/export
---import my_module`` for loading).
+registers by being imported: ``plugins: [my_module]`` in deeploc-train / deeploc-extract (imported before anything is
+built), ``--import my_module`` on every argparse command.
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ class Registry(Generic[T]):
         except KeyError:
             raise UnknownComponentError(
                 f"unknown {self.kind} {name!r}; registered {self.kind}s: {self.names()}. A {self.kind} defined "
-                f"outside deeploc registers when its module is imported (pass --import <module> to deeploc-eval, "
-                f"-predict and -export) or through a Python entry point in the group {self.group!r}. deeploc "
+                f"outside deeploc registers when its module is imported (plugins=[<module>] for deeploc-train and "
+                f"deeploc-extract, --import <module> for the other commands) or through a Python entry point in the "
+                f"group {self.group!r}. deeploc "
                 "never imports a module named inside a checkpoint or export file."
             ) from None
 
@@ -136,14 +137,20 @@ def _origin(obj: object) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__qualname__)}"
 
 
-def import_modules(modules: list[str] | tuple[str, ...] | None) -> None:
-    """Import user modules that register plug-ins (the ``--import`` option of the loading CLIs)."""
-    for module in modules or ():
+def import_modules(modules: Any, key: str) -> None:
+    """Import user modules that register plug-ins: ``--import`` of the argparse commands, the ``plugins`` list of
+    deeploc-train / -extract (``key`` names which, for the message)."""
+    if modules is None:
+        return
+    if isinstance(modules, str) or not all(isinstance(m, str) for m in modules):
+        raise DeeplocError(f"{key} must be a list of module names, e.g. {key}=[my_plugins], got {modules!r}")
+    for module in modules:
         try:
             importlib.import_module(module)
-        except ImportError as exc:
+        except Exception as exc:  # any failure while importing a user's module is the user's to fix
             raise DeeplocError(
-                f"--import {module}: cannot import it ({exc}); put its folder on PYTHONPATH or install its package"
+                f"{key}: cannot import module {module!r} ({type(exc).__name__}: {exc}); put its folder on "
+                "PYTHONPATH (or install its package) and fix the error"
             ) from exc
 
 

@@ -8,6 +8,27 @@ from pathlib import Path
 
 import pytest
 
+# The tests run in a clean environment: settings a user's shell may hold (DEEPLOC_OUTPUTS, a signing key, a
+# dataset or checkpoint path, a SLURM job, W&B online, HYDRA_FULL_ERROR) would change what deeploc does and make
+# results depend on who runs the suite. Removed here, at import, so session fixtures and subprocesses
+# (tests/e2e.env_for copies os.environ) never see them; a test that needs one sets it itself.
+ISOLATED_ENV = (
+    "DOLOS_ROOT",
+    "SAM2_CHECKPOINT",
+    "CLIP_CHECKPOINT",
+    "HYDRA_FULL_ERROR",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_PROJECT",
+    "WANDB_ENTITY",
+    "WANDB_API_KEY",
+    "WANDB_BASE_URL",
+)
+ISOLATED_PREFIXES = ("DEEPLOC_", "SLURM_", "SUBMITIT_")
+for _name in [n for n in os.environ if n in ISOLATED_ENV or n.startswith(ISOLATED_PREFIXES)]:
+    del os.environ[_name]
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # Small synthetic Dolos-layout dataset shared by the data tests (64x64 keeps it to about a second).

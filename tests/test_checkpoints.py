@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from deeploc.runs.checkpoint_io import AtomicCheckpointIO
+from deeploc.testing import sam2_conv
 from deeploc.training.module import LocalizationModule
-from tests.decoder_contract import sam2_conv
 from tests.e2e import env_for, run_cli, train_args
 
 pytestmark = [
@@ -138,3 +138,51 @@ def test_disk_full_or_kill_during_a_checkpoint_write_never_costs_the_previous_on
     assert f"resuming from {checkpoints / 'last.ckpt'}" in proc.stdout + proc.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+def test_a_checkpoint_without_a_decoder_record_is_refused_with_the_fix() -> None:
+    from deeploc.runs.checkpoints import ModelError, checkpoint_decoder_record
+
+    old = {"hyper_parameters": {"feature": "image_embed", "depth": 4}, "deeploc": {}}  # deeploc 0.1's CONV-N
+    with pytest.raises(ModelError, match=r"checkpoint x.ckpt records no decoder .*deeploc 0.1.*if_finished=retrain"):
+        checkpoint_decoder_record(old, "checkpoint x.ckpt")
+
+
+@pytest.mark.parametrize("kind", ["malicious", "random"])
+def test_a_refused_file_never_suggests_weights_only_false(kind: str, tmp_path: Path) -> None:
+    from deeploc.runs.checkpoints import ModelError, read_checkpoint
+
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "malicious":
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))
+
+        torch.save({"state_dict": Payload()}, path)
+    else:
+        path.write_bytes(os.urandom(512))
+    with pytest.raises(ModelError) as err:
+        read_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and "weights_only=False" not in message and "Re-running" not in message, message
+    assert "\n" not in message
+
+
+def test_resuming_from_a_checkpoint_of_other_settings_names_the_file_and_how_to_start_over(
+    shared_workdir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = train_args(shared_workdir, "trainer.max_epochs=1", "overlays=0", "logger=csv", f"hydra.run.dir={run_dir}")
+    run_cli("deeploc.cli.train", args, tmp_path)
+    (run_dir / "metrics.json").unlink()  # as if interrupted: the next launch resumes from last.ckpt
+    env = env_for(tmp_path)
+    env.pop("HYDRA_FULL_ERROR")  # the user's view: one line
+    proc = subprocess.run(
+        [sys.executable, "-m", "deeploc.cli.train", *args, "encoder.seed=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert f"{run_dir / 'checkpoints' / 'last.ckpt'}: checkpoint was trained on encoder" in proc.stderr
+    assert f"delete {run_dir / 'checkpoints'}" in proc.stderr and "hydra.run.dir=" in proc.stderr
+    assert "Traceback" not in proc.stderr

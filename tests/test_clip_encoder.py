@@ -13,6 +13,7 @@ import warnings
 import zipfile
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from torchvision import transforms
 from deeploc.models.decoders import build_decoder, count_parameters
 from deeploc.models.encoders import EncoderError, build_encoder, encoder_from_identity
 from deeploc.models.encoders.clip import _CONVERT, ARCHITECTURES, CLIPEncoder
+from deeploc.testing import EncoderContract
 from tests.clip_reference import CLIP_MEAN, CLIP_STD, declip_conv_parameters, openai_layer_map, openai_model_code
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
@@ -291,3 +293,8 @@ def test_encoder_configs_build(monkeypatch: pytest.MonkeyPatch) -> None:
     vitl = OmegaConf.to_container(OmegaConf.load(CONF / "clip_vitl14.yaml"), resolve=True)
     assert vitl["_target_"] == "deeploc.models.encoders.clip.CLIPEncoder"
     assert vitl["checkpoint"] == "/nowhere/ViT-L-14.pt"
+
+
+class TestClipMicroContract(EncoderContract):
+    name = "clip"
+    options: ClassVar = {"config": "clip_micro", "layers": [20], "image_size": 224, "random_init": True, "seed": 0}

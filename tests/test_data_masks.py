@@ -226,7 +226,8 @@ def test_mask_threshold_reads_jpeg_saved_masks_that_are_refused_without_it(synth
     truth = [read_mask(p) != 255 for p in paths]
     _as_jpeg(paths)
     samples = index_subsets(synthetic_copy, ["copy-move"], splits=("valid",))
-    assert "not binary" in _error(samples)
+    error = _error(samples)
+    assert "not binary" in error and "data.mask_threshold=127" in error  # the refusal names the fix
     thresholded = index_subsets(synthetic_copy, ["copy-move"], splits=("valid",), mask_threshold=127)
     validate_samples(thresholded, workers=1)
     items = ImageMaskDataset(thresholded)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -22,6 +23,7 @@ from deeploc.data.masks import WHITE_POLARITY as WHITE
 from deeploc.data.samples import REAL_SUBSET
 from deeploc.data.sources import build_source
 from deeploc.data.validate import validate_samples
+from deeploc.testing import SourceContract
 from tests.conftest import SYNTH_KWARGS
 
 FAKE = Path("data/celebahq/fake")
@@ -231,12 +233,16 @@ def test_manifest_problems_are_listed_with_their_line(synthetic_data: Path, tmp_
         ["copy-move/test/missing.png", second[1], "copy-move", "test"],  # no such file
         [first[0], first[1], "copy-move", "test"],  # listed twice
         [second[0], second[1], "", "test"],  # mask but no subset
+        [str(csv_path.parent / second[0]), second[1], "copy-move", "test"],  # absolute, inside the folder
     ]
     with pytest.raises(DatasetError) as err:
         build_source("manifest", root=write_csv(csv_path, bad)).rows()
     msg = str(err.value)
     assert "line 3: image '../outside.png' is not inside the manifest's folder" in msg
-    assert f"line 4: image {str(outside)!r} is not inside" in msg
+    assert f"line 4: image {str(outside)!r} is an absolute path" in msg
+    # Inside the folder, the reason is still that it is absolute (not "not inside"), with the relative spelling.
+    inside = str(csv_path.parent / second[0])
+    assert f"line 10: image {inside!r} is an absolute path" in msg and f"write it as {second[0]!r}" in msg
     assert "line 5: image" in msg and "has no mask; give its mask" in msg
     assert "line 6: split 'dev' is not one of train, valid, test" in msg
     assert "line 7: image" in msg and "missing.png does not exist" in msg
@@ -280,3 +286,39 @@ def test_data_folders_and_manifest_configs_build_their_sources(synthetic_data: P
         assert len(dm.plan.train) == SYNTH_KWARGS["n_train"] and len(dm.plan.test[cfg.subset]) == SYNTH_KWARGS["n_test"]
     assert "data.source_options.subset is not set" in _problem("data=folders", f"data.root={root}")
     assert "data.mask_threshold=300 must be null" in _problem("data.mask_threshold=300")
+
+
+# ------------------------------------------------------------------------------------ the shipped contract
+
+
+def _write_pairs(folder: Path, names: list[str], mask_name: str = "{}.png") -> None:
+    """Small PNG images and white-is-manipulated masks (``mask_name`` formats the mask file of each stem)."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir(parents=True)
+    for name in names:
+        cv2.imwrite(str(folder / "images" / f"{name}.png"), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:16, 8:20] = 255
+        cv2.imwrite(str(folder / "masks" / mask_name.format(name)), mask)
+
+
+class TestFoldersSourceContract(SourceContract):
+    name = "folders"
+    counts: ClassVar = {("mine", "test"): 3}
+
+    def make_dataset(self, folder: Path) -> dict:
+        _write_pairs(folder / "mine", ["a", "b", "c"])
+        return {"root": folder / "mine", "subset": "mine"}
+
+
+class TestManifestSourceContract(SourceContract):
+    name = "manifest"
+    counts: ClassVar = {("x", "train"): 2, ("x", "test"): 1}
+
+    def make_dataset(self, folder: Path) -> dict:
+        _write_pairs(folder, ["a", "b", "c"])
+        rows = ["image,mask,subset,split"]
+        rows += [f"images/{n}.png,masks/{n}.png,x,{s}" for n, s in zip("abc", ["train", "train", "test"])]
+        (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+        return {"root": folder / "manifest.csv"}

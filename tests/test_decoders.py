@@ -9,8 +9,8 @@ import torch
 
 from deeploc.models.decoders import DECODERS, DecoderError, build_decoder, count_parameters
 from deeploc.models.encoders import FeatureSpec
-from tests.decoder_contract import SAM2_SPECS, DecoderContract
-from tests.decoder_contract import sam2_conv as conv
+from deeploc.testing import SAM2_SPECS, DecoderContract
+from deeploc.testing import sam2_conv as conv
 
 # protocol.md: params CONV-4/12/20 per feature (~1.0 / 2.1 / 3.1 M; ~0.05 / 0.26 / 0.46 M; ~0.10 / 0.31 / 0.51 M).
 EXPECTED_MILLIONS = {

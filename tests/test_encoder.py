@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from deeploc.models.encoders.sam2 import (
     build_sam2_model,
     save_random_checkpoint,
 )
+from deeploc.testing import EncoderContract
 
 MICRO = "sam2.1_hiera_micro"
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
@@ -125,3 +128,8 @@ def test_all_packaged_configs_are_listed() -> None:
     names = available_configs()
     for name in ("sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l", "sam2_hiera_s", MICRO):
         assert name in names
+
+
+class TestSam2MicroContract(EncoderContract):
+    name = "sam2"
+    options: ClassVar = {"config": "sam2.1_hiera_micro", "image_size": 64, "random_init": True, "seed": 0}

@@ -24,8 +24,8 @@ from deeploc.inference.predict import predict_images
 from deeploc.io import file_digest
 from deeploc.models.encoders.sam2 import save_random_checkpoint
 from deeploc.runs.checkpoints import IncompatibleModelError, MissingCheckpointError, ModelError
+from deeploc.testing import sam2_conv
 from deeploc.training.module import LocalizationModule
-from tests.decoder_contract import sam2_conv
 from tests.test_predict import TRAIN_OVERRIDES, shared_base, train_run
 
 pytestmark = [
@@ -190,7 +190,9 @@ def test_sam2_checkpoint_is_verified_by_digest(checkpoint_run, run_dir: Path, tm
     from PIL import Image
 
     Image.fromarray(images[1]).save(image)
-    rc = predict_main([str(image), "--model", str(out), "--sam2-checkpoint", str(other), "--out", str(tmp_path / "p")])
+    rc = predict_main(
+        [str(image), "--model", str(out), "--encoder-checkpoint", str(other), "--out", str(tmp_path / "p")]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and wrong in err and right in err
 
@@ -358,13 +360,18 @@ def test_a_run_whose_checkpoint_was_replaced_is_refused_naming_both(
     with pytest.raises(IncompatibleModelError, match=theirs):
         load_model(best)  # the .ckpt inside the run directory is checked too
 
-    # A run without recorded digests (deeploc <= 0.1) is still checked against the config its metrics.json
-    # records, and an unfinished run (no metrics.json) against its config_resolved.yaml.
+    # The checkpoint is also checked against the config metrics.json records (here with its digest recorded), and
+    # an unfinished run (no metrics.json) against its config_resolved.yaml.
     metrics = json.loads((run / "metrics.json").read_text())
-    del metrics["checkpoint_sha256"]
+    metrics["checkpoint_sha256"]["checkpoints/best.ckpt"] = theirs
     (run / "metrics.json").write_text(json.dumps(metrics))
     for err in _refusals(run, tmp_path, capsys):
         assert "conv12 on" in err and "conv4 on" in err and "(metrics.json)" in err, err
+    # A finished run without recorded digests (deeploc 0.1) is refused as such, with the fix.
+    del metrics["checkpoint_sha256"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for err in _refusals(run, tmp_path, capsys):
+        assert "records no checkpoint digests" in err and "if_finished=retrain" in err, err
     (run / "metrics.json").unlink()
     for err in _refusals(run, tmp_path, capsys):
         assert "conv12 on" in err and "conv4 on" in err and "(config_resolved.yaml)" in err, err
@@ -383,3 +390,64 @@ def test_a_run_whose_checkpoint_was_replaced_is_refused_naming_both(
     proc = run_cli("deeploc.cli.train", args, tmp_path, check=False)
     assert proc.returncode != 0 and "replaced or modified" in proc.stdout + proc.stderr
     assert json.loads((run / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------------ keyed signatures (issue 21, 19)
+
+
+def _forge(exported: Path, out: Path, key: bytes | None = None) -> Path:
+    """A deliberate forgery: another encoder seed, both digests recomputed, signed with ``key`` (without one, the
+    original signature is kept: the forger has no key)."""
+    from deeploc.inference.export import metadata_digest
+    from deeploc.inference.signing import SIGNATURE_KEY, sign
+
+    state, metadata = read_export(exported)
+    metadata["encoder"]["weights"] = "random:seed=7"
+    text = json.dumps(metadata, sort_keys=True)
+    header = {"deeploc": text, "deeploc_sha256": metadata_digest(text)}
+    with safe_open(str(exported), framework="pt") as handle:
+        original = (handle.metadata() or {}).get(SIGNATURE_KEY)
+    if key is not None:
+        header[SIGNATURE_KEY] = sign(text, key)
+    elif original is not None:
+        header[SIGNATURE_KEY] = original
+    save_file(state, out, metadata=header)
+    return out
+
+
+def test_a_keyed_signature_refuses_forgeries_that_the_digest_accepts(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from deeploc.inference.signing import KEY_ENV, SignatureError
+
+    key_file = tmp_path / "key"
+    key_file.write_text("a-shared-secret-of-the-lab\n")
+    signed = tmp_path / "signed.safetensors"
+    assert export_main([str(run_dir), "--out", str(signed), "--key-file", str(key_file)]) == 0
+    unsigned = tmp_path / "unsigned.safetensors"
+    assert export_main([str(run_dir), "--out", str(unsigned)]) == 0
+    forged = _forge(signed, tmp_path / "forged.safetensors")
+    assert load_model(forged) is not None  # the unkeyed digest cannot tell a recomputed forgery
+
+    key = b"a-shared-secret-of-the-lab"
+    assert load_model(signed, signing_key=key) is not None
+    with pytest.raises(SignatureError, match="signature does not match"):
+        load_model(forged, signing_key=key)
+    with pytest.raises(SignatureError, match="signature does not match"):
+        load_model(_forge(signed, tmp_path / "other-key.safetensors", b"another key"), signing_key=key)
+    with pytest.raises(SignatureError, match="is not signed"):
+        load_model(unsigned, signing_key=key)
+
+    # The commands: --key-file, or the key in DEEPLOC_SIGNING_KEY.
+    image = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    predict = [str(image), "--out", str(tmp_path / "pred"), "--quiet"]
+    assert predict_main([*predict, "--model", str(signed), "--key-file", str(key_file)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv(KEY_ENV, key.decode())
+    assert predict_main([*predict, "--model", str(forged)]) == 1
+    assert "signature does not match" in capsys.readouterr().err
+    assert eval_main([str(unsigned), "--out", str(tmp_path / "eval")]) == 1
+    assert "is not signed" in capsys.readouterr().err

@@ -48,9 +48,6 @@ def test_cross_results_label_in_and_out_of_domain(tmp_path: Path) -> None:
     rows = _rows(table)
     assert "copy-move (in-domain)" in rows["copy-move"]
     assert all("(out-of-domain)" in rows[s] for s in SUBSETS if s != "copy-move")
-    metrics = _metrics("cross", "copy-move")
-    del metrics["convention"]  # metrics.json of deeploc <= 0.1: TruFor convention
-    assert "metric convention trufor" in format_results(metrics, RunDir(tmp_path))
 
 
 def test_eval_lines_label_subsets_by_their_role_in_training() -> None:

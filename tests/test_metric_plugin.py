@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from deeploc.evaluation.scoring import score_keys, write_results
-from deeploc.metrics import METRICS, LocalizationMetrics, ScoreInputs, image_scores, metric_names, register_metric
+from deeploc.metrics import (
+    METRICS,
+    LocalizationMetrics,
+    ScoreInputs,
+    image_scores,
+    metric_names,
+    optimized_metrics,
+    register_metric,
+)
 from deeploc.report.write import write_report
+from deeploc.testing import MetricContract
 from tests.test_report import write_run
 
 
@@ -47,3 +56,33 @@ def test_a_registered_metric_is_reported_everywhere(precision_metric: str, tmp_p
     write_run(tmp_path / "sweep" / "a", "conv4", "image_embed", "in_domain", "lama", {"lama": 60.0})
     report = write_report(tmp_path / "sweep", tmp_path / "out").report_md.read_text()
     assert "ID Precision" in report
+
+
+# The shipped contract, on every built-in metric and on a metric registered like an outside one.
+class TestIoUContract(MetricContract):
+    name = "iou"
+
+
+class TestF1FixedContract(MetricContract):
+    name = "f1_fixed"
+
+
+class TestF1BestContract(MetricContract):
+    name = "f1_best"
+
+
+class TestAPContract(MetricContract):
+    name = "ap"
+
+
+def test_a_registered_metric_passes_the_contract_and_is_optimizable(precision_metric: str) -> None:
+    contract = MetricContract()
+    contract.name = precision_metric
+    contract.test_registered_and_optimizable()
+    contract.test_percentages_that_rank_a_perfect_prediction_first()
+    assert optimized_metrics()["val/precision"] == "max" and optimized_metrics()["val/loss"] == "min"
+
+
+def test_a_metric_direction_is_max_or_min() -> None:
+    with pytest.raises(ValueError, match="direction='up' must be 'max' or 'min'"):
+        register_metric("bad", "Bad", "a metric with a wrong direction", direction="up")

@@ -688,14 +688,13 @@ def test_conventions_are_measured_recorded_rescored_and_reproduced_by_eval(
         for key, value in scores.items():
             assert evaluated["test"][subset][key] == pytest.approx(value, abs=1e-6), (subset, key)
 
-    # A finished run from deeploc <= 0.1 (no "convention": trufor) is skipped with a warning, never relabelled.
+    # A finished run of deeploc 0.1 (no "convention") is refused with the fix, never relabelled.
     for key in ("convention", "conventions"):
         del metrics[key]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    proc = run_cli("deeploc.cli.train", args, tmp_path)
-    log = proc.stdout + proc.stderr
-    assert "already finished; skipping" in log
-    assert "conventions ['trufor'], not ['study']" in log and "if_finished=eval" in log
+    proc = run_cli("deeploc.cli.train", args, tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "records no metric convention" in proc.stderr and "if_finished=retrain" in proc.stderr
     assert "convention" not in json.loads((run_dir / "metrics.json").read_text())
 
 

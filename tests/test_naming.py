@@ -1,4 +1,4 @@
-"""Run directory and evaluation folder names: readable, stable, old names still found (real Hydra composition)."""
+"""Run directory and evaluation folder names: readable, short, shell-safe, stable (real Hydra composition)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from deeploc.config import CONF_DIR
-from deeploc.runs.naming import MAX_NAME, changed_inputs, eval_dir_name, run_dir_name, run_label, run_name
+from deeploc.runs.naming import MAX_NAME, changed_inputs, eval_dir_name, run_name
 
 
 def _compose(*overrides: str):
@@ -40,7 +40,7 @@ def test_moving_a_dataset_keeps_the_name_another_parent_folder_changes_it() -> N
 def test_long_values_unsafe_characters_and_long_names_are_bounded() -> None:
     long_value = "x" * 100
     name = run_name([f"data.subsets=[{long_value}]"])
-    assert len(name) < 60 and name.startswith("data.subsets=[xxxxxxxxxxxxxxx-")
+    assert len(name) < 60 and name.startswith("data.subsets=xxxxxxxxxxxxxxxx-")
     assert run_name(["+foo='a b'"]) == "+foo=a_b"
     many = [f"key{i:03d}={'v' * 20}" for i in range(30)]
     cut = run_name(["subset_index=3", *many])
@@ -63,23 +63,6 @@ def test_hydra_names_run_and_sweep_directories_with_the_new_rule(
     expected = f"subset_index=1,arch=conv4_image_embed,data.root=wacv_data-{_tail_digest('dolos', 'wacv_data')}"
     assert cfg.hydra.run.dir == f"{tmp_path}/runs/{expected}"
     assert cfg.hydra.sweep.subdir == expected
-
-
-def test_a_directory_named_the_old_way_is_used_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DEEPLOC_OUTPUTS", str(tmp_path))
-    overrides = ["data.root=/d/dolos/wacv_data", "subset_index=1", "seed=3"]
-    cfg = _compose(*overrides)
-    # deeploc <= 0.1 named the directory run_label(Hydra's override_dirname): sorted "key=value", "/" -> "_".
-    old = tmp_path / "runs" / run_label(cfg.hydra.job.override_dirname)
-    assert old.name == "data.root=_d_dolos_wacv_data,seed=3,subset_index=1"
-    new_name = Path(cfg.hydra.run.dir).name
-    assert new_name != old.name
-    old.mkdir(parents=True)
-    assert _compose(*overrides).hydra.run.dir == str(old)
-    # Once a new-style directory exists, it wins.
-    (tmp_path / "runs" / new_name).mkdir()
-    assert _compose(*overrides).hydra.run.dir == str(tmp_path / "runs" / new_name)
-    assert run_dir_name(str(tmp_path / "nowhere"), ["a=1"], [], "a=1") == "a=1"
 
 
 def test_eval_folders_differ_for_different_data_and_subsets(tmp_path: Path) -> None:
@@ -113,3 +96,22 @@ def test_optimized_metric_does_not_name_runs(value: str, tmp_path: Path, monkeyp
     monkeypatch.setenv("DEEPLOC_OUTPUTS", str(tmp_path))
     cfg = _compose(f"optimized_metric={value}", "seed=1")
     assert Path(cfg.hydra.run.dir).name == "seed=1"
+
+
+SHELL_SAFE = r"[A-Za-z0-9_.,=+-]+"
+
+
+def test_names_of_everyday_commands_are_short_and_shell_safe() -> None:
+    # The tiny-data e2e overrides plus a list value made a 200+ character name holding "[" (issue 21, item 15).
+    import re
+
+    from tests.e2e import TINY_DATA
+
+    overrides = [*TINY_DATA, "data.root=/data/x/wacv_data", "features.dir=/cache/features", "heads=[conv4,fusion]",
+                 "trainer.max_epochs=2", "+model.extra='a b'", "~callbacks.last"]  # fmt: skip
+    name = run_name(overrides)
+    assert len(name) <= MAX_NAME == 100 and re.fullmatch(SHELL_SAFE, name), name
+    assert run_name(["heads=[conv4,fusion]"]) == "heads=conv4+fusion"
+    # The keys that tell sweep jobs apart lead, so a cut name keeps them.
+    assert run_name([*overrides, "debug=limit", "seed=3"]).startswith("debug=limit,heads=conv4+fusion,seed=3,")
+    assert run_name([*overrides[:-1], "~callbacks.best"]) != name  # the digest covers the cut part

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from deeploc.inference.loading import load_model
 from deeploc.registry import UnknownComponentError
 from deeploc.runs.checkpoints import ModelError
+from deeploc.testing import SAM2_SPECS
 from deeploc.training.module import LocalizationModule
-from tests.decoder_contract import SAM2_SPECS
 from tests.e2e import env_for, run_cli, train_args
 
 pytestmark = [
@@ -175,7 +175,7 @@ def test_new_decoders_train_from_the_cache_as_on_the_fly_and_round_trip_through_
     decoder: str, feature: str, shared_workdir: Path, tmp_path: Path
 ) -> None:
     runs = {}
-    for features in ("cache", "none"):
+    for features in ("cache", "stream"):
         runs[features] = tmp_path / features
         args = train_args(
             shared_workdir,
@@ -188,7 +188,7 @@ def test_new_decoders_train_from_the_cache_as_on_the_fly_and_round_trip_through_
             f"hydra.run.dir={runs[features]}",
         )
         run_cli("deeploc.cli.train", args, tmp_path)
-    cached, fly = (json.loads((runs[k] / "metrics.json").read_text()) for k in ("cache", "none"))
+    cached, fly = (json.loads((runs[k] / "metrics.json").read_text()) for k in ("cache", "stream"))
     inputs = ["image_embed", "high_res_feats_0", "high_res_feats_1"] if decoder == "fusion" else [feature]
     assert cached["config"]["feature"] == "+".join(inputs) and cached["config"]["decoder_name"] == decoder
     # fp16 cached maps vs fp32 maps computed on the fly: the same training up to float16 rounding.
@@ -197,7 +197,7 @@ def test_new_decoders_train_from_the_cache_as_on_the_fly_and_round_trip_through_
     ckpt = {k: torch.load(runs[k] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for k in runs}
     for key, value in ckpt["cache"].items():
         if value.is_floating_point() and value.ndim == 4:  # conv weights
-            assert torch.linalg.norm(value - ckpt["none"][key]) <= 0.02 * torch.linalg.norm(value) + 1e-6, key
+            assert torch.linalg.norm(value - ckpt["stream"][key]) <= 0.02 * torch.linalg.norm(value) + 1e-6, key
 
     exported = tmp_path / "model.safetensors"
     run_cli("deeploc.cli.export", [str(runs["cache"]), "--out", str(exported)], tmp_path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deeploc.cli.evaluate import main as eval_main
-from tests.decoder_contract import sam2_conv
+from deeploc.testing import sam2_conv
 from tests.e2e import run_cli, train_args
 
 
@@ -171,7 +171,7 @@ def test_retesting_with_another_decoder_is_refused(finished_run: Path, shared_wo
 
 def test_training_from_the_cache_matches_training_on_the_fly(shared_workdir: Path, tmp_path: Path) -> None:
     cached, _ = _train(shared_workdir, tmp_path, "cached", "trainer.max_epochs=2", "features=cache")
-    on_the_fly, _ = _train(shared_workdir, tmp_path, "fly", "trainer.max_epochs=2", "features=none")
+    on_the_fly, _ = _train(shared_workdir, tmp_path, "fly", "trainer.max_epochs=2", "features=stream")
     a = torch.load(cached / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     b = torch.load(on_the_fly / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()

@@ -32,6 +32,11 @@ OOD = 151 / 12
 DIGEST = "ab" * 32
 # The study's setup, as deeploc.train.summarise_config records it (metrics.json "config").
 STUDY_SETUP = {
+    "depth": None,
+    "decoder_name": "conv",
+    "decoder_options": {},
+    "parameters": None,
+    "encoder_kind": "sam2",
     "encoder": "sam2.1_hiera_s",
     "encoder_overrides": {},
     "encoder_weights": "/ckpt/sam2.1_hiera_small.pt",
@@ -49,6 +54,13 @@ STUDY_SETUP = {
     "split_n_valid": None,
     "split_seed": 42,
     "data": "/data/wacv_data/data",
+    "data_source": "dolos",
+    "data_source_options": {},
+    "n_train": 0,
+    "n_valid": 0,
+    "mask_polarity": "black_is_manipulated",
+    "mask_threshold": None,
+    "features": "cache",
     "generated_data": False,
     "data_params": None,
     "seed": 42,
@@ -86,7 +98,7 @@ def write_run(
     **setup: object,
 ) -> Path:
     """A Hydra job folder with the study's setup changed by `setup`; `test=None` leaves metrics.json out (a run
-    that died); `convention=None` leaves the key out, as deeploc <= 0.1 did."""
+    that died); `convention=None` leaves the key out."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text(f"decoder: {decoder}\n")
     if test is not None:
@@ -344,7 +356,9 @@ DIFFERENT_SETTINGS = {
     "generated": ({"generated_data": True, "data_params": DEMO_SETUP["data_params"]}, "data"),
     "mask_polarity": ({"mask_polarity": "white_is_manipulated"}, "mask polarity"),
     "convention": ({"convention": "trufor"}, "metric convention"),
-    "legacy_convention": ({"convention": None}, "metric convention"),  # no key: deeploc <= 0.1, TruFor
+    # A plug-in's options (issue: a depth-4 and a depth-6 outside ViT were averaged as two seeds).
+    "encoder_architecture": ({"encoder_architecture": {"depth": 6}}, "encoder architecture"),
+    "decoder_options": ({"decoder_options": {"inputs": "image_embed", "width": 16}}, "decoder options"),
 }
 
 
@@ -480,30 +494,19 @@ def test_report_starts_with_provenance(sweep: Path, tmp_path: Path) -> None:
         assert line in header, line
 
 
-def test_old_metrics_json_reads_settings_from_the_resolved_config(tmp_path: Path) -> None:
+def test_a_metrics_json_of_deeploc_0_1_is_listed_as_missing_with_the_fix(tmp_path: Path) -> None:
     old = tmp_path / "old"
     old.mkdir()
     config = {"decoder": "conv4", "depth": 4, "feature": "image_embed", "split": "cross", "subset": LAMA}
     config.update(subsets=[LAMA], encoder="sam2.1_hiera_t", encoder_weights="random", image_size=256)
-    config.update(data="/tmp/x/wacv_data/data", generated_data=True, seed=42)
     test = {LAMA: scores(50.0)}
     (old / "metrics.json").write_text(json.dumps({"config": config, "test": test, "status": "finished", "epochs": 3}))
-    resolved = {
-        "trainer": {"max_epochs": 3, "precision": "32-true"},
-        "model": {"lr": 0.001, "weight_decay": 0.0, "schedule": "fixed"},
-        "encoder": {"seed": 7, "overrides": {}},
-        "data": {"batch_size": 16, "augment": None, "synthetic": {"n_train": 160, "size": 256}},
-    }
-    (old / "config_resolved.yaml").write_text(json.dumps(resolved))  # JSON is YAML
-    [run], _ = collect_runs(old)
-    s = run.settings
-    assert (s.convention, s.max_epochs, s.weights, s.batch_size, s.lr) == ("trufor", 3, "random:seed=7", 16, 1e-3)
-    assert s.data == "generated: n_train=160, size=256" and run.version is None
-    (old / "config_resolved.yaml").unlink()  # nothing to fall back on: unknown, never equal to a recorded value
-    [run], _ = collect_runs(old)
-    assert (run.settings.max_epochs, run.settings.weights) == (None, "random:seed=unknown")
-    report = write_report(old, tmp_path / "out").report_md.read_text(encoding="utf-8")
-    assert "| max epochs | unknown |" in report and "| deeploc (runs) | not recorded (<= 0.1.0) |" in report
+    runs, [missing] = collect_runs(old)
+    assert runs == [] and missing.path == old
+    assert "metrics.json: its config lacks" in missing.reason and "if_finished=retrain" in missing.reason
+    write_run(tmp_path / "noconv", "conv4", "image_embed", "cross", LAMA, {LAMA: 50.0}, convention=None)
+    runs, [missing] = collect_runs(tmp_path / "noconv")
+    assert runs == [] and "records no metric convention" in missing.reason
 
 
 def test_hand_edited_settings_of_odd_types_are_reported_not_crashed_on(tmp_path: Path) -> None:

@@ -64,7 +64,10 @@ def _problem(*overrides: str) -> str:
         ("data.num_workers=true", "data.num_workers=True must be an integer >= 0"),
         ("split.n_train=0", "split.n_train=0 must be a positive integer, or null"),
         ("features.batch_size=x", "features.batch_size='x' must be a positive integer"),
-        ("optimized_metric=val/acc", "optimized_metric='val/acc' must be one of val/iou, val/f1_fixed"),
+        (
+            "optimized_metric=val/acc",
+            "optimized_metric='val/acc' must be val/loss or val/<name> of a registered metric",
+        ),
         ("if_finished=maybe", "if_finished='maybe' must be one of skip, eval, retrain"),
     ],
 )

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from deeploc.cli.report import main as report_main
-from deeploc.runs.naming import run_label
+from deeploc.runs.naming import run_name
 from tests.e2e import env_for, run_cli, sweep_jobs, train_args
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -58,10 +58,10 @@ def test_leave_one_out_experiment_expands_to_held_out_runs() -> None:
 
 
 def test_run_directory_names_are_derived_from_overrides() -> None:
-    assert run_label("") == "default"
-    assert run_label("arch=conv4_image_embed,subset_index=1") == "arch=conv4_image_embed,subset_index=1"
-    assert "/" not in run_label("data.root=/a/b")
-    assert len(run_label("x=" + "y" * 400)) <= 120
+    assert run_name([]) == "default"
+    assert run_name(["subset_index=1", "arch=conv4_image_embed"]) == "subset_index=1,arch=conv4_image_embed"
+    assert "/" not in run_name(["data.root=/a/b"])
+    assert len(run_name(["x=" + "y" * 400])) <= 100
 
 
 def _offline_runs(run_dir: Path) -> list[Path]:

@@ -19,7 +19,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from deeploc.config import CONF_DIR
-from deeploc.runs.naming import run_label
 from tests.e2e import env_for, run_cli, train_args
 
 
@@ -79,24 +78,22 @@ def test_main_returns_the_best_validation_value_of_optimized_metric(shared_workd
 # ---------------------------------------------------------------------------------------- run directories
 
 
-@pytest.mark.slow  # ~15 s; old names: tests/test_naming.py
-def test_a_run_directory_named_the_old_way_is_resumed_in_place(shared_workdir: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # ~15 s; resume: tests/test_checkpoints.py
+def test_an_interrupted_run_is_resumed_in_place(shared_workdir: Path, tmp_path: Path) -> None:
     args = train_args(shared_workdir, "trainer.max_epochs=1", "overlays=0", "logger=csv")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        hydra_cfg = compose("train", overrides=args, return_hydra_config=True).hydra
-    legacy = tmp_path / "outputs" / "runs" / run_label(hydra_cfg.job.override_dirname)
-    run_cli("deeploc.cli.train", [*args, f"hydra.run.dir='{legacy}'"], tmp_path)  # quoted: the name holds = and ,
-    (legacy / "metrics.json").unlink()  # as if interrupted before its test
+    run_cli("deeploc.cli.train", args, tmp_path)
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    (run_dir / "metrics.json").unlink()  # as if interrupted before its test
 
     proc = run_cli("deeploc.cli.train", args, tmp_path)
-    assert f"resuming from {legacy / 'checkpoints' / 'last.ckpt'}" in proc.stdout + proc.stderr
-    assert json.loads((legacy / "metrics.json").read_text())["status"] == "finished"
-    assert [p.name for p in (tmp_path / "outputs" / "runs").iterdir()] == [legacy.name]
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in proc.stdout + proc.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+    assert [p.name for p in (tmp_path / "outputs" / "runs").iterdir()] == [run_dir.name]
     # The full overrides (paths in full) are in the run.
-    recorded = yaml.safe_load((legacy / ".hydra" / "overrides.yaml").read_text())
+    recorded = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     assert f"data.root={shared_workdir / 'data'}" in recorded
     # Epoch summaries print percentages in fixed notation.
-    epochs = [line for line in (legacy / "train.log").read_text().splitlines() if "| val/iou " in line]
+    epochs = [line for line in (run_dir / "train.log").read_text().splitlines() if "| val/iou " in line]
     assert epochs and all(re.search(r"val/iou \d+\.\d\d \|", line) for line in epochs), epochs
 
 

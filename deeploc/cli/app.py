@@ -27,8 +27,18 @@ _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
-    """``--verbose``: show the full traceback of an error instead of its one-line message."""
+    """The options of every argparse command: ``--verbose`` (the full traceback of an error instead of its one-line
+    message) and ``--import MODULE`` (plug-ins of your own; :func:`import_plugins`)."""
     parser.add_argument(VERBOSE_FLAG, action="store_true", help="show the full traceback of an error")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers your own plug-ins (decoder, encoder, data source, metric) first "
+        "(repeatable); deeploc never imports a module named inside a model file",
+    )
 
 
 def report_error(prog: str, exc: BaseException, verbose: bool) -> int:
@@ -53,23 +63,24 @@ def without_worker_traceback(exc: BaseException) -> str:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The options of every command that loads a trained model: the encoder's weights file and plug-in imports."""
+    """The option of every command that loads a trained model: the encoder's weights file."""
     parser.add_argument(
         "--encoder-checkpoint",
-        "--sam2-checkpoint",
         dest="encoder_checkpoint",
         default=None,
         help="the encoder weights file the decoder was trained on (SAM2 .pt, CLIP ViT-L-14.pt...; verified by "
         "sha256; default: the path recorded in the run). Not needed for decoders trained on random-weight encoders.",
     )
+    add_key_flag(parser, "verify: an export must carry a signature made with this key")
+
+
+def add_key_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--key-file``: the secret of exports' keyed signatures (default: $DEEPLOC_SIGNING_KEY; docs/inference.md)."""
     parser.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import a module that registers your own decoder or encoder before loading (repeatable); deeploc "
-        "never imports a module named inside a model file",
+        "--key-file",
+        default=None,
+        metavar="PATH",
+        help=f"a file holding the secret key of export signatures ({what}); default: $DEEPLOC_SIGNING_KEY, if set",
     )
 
 
@@ -77,7 +88,7 @@ def import_plugins(args: argparse.Namespace) -> None:
     """Import the modules of ``--import`` (they register plug-ins)."""
     from deeploc.registry import import_modules
 
-    import_modules(args.imports)
+    import_modules(args.imports, "--import")
 
 
 def run_hydra_app(prog: str, app: Callable[[], Any]) -> None:

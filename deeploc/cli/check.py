@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Mapping
 
-from deeploc.cli.app import add_verbose_flag, report_error
+from deeploc.cli.app import add_verbose_flag, import_plugins, report_error
 from deeploc.data.errors import DatasetError, format_problems
 from deeploc.data.layout import available_subsets, index_subsets, resolve_root
 from deeploc.data.masks import DEFAULT_POLARITY, MAX_MANIPULATED_FRACTION, POLARITIES, MaskRules, MaskStats
@@ -79,6 +79,7 @@ def format_mask_table(stats: Mapping[Sample, MaskStats]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        import_plugins(args)
         rules = MaskRules(args.allow_empty_masks, args.max_manipulated_fraction)
         root = resolve_root(args.root)
         subsets = args.subsets or available_subsets(root, args.source)

@@ -225,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"--real with --split {args.split} would choose the detection threshold on the evaluated images "
                 "themselves: pass --threshold-split none (no balanced accuracy), or evaluate the test split"
             )
-        model, meta = load_model_and_metadata(args.model, args.encoder_checkpoint, args.device)
+        from deeploc.inference.signing import signing_key
+
+        key = signing_key(args.key_file)
+        model, meta = load_model_and_metadata(args.model, args.encoder_checkpoint, args.device, signing_key=key)
         chosen = model.val_thresholds = recorded_thresholds(Path(args.model))
         trained = (meta.get("training") or {}).get("config") or {}
         source, same = _source(args, trained)

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from deeploc.cli.app import add_verbose_flag, import_plugins, report_error
+from deeploc.cli.app import add_key_flag, add_verbose_flag, import_plugins, report_error
 from deeploc.errors import DeeplocError
 
 
@@ -20,14 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory of deeploc-train, or one of its .ckpt files")
     p.add_argument("--out", default=None, help="output file (default: <run dir>/decoder.safetensors)")
     p.add_argument("--show", action="store_true", help="print the metadata that was written")
-    p.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import a module that registers your own decoder (repeatable)",
-    )
+    add_key_flag(p, "sign the export with it")
     add_verbose_flag(p)
     return p
 
@@ -37,11 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="deeploc-export: %(message)s")
     from deeploc.inference.export import export_decoder, read_export
     from deeploc.inference.loading import describe_model
+    from deeploc.inference.signing import signing_key
 
     try:
         import_plugins(args)
-        path = export_decoder(args.model, args.out)
-        _, metadata = read_export(path)
+        key = signing_key(args.key_file)
+        path = export_decoder(args.model, args.out, key)
+        _, metadata = read_export(path, key)
     except (DeeplocError, OSError) as exc:
         return report_error("deeploc-export", exc, args.verbose)
     size_kib = path.stat().st_size / 1024

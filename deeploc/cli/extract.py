@@ -34,12 +34,13 @@ from omegaconf import DictConfig
 
 from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR, to_primitive
+from deeploc.registry import import_modules
 
 log = logging.getLogger("deeploc.extract")
 
 # Keep this job's Hydra folders (logs) away from the run / sweep directories that deeploc-report scans.
 _OUTPUT_OVERRIDES = (
-    "hydra.run.dir='${paths.output_dir}/extract/${run_label:${hydra.job.override_dirname}}'",
+    "hydra.run.dir='${paths.output_dir}/extract/${run_name:${hydra.overrides.task},${hydra.job.config.override_dirname.exclude_keys}}'",
     "hydra.sweep.dir=${paths.output_dir}/extract/sweeps/${sweep_name}",
     "hydra.output_subdir=null",
     "++shard=0",  # shard K of num_shards N (defaults: everything); set with shard=K num_shards=N
@@ -108,6 +109,7 @@ def _encoder_and_maps(cfg: DictConfig) -> tuple[Any, tuple[str, ...]]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _app(cfg: DictConfig) -> None:
+    import_modules(cfg.get("plugins"), "plugins")  # before anything is built or checked
     extract(cfg)
 
 

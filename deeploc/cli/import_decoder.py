@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 
-from deeploc.cli.app import add_verbose_flag, report_error
+from deeploc.cli.app import add_verbose_flag, import_plugins, report_error
 from deeploc.errors import DeeplocError
 
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from deeploc.inference.loading import describe_model
 
     try:
+        import_plugins(args)
         path = import_declip(args.file, args.out, args.feature_layer, args.decoder_type, args.encoder_checkpoint)
         _, metadata = read_export(path)
     except (DeeplocError, OSError) as exc:

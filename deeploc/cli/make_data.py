@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from deeploc.cli.app import add_verbose_flag, report_error
+from deeploc.cli.app import add_verbose_flag, import_plugins, report_error
 from deeploc.data.layout import index_subsets
 from deeploc.data.manipulations import SUBSET_DESCRIPTIONS, SUBSETS
 from deeploc.data.samples import count_table, format_count_table
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        import_plugins(args)
         path = generate_dataset(
             args.out,
             n_train=args.n_train,

@@ -120,17 +120,19 @@ def _quiet_opencv() -> None:
 
 
 def _load(args: argparse.Namespace, loader: Any) -> tuple[Any, dict[str, Any]]:
+    from deeploc.inference.signing import signing_key
     from deeploc.runs.checkpoints import MissingCheckpointError
 
+    key = signing_key(args.key_file)
     try:
-        return loader(args.model, args.encoder_checkpoint, args.device)
+        return loader(args.model, args.encoder_checkpoint, args.device, signing_key=key)
     except MissingCheckpointError:
         env = os.environ.get("SAM2_CHECKPOINT")
         if args.encoder_checkpoint is not None or not env:
             raise
     # $SAM2_CHECKPOINT is only a default for decoders that need a checkpoint (and is verified like the option).
     print(f"deeploc-predict: using $SAM2_CHECKPOINT={env}", file=sys.stderr)
-    return loader(args.model, env, args.device)
+    return loader(args.model, env, args.device, signing_key=key)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from deeploc.cli.app import add_verbose_flag, report_error
+from deeploc.cli.app import add_verbose_flag, import_plugins, report_error
 from deeploc.errors import DeeplocError
 from deeploc.report.uncertainty import Bootstrap
 from deeploc.report.write import log_wandb, write_report
@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deeploc-report: sweep directory not found: {args.sweep_dir}", file=sys.stderr)
         return 2
     try:
+        import_plugins(args)  # metrics of your own are report columns once registered
         paths = write_report(
             args.sweep_dir,
             args.out,

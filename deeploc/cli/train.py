@@ -14,6 +14,7 @@ from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR
 from deeploc.console import quiet_console
 from deeploc.errors import deeploc_error
+from deeploc.registry import import_modules
 from deeploc.training.run import best_validation_value
 from deeploc.training.run import train as train_single
 from deeploc.training.settings import check_choices, check_config
@@ -39,6 +40,7 @@ def train_job(cfg: DictConfig) -> float | None:
     run (what a Hydra sweeper optimises; never a test score)."""
     quiet_console()
     try:
+        import_modules(cfg.get("plugins"), "plugins")  # before anything is built or checked
         metrics = train(cfg)
     except Exception as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN and deeploc_error(exc) is not None:

@@ -177,7 +177,8 @@ def inspect_mask(rgb: np.ndarray, polarity: str, threshold: int | None = None) -
         real_value = "255" if black else "0"
         reasons.append(
             f"not binary, {ambiguous} pixels ({100.0 * ambiguous / first.size:.1f}%) are neither {real_value} (real) "
-            f"nor {manipulated} (manipulated); was it saved as JPEG or resized?"
+            f"nor {manipulated} (manipulated); was it saved as JPEG or resized? Then binarise it: data.mask_threshold=127 "
+            "(deeploc-eval: --mask-threshold 127; values above it read white, the others black)"
         )
     target = first != 255
     stats = MaskStats(

@@ -4,8 +4,7 @@ the stream. ``deeploc-train``, multi-head jobs and ``deeploc-extract`` all ask :
 
 * ``cache``: every image is encoded once into the feature cache (:mod:`deeploc.features.store`) and the maps are read
   back every epoch. Refused before any work when the cache cannot fit on its disk (:func:`check_fits`).
-* ``stream``: the encoder runs on every batch on the training device; nothing is written. ``none`` is the same
-  (its older name).
+* ``stream``: the encoder runs on every batch on the training device; nothing is written.
 * ``auto`` (the default): cache when it fits, else stream (:func:`choose`); one log line says which and why.
 
 Whatever the mode, the maps are streamed when the encoder is adapted (``encoder.adapt`` not ``frozen``: its maps
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "cache", "stream", "none")
+MODES = ("auto", "cache", "stream")
 # features=auto caches only when the new entries take at most this share of the free disk space: the space left
 # over is for checkpoints, logs and other jobs.
 DISK_SHARE = 0.9
@@ -120,7 +119,7 @@ def decide(
 def stream_without_cache(mode: str, encoder: Any, augment: Any = None, debug_batches: int = 0) -> Decision | None:
     """The decision of :func:`decide` where it needs no look at the cache (a stream; nothing is read or built), else
     None. Raises :class:`ConfigError` for ``features=cache`` with an adapted encoder."""
-    if mode in ("stream", "none"):
+    if mode == "stream":
         return Decision("stream", f"features={mode}: the encoder runs on every batch (no feature cache)")
     adapt = getattr(encoder, "adapt", "frozen")
     if adapt != "frozen":

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from deeploc.errors import DeeplocError
+from deeploc.io import torch_load_failure
 from deeploc.models.decoders import build_decoder
 from deeploc.models.encoders.clip import ARCHITECTURES, CLIPEncoder
 from deeploc.models.state_dicts import state_dict_mismatch
@@ -100,7 +101,7 @@ def _load(path: Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # a truncated or non-torch file, or pickled objects weights_only refuses
         raise DeclipImportError(
-            f"cannot read DeCLIP checkpoint {path} safely (torch.load weights_only=True): {exc}. A truncated "
+            f"cannot read DeCLIP checkpoint {path} safely (torch.load weights_only=True): {torch_load_failure(exc)}. A truncated "
             "download fails here: compare its size with the release's and download it again."
         ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):

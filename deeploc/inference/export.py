@@ -16,7 +16,8 @@ everything else:
 
 The header's second key, ``deeploc_sha256``, is the sha256 of that JSON text exactly as stored: it covers every
 metadata field and, through ``decoder_sha256``, the tensors, so any edit of the file is refused on load. It is an
-integrity check against damage and hand edits, not a signature against forgery (anyone can recompute it).
+integrity check against damage and hand edits, not a signature against forgery (anyone can recompute it); a keyed
+signature (``deeploc_hmac_sha256``, :mod:`deeploc.inference.signing`) is written and checked when a key is configured.
 Format 1 exports (deeploc 0.1) had no such digest and are refused with the command that re-exports them.
 Reading an export parses only safetensors tensors and JSON: nothing is unpickled, nothing is imported (the decoder
 is looked up by its registered name, :mod:`deeploc.registry`). Loading for inference: :mod:`deeploc.inference.loading`.
@@ -36,14 +37,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from deeploc.inference.signing import SIGNATURE_KEY, check_signature, sign
 from deeploc.io import atomic_write_bytes, file_digest, finite_or_null
 from deeploc.runs.checkpoints import (
     ModelError,
     check_run_checkpoint,
-    legacy_conv_record,
+    decoder_with_weights,
     read_checkpoint,
     resolve_checkpoint,
-    run_dir_of,
 )
 from deeploc.runs.rundir import RunDir
 
@@ -104,14 +105,22 @@ def split_encoder_state(
     return decoder, encoder
 
 
-def write_export(out: str | os.PathLike[str], state: Mapping[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+def write_export(
+    out: str | os.PathLike[str],
+    state: Mapping[str, torch.Tensor],
+    metadata: dict[str, Any],
+    signing_key: bytes | None = None,
+) -> Path:
     """Write decoder tensors + metadata (JSON in the safetensors header) as one file, atomically."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     meta = dict(metadata)
     meta["decoder_sha256"] = decoder_digest(tensors)
     # Strict JSON (no bare NaN): an undefined test score is null, as in metrics.json.
     text = json.dumps(finite_or_null(meta), sort_keys=True, allow_nan=False)
-    return atomic_write_bytes(out, save(tensors, metadata={METADATA_KEY: text, DIGEST_KEY: metadata_digest(text)}))
+    header = {METADATA_KEY: text, DIGEST_KEY: metadata_digest(text)}
+    if signing_key is not None:
+        header[SIGNATURE_KEY] = sign(text, signing_key)
+    return atomic_write_bytes(out, save(tensors, metadata=header))
 
 
 def metadata_digest(text: str) -> str:
@@ -121,12 +130,12 @@ def metadata_digest(text: str) -> str:
 
 def _data_config(run_dir: Path | None) -> dict[str, Any] | None:
     """The run's resolved ``data`` settings (subsets, split, sizes) from config_resolved.yaml, when present."""
-    if run_dir is None or not (run_dir / "config_resolved.yaml").is_file():
+    if run_dir is None or not RunDir(run_dir).resolved_config.is_file():
         return None
     import yaml
 
     try:
-        config = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
+        config = yaml.safe_load(RunDir(run_dir).resolved_config.read_text())
     except (OSError, yaml.YAMLError):
         return None
     data = (config or {}).get("data")
@@ -176,19 +185,19 @@ def export_metadata(
     }
 
 
-def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+def export_decoder(
+    model_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, signing_key: bytes | None = None
+) -> Path:
     """Export the decoder of a run directory (its best checkpoint) or of a ``.ckpt`` file; returns the file.
 
     ``out`` defaults to ``<run dir>/decoder.safetensors`` (next to the ``.ckpt`` for a checkpoint file).
     """
-    from deeploc.inference.loading import decoder_with_weights
-
     src = Path(model_path).expanduser()
     ckpt_path = resolve_checkpoint(src)
     if is_export(ckpt_path):
         raise ModelError(f"{ckpt_path} is already an exported decoder; export takes a run directory or a .ckpt")
     state, info = read_checkpoint(ckpt_path)
-    run_dir = src if src.is_dir() else run_dir_of(ckpt_path)
+    run_dir = src if src.is_dir() else RunDir.of_checkpoint(ckpt_path)
     if run_dir is not None:
         check_run_checkpoint(run_dir, ckpt_path, info)
     metrics = RunDir(run_dir).read_metrics() if run_dir is not None else None
@@ -209,7 +218,7 @@ def export_decoder(model_path: str | os.PathLike[str], out: str | os.PathLike[st
     if out is None:
         out = RunDir(run_dir).export_file if run_dir is not None else ckpt_path.parent / "decoder.safetensors"
     tensors = {**state, **{ENCODER_PREFIX + k: v for k, v in info.get("encoder_state", {}).items()}}
-    return write_export(out, tensors, export_metadata(info, metrics, source, _data_config(run_dir)))
+    return write_export(out, tensors, export_metadata(info, metrics, source, _data_config(run_dir)), signing_key)
 
 
 def is_export(path: Path) -> bool:
@@ -260,8 +269,11 @@ def _verified_metadata(p: Path, header: Mapping[str, str]) -> dict[str, Any]:
     return metadata
 
 
-def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Decoder tensors and metadata of an exported file (safetensors + JSON only), with integrity checks."""
+def read_export(
+    path: str | os.PathLike[str], signing_key: bytes | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Decoder tensors and metadata of an exported file (safetensors + JSON only), with integrity checks; with
+    ``signing_key``, its keyed signature must match (:mod:`deeploc.inference.signing`)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ModelError(f"exported decoder {p} does not exist")
@@ -273,6 +285,8 @@ def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
                     f"{p} is a safetensors file but not a deeploc decoder export (no '{METADATA_KEY}' metadata)"
                 )
             metadata = _verified_metadata(p, header)
+            if signing_key is not None:
+                check_signature(p, header[METADATA_KEY], header.get(SIGNATURE_KEY), signing_key)
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no iter
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{p} is not a readable safetensors file: {exc}") from exc
@@ -285,7 +299,9 @@ def read_export(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
             f"{p}: decoder weights digest {actual} differs from the recorded {metadata['decoder_sha256']}; "
             "the file is damaged or was modified"
         )
-    decoder = metadata["decoder"]
-    if "name" not in decoder and {"feature", "depth"} <= set(decoder):  # an export written before decoder records
-        metadata["decoder"] = legacy_conv_record(str(decoder["feature"]), int(decoder["depth"]))
+    if not isinstance(metadata["decoder"], dict) or "name" not in metadata["decoder"]:
+        raise ModelError(
+            f"{p}: its decoder has no registered name (an export of deeploc 0.1, which is not read any more); "
+            f"re-export the run with this deeploc: deeploc-export RUN_DIR --out {p}"
+        )
     return state, metadata

@@ -19,7 +19,7 @@ import torch
 
 from deeploc.data.roles import describe_training
 from deeploc.inference.export import export_metadata, is_export, read_export, split_encoder_state
-from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
+from deeploc.models.decoders import DecoderError
 from deeploc.models.encoders import (
     AdaptationError,
     EncoderError,
@@ -27,22 +27,20 @@ from deeploc.models.encoders import (
     MissingWeightsError,
     encoder_from_identity,
 )
-from deeploc.models.state_dicts import state_dict_mismatch
 from deeploc.registry import UnknownComponentError
 from deeploc.runs.checkpoints import (
     IncompatibleModelError,
     MissingCheckpointError,
     ModelError,
     check_run_checkpoint,
+    decoder_with_weights,
     read_checkpoint,
     resolve_checkpoint,
-    run_dir_of,
 )
 from deeploc.runs.rundir import RunDir
 
 __all__ = [
     "check_compatible",
-    "decoder_with_weights",
     "describe_model",
     "load_model",
     "load_model_and_metadata",
@@ -109,24 +107,6 @@ def check_compatible(
             )
 
 
-def decoder_with_weights(record: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> Decoder:
-    """The decoder a record describes, holding ``state`` (refused naming the mismatch when they do not fit)."""
-    try:
-        decoder = decoder_from_record(record)
-    except UnknownComponentError as exc:
-        raise ModelError(f"{source}: {exc}") from None
-    except DecoderError as exc:
-        raise ModelError(f"{source}: cannot rebuild its decoder: {exc}") from exc
-    problems = state_dict_mismatch(decoder.state_dict(), state)
-    if problems:
-        raise IncompatibleModelError(
-            f"{source}: the weights are not a {record.get('label')} decoder on {'+'.join(record.get('inputs', []))} "
-            f"({problems})"
-        )
-    decoder.load_state_dict(dict(state), strict=True)
-    return decoder
-
-
 def _rebuild_encoder(
     identity: Mapping[str, Any], checkpoint: Any, fallback: Any, bf16: bool, source: str
 ) -> FrozenEncoder:
@@ -165,22 +145,24 @@ def load_model_and_metadata(
     device: str | torch.device = "cpu",
     expect_encoder: Mapping[str, Any] | None = None,
     expect_feature: str | None = None,
+    signing_key: bytes | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """(LocalizationModule in eval mode on ``device``, export-style metadata: decoder, encoder, training, test)
     from a run directory, a ``.ckpt`` or an exported decoder.
 
     ``expect_encoder`` (an encoder identity) and ``expect_feature`` refuse a decoder trained for anything else.
+    With ``signing_key``, an export must carry a signature made with it (:mod:`deeploc.inference.signing`).
     """
     p = Path(model_path).expanduser()
     if p.is_file() and is_export(p):
-        state, metadata = read_export(p)
+        state, metadata = read_export(p, signing_key)
         source, fallback = f"exported decoder {p}", None
         bf16 = bool(metadata.get("encoder_options", {}).get("bf16", True))
     else:
         ckpt_path = resolve_checkpoint(p)
         state, info = read_checkpoint(ckpt_path)
         state = {**state, **{f"encoder.{k}": v for k, v in info["encoder_state"].items()}}
-        run_dir = p if p.is_dir() else run_dir_of(ckpt_path)
+        run_dir = p if p.is_dir() else RunDir.of_checkpoint(ckpt_path)
         if run_dir is not None:
             check_run_checkpoint(run_dir, ckpt_path, info)
         metrics = RunDir(run_dir).read_metrics() if run_dir is not None else None
@@ -199,6 +181,9 @@ def load_model(
     device: str | torch.device = "cpu",
     expect_encoder: Mapping[str, Any] | None = None,
     expect_feature: str | None = None,
+    signing_key: bytes | None = None,
 ) -> Any:
     """The LocalizationModule of :func:`load_model_and_metadata`."""
-    return load_model_and_metadata(model_path, encoder_checkpoint, device, expect_encoder, expect_feature)[0]
+    return load_model_and_metadata(model_path, encoder_checkpoint, device, expect_encoder, expect_feature, signing_key)[
+        0
+    ]

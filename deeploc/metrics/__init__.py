@@ -14,9 +14,7 @@ from deeploc.metrics.registry import (
     CONVENTION_SOURCES,
     CONVENTIONS,
     DEFAULT_CONVENTION,
-    LEGACY_CONVENTION,
     METRICS,
-    OPTIMIZED_METRICS,
     MetricSpec,
     ScoreInputs,
     check_convention,
@@ -29,7 +27,7 @@ from deeploc.metrics.registry import (
     recorded_convention,
     register_metric,
 )
-from deeploc.metrics.scores import image_scores, reported_specs
+from deeploc.metrics.scores import image_scores, optimized_metrics, reported_specs
 from deeploc.metrics.thresholds import GRID, choose_thresholds
 
 __all__ = [
@@ -40,9 +38,7 @@ __all__ = [
     "ERODE_SIZE",
     "GRID",
     "IMAGE_SCORE",
-    "LEGACY_CONVENTION",
     "METRICS",
-    "OPTIMIZED_METRICS",
     "TOP_FRACTION",
     "LocalizationMetrics",
     "MetricSpec",
@@ -59,6 +55,7 @@ __all__ = [
     "metric_label",
     "metric_names",
     "metric_specs",
+    "optimized_metrics",
     "recorded_convention",
     "register_metric",
     "reported_specs",

@@ -26,9 +26,6 @@ CONVENTION_SOURCES = {
 }
 CONVENTIONS = tuple(CONVENTION_SOURCES)
 DEFAULT_CONVENTION = "study"
-LEGACY_CONVENTION = "trufor"  # what a metrics.json / eval.json without "convention" was computed with
-# Validation metrics a sweeper can optimise (the LightningModule logs them every epoch) and what "best" means for each.
-OPTIMIZED_METRICS = {"val/iou": "max", "val/f1_fixed": "max", "val/f1_best": "max", "val/ap": "max", "val/loss": "min"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,8 @@ class MetricSpec:
     pooled: bool = False
     #: The table column's name before ``[convention]`` (default: ``label``), e.g. ``F1@0.5``.
     column: str | None = None
+    #: ``"max"`` when higher is better, else ``"min"`` (best validation values, ``optimized_metric``).
+    direction: str = "max"
 
     def defined_in(self, convention: str) -> bool:
         """Whether ``convention`` defines this metric."""
@@ -86,13 +85,18 @@ def register_metric(
     conventions: tuple[str, ...] | None = None,
     pooled: bool = False,
     column: str | None = None,
+    direction: str = "max",
 ) -> Callable[[Callable], Callable]:
     """Decorator: report ``score`` (``ScoreInputs -> B`` per-image values) as metric ``name`` everywhere (module
     logs, metrics.json, deeploc-eval, reports, console tables), in ``conventions`` (default: every one; the score
-    reads ``ScoreInputs.convention``). A module in this package registers by existing."""
+    reads ``ScoreInputs.convention``). ``direction``: ``"max"`` when higher is better, else ``"min"``. A module in
+    this package registers by existing; one outside it by being imported (``plugins: [module]`` in deeploc-train /
+    -extract, ``--import module`` on the other commands)."""
+    if direction not in ("max", "min"):
+        raise ValueError(f"metric {name!r}: direction={direction!r} must be 'max' or 'min'")
 
     def add(score: Callable[[ScoreInputs], torch.Tensor]) -> Callable[[ScoreInputs], torch.Tensor]:
-        METRICS.add(name, MetricSpec(name, label, description, score, conventions, pooled, column))
+        METRICS.add(name, MetricSpec(name, label, description, score, conventions, pooled, column, direction))
         return score
 
     return add
@@ -147,6 +151,12 @@ def check_conventions(conventions: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(check_convention(name) for name in names)
 
 
-def recorded_convention(record: Mapping[str, Any]) -> str:
-    """The convention a metrics.json / eval.json object was computed with (no key: deeploc <= 0.1, trufor)."""
-    return str(record.get("convention", LEGACY_CONVENTION))
+def recorded_convention(record: Mapping[str, Any], source: str) -> str:
+    """The (first) convention a metrics.json / eval.json object (read from file ``source``) was computed with; one
+    without (deeploc 0.1) is refused."""
+    if "convention" not in record:
+        raise ConfigError(
+            f"{source} records no metric convention (written by deeploc 0.1, which is not read any more): "
+            "train the run again with this deeploc (deeploc-train with the same overrides and if_finished=retrain)"
+        )
+    return str(record["convention"])

@@ -162,6 +162,12 @@ def reported_specs(convention: str, chosen: Mapping[str, float] | None = None) -
     return [s for s in convention_specs(convention) if s.name not in CHOSEN_METRICS or s.name in chosen]
 
 
+def optimized_metrics() -> dict[str, str]:
+    """Every value a run can optimize, with its direction: ``val/<name>`` of each metric validation logs (in the
+    default convention, whose thresholds validation does not choose from itself) and ``val/loss`` (``"min"``)."""
+    return {**{f"val/{s.name}": s.direction for s in reported_specs(DEFAULT_CONVENTION)}, "val/loss": "min"}
+
+
 @dataclass
 class BatchScores:
     """Per-image scores of a batch: ``scores[convention][metric]`` (``B``, or ``B x 2`` for pooled metrics), the

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError, DeeplocError, deeploc_error
 from deeploc.io import write_json_atomic
-from deeploc.metrics import OPTIMIZED_METRICS
+from deeploc.metrics import optimized_metrics
 from deeploc.multihead.callbacks import (
     HeadBestValidation,
     HeadCheckpoint,
@@ -44,7 +44,7 @@ from deeploc.multihead.heads import Head, check_run_folders, compose_heads
 from deeploc.multihead.module import MultiHeadModule
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
-from deeploc.runs.rundir import HEADS_FILE, RunDir
+from deeploc.runs.rundir import RunDir
 from deeploc.training.callbacks import EpochSummary, PredictionPanel
 from deeploc.training.loggers import build_loggers, continue_history
 from deeploc.training.test_maps import TestMaps
@@ -246,7 +246,7 @@ def _callbacks(cfg: DictConfig, job: RunDir, training: Sequence[Head], loggers: 
     own: list[Any] = []
     checkpoints: list[Any] = []
     for head in training:
-        own.append(HeadBestValidation(head.name, OPTIMIZED_METRICS))
+        own.append(HeadBestValidation(head.name, optimized_metrics()))
         for node in (head.cfg.get("callbacks") or {}).values():
             if node is None:
                 continue
@@ -307,7 +307,7 @@ def _write_summary(job: RunDir, heads: Sequence[Head], status: Mapping[str, str]
     """``<job>/heads.json``: the job's heads, their single-run commands and run directories, and what became of
     them."""
     write_json_atomic(
-        job.path / HEADS_FILE,
+        job.heads_file,
         {
             "heads": {
                 head.name: {"run": str(head.run.path), "overrides": head.overrides, "status": status[head.name]}

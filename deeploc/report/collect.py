@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from deeploc.errors import DeeplocError
 from deeploc.metrics import metric_names
 from deeploc.metrics.store import SCORES_DIR
 from deeploc.report.provenance import LOO, Settings, read_settings
-from deeploc.runs.rundir import HEADS_FILE, METRICS_FILE
+from deeploc.runs.rundir import HEADS_FILE, METRICS_FILE, RunDir
 from deeploc.training.hparams import BEST_FILE
 
 DOLOS_SUBSETS = ("repaint-p2-9k", "ldm", "lama", "pluralistic")
@@ -86,7 +87,7 @@ def collect_runs(sweep_dir: str | Path) -> tuple[list[RunResult], list[MissingRu
         here = Path(dirpath)
         if HEADS_FILE in filenames and METRICS_FILE not in filenames:
             continue  # a multi-head job's own folder: its heads' run directories are the runs
-        if METRICS_FILE in filenames or (here / ".hydra" / "config.yaml").is_file():
+        if METRICS_FILE in filenames or RunDir(here).hydra_config.is_file():
             result = read_run(here)
             (runs if isinstance(result, RunResult) else missing).append(result)  # type: ignore[arg-type]
     return runs, missing
@@ -188,9 +189,13 @@ def read_run(run_dir: Path) -> RunResult | MissingRun:
     if not any(scores.values()):
         return MissingRun(run_dir, "metrics.json has no test scores")
     subsets = config.get("subsets")
+    try:
+        settings = read_settings(run_dir, data)
+    except DeeplocError as err:  # a metrics.json of deeploc 0.1
+        return MissingRun(run_dir, str(err))
     return RunResult(
         run_dir,
-        read_settings(run_dir, data),
+        settings,
         config["split"],
         config["subset"],
         scores,

@@ -1,9 +1,9 @@
 """What produced a run's numbers: the settings that change results, and how they compare with the study's setup.
 
-Settings come from metrics.json's ``config`` (written by ``deeploc.train.summarise_config``). For runs written before
-deeploc recorded a setting there, it is read from the run's ``config_resolved.yaml``; what neither holds is shown as
-"unknown" (and so never equals a recorded value). A metrics.json without a top-level ``convention`` was computed
-with the TruFor metric convention (deeploc <= 0.1). Decisions: docs/decisions.md "Reports".
+Settings come from metrics.json's ``config``, a :class:`deeploc.runs.record.RunRecord` (written by
+``deeploc.training.run.summarise_config``). A metrics.json of deeploc 0.1 (fewer settings, no ``convention``) is
+refused (:class:`deeploc.runs.record.RunRecordError`; the report lists the run as missing, with the reason).
+Decisions: docs/decisions.md "Reports".
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deeploc.evaluation.figures import root_name
+from deeploc.metrics import recorded_convention
+from deeploc.runs.record import RunRecord
+from deeploc.runs.rundir import RunDir
 
 LOO = "leave_one_out"
 UNKNOWN = "unknown"
-LEGACY_CONVENTION = "trufor"
 
 # The study's setup (protocol.md): what a run must match for its numbers to be comparable with the poster's.
 STUDY_ENCODER = "sam2.1_hiera_s"
@@ -34,6 +34,8 @@ LABELS = {
     "feature": "feature",
     "encoder": "encoder",
     "encoder_overrides": "encoder overrides",
+    "encoder_architecture": "encoder architecture",
+    "decoder_options": "decoder options",
     "weights": "weights",
     "image_size": "input size",
     "max_epochs": "max epochs",
@@ -62,7 +64,11 @@ class Settings:
     feature: str
     encoder: str | None
     encoder_overrides: str  # compact JSON of encoder.overrides, "{}" = none
-    weights: str | None  # "sha256:<hex>", "random:seed=<n>", or "file:<name>" for runs that recorded no digest
+    # Compact JSON of every keyword of the encoder's network (architecture()) and of the decoder (but its inputs,
+    # the feature): a plug-in's depth or width separates runs like any other setting.
+    encoder_architecture: str
+    decoder_options: str
+    weights: str | None  # "sha256:<hex>" or "random:seed=<n>"
     image_size: int | None
     max_epochs: int | None
     schedule: str | None  # "fixed" or "plateau(patience=5, factor=0.1, min_lr=1e-06)"
@@ -73,7 +79,7 @@ class Settings:
     augment: str  # compact JSON of data.augment, "null" = none
     split_sizes: str | None  # "full subsets" (cross, in_domain) or the leave-one-out sizes
     data: str | None  # "generated: <parameters>" or the dataset root
-    mask_polarity: str  # how masks are read (data.mask_polarity); Dolos' black_is_manipulated before it existed
+    mask_polarity: str  # how masks are read (data.mask_polarity)
     convention: str
 
     def show(self, key: str) -> str:
@@ -93,7 +99,7 @@ def show(key: str, value: Any) -> str:
     """A setting value as printed: "unknown" for None, "none" for empty overrides, short weight digests."""
     if value is None:
         return UNKNOWN
-    if key in ("encoder_overrides", "augment") and value in ("{}", "null"):
+    if key in ("encoder_overrides", "augment", "encoder_architecture", "decoder_options") and value in ("{}", "null"):
         return "none"
     if key == "weights":
         kind, _, rest = str(value).partition(":")
@@ -101,46 +107,56 @@ def show(key: str, value: Any) -> str:
             return f"random ({rest.replace('=', ' ')})"
         if kind == "sha256":
             return f"sha256:{rest[:12]}"
-        if kind == "file":
-            return f"{rest} (no digest recorded)"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
 
 
 def read_settings(run_dir: Path, metrics: Mapping[str, Any]) -> Settings:
-    """The Settings of a finished run from its metrics.json (`metrics`), falling back to config_resolved.yaml."""
-    config = metrics["config"]
-    resolved = _Resolved(run_dir / "config_resolved.yaml")
-
-    def get(key: str, *path: str) -> Any:  # metrics.json's value, else config_resolved.yaml's
-        return config[key] if key in config else resolved.get(*path)
-
-    split = config.get("split")
+    """The Settings of a finished run from its metrics.json (`metrics`); refuses a record of another deeploc."""
+    source = str(RunDir(run_dir).metrics_file)
+    record = RunRecord.from_metrics(metrics, source)
     return Settings(
-        decoder=config["decoder"],
-        feature=config["feature"],
-        encoder=_scalar(config.get("encoder")),
-        encoder_overrides=_compact(get("encoder_overrides", "encoder", "overrides") or {}),
-        weights=_weights(config, resolved),
-        image_size=_scalar(config.get("image_size")),
-        max_epochs=_scalar(get("max_epochs", "trainer", "max_epochs")),
-        schedule=_schedule(config, resolved),
-        lr=_float(get("lr", "model", "lr")),
-        weight_decay=_float(get("weight_decay", "model", "weight_decay")),
-        batch_size=_scalar(get("batch_size", "data", "batch_size")),
-        precision=_str(get("precision", "trainer", "precision")),
-        augment=_compact(get("augment", "data", "augment")),
-        split_sizes=_split_sizes(split, config, resolved),
-        data=_data(config, resolved),
-        mask_polarity=str(get("mask_polarity", "data", "mask_polarity") or "black_is_manipulated"),
-        convention=str(metrics.get("convention", LEGACY_CONVENTION)),
+        decoder=record.decoder,
+        feature=record.feature,
+        encoder=_scalar(record.encoder),
+        encoder_overrides=_compact(record.encoder_overrides or {}),
+        encoder_architecture=_compact(record.encoder_architecture),
+        decoder_options=_compact({k: v for k, v in (record.decoder_options or {}).items() if k != "inputs"}),
+        weights=_str(record.weights),
+        image_size=_scalar(record.image_size),
+        max_epochs=_scalar(record.max_epochs),
+        schedule=_schedule(record),
+        lr=_float(record.lr),
+        weight_decay=_float(record.weight_decay),
+        batch_size=_scalar(record.batch_size),
+        precision=_str(record.precision),
+        augment=_compact(record.augment),
+        split_sizes=_split_sizes(record),
+        data=_data(record),
+        mask_polarity=str(record.mask_polarity),
+        convention=recorded_convention(metrics, source),
     )
+
+
+# Keys whose value follows from another's in the built-ins (CONV-N's depth is in its label, an encoder config fixes
+# its architecture): shown only where they tell apart runs that the other key does not.
+_NAMED_BY = {"encoder_architecture": "encoder", "decoder_options": "decoder"}
 
 
 def varying_keys(settings: Sequence[Settings]) -> list[str]:
     """The keys besides decoder and feature whose value differs between `settings`."""
-    return [k for k in OTHER_KEYS if len({getattr(s, k) for s in settings}) > 1]
+
+    def varies(key: str) -> bool:
+        by = _NAMED_BY.get(key)
+        if by is None:
+            return len({getattr(s, key) for s in settings}) > 1
+        values: dict[Any, set[Any]] = {}
+        for s in settings:
+            values.setdefault(getattr(s, by), set()).add(getattr(s, key))
+        return any(len(v) > 1 for v in values.values())
+
+    return [k for k in OTHER_KEYS if varies(k)]
 
 
 def common_value(settings: Sequence[Settings], key: str) -> str:
@@ -209,8 +225,8 @@ def _caption_value(s: Settings, key: str) -> str:
 
 
 def version_text(versions: Sequence[str | None]) -> str:
-    """The deeploc versions that wrote the runs ("not recorded" for runs of deeploc <= 0.1.0)."""
-    shown = dict.fromkeys(v or "not recorded (<= 0.1.0)" for v in versions)
+    """The deeploc versions that wrote the runs."""
+    shown = dict.fromkeys(v or UNKNOWN for v in versions)
     return " / ".join(shown) or UNKNOWN
 
 
@@ -221,27 +237,6 @@ def loo_sizes(n_train: Any, n_valid: Any, seed: Any) -> str:
 def sort_key(s: Settings) -> tuple:
     """A sort key (None sorts first)."""
     return tuple((v is not None, str(v)) for v in astuple(s))
-
-
-class _Resolved:
-    """config_resolved.yaml of a run, read on first use (only runs of older deeploc versions need it)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._data: dict | None = None
-
-    def get(self, *path: str) -> Any:
-        if self._data is None:
-            try:
-                self._data = yaml.safe_load(self.path.read_text(encoding="utf-8")) or {}
-            except (OSError, yaml.YAMLError):
-                self._data = {}
-        node: Any = self._data
-        for part in path:
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
 
 
 def _compact(value: Any) -> str:
@@ -261,46 +256,26 @@ def _str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _weights(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
-    if "weights" in config:
-        return _str(config["weights"])
-    legacy = config.get("encoder_weights")  # deeploc <= 0.1: "random" or the checkpoint path
-    if legacy is None:
-        return None
-    if legacy == "random":
-        seed = resolved.get("encoder", "seed")
-        return f"random:seed={UNKNOWN if seed is None else seed}"
-    return f"file:{Path(str(legacy)).name}"
-
-
-def _schedule(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
-    if "schedule" in config:
-        name, plateau = _scalar(config["schedule"]), config.get("plateau")
-    else:
-        name = resolved.get("model", "schedule")
-        plateau = {k: resolved.get("model", f"plateau_{k}") for k in ("patience", "factor")}
-        plateau["min_lr"] = resolved.get("model", "min_lr")
+def _schedule(record: RunRecord) -> str | None:
+    name, plateau = _scalar(record.schedule), record.plateau
     if name != "plateau":
         return name
     plateau = plateau if isinstance(plateau, dict) else {}
     return "plateau(" + ", ".join(f"{k}={show(k, plateau.get(k))}" for k in ("patience", "factor", "min_lr")) + ")"
 
 
-def _split_sizes(split: Any, config: Mapping[str, Any], resolved: _Resolved) -> str | None:
-    if split != LOO:
+def _split_sizes(record: RunRecord) -> str | None:
+    if record.split != LOO:
         return "full subsets"
-    if "split_n_train" in config:
-        values = [config.get(f"split_{k}") for k in ("n_train", "n_valid", "seed")]
-    else:
-        values = [resolved.get("data", "split", k) for k in ("n_train", "n_valid", "seed")]
+    values = [record.split_n_train, record.split_n_valid, record.split_seed]
     return None if None in values else loo_sizes(*values)
 
 
-def _data(config: Mapping[str, Any], resolved: _Resolved) -> str | None:
+def _data(record: RunRecord) -> str | None:
     """Generated data are identified by their parameters (generation is deterministic), real data by their root."""
-    if config.get("generated_data"):
-        params = config["data_params"] if "data_params" in config else resolved.get("data", "synthetic")
+    if record.generated_data:
+        params = record.data_params
         if not isinstance(params, dict):
             return "generated: parameters not recorded"
         return "generated: " + ", ".join(f"{k}={params[k]}" for k in sorted(params))
-    return _str(config.get("data"))
+    return _str(record.data)

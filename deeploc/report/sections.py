@@ -28,6 +28,7 @@ from deeploc.report.provenance import LABELS, OTHER_KEYS, Settings, caption
 from deeploc.report.render import fmt_stat, md_table, num, rel, settings_cells, write_csv
 from deeploc.report.results import matrix_table
 from deeploc.report.tables import Matrix, Stat, label_keys, matrices_like, unevaluated
+from deeploc.runs.rundir import RunDir
 from deeploc.visualize import save
 
 DETECTION_METRICS = ("auc", "ap", "balanced_accuracy")
@@ -42,7 +43,7 @@ def run_evaluation(run: RunResult, filename: str, convention: str | None = None)
     config = (read_metrics(run.path) or {}).get("config")
     trained = config.get("data") if isinstance(config, dict) else None
     found = []
-    for path in (run.path / "eval").glob(f"*/{filename}"):
+    for path in RunDir(run.path).eval_root.glob(f"*/{filename}"):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -3,8 +3,8 @@
 A checkpoint (``<run>/checkpoints/{best,last}.ckpt``) holds the decoder's tensors (``decoder.*``), the module's
 plain hyperparameters and, under ``deeploc``, the encoder identity and the decoder record (registered name, keyword
 arguments, input specs) from which :mod:`deeploc.inference.loading` rebuilds the model. It is read with
-``torch.load(weights_only=True)``: nothing pickled is executed. Checkpoints of deeploc 0.1 (CONV-N on SAM2 only,
-no decoder record) are read too: their ``feature`` and ``depth`` name a ``conv`` decoder.
+``torch.load(weights_only=True)``: nothing pickled is executed. Checkpoints of deeploc 0.1 (no decoder record) are
+refused, naming the file and the fix (train the run again).
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from typing import Any
 import torch
 
 from deeploc.errors import DeeplocError
-from deeploc.io import file_digest
+from deeploc.io import file_digest, torch_load_failure
+from deeploc.models.decoders import Decoder, DecoderError, decoder_from_record
 from deeploc.models.encoders import identity_name
-from deeploc.runs.rundir import RunDir
+from deeploc.models.state_dicts import state_dict_mismatch
+from deeploc.registry import UnknownComponentError
+from deeploc.runs.record import RunRecord
+from deeploc.runs.rundir import METRICS_FILE, RESOLVED_CONFIG, RunDir
 
 __all__ = [
     "IncompatibleModelError",
@@ -29,10 +33,9 @@ __all__ = [
     "check_checkpoint_digest",
     "check_run_checkpoint",
     "checkpoint_decoder_record",
-    "legacy_conv_record",
+    "decoder_with_weights",
     "read_checkpoint",
     "resolve_checkpoint",
-    "run_dir_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,25 +53,33 @@ class MissingCheckpointError(ModelError):
     """The decoder needs the encoder weights file it was trained on, and none was given or found."""
 
 
-def legacy_conv_record(feature: str, depth: int) -> dict[str, Any]:
-    """The decoder record of a deeploc 0.1 checkpoint or export: CONV-``depth`` on SAM2 map ``feature``."""
-    from deeploc.models.decoders import build_decoder
-    from deeploc.models.encoders.sam2 import FEATURE_SPECS
-
-    if feature not in FEATURE_SPECS:
-        raise ModelError(f"unknown SAM2 feature {feature!r} in a deeploc 0.1 file; SAM2 maps: {list(FEATURE_SPECS)}")
-    return build_decoder("conv", FEATURE_SPECS, 4.0, inputs=feature, depth=int(depth)).record()
-
-
-def checkpoint_decoder_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+def checkpoint_decoder_record(checkpoint: Mapping[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
     """The decoder record a checkpoint (a dict as ``torch.load`` returns it) was saved with."""
     meta = checkpoint.get("deeploc") or {}
     if isinstance(meta.get("decoder"), Mapping):
         return dict(meta["decoder"])
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if "feature" in hparams and "depth" in hparams:
-        return legacy_conv_record(str(hparams["feature"]), int(hparams["depth"]))
-    raise ModelError("the checkpoint records no decoder (neither a decoder record nor deeploc 0.1's feature/depth)")
+    raise ModelError(
+        f"{source} records no decoder (a checkpoint of deeploc 0.1, which is not read any more): train the run "
+        "again with this deeploc (deeploc-train with the same overrides and if_finished=retrain)"
+    )
+
+
+def decoder_with_weights(record: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> Decoder:
+    """The decoder a record describes, holding ``state`` (refused naming the mismatch when they do not fit)."""
+    try:
+        decoder = decoder_from_record(record)
+    except UnknownComponentError as exc:
+        raise ModelError(f"{source}: {exc}") from None
+    except DecoderError as exc:
+        raise ModelError(f"{source}: cannot rebuild its decoder: {exc}") from exc
+    problems = state_dict_mismatch(decoder.state_dict(), state)
+    if problems:
+        raise IncompatibleModelError(
+            f"{source}: the weights are not a {record.get('label')} decoder on {'+'.join(record.get('inputs', []))} "
+            f"({problems})"
+        )
+    decoder.load_state_dict(dict(state), strict=True)
+    return decoder
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -99,9 +110,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(
-            f"cannot read checkpoint {p} safely (torch.load weights_only=True): {exc}. "
-            "Only Lightning checkpoints written by deeploc-train are supported."
-        ) from exc
+            f"{p} is not a checkpoint deeploc can read safely: {torch_load_failure(exc)}. Only checkpoints written "
+            "by deeploc-train are read (with torch.load(weights_only=True), so nothing in the file is executed)"
+        ) from None
     if not isinstance(ckpt, dict) or "deeploc" not in ckpt or "hyper_parameters" not in ckpt:
         raise ModelError(f"{p} is not a checkpoint written by deeploc's LocalizationModule (no 'deeploc' entry)")
     hparams = dict(ckpt["hyper_parameters"])
@@ -110,7 +121,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     if not state:
         raise ModelError(f"checkpoint {p} holds no decoder weights")
     info = {
-        "decoder": checkpoint_decoder_record(ckpt),
+        "decoder": checkpoint_decoder_record(ckpt, f"checkpoint {p}"),
         "encoder": dict(ckpt["deeploc"]["encoder"]),
         "encoder_options": {"bf16": bool(encoder_config.get("bf16", True))},
         "encoder_checkpoint_path": encoder_config.get("checkpoint"),
@@ -125,19 +136,20 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     return state, info
 
 
-def run_dir_of(ckpt_path: Path) -> Path | None:
-    """The run directory of ``<run>/checkpoints/x.ckpt``, when that is where the checkpoint lives."""
-    parent = ckpt_path.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else None
-
-
 # ------------------------------------------------------------------------- is a run's checkpoint its own?
 
 
 def check_checkpoint_digest(run_dir: Path, ckpt_path: Path) -> None:
-    """Refuse a run's checkpoint whose sha256 differs from the one its metrics.json recorded (if it recorded one)."""
+    """Refuse a run's checkpoint whose sha256 differs from the one its metrics.json recorded (a finished run
+    records the digests of its best and last checkpoints; one that records none was written by deeploc 0.1)."""
     relative = ckpt_path.resolve().relative_to(run_dir.resolve()).as_posix()
-    recorded = ((RunDir(run_dir).read_metrics() or {}).get("checkpoint_sha256") or {}).get(relative)
+    metrics = RunDir(run_dir).read_metrics() or {}
+    if metrics.get("status") == "finished" and "checkpoint_sha256" not in metrics:
+        raise ModelError(
+            f"run {run_dir} records no checkpoint digests (a run of deeploc 0.1, which is not read any more): "
+            "train it again with this deeploc (deeploc-train with the same overrides and if_finished=retrain)"
+        )
+    recorded = (metrics.get("checkpoint_sha256") or {}).get(relative)
     if recorded is None:
         return
     actual = f"sha256:{file_digest(ckpt_path)}"
@@ -153,8 +165,7 @@ def check_checkpoint_digest(run_dir: Path, ckpt_path: Path) -> None:
 def check_run_checkpoint(run_dir: Path, ckpt_path: Path, info: Mapping[str, Any]) -> None:
     """Refuse a checkpoint inside a run directory that is not the run's own, naming both sides and the fix.
 
-    Its sha256 must equal the one the run recorded in metrics.json (runs of deeploc <= 0.1 recorded none), and the
-    decoder and encoder it was trained with must be those the run records: metrics.json's ``config`` for a finished
+    Its sha256 must equal the one the run recorded in metrics.json, and the decoder and encoder it was trained with must be those the run records: metrics.json's ``config`` for a finished
     run (config_resolved.yaml is rewritten by every later launch in the directory, even a refused one), else
     config_resolved.yaml.
     """
@@ -163,7 +174,7 @@ def check_run_checkpoint(run_dir: Path, ckpt_path: Path, info: Mapping[str, Any]
     if recorded is None:
         return
     expected, source = recorded
-    trained = {"decoder": _decoder_summary(info["decoder"]), "encoder": _encoder_summary(info, expected)}
+    trained = {"decoder": _decoder_summary(info["decoder"]), "encoder": _encoder_summary(info)}
     differing = [k for k in ("decoder", "encoder") if expected.get(k) is not None and expected[k] != trained[k]]
     if differing:
         details = "; ".join(f"its {k} is {trained[k]}, the run's is {expected[k]}" for k in differing)
@@ -177,13 +188,11 @@ def _decoder_summary(record: Mapping[str, Any]) -> str:
     return f"{record.get('label', record.get('name'))} on {'+'.join(record.get('inputs', []))}"
 
 
-def _encoder_summary(info: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+def _encoder_summary(info: Mapping[str, Any]) -> str:
     identity = info["encoder"]
     weights = str(identity["weights"])
     if not weights.startswith("random:"):
         weights = str(info.get("encoder_checkpoint_path"))  # runs name the weights file by its path
-    elif expected.get("seeded") is False:
-        weights = "random"  # metrics.json of deeploc <= 0.1 recorded "random" without the seed
     return _encoder_text(identity_name(identity), identity["image_size"], weights)
 
 
@@ -195,19 +204,18 @@ def _run_model(run_dir: Path) -> tuple[dict[str, Any], str] | None:
     """What a run says its decoder and encoder are, and the file that says it (None when nothing does)."""
     import yaml
 
-    config = (RunDir(run_dir).read_metrics() or {}).get("config")
-    if isinstance(config, dict) and all(k in config for k in ("decoder", "feature", "encoder", "image_size")):
-        weights = config.get("weights") or config.get("encoder_weights")
-        seeded = str(weights).startswith("random:")
-        if str(weights).startswith("sha256:"):
-            weights = config.get("encoder_weights")  # the path, as _encoder_summary names checkpoint weights
+    run = RunDir(run_dir)
+    metrics = run.read_metrics()
+    if metrics is not None:
+        record = RunRecord.from_metrics(metrics, str(run.metrics_file))
+        # Checkpoint weights are named by their path, as _encoder_summary names them.
+        weights = record.weights if record.weights.startswith("random:") else record.encoder_weights
         return {
-            "decoder": f"{config['decoder']} on {config['feature']}",
-            "encoder": _encoder_text(config["encoder"], config["image_size"], weights),
-            "seeded": seeded,
-        }, "metrics.json"
+            "decoder": f"{record.decoder} on {record.feature}",
+            "encoder": _encoder_text(record.encoder, record.image_size, weights),
+        }, METRICS_FILE
     try:
-        resolved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text()) or {}
+        resolved = yaml.safe_load(RunDir(run_dir).resolved_config.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     encoder = resolved.get("encoder")
@@ -217,7 +225,7 @@ def _run_model(run_dir: Path) -> tuple[dict[str, Any], str] | None:
     return {
         "decoder": _configured_decoder(resolved.get("decoder")),
         "encoder": _encoder_text(encoder.get("config"), encoder.get("image_size"), weights),
-    }, "config_resolved.yaml"
+    }, RESOLVED_CONFIG
 
 
 def _configured_decoder(node: Any) -> str | None:

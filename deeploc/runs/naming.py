@@ -9,14 +9,14 @@ not), so re-running a command finds its earlier work. :func:`run_name`:
   wacv_data`` -> ``data.root=wacv_data-<8 hex>``): a dataset or checkpoint moved elsewhere keeps its runs, a folder of
   the same name in another parent folder gets other runs. A run made with another folder that still exists and
   has the same last two components is refused at start (:func:`changed_inputs`);
-* other values longer than :data:`LONG_VALUE` characters keep their start and get a digest of the whole value;
-* characters other than letters, digits and ``_.,=+-[]`` become ``_``; a name longer than :data:`MAX_NAME` is cut
-  and ends with a digest of the whole name.
+* a list value ``[a,b]`` is written ``a+b``; other values longer than :data:`LONG_VALUE` characters keep their
+  start and get a digest of the whole value;
+* names are shell-safe: characters other than letters, digits and ``_.,=+-`` become ``_`` (no brackets, quotes,
+  spaces or ``~``); a name longer than :data:`MAX_NAME` is cut and ends with a digest of the whole name, so it stays
+  short enough to read, type and tab-complete.
 
-The full overrides are in ``<run>/.hydra/overrides.yaml`` (written by Hydra for every job).
-
-Directories named by deeploc <= 0.1 (:func:`run_label`: the sorted overrides, cut at 120 characters) are still
-found: :func:`run_dir_name` returns the old name when such a directory exists and no new-style one does.
+The full overrides are in ``<run>/.hydra/overrides.yaml`` (written by Hydra for every job). Directories named by
+deeploc 0.1 (Hydra's ``override_dirname``) are not looked for.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-# The keys that distinguish the jobs of deeploc's sweeps, in the order they lead a name.
-LEADING_KEYS = ("subset_index", "subset", "arch", "decoder", "feature", "seed")
+# The keys that distinguish the jobs of deeploc's sweeps, in the order they lead a name (a debug run says so first;
+# a name cut at MAX_NAME keeps them).
+LEADING_KEYS = ("debug", "subset_index", "subset", "arch", "heads", "decoder", "feature", "seed")
 LONG_VALUE = 32
-MAX_NAME = 200
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-\[\]]")
-_LEGACY_MAX_NAME = 120
+MAX_NAME = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+\-]")
 # Settings whose paths identify what a run trains and tests on (refused when a reused run had another folder).
 INPUT_KEYS = ("data.root", "encoder.checkpoint")
 
@@ -61,6 +61,8 @@ def path_parts(value: str) -> tuple[str, ...]:
 def short_value(value: str) -> str:
     """How an override value appears in a run name (paths and long values shortened, see the module docstring)."""
     bare = value.strip("'\"")
+    if bare.startswith("[") and bare.endswith("]"):
+        bare = "+".join(item.strip().strip("'\"") for item in bare[1:-1].split(",") if item.strip())
     if is_path(bare):
         parts = path_parts(bare)
         return f"{parts[-1] if parts else 'root'}-{digest('/'.join(parts[-2:]))}"
@@ -85,26 +87,6 @@ def run_name(overrides: Iterable[str], exclude: Iterable[str] = ()) -> str:
     name = safe(",".join(text for _, text in items))
     if len(name) > MAX_NAME:
         name = f"{name[: MAX_NAME - 11]}-{digest(name, 10)}"
-    return name
-
-
-def run_label(override_dirname: str) -> str:
-    """The run directory name deeploc <= 0.1 derived from Hydra's ``override_dirname`` (kept to find old runs)."""
-    if not override_dirname:
-        return "default"
-    label = safe(override_dirname)
-    if len(label) > _LEGACY_MAX_NAME:
-        label = f"{label[: _LEGACY_MAX_NAME - 11]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:10]}"
-    return label
-
-
-def run_dir_name(parent: str, overrides: Sequence[str], exclude: Sequence[str], override_dirname: str) -> str:
-    """The name of a job's run directory under ``parent``: :func:`run_name`, or the deeploc <= 0.1 name
-    (:func:`run_label`) when only a directory of that name exists (so old runs are resumed and skipped as before)."""
-    name = run_name(overrides, exclude)
-    legacy = run_label(override_dirname)
-    if legacy != name and not (Path(parent) / name).exists() and (Path(parent) / legacy).is_dir():
-        return legacy
     return name
 
 

@@ -12,6 +12,11 @@ from typing import Any
 from deeploc.io import file_digest, write_json_atomic
 
 METRICS_FILE = "metrics.json"
+RESOLVED_CONFIG = "config_resolved.yaml"
+LOCK_FILE = ".lock"
+CHECKPOINTS = "checkpoints"
+OVERLAYS = "overlays"
+EVAL = "eval"
 # In the folder of a multi-head job (deeploc.multihead): its heads and their run directories. Such a folder is no run.
 HEADS_FILE = "heads.json"
 # Written when a cluster job is signalled before its time limit (deeploc.training.cluster.RequeueOnSignal).
@@ -28,7 +33,46 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
+
+    @property
+    def lock_file(self) -> Path:
+        """The run's lock (held by the one process working in it)."""
+        return self.path / LOCK_FILE
+
+    @property
+    def resolved_config(self) -> Path:
+        """The run's config with every interpolation resolved (rewritten by each launch in the directory)."""
+        return self.path / RESOLVED_CONFIG
+
+    @property
+    def hydra_config(self) -> Path:
+        """Hydra's record of the job's composed config (``.hydra/config.yaml``)."""
+        return self.path / ".hydra" / "config.yaml"
+
+    @property
+    def heads_file(self) -> Path:
+        """The list of heads in the folder of a multi-head job."""
+        return self.path / HEADS_FILE
+
+    @property
+    def overlays(self) -> Path:
+        return self.path / OVERLAYS
+
+    def overlay_dir(self, subset: str) -> Path:
+        """Where the rendered test predictions of ``subset`` go."""
+        return self.overlays / subset
+
+    @property
+    def eval_root(self) -> Path:
+        """The folder holding every deeploc-eval result of the run (one sub-folder per data and convention)."""
+        return self.path / EVAL
+
+    @staticmethod
+    def of_checkpoint(ckpt_path: Path) -> Path | None:
+        """The run directory of ``<run>/checkpoints/x.ckpt``, when that is where the checkpoint lives."""
+        parent = Path(ckpt_path).resolve().parent
+        return parent.parent if parent.name == CHECKPOINTS else None
 
     @property
     def last_checkpoint(self) -> Path:
@@ -47,7 +91,7 @@ class RunDir:
         """Where deeploc-eval writes its results for this data, split, subsets and metric convention."""
         from deeploc.runs.naming import eval_dir_name
 
-        return self.path / "eval" / eval_dir_name(root, split, subsets, convention)
+        return self.eval_root / eval_dir_name(root, split, subsets, convention)
 
     def model_checkpoint(self) -> Path | None:
         """The checkpoint that stands for the trained model: metrics.json's best, else best.ckpt, else last.ckpt."""

@@ -43,7 +43,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 
-from deeploc.runs.rundir import REQUEUE_CHECKPOINT
+from deeploc.runs.rundir import REQUEUE_CHECKPOINT, RunDir
 
 log = logging.getLogger("deeploc.training.cluster")
 
@@ -223,7 +223,7 @@ class RequeueOnSignal(L.Callback):
             dirpath = getattr(callback, "dirpath", None)
             if dirpath:
                 return Path(dirpath) / self.filename
-        return Path(trainer.default_root_dir) / "checkpoints" / self.filename
+        return RunDir(Path(trainer.default_root_dir)).checkpoints / self.filename
 
     def _checkpoint_and_exit(self, trainer: L.Trainer) -> None:
         name = signal.Signals(self.received).name if self.received is not None else str(self.signum.name)

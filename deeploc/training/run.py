@@ -35,21 +35,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError
-from deeploc.metrics import OPTIMIZED_METRICS, check_conventions, column_label, recorded_convention, reported_specs
+from deeploc.metrics import (
+    check_conventions,
+    column_label,
+    optimized_metrics,
+    recorded_convention,
+    reported_specs,
+)
 from deeploc.metrics.store import PREDICTIONS_DIR, SCORES_DIR, save_predictions, write_per_image
 from deeploc.models.encoders import identity_name
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.naming import changed_inputs
+from deeploc.runs.record import RunRecord
 from deeploc.runs.rundir import RunDir
 from deeploc.training.callbacks import BestValidation
 from deeploc.training.loggers import build_loggers, continue_history
 from deeploc.training.test_maps import TestMaps
 
 log = logging.getLogger("deeploc.training.run")
-
-RUN_LOCK = ".lock"
-RESOLVED_CONFIG = "config_resolved.yaml"
 
 
 def run_directory(cfg: DictConfig) -> RunDir:
@@ -116,7 +120,7 @@ def serve_features(cfg: DictConfig, datamodule: Any, encoder: Any, names: Sequen
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The configured callbacks (``conf/callbacks``) plus the best-validation tracker."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(BestValidation(OPTIMIZED_METRICS))
+    callbacks.append(BestValidation(optimized_metrics()))
     return callbacks
 
 
@@ -151,10 +155,10 @@ def resume_path(cfg: DictConfig, run: RunDir) -> str | None:
     return None if newest is None else str(newest)
 
 
-def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> dict[str, Any]:
+def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> RunRecord:
     """What identifies a run in tables: every setting that changes its scores (deeploc.report.provenance reads them back)
     and the data it used, plus how the maps were served (``features``: cache or stream). The full config is in
-    .hydra/ and config_resolved.yaml. Values are primitives."""
+    .hydra/ and config_resolved.yaml. Values are primitives (metrics.json's ``config``: ``record.to_dict()``)."""
     from deeploc import __version__
 
     counts = datamodule.describe()
@@ -162,7 +166,7 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
     plateau = cfg.model.schedule == "plateau"
     decoder = model.decoder.record()
     encoder = model.encoder.identity()
-    return {
+    fields = {
         "decoder": decoder["label"],
         "depth": decoder["options"].get("depth"),
         "decoder_name": decoder["name"],
@@ -208,7 +212,9 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
         "seed": cfg.seed,
         "features": features,
         "deeploc_version": __version__,
+        "encoder_architecture": to_primitive(model.encoder.architecture()),
     }
+    return RunRecord(**fields)
 
 
 def write_overlays(
@@ -233,7 +239,7 @@ def write_overlays(
         if maps is None:
             maps = cached_maps(datamodule.dataset("test", subset), chosen)
         for run, pictures in zip(runs, render_panels_of(models, chosen, maps)):
-            folder = run.path / "overlays" / subset
+            folder = run.overlay_dir(subset)
             folder.mkdir(parents=True, exist_ok=True)
             for sample, picture in zip(chosen, pictures):
                 path = folder / f"{sample.name}.png"
@@ -264,9 +270,9 @@ def is_debug_pass(cfg: DictConfig) -> bool:
 def _remove_if_empty(run: RunDir) -> None:
     """A debug pass keeps no files: a run folder holding nothing but its lock (Hydra creates the folder; with
     ``debug=fdr`` nothing else writes there) is removed. Any other folder, e.g. a real run's, is left as it is."""
-    if not run.path.is_dir() or [p.name for p in run.path.iterdir()] != [RUN_LOCK]:
+    if not run.path.is_dir() or list(run.path.iterdir()) != [run.lock_file]:
         return
-    (run.path / RUN_LOCK).unlink(missing_ok=True)
+    run.lock_file.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run.path.rmdir()
 
@@ -276,7 +282,7 @@ def run_lock(run: RunDir) -> contextlib.AbstractContextManager[Any]:
     from deeploc.locks import exclusive_or_fail
 
     return exclusive_or_fail(
-        run.path / RUN_LOCK,
+        run.lock_file,
         f"run directory {run.path}",
         fix="wait for it to finish, or stop it; the same command then resumes the run",
     )
@@ -292,7 +298,7 @@ def reuse_decision(run: RunDir, cfg: DictConfig) -> str:
         previous = run.read_metrics()
         log.info("run %s already finished; skipping (if_finished=eval re-tests, =retrain starts over)", run.path)
         asked = check_conventions(cfg.metrics.get("conventions") or cfg.metrics.convention)
-        recorded = tuple(previous.get("conventions") or [recorded_convention(previous)])
+        recorded = tuple(previous.get("conventions") or [recorded_convention(previous, str(run.metrics_file))])
         if recorded != asked:
             log.warning(
                 "its scores were computed in metric conventions %s, not %s as asked; they are left as they are: "
@@ -316,7 +322,7 @@ def reuse_decision(run: RunDir, cfg: DictConfig) -> str:
 def write_resolved_config(run: RunDir, cfg: DictConfig) -> None:
     """``<run>/config_resolved.yaml``: the run's config with every interpolation resolved."""
     run.path.mkdir(parents=True, exist_ok=True)
-    (run.path / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run.resolved_config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
@@ -349,7 +355,8 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         if not evaluate_only:
             if resume:
                 log.info("resuming from %s", resume)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            with foreign_checkpoint_refused(run, resume):
+                trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
             if trainer.interrupted:
                 raise KeyboardInterrupt(
                     f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
@@ -362,13 +369,29 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         # Before testing: Lightning restores the callbacks' states from the checkpoint it tests (the best epoch's).
         training = None if evaluate_only else (_best_score(trainer), _best_values(trainer), trainer.current_epoch)
         model.test_maps = TestMaps(cfg.overlays)  # the overlays' maps, kept as the test computes them
-        trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+        with foreign_checkpoint_refused(run, best):
+            trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         metrics = run_results(cfg, datamodule, model, run, best, features, previous, training)
         if trainer.is_global_zero:
             finish_runs([model], datamodule, [run], [metrics], cfg.overlays, model.test_maps)
         return metrics
     finally:
         _finish_wandb()
+
+
+@contextlib.contextmanager
+def foreign_checkpoint_refused(run: RunDir, checkpoint: str | Path | None) -> Iterator[None]:
+    """Name the checkpoint file and how to start over when Lightning loads one this config did not train
+    (:class:`deeploc.training.module.IncompatibleCheckpointError`, raised without the file's path)."""
+    from deeploc.training.module import IncompatibleCheckpointError
+
+    try:
+        yield
+    except IncompatibleCheckpointError as exc:
+        raise IncompatibleCheckpointError(
+            f"{checkpoint}: {exc} To start this run over with the current settings instead, delete {run.checkpoints} "
+            "(and metrics.json) and run the same command again, or give it a new folder: hydra.run.dir=/path/to/new/run"
+        ) from None
 
 
 def run_results(
@@ -388,7 +411,7 @@ def run_results(
         (previous["best_val_iou"], previous.get("best_val", {}), previous["epochs"]) if training is None else training
     )
     return {
-        "config": summarise_config(cfg, datamodule, model, features),
+        "config": summarise_config(cfg, datamodule, model, features).to_dict(),
         "convention": model.conventions[0],
         "test": model.test_results,
         # Every convention's scores ({convention: {subset: scores}}; the primary one is "test" above) and the
@@ -441,7 +464,7 @@ def check_run_inputs(run: RunDir, cfg: DictConfig) -> None:
     same last components would share a run directory. A run directory without results or checkpoints holds nothing
     to reuse and is never refused.
     """
-    earlier = run.path / RESOLVED_CONFIG
+    earlier = run.resolved_config
     if not earlier.is_file() or not (run.metrics_file.exists() or run.resume_candidates()):
         return
     moved, conflicts = changed_inputs(OmegaConf.load(earlier), cfg)
@@ -509,7 +532,7 @@ def format_results(metrics: dict[str, Any], run: RunDir) -> str:
             f"pretrained {encoder.family}. Use a pretrained encoder config (conf/encoder) with "
             f"encoder.checkpoint=<{encoder.weights_hint}>."
         )
-    lines.append(f"  results: {run.metrics_file}; overlays: {run.path / 'overlays'}; checkpoints: {run.checkpoints}")
+    lines.append(f"  results: {run.metrics_file}; overlays: {run.overlays}; checkpoints: {run.checkpoints}")
     return "\n".join(lines)
 
 
@@ -527,12 +550,9 @@ def _best_values(trainer: L.Trainer) -> dict[str, float]:
 
 
 def best_validation_value(metrics: dict[str, Any] | None, metric: str) -> float | None:
-    """The best validation value of ``metric`` recorded in a run's metrics (deeploc <= 0.1 recorded val/iou only)."""
-    metrics = metrics or {}
-    best = metrics.get("best_val") or {}
-    if metric in best:
-        return float(best[metric])
-    return metrics.get("best_val_iou") if metric == "val/iou" else None
+    """The best validation value of ``metric`` recorded in a run's metrics (``best_val``), None when not recorded."""
+    value = ((metrics or {}).get("best_val") or {}).get(metric)
+    return None if value is None else float(value)
 
 
 def _best_score(trainer: L.Trainer) -> float | None:

@@ -143,7 +143,18 @@ def _inside(base: Path, text: str, what: str, problems: list[str]) -> Path | Non
         problems.append(f"{what} is empty")
         return None
     relative = PurePosixPath(text.replace("\\", "/"))
-    if relative.is_absolute() or Path(text).is_absolute() or PurePosixPath(os.path.normpath(relative)).parts[0] == "..":
+    if relative.is_absolute() or Path(text).is_absolute():
+        # The reason is the absolute path itself, also when it points inside the folder.
+        inside = Path(text).is_relative_to(base) if Path(text).is_absolute() else False
+        fix = (
+            f"write it as {Path(text).relative_to(base).as_posix()!r}" if inside else "write it relative to that folder"
+        )
+        problems.append(
+            f"{what} {text!r} is an absolute path: paths in a manifest are relative to its folder {base} (so the "
+            f"manifest and its data move together); {fix}"
+        )
+        return None
+    if PurePosixPath(os.path.normpath(relative)).parts[0] == "..":
         problems.append(
             f"{what} {text!r} is not inside the manifest's folder {base}: write paths relative to the CSV file's "
             "folder, without leading '..'"

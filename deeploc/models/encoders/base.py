@@ -326,7 +326,12 @@ def encoder_from_identity(
     bf16: bool = True,
 ) -> FrozenEncoder:
     """Rebuild the encoder a recorded identity describes (checkpoint/export loading)."""
-    cls = ENCODERS.get(str(identity.get("kind", "sam2")))
+    if "kind" not in identity:
+        raise EncoderError(
+            f"the recorded encoder identity {dict(identity)} has no kind (a file of deeploc 0.1, which is not read "
+            "any more): train the run again with this deeploc, then export it again"
+        )
+    cls = ENCODERS.get(str(identity["kind"]))
     encoder = cls(**cls.kwargs_from_identity(identity, checkpoint, fallback_checkpoint, bf16))
     if not same_encoder(encoder.identity(), identity):
         raise EncoderError(
@@ -348,13 +353,10 @@ def identity_name(identity: Mapping[str, Any]) -> str:
 
 
 def same_encoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two identities describe the same features whatever device or precision each ran in.
-
-    Identities written before encoders were plug-ins have no ``kind``: they are SAM2.
-    """
+    """Whether two identities describe the same features whatever device or precision each ran in."""
 
     def norm(identity: Mapping[str, Any]) -> dict[str, Any]:
-        kind = str(identity.get("kind", "sam2"))
+        kind = str(identity.get("kind"))
         skip = ("precision", *(ENCODERS.get(kind).selection_keys if kind in ENCODERS else ()))
         return {"kind": kind, **{k: v for k, v in identity.items() if k not in skip}}
 

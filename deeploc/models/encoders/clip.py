@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deeploc.io import torch_load_failure
 from deeploc.models.encoders.base import (
     ENCODERS,
     EncoderError,
@@ -131,7 +132,7 @@ def read_clip_vision_weights(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
             raise EncoderError(
                 f"cannot read CLIP weights {path} safely (torch.load weights_only=True, or a TorchScript archive, "
-                f"or .safetensors): {exc}. A truncated download fails here: download it again."
+                f"or .safetensors): {torch_load_failure(exc)}. A truncated download fails here: download it again."
             ) from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
