@@ -23,7 +23,7 @@ from deeploc.cli.report import main as report_main
 from deeploc.errors import deeploc_error
 from deeploc.models.decoders import UnknownMapError, count_parameters
 from deeploc.models.encoders.clip import ARCHITECTURES, CLIPEncoder
-from deeploc.training.run import build_model
+from deeploc.training.steps import build_model
 from tests.clip_reference import declip_conv_parameters, declip_fc
 from tests.e2e import TINY_DATA, run_cli, sweep_jobs
 

@@ -21,7 +21,8 @@ from deeploc.models.encoders.sam2 import SAM2Encoder
 from deeploc.multihead.heads import check_run_folders, compose_heads
 from deeploc.multihead.job import _build_heads, train_heads
 from deeploc.report.build import collect_runs
-from deeploc.training.run import build_datamodule, serve_features
+from deeploc.training.run import serve_features
+from deeploc.training.steps import build_datamodule
 from tests.e2e import TINY_DATA
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")

@@ -13,7 +13,9 @@ from PIL import Image
 
 from deeploc.config import CONF_DIR
 from deeploc.runs.rundir import RunDir
-from deeploc.training.run import build_datamodule, build_model, serve_features, write_overlays
+from deeploc.training.results import write_overlays
+from deeploc.training.run import serve_features
+from deeploc.training.steps import build_datamodule, build_model
 from deeploc.training.test_maps import TestMaps
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")

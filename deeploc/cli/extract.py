@@ -19,7 +19,7 @@ the damaged ones, listing them (training itself only runs the cheap header/size 
 when it reads it, naming the file). ``verify=false`` skips that check (it reads the whole store once).
 
 Split across jobs: ``shard=K num_shards=N`` extracts only shard K of N of the samples (disjoint shards, together all
-of them; :func:`deeploc.cluster.shard_samples`); the per-image entries of the shards add up to the full cache, e.g.
+of them; :func:`deeploc.training.shards.shard_samples`); the per-image entries of the shards add up to the full cache, e.g.
 ``deeploc-extract -m hydra/launcher=slurm shard=0,1,2,3 num_shards=4 ...`` (docs/cluster.md).
 """
 
@@ -52,9 +52,10 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
     from deeploc.features import choice
     from deeploc.features.store import cache_allowed
-    from deeploc.training.cluster import shard_samples
-    from deeploc.training.run import build_datamodule, open_feature_cache
+    from deeploc.training.run import open_feature_cache
     from deeploc.training.settings import check_settings
+    from deeploc.training.shards import shard_samples
+    from deeploc.training.steps import build_datamodule
 
     check_settings(cfg)  # the same checks of settings as deeploc-train, before any work
     if cfg.features.mode in ("stream", "none"):
@@ -93,7 +94,7 @@ def _encoder_and_maps(cfg: DictConfig) -> tuple[Any, tuple[str, ...]]:
     (``heads=[...]``) the maps every head reads."""
     from hydra.core.hydra_config import HydraConfig
 
-    from deeploc.training.run import build_model
+    from deeploc.training.steps import build_model
 
     if not cfg.get("heads"):
         model = build_model(cfg)

@@ -14,7 +14,7 @@ from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR
 from deeploc.console import quiet_console
 from deeploc.errors import deeploc_error
-from deeploc.training.run import best_validation_value
+from deeploc.training.results import best_validation_value
 from deeploc.training.run import train as train_single
 from deeploc.training.settings import check_choices, check_config
 

@@ -57,7 +57,7 @@ log = logging.getLogger("deeploc.multihead")
 def train_heads(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the heads of ``cfg.heads``; returns ``{"heads": {name: the head's metrics.json}}``."""
     from deeploc.training.cluster import is_first_process
-    from deeploc.training.run import run_directory, run_lock
+    from deeploc.training.steps import run_directory, run_lock
 
     if cfg.trainer.get("fast_dev_run"):
         raise ConfigError(
@@ -81,7 +81,7 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str, Any]:
-    from deeploc.training.run import build_datamodule, check_run_inputs, reuse_decision, write_resolved_config
+    from deeploc.training.steps import build_datamodule, check_run_inputs, reuse_decision, write_resolved_config
 
     previous = {head.name: head.run.read_metrics() for head in heads}
     decisions = {}
@@ -131,7 +131,9 @@ def _fit_and_test(
     resume: str | None,
     previous: Mapping[str, Any],
 ) -> dict[str, Any]:
-    from deeploc.training.run import build_trainer, finish_runs, run_results, serve_features
+    from deeploc.training.results import finish_runs, run_results
+    from deeploc.training.run import serve_features
+    from deeploc.training.steps import build_trainer
 
     fitted = MultiHeadModule({head.name: modules[head.name] for head in training}) if training else None
     callbacks = _callbacks(cfg, job, training, loggers)
@@ -177,7 +179,7 @@ def _fit_and_test(
 
 def _build_heads(cfg: DictConfig, heads: Sequence[Head]) -> dict[str, Any]:
     """Each head's LocalizationModule, built as its single run builds it, on one shared encoder."""
-    from deeploc.training.run import build_model
+    from deeploc.training.steps import build_model
 
     encoder = instantiate(cfg.encoder)
     modules = {}

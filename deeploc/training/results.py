@@ -1,0 +1,220 @@
+"""The results of a tested run: its metrics.json content, overlays, and the console table of its scores."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from deeploc.config import to_primitive
+from deeploc.metrics import metric_specs
+from deeploc.runs.rundir import RunDir
+from deeploc.training.callbacks import BestValidation
+from deeploc.training.test_maps import TestMaps
+
+log = logging.getLogger("deeploc.training.run")
+
+
+def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str | None = None) -> dict[str, Any]:
+    """What identifies a run in tables: every setting that changes its scores (deeploc.report.provenance reads them back)
+    and the data it used, plus how the maps were served (``features``: cache or stream). The full config is in
+    .hydra/ and config_resolved.yaml. Values are primitives."""
+    from deeploc import __version__
+
+    counts = datamodule.describe()
+    split = cfg.data.split
+    plateau = cfg.model.schedule == "plateau"
+    decoder = model.decoder.record()
+    encoder = model.encoder.identity()
+    return {
+        "decoder": decoder["label"],
+        "depth": decoder["options"].get("depth"),
+        "decoder_name": decoder["name"],
+        "decoder_options": decoder["options"],
+        "parameters": decoder["parameters"],
+        # The map(s) the decoder reads, joined by "+" for decoders that read several.
+        "feature": "+".join(decoder["inputs"]),
+        "split": split.mode,
+        "subset": cfg.subset,
+        "subsets": list(cfg.data.subsets),
+        "encoder_kind": encoder["kind"],
+        "encoder": encoder.get("config", encoder["kind"]),
+        "encoder_overrides": encoder.get("overrides") or {},
+        "encoder_weights": "random" if model.encoder.weights.startswith("random") else str(model.encoder.checkpoint),
+        # sha256 of the checkpoint or the random-weight seed, as the encoder computed it for its identity.
+        "weights": model.encoder.weights,
+        "image_size": model.encoder.image_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "schedule": cfg.model.schedule,
+        "plateau": (
+            {"patience": cfg.model.plateau_patience, "factor": cfg.model.plateau_factor, "min_lr": cfg.model.min_lr}
+            if plateau
+            else None
+        ),
+        "lr": cfg.model.lr,
+        "weight_decay": cfg.model.weight_decay,
+        "batch_size": cfg.data.batch_size,
+        "precision": str(cfg.trainer.precision),
+        "augment": to_primitive(cfg.data.get("augment")),
+        "n_train": counts["n_train"],
+        "n_valid": counts["n_valid"],
+        "split_n_train": split.get("n_train"),
+        "split_n_valid": split.get("n_valid"),
+        "split_seed": split.get("seed"),
+        "data": str(datamodule.data_root),
+        "data_source": datamodule.data_source.registry_name,
+        "data_source_options": datamodule.data_source.options(),
+        "generated_data": cfg.data.get("synthetic") is not None,
+        "data_params": to_primitive(cfg.data.get("synthetic")),
+        "mask_polarity": cfg.data.get("mask_polarity", "black_is_manipulated"),
+        "mask_threshold": cfg.data.get("mask_threshold"),
+        "seed": cfg.seed,
+        "features": features,
+        "deeploc_version": __version__,
+    }
+
+
+def run_results(
+    cfg: DictConfig,
+    datamodule: Any,
+    model: Any,
+    run: RunDir,
+    best: Path,
+    features: str,
+    previous: dict[str, Any] | None,
+    training: tuple[float | None, dict[str, float], int] | None,
+) -> dict[str, Any]:
+    """The content of a tested run's metrics.json. ``training``: (best val IoU, best value of each validation
+    metric, epochs trained) of the training just done; None when the run was only re-tested (the values recorded
+    in ``previous`` are kept)."""
+    best_val_iou, best_val, epochs = (
+        (previous["best_val_iou"], previous.get("best_val", {}), previous["epochs"]) if training is None else training
+    )
+    return {
+        "config": summarise_config(cfg, datamodule, model, features),
+        "convention": model.hparams.metric_convention,
+        "test": model.test_results,
+        "best_checkpoint": str(best.relative_to(run.path)),
+        "checkpoint_sha256": run.checkpoint_digests(),
+        "best_val_iou": best_val_iou,
+        "best_val": best_val,
+        "epochs": epochs,
+        "status": "finished",
+    }
+
+
+def write_overlays(
+    models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir], count: int, kept: TestMaps | None = None
+) -> list[Path]:
+    """Render a few test predictions of each test subset as panels into <run>/overlays/<subset>/, for each model
+    (sharing one encoder: the heads of a multi-head job) and its run. The maps are the ones the test scored:
+    ``kept`` by the test step, else read from the feature cache; only when neither holds them (e.g. another DDP
+    rank tested those images) does the encoder run, once per subset."""
+    from PIL import Image
+
+    from deeploc.training.callbacks import cached_maps, render_panels_of
+
+    written = []
+    for model in models:
+        model.eval()
+    for subset, samples in datamodule.plan.test.items():
+        chosen = samples[:count]
+        if not chosen:
+            continue
+        maps = kept.of(subset, chosen) if kept is not None else None
+        if maps is None:
+            maps = cached_maps(datamodule.dataset("test", subset), chosen)
+        for run, pictures in zip(runs, render_panels_of(models, chosen, maps)):
+            folder = run.path / "overlays" / subset
+            folder.mkdir(parents=True, exist_ok=True)
+            for sample, picture in zip(chosen, pictures):
+                path = folder / f"{sample.name}.png"
+                Image.fromarray(picture).save(path)
+                written.append(path)
+    return written
+
+
+def finish_runs(
+    models: Sequence[Any],
+    datamodule: Any,
+    runs: Sequence[RunDir],
+    metrics: Sequence[dict[str, Any]],
+    overlays: int,
+    kept: TestMaps | None = None,
+) -> None:
+    """Write tested runs' overlays, then each one's metrics.json (last: the mark of a finished run); log results."""
+    write_overlays(models, datamodule, runs, overlays, kept)
+    for run, results in zip(runs, metrics):
+        run.write_metrics(results)
+        log.info("%s", format_results(results, run))
+
+
+def format_results(metrics: dict[str, Any], run: RunDir) -> str:
+    """A console table of the test scores, each subset labelled by its role (in-domain / out-of-domain, or held
+    out / seen for leave-one-out), with what produced them and where the artefacts are."""
+    from deeploc.data.roles import subset_role, training_phrase
+    from deeploc.models.encoders import ENCODERS
+
+    config = metrics["config"]
+    split, subset = config["split"], config["subset"]
+    labels = {name: f"{name} ({subset_role(split, subset, name)})" for name in metrics["test"]}
+    width = max([len("test subset"), *map(len, labels.values())]) + 2
+    specs = metric_specs()
+    columns = [max(8, len(spec.label) + 2) for spec in specs]
+    lines = [
+        f"test results (%, mean over images) of {config['decoder']} on {config['feature']}, {split} split, "
+        f"{training_phrase(split, subset, config.get('subsets'))}; metric convention "
+        f"{metrics.get('convention', 'trufor')}:",
+        f"  {'test subset':<{width}}" + "".join(f"{s.label:>{w}}" for s, w in zip(specs, columns)) + f"{'images':>8}",
+    ]
+    for name, scores in metrics["test"].items():
+        values = "".join(f"{_number(scores.get(s.name)):>{w}}" for s, w in zip(specs, columns))
+        lines.append(f"  {labels[name]:<{width}}{values}{scores['n_images']:8.0f}")
+    if config.get("generated_data"):
+        lines.append(
+            "  NOTE: trained and tested on deeploc's GENERATED Dolos-format data (four classical manipulations), "
+            "not on Dolos. Real data: data=dolos data.root=<path to wacv_data> (deeploc-check validates it first)."
+        )
+    if config["encoder_weights"] == "random":
+        encoder = ENCODERS.get(config.get("encoder_kind", "sam2"))
+        lines.append(
+            f"  NOTE: {encoder.family} encoder {config['encoder']} had RANDOM weights: these numbers say nothing about "
+            f"pretrained {encoder.family}. Use a pretrained encoder config (conf/encoder) with "
+            f"encoder.checkpoint=<{encoder.weights_hint}>."
+        )
+    lines.append(f"  results: {run.metrics_file}; overlays: {run.path / 'overlays'}; checkpoints: {run.checkpoints}")
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    """A percentage with two decimals (never scientific notation); ``-`` for an undefined (null) one."""
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def best_values(trainer: L.Trainer) -> dict[str, float]:
+    """The best value of each validation metric over the run (see :class:`deeploc.training.callbacks.BestValidation`)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, BestValidation):
+            return dict(callback.best)
+    return {}
+
+
+def best_score(trainer: L.Trainer) -> float | None:
+    """The best monitored value of the run's checkpoint callback (its best val IoU), if any."""
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "monitor", None) and callback.best_model_score is not None:
+            return float(callback.best_model_score)
+    return None
+
+
+def best_validation_value(metrics: dict[str, Any] | None, metric: str) -> float | None:
+    """The best validation value of ``metric`` recorded in a run's metrics (deeploc <= 0.1 recorded val/iou only)."""
+    metrics = metrics or {}
+    best = metrics.get("best_val") or {}
+    if metric in best:
+        return float(best[metric])
+    return metrics.get("best_val_iou") if metric == "val/iou" else None
