@@ -5,7 +5,7 @@ every head reads are computed once (one encoder pass, or one read of the cached 
 head keeps what its single run has: its decoder and BatchNorm statistics, its loss, its optimiser state, its
 learning-rate schedule and its metrics.
 
-* One Adam with one parameter group per head. Adam's update of a parameter depends only on that parameter's
+* One optimiser (Adam: the study's) with one parameter group per head. Adam's update of a parameter depends only on that parameter's
   gradient and state, and the summed loss gives each head's parameters exactly the gradient of that head's loss
   (the heads share no parameter; d(sum)/d(loss_h) = 1), so each head is updated bit for bit as by its own Adam.
 * DeCLIP's plateau schedule runs per head on that head's parameter group. A head it stops takes no further part:
@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from deeploc.errors import ConfigError
 from deeploc.metrics import metric_names
 from deeploc.models.encoders import same_encoder
 from deeploc.training.module import IncompatibleCheckpointError, LocalizationModule, same_decoder
@@ -135,15 +136,25 @@ class MultiHeadModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One optimiser (the heads' ``model.optimizer``, which must be the same class) with a parameter group per
+        head, holding that head's own options (``lr``, ``weight_decay`` and its optimizer node's)."""
+        heads = list(self.heads.values())
+        kinds = {head.hparams.optimizer["_target_"] for head in heads}
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"the heads use different optimizers ({', '.join(sorted(kinds))}); one job has one optimizer with a "
+                "parameter group per head: give the heads the same model.optimizer, or train them one by one"
+            )
         groups = [
             {
+                **getattr(head.optimizer_factory, "keywords", {}),
                 "params": list(head.decoder.parameters()),
                 "lr": head.hparams.lr,
                 "weight_decay": head.hparams.weight_decay,
             }
-            for head in self.heads.values()
+            for head in heads
         ]
-        return torch.optim.Adam(groups)
+        return heads[0].optimizer_factory(groups)
 
     # -------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:

@@ -25,6 +25,7 @@ from deeploc.training.test_maps import TestMaps
 SCHEDULES = ("fixed", "plateau")
 
 DecoderFactory = Callable[..., Decoder]
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 class IncompatibleCheckpointError(DeeplocError, RuntimeError):
@@ -67,6 +68,27 @@ def as_decoder(decoder: Decoder | DecoderFactory | Mapping[str, Any], encoder: F
     return built
 
 
+def as_part(part: Any, default: Any, partial: bool) -> Any:
+    """An optimiser factory or a loss: ``part`` itself, ``default`` for None, or built from its record
+    (``{"_target_": ...}``, e.g. read back from a checkpoint's hyperparameters)."""
+    if part is None:
+        return default
+    if isinstance(part, Mapping):
+        from hydra.utils import instantiate
+
+        return instantiate({**part, "_partial_": partial})
+    return part
+
+
+def part_record(part: Any) -> dict[str, Any]:
+    """A plain record of an optimiser factory (a ``functools.partial``, Hydra's ``_partial_`` node) or a loss:
+    ``{"_target_": <import path>, <keyword>: <value>...}`` (keywords only when they are plain values)."""
+    func = getattr(part, "func", part if isinstance(part, type) else type(part))
+    keywords = getattr(part, "keywords", {})
+    plain = {k: v for k, v in keywords.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return {"_target_": f"{func.__module__}.{func.__qualname__}", **plain}
+
+
 def same_decoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Whether two decoder records build the same architecture (name, options, input maps)."""
     keys = ("name", "class", "options", "feature_specs", "target_stride")
@@ -84,12 +106,16 @@ class LocalizationModule(L.LightningModule):
         encoder: the frozen encoder, or its plain keywords (``FrozenEncoder.init_config()``).
         decoder: the decoder, a factory taking ``feature_specs`` and ``target_stride`` (``conf/decoder`` with
             ``_partial_: true``), or a record (``Decoder.record()``).
-        lr, weight_decay: Adam settings (study: 1e-3, 0).
+        lr, weight_decay: the optimiser's learning rate and weight decay (study: 1e-3, 0).
         schedule: ``fixed`` (the study: constant LR) or ``plateau`` (DeCLIP: LR / ``plateau_factor`` after
             ``plateau_patience`` epochs without val IoU improvement, stop once LR < ``min_lr``).
         channels_last: run the decoder in channels-last memory format (faster convolutions on GPUs).
         metric_convention: ``study`` or ``trufor``, how validation and test scores treat the undefined cases
             (config ``metrics.convention``; deeploc.metrics).
+        optimizer: a factory called with the decoder's parameters, ``lr`` and ``weight_decay`` (``conf/model``'s
+            ``optimizer`` node, ``_partial_: true``; default: Adam, the study's).
+        loss: the training loss on (logits, soft target masks) (``conf/model``'s ``loss``; default: BCE with
+            logits, the study's).
     """
 
     def __init__(
@@ -104,6 +130,8 @@ class LocalizationModule(L.LightningModule):
         min_lr: float = 1e-6,
         channels_last: bool = False,
         metric_convention: str = DEFAULT_CONVENTION,
+        optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
+        loss: nn.Module | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_convention(metric_convention)
@@ -111,12 +139,18 @@ class LocalizationModule(L.LightningModule):
             raise ValueError(f"model.schedule={schedule!r} is not one of {SCHEDULES}")
         self.encoder = as_encoder(encoder)
         self.decoder = as_decoder(decoder, self.encoder)
+        self.optimizer_factory = as_part(optimizer, torch.optim.Adam, partial=True)
         # Plain values only (checkpoints load with weights_only): the components are recorded, not pickled.
-        self.save_hyperparameters(ignore=["encoder", "decoder"])
-        self.hparams.update(encoder=self.encoder.init_config(), decoder=self.decoder.record())
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "loss"])
         if channels_last:
             self.decoder = self.decoder.to(memory_format=torch.channels_last)
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.loss_fn = as_part(loss, None, partial=False) or nn.BCEWithLogitsLoss()
+        self.hparams.update(
+            encoder=self.encoder.init_config(),
+            decoder=self.decoder.record(),
+            optimizer=part_record(self.optimizer_factory),
+            loss=part_record(self.loss_fn),
+        )
         self.val_metrics = LocalizationMetrics(convention=metric_convention)
         self.test_metrics = nn.ModuleList()
         self.test_names: list[str] = []
@@ -254,7 +288,9 @@ class LocalizationModule(L.LightningModule):
 
     # --------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.decoder.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return self.optimizer_factory(
+            self.decoder.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,47 @@
+"""Optimizer, LR schedule and loss come from conf/model (``_partial_`` nodes); the study's stay the defaults."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from deeploc.config import CONF_DIR
+from deeploc.training.module import LocalizationModule
+from deeploc.training.steps import build_model
+
+
+def _model(*overrides: str) -> LocalizationModule:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["encoder=micro", *overrides])
+    return build_model(cfg)
+
+
+def test_the_study_adam_and_bce_are_the_defaults_and_model_lr_still_sets_the_rate() -> None:
+    model = _model("model.lr=0.01", "model.weight_decay=0.5")
+    optimizer = model.configure_optimizers()
+    assert type(optimizer) is torch.optim.Adam
+    assert (optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]) == (0.01, 0.5)
+    assert type(model.loss_fn) is torch.nn.BCEWithLogitsLoss
+    # Saved hyperparameters stay plain values (checkpoints load with weights_only).
+    assert model.hparams.optimizer == {"_target_": "torch.optim.adam.Adam"}
+    assert model.hparams.loss == {"_target_": "torch.nn.modules.loss.BCEWithLogitsLoss"}
+    json.dumps(dict(model.hparams))
+
+
+def test_the_optimizer_and_loss_are_chosen_by_config_and_rebuilt_from_their_record() -> None:
+    model = _model(
+        "model.optimizer._target_=torch.optim.SGD",
+        "+model.optimizer.momentum=0.9",
+        "model.loss._target_=torch.nn.MSELoss",
+        "schedule=declip",
+    )
+    optimizer = model.configure_optimizers()
+    assert type(optimizer) is torch.optim.SGD and optimizer.param_groups[0]["momentum"] == 0.9
+    assert type(model.loss_fn) is torch.nn.MSELoss and model.hparams.schedule == "plateau"
+    assert model.hparams.optimizer == {"_target_": "torch.optim.sgd.SGD", "momentum": 0.9}
+    again = LocalizationModule(
+        model.encoder, model.decoder.record(), optimizer=model.hparams.optimizer, loss=model.hparams.loss
+    )
+    assert type(again.configure_optimizers()) is torch.optim.SGD and type(again.loss_fn) is torch.nn.MSELoss
