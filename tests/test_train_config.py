@@ -13,9 +13,7 @@ from deeploc.training.steps import build_model
 
 
 def _model(*overrides: str) -> LocalizationModule:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["encoder=micro", *overrides])
-    return build_model(cfg)
+    return build_model(_compose("encoder=micro", *overrides))
 
 
 def test_the_study_adam_and_bce_are_the_defaults_and_model_lr_still_sets_the_rate() -> None:
@@ -45,3 +43,18 @@ def test_the_optimizer_and_loss_are_chosen_by_config_and_rebuilt_from_their_reco
         model.encoder, model.decoder.record(), optimizer=model.hparams.optimizer, loss=model.hparams.loss
     )
     assert type(again.configure_optimizers()) is torch.optim.SGD and type(again.loss_fn) is torch.nn.MSELoss
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_choosing_an_encoder_chooses_its_natural_map_and_an_explicit_feature_or_arch_wins() -> None:
+    assert _compose("encoder=clip_micro").feature.name == "layer20"  # DeCLIP's map
+    assert _compose("encoder=clip_vitl14").feature.name == "layer20"
+    assert _compose("encoder=micro").feature.name == "high_res_feats_1"  # SAM2's, as before
+    assert _compose("encoder=clip_micro", "feature=layer12").feature.name == "layer12"
+    assert _compose("encoder=clip_micro", "arch=conv4_image_embed").feature.name == "image_embed"
+    model = _model("encoder=clip_micro", "encoder.image_size=112")  # builds: the decoder reads a map CLIP returns
+    assert list(model.decoder.inputs) == ["layer20"]
