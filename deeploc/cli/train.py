@@ -26,7 +26,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     every head on one stream of batches instead (:mod:`deeploc.multihead`); returns ``{"heads": {name: metrics}}``."""
     check_config(cfg)
     check_choices(HydraConfig.get())
-    if cfg.get("heads"):
+    if cfg.get("heads") is not None:  # heads=[] too: refused by the job, never an ordinary run
         from deeploc.multihead.job import train_heads
 
         return train_heads(cfg)

@@ -126,6 +126,7 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
         )
     shared = _plain(cfg)
     heads = []
+    trained: dict[str, str] = {}  # what a head trains (decoder, its map, model settings) -> its name
     for name in names:
         overrides = head_overrides(task, _choice(name, hydra), cfg.get("head_experiment"))
         head = _compose(name, overrides, hydra)
@@ -141,6 +142,14 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
                 "does with head_experiment: paper_table)"
             )
         check_shared(shared, head)
+        what = repr([_plain(head.cfg[key]) for key in ("decoder", "feature", "model")])
+        if what in trained:
+            raise ConfigError(
+                f"heads {trained[what]} and {name} are the same configuration under two names (decoder "
+                f"{head.cfg.decoder.get('_target_', '?').rsplit('.', 1)[-1]} on {head.cfg.feature.name}, the same "
+                "model settings): it would train twice; keep one of them"
+            )
+        trained[what] = name
         heads.append(head)
     return heads
 
