@@ -69,7 +69,9 @@ def import_plugins(args: argparse.Namespace) -> None:
 
 
 def run_hydra_app(prog: str, app: Callable[[], Any]) -> None:
-    """Run a ``@hydra.main`` function; errors a user can fix end the process with one line and exit status 1."""
+    """Run a ``@hydra.main`` function; errors a user can fix end the process with one line and exit status 1 (a
+    diverged run too); a ``SystemExit`` carrying a ``console_line`` (a run stopped by SIGTERM: status 143) prints that
+    line and keeps its status."""
     verbose = VERBOSE_FLAG in sys.argv[1:]
     if verbose:
         sys.argv.remove(VERBOSE_FLAG)
@@ -82,6 +84,11 @@ def run_hydra_app(prog: str, app: Callable[[], Any]) -> None:
     os.environ.update({"HYDRA_FULL_ERROR": "1", _COMPACT_ENV: "1"})
     try:
         app()
+    except SystemExit as exc:  # e.g. a run stopped by SIGTERM (exit 143): its one line, then its status
+        line = getattr(exc, "console_line", None)
+        if line:
+            print(f"{prog}: {line}", file=sys.stderr)
+        raise
     except Exception as exc:
         message = error_message(exc)
         if message is None:

@@ -28,7 +28,7 @@ from torch import nn
 from deeploc.errors import ConfigError
 from deeploc.metrics import metric_names
 from deeploc.models.encoders import same_encoder
-from deeploc.training.module import IncompatibleCheckpointError, LocalizationModule, same_decoder
+from deeploc.training.module import IncompatibleCheckpointError, LocalizationModule, TrainingDiverged, same_decoder
 from deeploc.training.test_maps import TestMaps
 
 __all__ = ["MultiHeadModule"]
@@ -97,7 +97,10 @@ class MultiHeadModule(L.LightningModule):
         total = None
         for name, head in self.training_heads():
             logits = self._logits(head, maps)
-            loss = head._loss(logits, batch["mask"])
+            try:
+                loss = head.training_loss(logits, batch["mask"])
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"head {name}: {exc}") from None
             self.log(f"{name}/train/loss", loss, on_step=True, on_epoch=True, batch_size=logits.shape[0])
             total = loss if total is None else total + loss
         assert total is not None, "the trainer should have stopped: every head has stopped"
@@ -107,7 +110,7 @@ class MultiHeadModule(L.LightningModule):
         maps = self.shared_maps(batch)
         for name, head in self.training_heads():
             logits = self._logits(head, maps)
-            loss = head._loss(logits, batch["mask"])
+            loss = head.compute_loss(logits, batch["mask"])
             self.log(f"{name}/val/loss", loss, batch_size=logits.shape[0], sync_dist=True)
             head.val_metrics.update(logits, batch["mask"], batch.get("index"))
 

@@ -7,6 +7,7 @@ both as plain values in its hyperparameters and checkpoints, from which :mod:`de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +31,26 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 class IncompatibleCheckpointError(DeeplocError, RuntimeError):
     """A checkpoint trained with another encoder or decoder than the current config."""
+
+
+class TrainingDiverged(DeeplocError, FloatingPointError):
+    """The training loss diverged (:func:`divergence`); the run is recorded with ``status: diverged``."""
+
+
+#: A training step's loss above this multiple of the first step's loss means divergence (docs/reliability.md).
+DIVERGENCE_FACTOR = 1e3
+
+
+def divergence(loss: float, first: float) -> str:
+    """Why a training step's ``loss`` means the run diverged, or "": the loss is not finite, or it is over
+    :data:`DIVERGENCE_FACTOR` times ``first``, the first training step's loss of the run (a loss that grows a
+    thousandfold from its starting value is not training: e.g. BCE starts near 0.69, and 690 needs logits in the
+    hundreds on the wrong side)."""
+    if not math.isfinite(loss):
+        return f"{loss} (not finite)"
+    if first > 0 and loss > DIVERGENCE_FACTOR * first:
+        return f"{loss:.3g}, over {DIVERGENCE_FACTOR:g} x the first step's {first:.3g}"
+    return ""
 
 
 def as_encoder(encoder: FrozenEncoder | Mapping[str, Any]) -> FrozenEncoder:
@@ -160,6 +181,7 @@ class LocalizationModule(L.LightningModule):
         # Frozen weights are rebuilt from config, not stored in checkpoints (see on_load_checkpoint's guard).
         self.strict_loading = False
         self._plateau = {"best": float("-inf"), "bad_epochs": 0}
+        self._first_loss: float | None = None  # the first training step's loss of this process (divergence rule)
 
     # ----------------------------------------------------------------- forward
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -196,27 +218,43 @@ class LocalizationModule(L.LightningModule):
             for p, size in zip(probs, sizes)
         ]
 
-    def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        # Masks resized (bilinear, area-aware) to the logit grid, so edge targets are soft as in the study.
+    def compute_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` against ``masks``, resized (bilinear, area-aware) to the logit grid, so edge
+        targets are soft as in the study."""
         target = masks.float()
         if target.shape[-2:] != logits.shape[-2:]:
             target = F.interpolate(target, size=logits.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
-        loss = self.loss_fn(logits.float(), target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        return self.loss_fn(logits.float(), target)
+
+    def training_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """:meth:`compute_loss` of a training step, stopping a diverged run (:func:`divergence`)."""
+        loss = self.compute_loss(logits, masks)
+        value = float(loss.detach())
+        if self._first_loss is None:
+            self._first_loss = value
+        problem = divergence(value, self._first_loss)
+        if problem:
+            raise TrainingDiverged(
+                f"training diverged at epoch {self.current_epoch + 1}, step {self.global_step}: the loss is {problem}. "
+                f"Lower the learning rate: model.lr={self.hparams.lr:g} now (e.g. model.lr={self.hparams.lr / 10:g})"
+            )
         return loss
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(self.features(batch))
-        loss = self._loss(logits, batch["mask"])
+        loss = self.training_loss(logits, batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self(self.features(batch))
         self.log(
-            "val/loss", self._loss(logits, batch["mask"]), prog_bar=True, batch_size=logits.shape[0], sync_dist=True
+            "val/loss",
+            self.compute_loss(logits, batch["mask"]),
+            prog_bar=True,
+            batch_size=logits.shape[0],
+            sync_dist=True,
         )
         self.val_metrics.update(logits, batch["mask"], batch.get("index"))
 

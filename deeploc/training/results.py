@@ -107,6 +107,22 @@ def run_results(
     }
 
 
+def diverged_results(cfg: DictConfig, datamodule: Any, model: Any, reason: str, epoch: int) -> dict[str, Any]:
+    """The metrics.json of a run whose training diverged (:class:`deeploc.training.module.TrainingDiverged`):
+    ``status: diverged`` and the reason, no test scores (the report lists such runs apart, never averages them). The
+    run is not finished: the same command tries it again, a lower ``model.lr`` is another run."""
+    return {
+        "config": summarise_config(cfg, datamodule, model),
+        "convention": model.hparams.metric_convention,
+        "test": {},
+        "best_val_iou": None,
+        "best_val": {},
+        "epochs": epoch + 1,
+        "status": "diverged",
+        "reason": reason,
+    }
+
+
 def write_overlays(
     models: Sequence[Any], datamodule: Any, runs: Sequence[RunDir], count: int, kept: TestMaps | None = None
 ) -> list[Path]:

@@ -27,8 +27,10 @@ from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.rundir import RunDir
 from deeploc.training.cluster import is_first_process
-from deeploc.training.loggers import continue_history
-from deeploc.training.results import best_score, best_values, finish_runs, run_results
+from deeploc.training.interrupts import stop_on_sigterm
+from deeploc.training.loggers import continue_history, finish_wandb
+from deeploc.training.module import TrainingDiverged
+from deeploc.training.results import best_score, best_values, diverged_results, finish_runs, run_results
 from deeploc.training.steps import (
     RUN_LOCK,
     build_datamodule,
@@ -99,11 +101,17 @@ def serve_features(cfg: DictConfig, datamodule: Any, encoder: Any, names: Sequen
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration (settings already checked); returns the content of the run's
-    metrics.json."""
+    metrics.json. However it ends, this job's W&B run is finished with it (failed when the job failed), so the next
+    job of a sweep starts its own instead of logging into this one."""
     run = run_directory(cfg)
-    # Only the first process of a job locks: the other DDP ranks belong to the same run.
-    with run_lock(run) if is_first_process() else contextlib.nullcontext():
-        results = _train_in(run, cfg)
+    failed = True
+    try:
+        # Only the first process of a job locks: the other DDP ranks belong to the same run.
+        with run_lock(run) if is_first_process() else contextlib.nullcontext():
+            results = _train_in(run, cfg)
+        failed = False
+    finally:
+        finish_wandb(failed)
     if is_debug_pass(cfg) and is_first_process():
         _remove_if_empty(run)
     return results
@@ -145,30 +153,49 @@ def _train_in(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         continue_history(trainer.loggers, checkpoint_step(resume) if resume else 0)
     for logger in trainer.loggers:
         logger.log_hyperparams(to_primitive(cfg))
-    try:
+    resumes = f"the same command resumes the run from {run.last_checkpoint}" if not debug else "nothing was kept"
+    with stop_on_sigterm(trainer, f"run {run.path}", resumes):
         if not evaluate_only:
             if resume:
                 log.info("resuming from %s", resume)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            try:
+                trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+            except TrainingDiverged as exc:
+                if not debug and trainer.is_global_zero:
+                    run.write_metrics(diverged_results(cfg, datamodule, model, str(exc), trainer.current_epoch))
+                raise
             if trainer.interrupted:
                 raise KeyboardInterrupt(
                     f"training interrupted; re-run the same command to resume from {run.last_checkpoint}"
                 )
-        if debug:
-            return _debug_results(cfg, trainer, model, datamodule)
-        best = run.model_checkpoint_after_training()
-        if evaluate_only:  # the decoder/encoder fit is checked when Lightning loads it (module.on_load_checkpoint)
-            check_checkpoint_digest(run.path, best)
-        # Before testing: Lightning restores the callbacks' states from the checkpoint it tests (the best epoch's).
-        training = None if evaluate_only else (best_score(trainer), best_values(trainer), trainer.current_epoch)
-        model.test_maps = TestMaps(cfg.overlays)  # the overlays' maps, kept as the test computes them
-        trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
-        metrics = run_results(cfg, datamodule, model, run, best, features, previous, training)
-        if trainer.is_global_zero:
-            finish_runs([model], datamodule, [run], [metrics], cfg.overlays, model.test_maps)
-        return metrics
-    finally:
-        _finish_wandb()
+        return _test(cfg, run, trainer, model, datamodule, features, previous, evaluate_only, debug)
+
+
+def _test(
+    cfg: DictConfig,
+    run: RunDir,
+    trainer: L.Trainer,
+    model: Any,
+    datamodule: Any,
+    features: str,
+    previous: dict[str, Any] | None,
+    evaluate_only: bool,
+    debug: bool,
+) -> dict[str, Any]:
+    """Test the best checkpoint (the in-memory model of a debug pass) and write the run's results."""
+    if debug:
+        return _debug_results(cfg, trainer, model, datamodule)
+    best = run.model_checkpoint_after_training()
+    if evaluate_only:  # the decoder/encoder fit is checked when Lightning loads it (module.on_load_checkpoint)
+        check_checkpoint_digest(run.path, best)
+    # Before testing: Lightning restores the callbacks' states from the checkpoint it tests (the best epoch's).
+    training = None if evaluate_only else (best_score(trainer), best_values(trainer), trainer.current_epoch)
+    model.test_maps = TestMaps(cfg.overlays)  # the overlays' maps, kept as the test computes them
+    trainer.test(model, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+    metrics = run_results(cfg, datamodule, model, run, best, features, previous, training)
+    if trainer.is_global_zero:
+        finish_runs([model], datamodule, [run], [metrics], cfg.overlays, model.test_maps)
+    return metrics
 
 
 def _debug_results(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule: Any) -> dict[str, Any]:
@@ -181,11 +208,3 @@ def _debug_results(cfg: DictConfig, trainer: L.Trainer, model: Any, datamodule: 
         cfg.trainer.fast_dev_run, int(cfg.trainer.fast_dev_run), scores,
     )  # fmt: skip
     return {"test": model.test_results, "best_val": best_values(trainer), "status": "fast_dev_run"}
-
-
-def _finish_wandb() -> None:
-    """Close this job's W&B run so the next multirun job never logs into it."""
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
