@@ -331,3 +331,24 @@ def test_sigterm_mid_run_prints_one_line_and_exits_143_and_the_same_command_resu
     (line,) = [line for line in stderr.splitlines() if line.startswith("deeploc-train: ")]
     assert "stopped by SIGTERM at epoch" in line and "the same command resumes the run from" in line, line
     assert "Traceback" not in stderr and not (run_dir / "metrics.json").exists()
+
+
+def test_a_settings_error_every_sweep_job_shares_is_refused_once_before_any_job(tmp_path: Path) -> None:
+    proc = _train(tmp_path, ["-m", "model.lr=-1", "seed=1,2", "encoder=micro"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Error executing job" not in proc.stderr  # Hydra's line before deeploc's: gone
+    lines = [line for line in proc.stderr.splitlines() if "model.lr=-1" in line]
+    assert lines == ["deeploc-train: model.lr=-1 must be a number >= 0"], proc.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists()  # no job started: no sweep folder, no stub run directories
+    single = _train(tmp_path, ["model.lr=-1", "encoder=micro"])
+    assert single.returncode == 1 and "Error executing job" not in single.stderr
+    assert not (tmp_path / "outputs").exists()  # a refused run leaves no stub run directory
+
+
+def test_a_job_error_in_a_sweep_is_one_line_naming_the_job(tmp_path: Path) -> None:
+    proc = _train(tmp_path, ["-m", "data=dolos", f"data.root={tmp_path / 'nowhere'}", "seed=1", "encoder=micro"])
+    assert proc.returncode == 1 and "Error executing job" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("deeploc-train: ")]
+    assert str(tmp_path / "nowhere") in line and line.endswith(
+        "(job ['data=dolos', " + repr(f"data.root={tmp_path / 'nowhere'}") + ", 'seed=1', 'encoder=micro'])"
+    ), line
