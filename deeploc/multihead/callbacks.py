@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from deeploc.training.callbacks import BestValidation, PredictionPanel, epoch_line
+from deeploc.training.callbacks import BestValidation, PredictionPanel, epoch_line, switch_off_wandb
 from deeploc.training.cluster import RequeueOnSignal
 
 __all__ = [
@@ -169,6 +169,16 @@ class HeadPredictionPanel(PredictionPanel):
     def targets(self, trainer: L.Trainer, pl_module: Any, training: bool) -> list[tuple[Any, list[WandbLogger]]]:
         heads = pl_module.training_heads() if training else pl_module.heads.items()
         return [(head, self.wandb.get(name, [])) for name, head in heads]
+
+    def wandb_failed(self, trainer: L.Trainer, exc: OSError, needed: int) -> None:
+        """W&B off for every head: no more panels, and the heads' loggers keep their other loggers only."""
+        self.wandb = {name: [] for name in self.wandb}
+        for logger in trainer.loggers:
+            if isinstance(logger, HeadLoggers):
+                logger.heads = {
+                    n: [lg for lg in lgs if not isinstance(lg, WandbLogger)] for n, lgs in logger.heads.items()
+                }
+        switch_off_wandb(trainer, exc, needed)
 
 
 class HeadLoggers(Logger):

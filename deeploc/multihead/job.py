@@ -273,7 +273,10 @@ def _finish_loggers(loggers: Mapping[str, Sequence[Any]]) -> None:
 
     for logger in (lg for lgs in loggers.values() for lg in lgs):
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger._experiment.finish()
+            try:
+                logger._experiment.finish()
+            except Exception as exc:  # W&B trouble never ends the work (e.g. a full disk)
+                log.warning("W&B could not finish a head's run (%s); its offline files may be incomplete", exc)
 
 
 def _load_weights(module: Any, path: Path) -> None:
