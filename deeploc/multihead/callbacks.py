@@ -1,4 +1,5 @@
-"""What makes each head of a multi-head job a run of its own: checkpoints, best values, loggers, epoch lines.
+"""What makes each head of a multi-head job a run of its own: its checkpoints (:class:`HeadCheckpoint`), its
+bookkeeping (:class:`HeadsBook`: best values, epoch lines, W&B panels) and its loggers (:class:`HeadLoggers`).
 
 Every head's checkpoint is the one its single run would write (:func:`head_checkpoint`): the head's decoder
 tensors, its optimiser state (its parameter group, renumbered as a one-group Adam), its callbacks' states under the
@@ -20,15 +21,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from deeploc.metrics import OPTIMIZED_METRICS
 from deeploc.training.callbacks import BestValidation, PredictionPanel, epoch_line, switch_off_wandb
 from deeploc.training.cluster import RequeueOnSignal
 
 __all__ = [
-    "HeadBestValidation",
     "HeadCheckpoint",
-    "HeadEpochSummary",
     "HeadLoggers",
-    "HeadPredictionPanel",
+    "HeadsBook",
     "JobRequeue",
     "head_checkpoint",
     "optimizer_group_state",
@@ -64,10 +64,14 @@ def head_checkpoint(trainer: L.Trainer, head: str) -> dict[str, Any]:
     checkpoint = {key: value for key, value in job.items() if key not in shared}
     checkpoint["state_dict"] = {k[len(prefix) :]: v for k, v in job["state_dict"].items() if k.startswith(prefix)}
     checkpoint["optimizer_states"] = [optimizer_group_state(job["optimizer_states"][0], module.head_index(head))]
+    book = next(c for c in trainer.callbacks if isinstance(c, HeadsBook))
     checkpoint["callbacks"] = {
-        callback.single_state_key: callback.single_state()
-        for callback in trainer.callbacks
-        if getattr(callback, "head", None) == head
+        **book.single_states(head),
+        **{
+            c.single_state_key: c.single_state()
+            for c in trainer.callbacks
+            if isinstance(c, HeadCheckpoint) and c.head == head
+        },
     }
     checkpoint["hparams_name"] = own._hparams_name
     checkpoint["hyper_parameters"] = dict(own.hparams)
@@ -108,47 +112,52 @@ class HeadCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = filepath
 
 
-class HeadBestValidation(BestValidation):
-    """:class:`~deeploc.training.callbacks.BestValidation` of one head."""
+class HeadsBook(PredictionPanel):
+    """The per-head bookkeeping of a multi-head job, in one callback (heads by name, as dinov2 keeps its grid of
+    linear heads): each head's best validation values (a single run's
+    :class:`~deeploc.training.callbacks.BestValidation` state, saved in the head's checkpoints), its epoch line
+    (with ``epoch_lines``) and its W&B panels (with ``panels``: a configured
+    :class:`~deeploc.training.callbacks.PredictionPanel`, drawn into each head's own W&B run at the single run's
+    epochs; one encoder pass, or the cached maps, draws every head's).
 
-    single_state_key = BestValidation.__qualname__
+    Args:
+        heads: the names of the heads that train.
+        loggers: each head's loggers (its W&B runs receive its panels).
+        panels: the job's configured panel callback, or None (no panels).
+        epoch_lines: log one line per head and epoch (the job's config has an epoch summary).
+    """
 
-    def __init__(self, head: str, directions: dict[str, str]) -> None:
-        super().__init__(directions)
-        self.head = head
+    def __init__(
+        self,
+        heads: Sequence[str],
+        loggers: Mapping[str, Sequence[Logger]],
+        panels: PredictionPanel | None = None,
+        epoch_lines: bool = True,
+    ) -> None:
+        super().__init__(panels.every_n_epochs, panels.n_images) if panels else super().__init__()
+        self.panels = panels is not None
+        self.epoch_lines = epoch_lines
+        self.best = {name: BestValidation(OPTIMIZED_METRICS) for name in heads}
+        self.wandb = {name: [lg for lg in lgs if isinstance(lg, WandbLogger)] for name, lgs in loggers.items()}
 
-    @property
-    def state_key(self) -> str:
-        return f"{self.head}/{self.single_state_key}"
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {name: best.state_dict() for name, best in self.best.items()}
 
-    def single_state(self) -> dict[str, Any]:
-        return self.state_dict()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, best in self.best.items():
+            best.load_state_dict(state_dict.get(name, {}))
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and pl_module.trains(self.head):
-            self.update(_head_metrics(trainer.callback_metrics, self.head))
+    def single_states(self, head: str) -> dict[str, Any]:
+        """Head ``head``'s callback states under its single run's keys (for its checkpoints)."""
+        return {BestValidation.__qualname__: self.best[head].state_dict()} if head in self.best else {}
 
-
-class JobRequeue(RequeueOnSignal):
-    """:class:`~deeploc.training.cluster.RequeueOnSignal` writing the job's checkpoint (all heads) into the job's folder,
-    from which the requeued job resumes; the heads' run directories only ever hold single-run checkpoints."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__()
-        self.folder = Path(folder)
-
-    def checkpoint_path(self, trainer: L.Trainer) -> Path:
-        return self.folder / self.filename
-
-
-class HeadEpochSummary(L.Callback):
-    """One line per head and epoch: the single run's epoch line, after the head's name."""
-
+    # ------------------------------------------------------------ epoch lines
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if not (self.epoch_lines and trainer.is_global_zero):
             return
         seconds = time.perf_counter() - getattr(self, "_start", time.perf_counter())
         groups = trainer.optimizers[0].param_groups
@@ -157,14 +166,22 @@ class HeadEpochSummary(L.Callback):
             lr = groups[pl_module.head_index(name)]["lr"]
             log.info("%s: %s", name, epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
 
+    # ------------------------------------------------------- best validation
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, best in self.best.items():
+            if pl_module.trains(name):
+                best.update(_head_metrics(trainer.callback_metrics, name))
 
-class HeadPredictionPanel(PredictionPanel):
-    """Each head's W&B panels into that head's own W&B run, at the epochs and in the form of a single run's
-    (:class:`~deeploc.training.callbacks.PredictionPanel`); one encoder pass (or the cached maps) draws every head's."""
+    # ----------------------------------------------------------------- panels
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.panels:
+            super().on_validation_epoch_end(trainer, pl_module)
 
-    def __init__(self, loggers: Mapping[str, Sequence[Logger]], every_n_epochs: int = 5, n_images: int = 4) -> None:
-        super().__init__(every_n_epochs, n_images)
-        self.wandb = {name: [lg for lg in lgs if isinstance(lg, WandbLogger)] for name, lgs in loggers.items()}
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.panels:
+            super().on_test_end(trainer, pl_module)
 
     def targets(self, trainer: L.Trainer, pl_module: Any, training: bool) -> list[tuple[Any, list[WandbLogger]]]:
         heads = pl_module.training_heads() if training else pl_module.heads.items()
@@ -179,6 +196,18 @@ class HeadPredictionPanel(PredictionPanel):
                     n: [lg for lg in lgs if not isinstance(lg, WandbLogger)] for n, lgs in logger.heads.items()
                 }
         switch_off_wandb(trainer, exc, needed)
+
+
+class JobRequeue(RequeueOnSignal):
+    """:class:`~deeploc.training.cluster.RequeueOnSignal` writing the job's checkpoint (all heads) into the job's folder,
+    from which the requeued job resumes; the heads' run directories only ever hold single-run checkpoints."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+
+    def checkpoint_path(self, trainer: L.Trainer) -> Path:
+        return self.folder / self.filename
 
 
 class HeadLoggers(Logger):

@@ -31,15 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError, DeeplocError, deeploc_error
 from deeploc.io import write_json_atomic
-from deeploc.metrics import OPTIMIZED_METRICS
-from deeploc.multihead.callbacks import (
-    HeadBestValidation,
-    HeadCheckpoint,
-    HeadEpochSummary,
-    HeadLoggers,
-    HeadPredictionPanel,
-    JobRequeue,
-)
+from deeploc.multihead.callbacks import HeadCheckpoint, HeadLoggers, HeadsBook, JobRequeue
 from deeploc.multihead.heads import Head, check_run_folders, compose_heads
 from deeploc.multihead.module import MultiHeadModule
 from deeploc.runs.checkpoint_io import checkpoint_step
@@ -222,39 +214,31 @@ def _resume_point(cfg: DictConfig, job: RunDir, training: Sequence[Head]) -> str
 
 
 def _callbacks(cfg: DictConfig, job: RunDir, training: Sequence[Head], loggers: Mapping[str, Any]) -> list[Any]:
-    """The job's callbacks: the configured ones that do not belong to a run (progress bar...), each head's
-    checkpoints and best values, per-head epoch lines and W&B panels, and the job's own checkpoint (last, so that
-    it records the heads' checkpoint states of the epoch)."""
-    shared = []
-    panel = None
-    for node in (cfg.get("callbacks") or {}).values():
-        if node is None:
-            continue
-        callback = instantiate(node)
-        if isinstance(callback, PredictionPanel):
-            panel = HeadPredictionPanel(loggers, callback.every_n_epochs, callback.n_images)
-        elif isinstance(callback, EpochSummary):
-            shared.append(HeadEpochSummary())
-        elif not isinstance(callback, ModelCheckpoint):
-            shared.append(callback)
-    if panel is not None:
-        shared.append(panel)
-    own: list[Any] = []
-    checkpoints: list[Any] = []
-    for head in training:
-        own.append(HeadBestValidation(head.name, OPTIMIZED_METRICS))
-        for node in (head.cfg.get("callbacks") or {}).values():
-            if node is None:
-                continue
-            single = instantiate(node)
-            if isinstance(single, ModelCheckpoint):
-                options = {k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")}
-                checkpoints.append(HeadCheckpoint(head.name, single.state_key, **options))
+    """The job's callbacks: the configured ones that do not belong to a run (progress bar...), the heads' book (best
+    values, epoch lines, W&B panels), each head's checkpoints, and the job's own checkpoint (last, so that it
+    records the heads' checkpoint states of the epoch)."""
+    configured = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    per_run = (PredictionPanel, EpochSummary, ModelCheckpoint)
+    panels = next((c for c in configured if isinstance(c, PredictionPanel)), None)
+    epoch_lines = any(isinstance(c, EpochSummary) for c in configured)
+    book = HeadsBook([head.name for head in training], loggers, panels, epoch_lines)
+    checkpoints = [
+        HeadCheckpoint(head.name, single.state_key, **_plain_options(node))
+        for head in training
+        for node in (head.cfg.get("callbacks") or {}).values()
+        if node is not None and isinstance(single := instantiate(node), ModelCheckpoint)
+    ]
     job_last = ModelCheckpoint(
         dirpath=str(job.checkpoints), filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
         enable_version_counter=False,
     )  # fmt: skip
-    return [*shared, *own, JobRequeue(job.checkpoints), *checkpoints, job_last]
+    shared = [c for c in configured if not isinstance(c, per_run)]
+    return [*shared, book, JobRequeue(job.checkpoints), *checkpoints, job_last]
+
+
+def _plain_options(node: Any) -> dict[str, Any]:
+    """A callback node's arguments (without Hydra's ``_target_`` and the like)."""
+    return {k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")}
 
 
 def _logger_configs(cfg: DictConfig) -> dict[str, Any]:
@@ -289,17 +273,18 @@ def _load_weights(module: Any, path: Path) -> None:
 
 def _training_summary(trainer: L.Trainer, fitted: MultiHeadModule, name: str) -> tuple[Any, dict[str, float], int]:
     """(best val IoU, best value of each validation metric, epochs trained) of head ``name``."""
-    best_score = None
-    best_values: dict[str, float] = {}
-    for callback in trainer.callbacks:
-        if getattr(callback, "head", None) != name:
-            continue
-        if isinstance(callback, HeadCheckpoint) and callback.monitor and callback.best_model_score is not None:
-            best_score = float(callback.best_model_score)
-        if isinstance(callback, HeadBestValidation):
-            best_values = dict(callback.best)
+    scores = [
+        float(c.best_model_score)
+        for c in trainer.callbacks
+        if isinstance(c, HeadCheckpoint) and c.head == name and c.monitor and c.best_model_score is not None
+    ]
+    book = next(c for c in trainer.callbacks if isinstance(c, HeadsBook))
     stopped = fitted.stopped.get(name)
-    return best_score, best_values, trainer.current_epoch if stopped is None else stopped + 1
+    return (
+        (scores[-1] if scores else None),
+        dict(book.best[name].best),
+        (trainer.current_epoch if stopped is None else stopped + 1),
+    )
 
 
 def _write_summary(job: RunDir, heads: Sequence[Head], status: Mapping[str, str]) -> None:
