@@ -38,7 +38,21 @@ from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.rundir import HEADS_FILE, RunDir
 from deeploc.training.callbacks import EpochSummary, PredictionPanel
+from deeploc.training.cluster import is_first_process
+from deeploc.training.interrupts import stop_on_sigterm
 from deeploc.training.loggers import build_loggers, continue_history
+from deeploc.training.results import finish_runs, run_results
+from deeploc.training.run import serve_features
+from deeploc.training.steps import (
+    build_datamodule,
+    build_model,
+    build_trainer,
+    check_run_inputs,
+    reuse_decision,
+    run_directory,
+    run_lock,
+    write_resolved_config,
+)
 from deeploc.training.test_maps import TestMaps
 
 __all__ = ["train_heads"]
@@ -48,8 +62,6 @@ log = logging.getLogger("deeploc.multihead")
 
 def train_heads(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the heads of ``cfg.heads``; returns ``{"heads": {name: the head's metrics.json}}``."""
-    from deeploc.training.cluster import is_first_process
-    from deeploc.training.steps import run_directory, run_lock
 
     if cfg.trainer.get("fast_dev_run"):
         raise ConfigError(
@@ -73,7 +85,6 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str, Any]:
-    from deeploc.training.steps import build_datamodule, check_run_inputs, reuse_decision, write_resolved_config
 
     previous = {head.name: head.run.read_metrics() for head in heads}
     decisions = {}
@@ -123,9 +134,6 @@ def _fit_and_test(
     resume: str | None,
     previous: Mapping[str, Any],
 ) -> dict[str, Any]:
-    from deeploc.training.results import finish_runs, run_results
-    from deeploc.training.run import serve_features
-    from deeploc.training.steps import build_trainer
 
     fitted = MultiHeadModule({head.name: modules[head.name] for head in training}) if training else None
     callbacks = _callbacks(cfg, job, training, loggers)
@@ -136,7 +144,10 @@ def _fit_and_test(
     if fitted is not None:
         if resume:
             log.info("resuming the heads from %s", resume)
-        trainer.fit(fitted, datamodule=datamodule, ckpt_path=resume)
+        with stop_on_sigterm(
+            trainer, f"multi-head job {job.path}", f"the same command resumes it from {job.checkpoints}"
+        ):
+            trainer.fit(fitted, datamodule=datamodule, ckpt_path=resume)
         if trainer.interrupted:
             raise KeyboardInterrupt(f"training interrupted; re-run the same command to resume from {job.checkpoints}")
     best = {head.name: head.run.model_checkpoint_after_training() for head in active}
@@ -171,7 +182,6 @@ def _fit_and_test(
 
 def _build_heads(cfg: DictConfig, heads: Sequence[Head]) -> dict[str, Any]:
     """Each head's LocalizationModule, built as its single run builds it, on one shared encoder."""
-    from deeploc.training.steps import build_model
 
     encoder = instantiate(cfg.encoder)
     modules = {}
