@@ -14,6 +14,7 @@ from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR
 from deeploc.console import quiet_console
 from deeploc.errors import deeploc_error
+from deeploc.training.backbones import choose_backbone
 from deeploc.training.results import best_validation_value
 from deeploc.training.run import train as train_single
 from deeploc.training.settings import check_choices, check_config
@@ -24,6 +25,7 @@ log = logging.getLogger("deeploc.training.run")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; returns the content of the run's metrics.json. With ``heads`` set, train
     every head on one stream of batches instead (:mod:`deeploc.multihead`); returns ``{"heads": {name: metrics}}``."""
+    choose_backbone(cfg, HydraConfig.get())  # experiment=backbones: backbone.<family>=<encoder>
     check_config(cfg)
     check_choices(HydraConfig.get())
     if cfg.get("heads") is not None:  # heads=[] too: refused by the job, never an ordinary run

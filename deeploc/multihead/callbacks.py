@@ -1,11 +1,9 @@
 """What makes each head of a multi-head job a run of its own: its checkpoints (:class:`HeadCheckpoint`), its
 bookkeeping (:class:`HeadsBook`: best values, epoch lines, W&B panels) and its loggers (:class:`HeadLoggers`).
 
-Every head's checkpoint is the one its single run would write (:func:`head_checkpoint`): the head's decoder
-tensors, its optimiser state (its parameter group, renumbered as a one-group Adam), its callbacks' states under the
-single run's keys, its hyperparameters and deeploc record, and the loop state of the job (the same batches, so the
-same epoch and step as the single run). ``LocalizationModule.load_from_checkpoint``, deeploc.inference.loading and a single
-run resuming from it read it unchanged.
+Every head's checkpoint is the one its single run would write (:func:`head_checkpoint`): its decoder tensors, its
+parameter group's optimiser state, its callbacks' states under the single run's keys, its hyperparameters and
+record, and the job's loop state (the same batches: the same epoch and step).
 """
 
 from __future__ import annotations
@@ -86,10 +84,12 @@ class HeadCheckpoint(ModelCheckpoint):
     Args:
         head: the head's name.
         single_state_key: the state key of this callback in the single run (its checkpoint stores the state there).
-        kwargs: the single run's ``ModelCheckpoint`` arguments (``monitor`` as the single run names it).
+        kwargs: the single run's ``ModelCheckpoint`` arguments (``monitor`` as the single run names it; Hydra's
+            ``_target_`` and the like are left out).
     """
 
     def __init__(self, head: str, single_state_key: str, **kwargs: Any) -> None:
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         self.head = head
         self.single_state_key = single_state_key
         self.single_monitor = kwargs.get("monitor")
@@ -113,19 +113,10 @@ class HeadCheckpoint(ModelCheckpoint):
 
 
 class HeadsBook(PredictionPanel):
-    """The per-head bookkeeping of a multi-head job, in one callback (heads by name, as dinov2 keeps its grid of
-    linear heads): each head's best validation values (a single run's
-    :class:`~deeploc.training.callbacks.BestValidation` state, saved in the head's checkpoints), its epoch line
-    (with ``epoch_lines``) and its W&B panels (with ``panels``: a configured
-    :class:`~deeploc.training.callbacks.PredictionPanel`, drawn into each head's own W&B run at the single run's
-    epochs; one encoder pass, or the cached maps, draws every head's).
-
-    Args:
-        heads: the names of the heads that train.
-        loggers: each head's loggers (its W&B runs receive its panels).
-        panels: the job's configured panel callback, or None (no panels).
-        epoch_lines: log one line per head and epoch (the job's config has an epoch summary).
-    """
+    """The per-head bookkeeping of a multi-head job in one callback, heads by name (as dinov2 keeps its grid of
+    linear heads): each training head's best validation values (its single run's ``BestValidation`` state, saved
+    in its checkpoints), its epoch line (``epoch_lines``), and its W&B panels at its single run's epochs in its own
+    W&B run (``panels``: the configured ``PredictionPanel``, or None), one encoder pass drawing every head's."""
 
     def __init__(
         self,
@@ -250,10 +241,8 @@ class HeadLoggers(Logger):
 
     @rank_zero_only
     def save(self) -> None:
-        for logger in self.all_loggers():
-            logger.save()
+        _ = [logger.save() for logger in self.all_loggers()]
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        for logger in self.all_loggers():
-            logger.finalize(status)
+        _ = [logger.finalize(status) for logger in self.all_loggers()]

@@ -1,15 +1,10 @@
-"""A multi-head job (``deeploc-train heads=[...]``): train several heads on one stream of batches, then test them,
-and write each head's run directory exactly as its single run would.
+"""A multi-head job (``deeploc-train heads=[...]``): train the heads on one stream of batches, test them, and write
+each head's run directory exactly as its single run would.
 
-* The job's own folder (Hydra's output directory for the job) holds its log, its lock and, while it runs, its
-  checkpoint (``checkpoints/last.ckpt``: every head, written after the heads' own checkpoints at each epoch end;
-  ``requeue.ckpt`` on a scheduler's signal). An interrupted job resumes from it at the epoch boundary; it is deleted
-  when the job has finished every head. ``heads.json`` lists the heads and their run directories.
-* A finished head is skipped (``if_finished=eval`` re-tests it, ``=retrain`` trains it again), as its single run
-  would be; the others train together. A head whose run directory holds an unfinished single run's checkpoints
-  starts over (the job's batches cannot continue another run's epochs); the log says so.
-* Locks: the job's folder and every head's run directory, so a single run on the same directory is refused while
-  the job runs (and the other way round).
+* The job's folder holds its log, its lock, ``heads.json`` and, while it runs, its checkpoint of every head
+  (``checkpoints/last.ckpt``, ``requeue.ckpt`` on a scheduler's signal), from which it resumes at an epoch boundary.
+* A finished head is skipped (``if_finished`` as for its single run); a head whose run directory holds an unfinished
+  single run's checkpoints starts over (the log says so). The job's folder and every head's are locked.
 """
 
 from __future__ import annotations
@@ -37,22 +32,13 @@ from deeploc.multihead.module import MultiHeadModule
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.rundir import HEADS_FILE, RunDir
+from deeploc.training import steps
 from deeploc.training.callbacks import EpochSummary, PredictionPanel
 from deeploc.training.cluster import is_first_process
 from deeploc.training.interrupts import stop_on_sigterm
 from deeploc.training.loggers import build_loggers, continue_history
 from deeploc.training.results import finish_runs, run_results
 from deeploc.training.run import serve_features
-from deeploc.training.steps import (
-    build_datamodule,
-    build_model,
-    build_trainer,
-    check_run_inputs,
-    reuse_decision,
-    run_directory,
-    run_lock,
-    write_resolved_config,
-)
 from deeploc.training.test_maps import TestMaps
 
 __all__ = ["train_heads"]
@@ -74,13 +60,13 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
             "would train as in its own run; train the heads one by one (deeploc-train -m arch=...) to clip gradients"
         )
     heads = compose_heads(cfg, HydraConfig.get())
-    job = run_directory(cfg)
+    job = steps.run_directory(cfg)
     check_run_folders(heads, job.path)
     with contextlib.ExitStack() as locks:
         if is_first_process():  # the other DDP ranks belong to the same job
             for run in [job, *(head.run for head in heads)]:
                 run.path.mkdir(parents=True, exist_ok=True)
-                locks.enter_context(run_lock(run))
+                locks.enter_context(steps.run_lock(run))
         return _train_heads_in(job, cfg, heads)
 
 
@@ -89,8 +75,8 @@ def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str
     previous = {head.name: head.run.read_metrics() for head in heads}
     decisions = {}
     for head in heads:
-        check_run_inputs(head.run, head.cfg)
-        decisions[head.name] = reuse_decision(head.run, head.cfg)
+        steps.check_run_inputs(head.run, head.cfg)
+        decisions[head.name] = steps.reuse_decision(head.run, head.cfg)
     active = [head for head in heads if decisions[head.name] != "skip"]
     _write_summary(job, heads, decisions)
     if not active:
@@ -104,11 +90,11 @@ def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str
 
     L.seed_everything(cfg.seed, workers=True)
     modules = _build_heads(cfg, active)  # first: a head that cannot be built fails before any other work
-    write_resolved_config(job, cfg)
+    steps.write_resolved_config(job, cfg)
     for head in active:
         head.write_hydra_files()
-        write_resolved_config(head.run, head.cfg)
-    datamodule = build_datamodule(cfg)
+        steps.write_resolved_config(head.run, head.cfg)
+    datamodule = steps.build_datamodule(cfg)
     resume = _resume_point(cfg, job, training)
     loggers = {head.name: build_loggers(_logger_configs(head.cfg)) for head in active}
     step = checkpoint_step(resume) if resume else 0
@@ -138,7 +124,7 @@ def _fit_and_test(
     fitted = MultiHeadModule({head.name: modules[head.name] for head in training}) if training else None
     callbacks = _callbacks(cfg, job, training, loggers)
     hparams = {head.name: modules[head.name].hparams_initial for head in active}
-    trainer = build_trainer(cfg, callbacks, [HeadLoggers(loggers, hparams)])
+    trainer = steps.build_trainer(cfg, callbacks, [HeadLoggers(loggers, hparams)])
     tested = MultiHeadModule({head.name: modules[head.name] for head in active})
     features = serve_features(cfg, datamodule, tested.encoder, tested.maps)
     if fitted is not None:
@@ -187,7 +173,7 @@ def _build_heads(cfg: DictConfig, heads: Sequence[Head]) -> dict[str, Any]:
     modules = {}
     for head in heads:
         try:
-            modules[head.name] = build_model(head.cfg, encoder=encoder)
+            modules[head.name] = steps.build_model(head.cfg, encoder=encoder)
         except Exception as exc:  # e.g. a decoder reading a map this encoder does not have: say which head
             cause = deeploc_error(exc)
             if not isinstance(cause, DeeplocError):
@@ -233,7 +219,7 @@ def _callbacks(cfg: DictConfig, job: RunDir, training: Sequence[Head], loggers: 
     epoch_lines = any(isinstance(c, EpochSummary) for c in configured)
     book = HeadsBook([head.name for head in training], loggers, panels, epoch_lines)
     checkpoints = [
-        HeadCheckpoint(head.name, single.state_key, **_plain_options(node))
+        HeadCheckpoint(head.name, single.state_key, **OmegaConf.to_container(node, resolve=True))
         for head in training
         for node in (head.cfg.get("callbacks") or {}).values()
         if node is not None and isinstance(single := instantiate(node), ModelCheckpoint)
@@ -244,11 +230,6 @@ def _callbacks(cfg: DictConfig, job: RunDir, training: Sequence[Head], loggers: 
     )  # fmt: skip
     shared = [c for c in configured if not isinstance(c, per_run)]
     return [*shared, book, JobRequeue(job.checkpoints), *checkpoints, job_last]
-
-
-def _plain_options(node: Any) -> dict[str, Any]:
-    """A callback node's arguments (without Hydra's ``_target_`` and the like)."""
-    return {k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")}
 
 
 def _logger_configs(cfg: DictConfig) -> dict[str, Any]:

@@ -1,18 +1,11 @@
-"""``MultiHeadModule``: several decoders trained on one stream of batches, each exactly as in its own run.
+"""``MultiHeadModule``: several decoders (``LocalizationModule`` heads sharing one frozen encoder, in an
+``nn.ModuleDict``) trained on one stream of batches, each exactly as in its own run (docs/multihead.md).
 
-The heads are :class:`~deeploc.training.module.LocalizationModule` instances sharing one frozen encoder. Per batch the maps
-every head reads are computed once (one encoder pass, or one read of the cached maps) and handed to each head. Each
-head keeps what its single run has: its decoder and BatchNorm statistics, its loss, its optimiser state, its
-learning-rate schedule and its metrics.
-
-* One optimiser (Adam: the study's) with one parameter group per head. Adam's update of a parameter depends only on that parameter's
-  gradient and state, and the summed loss gives each head's parameters exactly the gradient of that head's loss
-  (the heads share no parameter; d(sum)/d(loss_h) = 1), so each head is updated bit for bit as by its own Adam.
-* DeCLIP's plateau schedule runs per head on that head's parameter group. A head it stops takes no further part:
-  no forward pass (its BatchNorm statistics stay), no gradient (Adam skips parameters without one), no checkpoint,
-  no log; the job stops when every head has stopped.
-* Logged values are ``<head>/<the single run's key>`` (``conv20_image_embed/val/iou``); deeploc.multihead.callbacks
-  routes them to each head's own checkpoints and loggers.
+* Per batch, every map the heads read is computed once (one encoder pass, or one read of the cache).
+* One optimiser with a parameter group per head: the heads share no parameter, so the summed loss gives each head's
+  parameters exactly its own loss's gradient, and Adam updates each parameter from its own gradient and state.
+* DeCLIP's plateau schedule runs per head on its group; a head it stops takes no further part (no forward pass, no
+  gradient, no checkpoint, no log). Logged values are ``<head>/<the single run's key>``.
 """
 
 from __future__ import annotations
@@ -121,20 +114,15 @@ class MultiHeadModule(L.LightningModule):
                 self.log(f"{name}/val/{metric}", scores[metric])
             if head.hparams.schedule != "plateau" or self.trainer.sanity_checking:
                 continue
-            lr = head.plateau_step(
-                float(scores["iou"]), [self.trainer.optimizers[0].param_groups[self.head_index(name)]]
-            )
+            group = self.trainer.optimizers[0].param_groups[self.head_index(name)]
+            lr = head.plateau_step(float(scores["iou"]), [group])
             if lr is None:
                 continue
             self.log(f"{name}/lr", lr)
             if head.plateau_done(lr):
                 self.stopped[name] = self.current_epoch
-                log.info(
-                    "head %s: learning rate %.2g < min_lr, its training stops after epoch %d",
-                    name,
-                    lr,
-                    self.current_epoch + 1,
-                )
+                log.info("head %s: learning rate %.2g < min_lr, its training stops after epoch %d", name, lr,
+                         self.current_epoch + 1)  # fmt: skip
         if all(name in self.stopped for name in self.heads):
             self.trainer.should_stop = True
 
