@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -58,3 +59,14 @@ def test_choosing_an_encoder_chooses_its_natural_map_and_an_explicit_feature_or_
     assert _compose("encoder=clip_micro", "arch=conv4_image_embed").feature.name == "image_embed"
     model = _model("encoder=clip_micro", "encoder.image_size=112")  # builds: the decoder reads a map CLIP returns
     assert list(model.decoder.inputs) == ["layer20"]
+
+
+def test_a_torch_lr_scheduler_is_chosen_by_config_and_refused_beside_the_plateau_schedule() -> None:
+    node = "{_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:2,gamma:0.5}"
+    model = _model(f"model.lr_scheduler={node}")
+    configured = model.configure_optimizers()
+    assert type(configured["lr_scheduler"]["scheduler"]) is torch.optim.lr_scheduler.StepLR
+    assert model.hparams.lr_scheduler == {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 2, "gamma": 0.5}
+    assert "lr_scheduler" not in _model().hparams  # the study's hyperparameters stay as they were
+    with pytest.raises(Exception, match="both set the learning rate"):
+        _model(f"model.lr_scheduler={node}", "schedule=declip")

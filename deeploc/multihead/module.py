@@ -130,6 +130,8 @@ class MultiHeadModule(L.LightningModule):
         """One optimiser (the heads' ``model.optimizer``, which must be the same class) with a parameter group per
         head, holding that head's own options (``lr``, ``weight_decay`` and its optimizer node's)."""
         heads = list(self.heads.values())
+        if any(head.scheduler_factory is not None for head in heads):
+            raise ConfigError("model.lr_scheduler with heads: train the heads one by one (deeploc-train -m arch=...)")
         kinds = {head.hparams.optimizer["_target_"] for head in heads}
         if len(kinds) > 1:
             raise ConfigError(

@@ -137,6 +137,9 @@ class LocalizationModule(L.LightningModule):
             ``optimizer`` node, ``_partial_: true``; default: Adam, the study's).
         loss: the training loss on (logits, soft target masks) (``conf/model``'s ``loss``; default: BCE with
             logits, the study's).
+        lr_scheduler: a factory called with the optimizer (``conf/model``'s ``lr_scheduler``, ``_partial_: true``,
+            e.g. ``torch.optim.lr_scheduler.CosineAnnealingLR``), stepped every epoch (monitoring ``val/iou`` for
+            schedulers that take a value); None: the ``schedule`` alone (the study's constant LR, DeCLIP's plateau).
     """
 
     def __init__(
@@ -153,6 +156,7 @@ class LocalizationModule(L.LightningModule):
         metric_convention: str = DEFAULT_CONVENTION,
         optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
         loss: nn.Module | Mapping[str, Any] | None = None,
+        lr_scheduler: Callable[..., Any] | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_convention(metric_convention)
@@ -161,8 +165,14 @@ class LocalizationModule(L.LightningModule):
         self.encoder = as_encoder(encoder)
         self.decoder = as_decoder(decoder, self.encoder)
         self.optimizer_factory = as_part(optimizer, torch.optim.Adam, partial=True)
+        self.scheduler_factory = as_part(lr_scheduler, None, partial=True)
+        if self.scheduler_factory is not None and schedule != "fixed":
+            raise ValueError(
+                f"model.lr_scheduler and schedule={schedule} both set the learning rate: keep one (schedule=study for "
+                "the lr_scheduler alone)"
+            )
         # Plain values only (checkpoints load with weights_only): the components are recorded, not pickled.
-        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "loss"])
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "loss", "lr_scheduler"])
         if channels_last:
             self.decoder = self.decoder.to(memory_format=torch.channels_last)
         self.loss_fn = as_part(loss, None, partial=False) or nn.BCEWithLogitsLoss()
@@ -172,6 +182,8 @@ class LocalizationModule(L.LightningModule):
             optimizer=part_record(self.optimizer_factory),
             loss=part_record(self.loss_fn),
         )
+        if self.scheduler_factory is not None:  # recorded only when used: the study's hyperparameters stay as they were
+            self.hparams["lr_scheduler"] = part_record(self.scheduler_factory)
         self.val_metrics = LocalizationMetrics(convention=metric_convention)
         self.test_metrics = nn.ModuleList()
         self.test_names: list[str] = []
@@ -325,10 +337,14 @@ class LocalizationModule(L.LightningModule):
         return self.test_results
 
     # --------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(
             self.decoder.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch", "monitor": "val/iou"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
