@@ -138,15 +138,10 @@ class MultiHeadModule(L.LightningModule):
                 f"the heads use different optimizers ({', '.join(sorted(kinds))}); one job has one optimizer with a "
                 "parameter group per head: give the heads the same model.optimizer, or train them one by one"
             )
-        groups = [
-            {
-                **getattr(head.optimizer_factory, "keywords", {}),
-                "params": list(head.decoder.parameters()),
-                "lr": head.hparams.lr,
-                "weight_decay": head.hparams.weight_decay,
-            }
-            for head in heads
+        options = [
+            {**getattr(h.optimizer_factory, "keywords", {}), "weight_decay": h.hparams.weight_decay} for h in heads
         ]
+        groups = [{**o, "params": list(h.decoder.parameters()), "lr": h.hparams.lr} for o, h in zip(options, heads)]
         return heads[0].optimizer_factory(groups)
 
     # -------------------------------------------------------------------- test
