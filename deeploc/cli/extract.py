@@ -42,6 +42,8 @@ _OUTPUT_OVERRIDES = (
     "hydra.run.dir='${paths.output_dir}/extract/${run_label:${hydra.job.override_dirname}}'",
     "hydra.sweep.dir=${paths.output_dir}/extract/sweeps/${sweep_name}",
     "hydra.output_subdir=null",
+    # deeploc-train's pre-launch check refuses a sweep experiment without -m; extracting one configuration of it is fine.
+    "~hydra.callbacks.check_before_launch",
     "++shard=0",  # shard K of num_shards N (defaults: everything); set with shard=K num_shards=N
     "++num_shards=1",
     "++verify=true",  # check the crc32 of every cached entry, recompute the damaged ones; verify=false skips it
