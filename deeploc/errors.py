@@ -8,6 +8,14 @@ bug and keeps its full traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+from pathlib import Path
+
+#: The errors of a write that found no space: a full disk, an exhausted quota, a file size limit.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
 
 class DeeplocError(Exception):
     """Base class of the errors deeploc raises about its input; the message names the file or key and the fix."""
@@ -15,6 +23,36 @@ class DeeplocError(Exception):
 
 class ConfigError(DeeplocError, ValueError):
     """A setting that cannot be used: the message names the config key (as typed on the command line) and the fix."""
+
+
+class DiskFullError(DeeplocError, OSError):
+    """No space to write a file: the message names the folder, the space needed and free, and DEEPLOC_OUTPUTS."""
+
+    def __init__(self, path: str | os.PathLike[str], needed: int | None, code: int = errno.ENOSPC) -> None:
+        folder = Path(path).parent
+        try:
+            free = _size(shutil.disk_usage(folder).free)
+        except OSError:
+            free = "unknown"
+        wanted = f"{_size(needed)} needed, " if needed is not None else ""
+        self.message = (
+            f"no space left to write {Path(path).name} in {folder} ({wanted}{free} free): free space there, or write "
+            "deeploc's outputs to a larger disk with DEEPLOC_OUTPUTS=/a/larger/disk (or paths.output_dir=...); "
+            "nothing half-written is left, and the same command then resumes"
+        )
+        super().__init__(code, self.message, str(path))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _size(count: int) -> str:
+    """A byte count for people: ``3.2 MB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"  # pragma: no cover
 
 
 def deeploc_error(exc: BaseException) -> BaseException | None:

@@ -7,6 +7,8 @@ FAULT is one of
                                  (its bytes are written: the worst moment for an interruption);
   disk-full-on-checkpoint-write  the disk fills up (RLIMIT_FSIZE: writes past 64 KiB fail with EFBIG, as ENOSPC
                                  would) as soon as a file in a ``checkpoints/`` folder is opened for writing;
+  disk-full-in-wandb-media       the disk is full when W&B copies a logged image into its run folder (an open for
+                                 writing under ``wandb/.../media/`` fails with ENOSPC, as a full disk would);
   kill-before-nth-rename         SIGKILL the process as a file whose path matches the regular expression
                                  ``$FAULT_PATH`` is about to be renamed into place for the ``$FAULT_COUNT``-th time
                                  (e.g. the second epoch-end checkpoint of one run directory).
@@ -16,6 +18,7 @@ The hooks are Python audit hooks (PEP 578): the process, its files and the failu
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -42,6 +45,15 @@ def _disk_full_on_checkpoint_write(event: str, args: tuple[Any, ...]) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
+def _disk_full_in_wandb_media(event: str, args: tuple[Any, ...]) -> None:
+    if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path, mode, flags = os.fsdecode(args[0]), args[1], args[2]
+    writing = ("w" in mode or "a" in mode or "+" in mode) if isinstance(mode, str) else bool(flags & _WRITE_FLAGS)
+    if writing and f"{os.sep}wandb{os.sep}" in path and f"{os.sep}media{os.sep}" in path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
 _renames = {"seen": 0}
 
 
@@ -56,6 +68,7 @@ FAULTS = {
     "kill-before-checkpoint-rename": _kill_before_checkpoint_rename,
     "disk-full-on-checkpoint-write": _disk_full_on_checkpoint_write,
     "kill-before-nth-rename": _kill_before_nth_rename,
+    "disk-full-in-wandb-media": _disk_full_in_wandb_media,
 }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -76,6 +78,10 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path,
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert failed.value.errno == errno.EFBIG
+    # One line for the user: the folder, the space needed and free, and where else to write.
+    message = str(failed.value)
+    assert f"no space left to write last.ckpt in {target.parent} (" in message and " needed, " in message
+    assert " free)" in message and "DEEPLOC_OUTPUTS" in message and "resumes" in message
     assert target.read_bytes() == before
     assert torch.load(target, map_location="cpu", weights_only=True)["global_step"] == 1
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # the partial file is gone
@@ -93,6 +99,7 @@ def _system_temp(tmp_path: Path) -> Path:
 
 def _run_with_fault(fault: str, args: list[str], workdir: Path, system_temp: Path) -> subprocess.CompletedProcess:
     env = {**env_for(workdir), "TMPDIR": str(system_temp)}
+    env.pop("HYDRA_FULL_ERROR")  # as a user runs it: deeploc's one-line errors
     script = Path(__file__).with_name("faults.py")
     return subprocess.run(
         [sys.executable, str(script), fault, "deeploc.cli.train", *args],
@@ -119,7 +126,9 @@ def test_disk_full_or_kill_during_a_checkpoint_write_never_costs_the_previous_on
     try:
         # The disk fills up while the second epoch's checkpoint is written: the run fails, saying so.
         proc = _run_with_fault("disk-full-on-checkpoint-write", [*args, "trainer.max_epochs=2"], tmp_path, system_temp)
-        assert proc.returncode != 0 and "File too large" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        (line,) = [line for line in proc.stderr.splitlines() if line.startswith("deeploc-train: no space left")]
+        assert str(checkpoints) in line and "DEEPLOC_OUTPUTS" in line, line
         assert {p.name: _sha(p) for p in checkpoints.iterdir()} == before  # intact, nothing partial left
         assert not any(system_temp.iterdir())
 
@@ -186,3 +195,17 @@ def test_resuming_from_a_checkpoint_of_other_settings_names_the_file_and_how_to_
     assert f"{run_dir / 'checkpoints' / 'last.ckpt'}: checkpoint was trained on encoder" in proc.stderr
     assert f"delete {run_dir / 'checkpoints'}" in proc.stderr and "hydra.run.dir=" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_as_wandb_copies_a_panel_only_switches_wandb_off(shared_workdir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = train_args(shared_workdir, "trainer.max_epochs=2", "overlays=0", "split=in_domain", f"hydra.run.dir={run}")
+    proc = _run_with_fault("disk-full-in-wandb-media", args, tmp_path, _system_temp(tmp_path))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["epochs"] == 2
+    (line,) = [line for line in output.splitlines() if "W&B is off for the rest of this run" in line]
+    assert "no space left to write" in line and " free)" in line and "DEEPLOC_OUTPUTS" in line, line
+    epochs = [row for row in csv.DictReader((run / "csv" / "metrics.csv").open()) if row.get("val/iou")]
+    assert len(epochs) == 2  # the run's other logs went on after W&B was switched off

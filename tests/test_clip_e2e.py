@@ -23,7 +23,7 @@ from deeploc.cli.report import main as report_main
 from deeploc.errors import deeploc_error
 from deeploc.models.decoders import UnknownMapError, count_parameters
 from deeploc.models.encoders.clip import ARCHITECTURES, CLIPEncoder
-from deeploc.training.run import build_model
+from deeploc.training.steps import build_model
 from tests.clip_reference import declip_conv_parameters, declip_fc
 from tests.e2e import TINY_DATA, run_cli, sweep_jobs
 
@@ -194,3 +194,17 @@ def test_a_layer_the_encoder_does_not_return_names_encoder_layers() -> None:
     error = deeploc_error(raised.value)  # what deeploc-train prints, in one line
     assert isinstance(error, UnknownMapError)
     assert re.search(r"\['layer12'\].*provides \['layer20'\].*encoder\.layers=\[20\]", str(error))
+
+
+def test_backbones_experiment_runs_tiny_in_one_command_with_its_own_encoder_keys(
+    shared_workdir: Path, tmp_path: Path
+) -> None:
+    """The documented recipe (conf/experiment/backbones.yaml): backbone.sam2 / backbone.clip choose each family's
+    encoder, so one command trains a SAM2 and a CLIP configuration on the test models."""
+    recipe = ["experiment=backbones", "backbone.sam2=micro", "backbone.clip=clip_micro", "subset_index=0"]
+    recipe += ["arch=conv4_image_embed,conv4_layer20", "trainer.max_epochs=1"]
+    quick = ["split=in_domain", "overlays=0", "logger=csv", "+trainer.limit_train_batches=1"]
+    run_cli("deeploc.cli.train", ["-m", *tiny(shared_workdir, tmp_path / "features", *recipe, *quick)], tmp_path)
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "outputs" / "sweeps" / "backbones").glob("*/metrics.json")]
+    encoders = {(m["config"]["feature"], m["config"]["encoder"]) for m in runs if m["status"] == "finished"}
+    assert encoders == {("image_embed", "sam2.1_hiera_micro"), ("layer20", "clip_micro")}

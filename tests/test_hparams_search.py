@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from deeploc.config import CONF_DIR
 from deeploc.training.hparams import BEST_FILE, RESULTS_FILE
-from deeploc.training.run import best_validation_value
+from deeploc.training.results import best_validation_value
 from tests.e2e import TINY_DATA, run_cli
 
 TRIALS = 3

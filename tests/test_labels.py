@@ -9,7 +9,7 @@ from deeploc.cli.evaluate import format_scores
 from deeploc.data.roles import subset_role, training_phrase
 from deeploc.inference.loading import describe_model
 from deeploc.runs.rundir import RunDir
-from deeploc.training.run import format_results
+from deeploc.training.results import format_results
 
 SUBSETS = ["inpaint-telea", "copy-move", "blur-noise", "splice-jpeg"]
 

@@ -26,7 +26,7 @@ from deeploc.io import write_json_atomic
 from deeploc.metrics import LocalizationMetrics, image_scores, resize_probs
 from deeploc.runs.rundir import RunDir
 from deeploc.training.module import LocalizationModule
-from deeploc.training.run import build_model
+from deeploc.training.steps import build_model
 from tests.e2e import run_cli, train_args
 
 SCORE_KEYS = ("iou", "f1_fixed", "f1_best", "ap")

@@ -183,3 +183,36 @@ def test_training_goes_on_offline_when_the_wandb_server_is_unreachable(shared_wo
     assert any(offline.glob("*.wandb"))  # the run's history, ready for `wandb sync`
     warnings = [line for line in output.splitlines() if "W&B" in line and "127.0.0.1:9" in line]
     assert len(warnings) == 1 and f"wandb sync {offline}" in warnings[0], output[-4000:]
+
+
+def _wandb_runs(run_dir: Path) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(display name, history rows) of every offline W&B run in a run directory."""
+    from tests.wandb_files import history, read_records
+
+    found = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        names = [r.run.display_name for r in read_records(path) if r.WhichOneof("record_type") == "run"]
+        found.append((names[0] if names else "", history(run_dir)))
+    return found
+
+
+def test_a_failed_sweep_job_finishes_its_wandb_run_and_the_next_job_gets_its_own(
+    shared_workdir: Path, tmp_path: Path
+) -> None:
+    """Job 0 fails after its W&B run started (a CLIP map on a SAM2 encoder); job 1 must log into a run of its own, not
+    into job 0's ("a wandb run already in progress ... will reuse this run")."""
+    quick = ["trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "overlays=0"]
+    args = ["-m", *train_args(shared_workdir, "split=in_domain", *quick, "feature=layer20,high_res_feats_1")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "deeploc.cli.train", *args], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "layer20" in output, output[-4000:]  # the sweep reports job 0's failure
+    runs = {path.name: path for path in (tmp_path / "outputs" / "sweeps" / "train").iterdir() if path.is_dir()}
+    failed, trained = (next(p for name, p in runs.items() if f"feature={f}" in name) for f in ("layer20", "high_res"))
+    assert (trained / "metrics.json").is_file() and not (failed / "metrics.json").exists()
+    (failed_run,), (trained_run,) = _wandb_runs(failed), _wandb_runs(trained)
+    assert "feature=layer20" in failed_run[0] and "feature=high_res_feats_1" in trained_run[0]
+    assert not failed_run[1]  # job 0 logged nothing (job 1's metrics went to its own run)
+    assert any("train/loss_epoch" in row for row in trained_run[1]), output[-2000:]

@@ -20,7 +20,8 @@ from deeploc.models.encoders.sam2 import SAM2Encoder
 from deeploc.multihead.heads import check_run_folders, compose_heads
 from deeploc.multihead.job import _build_heads, train_heads
 from deeploc.report.collect import collect_runs
-from deeploc.training.run import build_datamodule, serve_features
+from deeploc.training.run import serve_features
+from deeploc.training.steps import build_datamodule
 from tests.e2e import TINY_DATA
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 encoder .* RANDOM weights")
@@ -92,12 +93,21 @@ def test_decoder_heads_use_the_jobs_feature(job) -> None:
         (["heads=[conv4]", "arch=conv20_image_embed"], "arch=conv20_image_embed would set one for all of them"),
         (["heads=[conv4_image_embed]", "feature=high_res_feats_1"], "head conv4_image_embed (the run"),
         (["heads=[conv4,conv20]", "hydra.run.dir=/tmp/one-folder"], "would write into the job's own folder"),
+        (["heads=[conv4_high_res_feats_1,conv4]"], "the same configuration under two names"),
     ],
 )
 def test_bad_head_lists_are_refused_before_any_work(job, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         cfg = job(overrides)
         check_run_folders(compose_heads(cfg, HydraConfig.get()), Path(HydraConfig.get().runtime.output_dir))
+
+
+def test_deeploc_train_refuses_an_empty_head_list_instead_of_training_one_run(job) -> None:
+    from deeploc.cli.train import train
+
+    # Before the refusal existed, heads=[] trained an ordinary run (here: failing on the missing data folder).
+    with pytest.raises(ConfigError, match=re.escape("heads=[] must be a list of decoder names")):
+        train(job(["heads=[]", "data=dolos", "data.root=/nonexistent/folder"]))
 
 
 def test_a_head_whose_run_would_use_other_shared_settings_is_refused(job, tmp_path: Path) -> None:

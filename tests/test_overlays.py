@@ -16,7 +16,9 @@ from deeploc.config import CONF_DIR
 from deeploc.data.samples import Sample
 from deeploc.runs.rundir import RunDir
 from deeploc.training.callbacks import panel_header
-from deeploc.training.run import build_datamodule, build_model, serve_features, write_overlays
+from deeploc.training.results import write_overlays
+from deeploc.training.run import serve_features
+from deeploc.training.steps import build_datamodule, build_model
 from deeploc.training.test_maps import TestMaps
 from deeploc.visualize import COLORBAR_LABEL, INK, colorbar, outline, panel, title_bar, title_height
 

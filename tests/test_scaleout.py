@@ -29,7 +29,8 @@ from deeploc.cli.report import main as report_main
 from deeploc.config import stable_id
 from deeploc.runs.rundir import REQUEUE_CHECKPOINT, RunDir
 from deeploc.training import cluster
-from deeploc.training.run import resume_path
+from deeploc.training.shards import shard_samples
+from deeploc.training.steps import resume_path
 from tests.e2e import env_for, run_cli
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -487,13 +488,13 @@ def test_shards_are_disjoint_stable_and_complete() -> None:
     from deeploc.data.samples import Sample
 
     samples = [Sample(Path(f"/x/{i}.png"), Path(f"/m/{i}.png"), f"s{i % 3}", "test", f"{i:05d}") for i in range(50)]
-    shards = [cluster.shard_samples(samples, k, 3) for k in range(3)]
+    shards = [shard_samples(samples, k, 3) for k in range(3)]
     assert sorted(s.name + s.subset for part in shards for s in part) == sorted(s.name + s.subset for s in samples)
     assert all(shards)
-    assert cluster.shard_samples(list(reversed(samples)), 1, 3) == list(reversed(shards[1]))
-    assert cluster.shard_samples(samples, 0, 1) == samples
+    assert shard_samples(list(reversed(samples)), 1, 3) == list(reversed(shards[1]))
+    assert shard_samples(samples, 0, 1) == samples
     with pytest.raises(ValueError):
-        cluster.shard_samples(samples, 3, 3)
+        shard_samples(samples, 3, 3)
 
 
 def test_extract_cli_shards_add_up_to_the_full_cache(tmp_path: Path) -> None:

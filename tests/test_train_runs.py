@@ -278,3 +278,74 @@ def test_a_sweep_experiment_without_m_is_refused(tmp_path: Path) -> None:
     proc = _train(tmp_path, ["experiment=paper_table", "encoder=micro"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "Add -m: deeploc-train -m experiment=paper_table encoder=micro" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ divergence, SIGTERM
+
+
+def test_a_diverging_run_stops_with_one_line_naming_model_lr_and_is_recorded_diverged(
+    shared_workdir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = train_args(shared_workdir, "model.lr=1e9", "trainer.max_epochs=3", "overlays=0", "logger=csv")
+    proc = _train(tmp_path, [*args, "split=in_domain", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("deeploc-train: ")]
+    assert "training diverged at epoch 1" in line and "model.lr=1e+09 now" in line, line
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["test"] == {} and metrics["reason"] in line
+    assert metrics["config"]["lr"] == 1e9
+
+
+def test_the_divergence_rule() -> None:
+    from deeploc.training.module import divergence
+
+    assert divergence(0.7, 0.69) == "" and divergence(600.0, 0.69) == ""
+    assert "not finite" in divergence(float("nan"), 0.69) and "not finite" in divergence(float("inf"), 0.69)
+    assert "over 1000 x the first step's 0.69" in divergence(1e20, 0.69)
+
+
+def test_sigterm_mid_run_prints_one_line_and_exits_143_and_the_same_command_resumes(
+    shared_workdir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = [*train_args(shared_workdir, "trainer.max_epochs=200", "overlays=0", "logger=csv"), "split=in_domain"]
+    args.append(f"hydra.run.dir={run_dir}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deeploc.cli.train", *args], cwd=tmp_path, env=_compact_env(tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "checkpoints/last.ckpt").exists():
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(15)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("deeploc-train: ")]
+    assert "stopped by SIGTERM at epoch" in line and "the same command resumes the run from" in line, line
+    assert "Traceback" not in stderr and not (run_dir / "metrics.json").exists()
+
+
+def test_a_settings_error_every_sweep_job_shares_is_refused_once_before_any_job(tmp_path: Path) -> None:
+    proc = _train(tmp_path, ["-m", "model.lr=-1", "seed=1,2", "encoder=micro"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Error executing job" not in proc.stderr  # Hydra's line before deeploc's: gone
+    lines = [line for line in proc.stderr.splitlines() if "model.lr=-1" in line]
+    assert lines == ["deeploc-train: model.lr=-1 must be a number >= 0"], proc.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists()  # no job started: no sweep folder, no stub run directories
+    single = _train(tmp_path, ["model.lr=-1", "encoder=micro"])
+    assert single.returncode == 1 and "Error executing job" not in single.stderr
+    assert not (tmp_path / "outputs").exists()  # a refused run leaves no stub run directory
+
+
+def test_a_job_error_in_a_sweep_is_one_line_naming_the_job(tmp_path: Path) -> None:
+    proc = _train(tmp_path, ["-m", "data=dolos", f"data.root={tmp_path / 'nowhere'}", "seed=1", "encoder=micro"])
+    assert proc.returncode == 1 and "Error executing job" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("deeploc-train: ")]
+    assert str(tmp_path / "nowhere") in line and line.endswith(
+        "(job ['data=dolos', " + repr(f"data.root={tmp_path / 'nowhere'}") + ", 'seed=1', 'encoder=micro'])"
+    ), line

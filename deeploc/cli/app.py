@@ -92,7 +92,9 @@ def import_plugins(args: argparse.Namespace) -> None:
 
 
 def run_hydra_app(prog: str, app: Callable[[], Any]) -> None:
-    """Run a ``@hydra.main`` function; errors a user can fix end the process with one line and exit status 1."""
+    """Run a ``@hydra.main`` function; errors a user can fix end the process with one line and exit status 1 (a
+    diverged run too); a ``SystemExit`` carrying a ``console_line`` (a run stopped by SIGTERM: status 143) prints that
+    line and keeps its status."""
     verbose = VERBOSE_FLAG in sys.argv[1:]
     if verbose:
         sys.argv.remove(VERBOSE_FLAG)
@@ -103,14 +105,56 @@ def run_hydra_app(prog: str, app: Callable[[], Any]) -> None:
         app()
         return
     os.environ.update({"HYDRA_FULL_ERROR": "1", _COMPACT_ENV: "1"})
+    stderr = sys.stderr
+    sys.stderr = hydra_line = _WithoutHydraJobLine(stderr)
     try:
         app()
+    except SystemExit as exc:  # a run stopped by SIGTERM (exit 143), settings refused before launch (exit 1)
+        line = getattr(exc, "console_line", None)
+        if not line:
+            raise
+        print(f"{prog}: {line}", file=stderr)
+        raise SystemExit(exc.code if isinstance(exc.code, int) else 1) from None
     except Exception as exc:
         message = error_message(exc)
         if message is None:
+            hydra_line.restore()
             raise
-        print(f"{prog}: {message}", file=sys.stderr)
+        job = f" (job {hydra_line.overrides})" if hydra_line.overrides and _multirun() else ""
+        print(f"{prog}: {message}{job}", file=stderr)
         raise SystemExit(1) from None
+    finally:
+        sys.stderr = stderr
+
+
+_HYDRA_JOB_LINE = "Error executing job with overrides: "
+
+
+class _WithoutHydraJobLine:
+    """``sys.stderr`` without Hydra's "Error executing job with overrides: [...]" line, which it writes before
+    re-raising a job's error: deeploc's own line is the one line (with the job's overrides in a sweep). An error
+    that is not a user's (a bug) gets the line back before its traceback."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.overrides: str | None = None
+
+    def write(self, text: str) -> int:
+        if text.startswith(_HYDRA_JOB_LINE):
+            self.overrides = text[len(_HYDRA_JOB_LINE) :].strip()
+            return len(text)
+        return self.stream.write(text)
+
+    def restore(self) -> None:
+        if self.overrides is not None:
+            self.stream.write(f"{_HYDRA_JOB_LINE}{self.overrides}\n")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _multirun() -> bool:
+    return any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
 
 
 def error_message(exc: BaseException) -> str | None:

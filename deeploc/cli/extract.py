@@ -19,7 +19,7 @@ the damaged ones, listing them (training itself only runs the cheap header/size 
 when it reads it, naming the file). ``verify=false`` skips that check (it reads the whole store once).
 
 Split across jobs: ``shard=K num_shards=N`` extracts only shard K of N of the samples (disjoint shards, together all
-of them; :func:`deeploc.cluster.shard_samples`); the per-image entries of the shards add up to the full cache, e.g.
+of them; :func:`deeploc.training.shards.shard_samples`); the per-image entries of the shards add up to the full cache, e.g.
 ``deeploc-extract -m hydra/launcher=slurm shard=0,1,2,3 num_shards=4 ...`` (docs/cluster.md).
 """
 
@@ -43,6 +43,8 @@ _OUTPUT_OVERRIDES = (
     "hydra.run.dir='${paths.output_dir}/extract/${run_name:${hydra.overrides.task},${hydra.job.config.override_dirname.exclude_keys}}'",
     "hydra.sweep.dir=${paths.output_dir}/extract/sweeps/${sweep_name}",
     "hydra.output_subdir=null",
+    # deeploc-train's pre-launch check refuses a sweep experiment without -m; extracting one configuration of it is fine.
+    "~hydra.callbacks.check_before_launch",
     "++shard=0",  # shard K of num_shards N (defaults: everything); set with shard=K num_shards=N
     "++num_shards=1",
     "++verify=true",  # check the crc32 of every cached entry, recompute the damaged ones; verify=false skips it
@@ -53,9 +55,10 @@ def extract(cfg: DictConfig) -> dict[str, Any]:
     """Fill the feature store the run described by ``cfg`` reads; returns a summary."""
     from deeploc.features.extraction import FeatureCache
     from deeploc.features.serving import decide, stream_without_cache
-    from deeploc.training.cluster import shard_samples
-    from deeploc.training.run import build_datamodule, extraction_device
+    from deeploc.training.run import extraction_device
     from deeploc.training.settings import check_settings
+    from deeploc.training.shards import shard_samples
+    from deeploc.training.steps import build_datamodule
 
     check_settings(cfg)  # the same checks of settings as deeploc-train, before any work
     shard, num_shards = int(cfg.get("shard") or 0), int(cfg.get("num_shards") or 1)
@@ -94,7 +97,7 @@ def _encoder_and_maps(cfg: DictConfig) -> tuple[Any, tuple[str, ...]]:
     (``heads=[...]``) the maps every head reads."""
     from hydra.core.hydra_config import HydraConfig
 
-    from deeploc.training.run import build_model
+    from deeploc.training.steps import build_model
 
     if not cfg.get("heads"):
         model = build_model(cfg)

@@ -15,7 +15,8 @@ from deeploc.config import CONF_DIR
 from deeploc.console import quiet_console
 from deeploc.errors import deeploc_error
 from deeploc.registry import import_modules
-from deeploc.training.run import best_validation_value
+from deeploc.training.backbones import choose_backbone
+from deeploc.training.results import best_validation_value
 from deeploc.training.run import train as train_single
 from deeploc.training.settings import check_choices, check_config
 
@@ -25,9 +26,10 @@ log = logging.getLogger("deeploc.training.run")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; returns the content of the run's metrics.json. With ``heads`` set, train
     every head on one stream of batches instead (:mod:`deeploc.multihead`); returns ``{"heads": {name: metrics}}``."""
+    choose_backbone(cfg, HydraConfig.get())  # experiment=backbones: backbone.<family>=<encoder>
     check_config(cfg)
     check_choices(HydraConfig.get())
-    if cfg.get("heads"):
+    if cfg.get("heads") is not None:  # heads=[] too: refused by the job, never an ordinary run
         from deeploc.multihead.job import train_heads
 
         return train_heads(cfg)

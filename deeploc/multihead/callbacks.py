@@ -1,10 +1,9 @@
-"""What makes each head of a multi-head job a run of its own: checkpoints, best values, loggers, epoch lines.
+"""What makes each head of a multi-head job a run of its own: its checkpoints (:class:`HeadCheckpoint`), its
+bookkeeping (:class:`HeadsBook`: best values, epoch lines, W&B panels) and its loggers (:class:`HeadLoggers`).
 
-Every head's checkpoint is the one its single run would write (:func:`head_checkpoint`): the head's decoder
-tensors, its optimiser state (its parameter group, renumbered as a one-group Adam), its callbacks' states under the
-single run's keys, its hyperparameters and deeploc record, and the loop state of the job (the same batches, so the
-same epoch and step as the single run). ``LocalizationModule.load_from_checkpoint``, deeploc.inference.loading and a single
-run resuming from it read it unchanged.
+Every head's checkpoint is the one its single run would write (:func:`head_checkpoint`): its decoder tensors, its
+parameter group's optimiser state, its callbacks' states under the single run's keys, its hyperparameters and
+record, and the job's loop state (the same batches: the same epoch and step).
 """
 
 from __future__ import annotations
@@ -20,15 +19,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from deeploc.training.callbacks import BestValidation, PredictionPanel, epoch_line
+from deeploc.metrics import optimized_metrics
+from deeploc.training.callbacks import BestValidation, PredictionPanel, epoch_line, switch_off_wandb
 from deeploc.training.cluster import RequeueOnSignal
 
 __all__ = [
-    "HeadBestValidation",
     "HeadCheckpoint",
-    "HeadEpochSummary",
     "HeadLoggers",
-    "HeadPredictionPanel",
+    "HeadsBook",
     "JobRequeue",
     "head_checkpoint",
     "optimizer_group_state",
@@ -64,10 +62,14 @@ def head_checkpoint(trainer: L.Trainer, head: str) -> dict[str, Any]:
     checkpoint = {key: value for key, value in job.items() if key not in shared}
     checkpoint["state_dict"] = {k[len(prefix) :]: v for k, v in job["state_dict"].items() if k.startswith(prefix)}
     checkpoint["optimizer_states"] = [optimizer_group_state(job["optimizer_states"][0], module.head_index(head))]
+    book = next(c for c in trainer.callbacks if isinstance(c, HeadsBook))
     checkpoint["callbacks"] = {
-        callback.single_state_key: callback.single_state()
-        for callback in trainer.callbacks
-        if getattr(callback, "head", None) == head
+        **book.single_states(head),
+        **{
+            c.single_state_key: c.single_state()
+            for c in trainer.callbacks
+            if isinstance(c, HeadCheckpoint) and c.head == head
+        },
     }
     checkpoint["hparams_name"] = own._hparams_name
     checkpoint["hyper_parameters"] = dict(own.hparams)
@@ -82,10 +84,12 @@ class HeadCheckpoint(ModelCheckpoint):
     Args:
         head: the head's name.
         single_state_key: the state key of this callback in the single run (its checkpoint stores the state there).
-        kwargs: the single run's ``ModelCheckpoint`` arguments (``monitor`` as the single run names it).
+        kwargs: the single run's ``ModelCheckpoint`` arguments (``monitor`` as the single run names it; Hydra's
+            ``_target_`` and the like are left out).
     """
 
     def __init__(self, head: str, single_state_key: str, **kwargs: Any) -> None:
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         self.head = head
         self.single_state_key = single_state_key
         self.single_monitor = kwargs.get("monitor")
@@ -108,25 +112,81 @@ class HeadCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = filepath
 
 
-class HeadBestValidation(BestValidation):
-    """:class:`~deeploc.training.callbacks.BestValidation` of one head."""
+class HeadsBook(PredictionPanel):
+    """The per-head bookkeeping of a multi-head job in one callback, heads by name (as dinov2 keeps its grid of
+    linear heads): each training head's best validation values (its single run's ``BestValidation`` state, saved
+    in its checkpoints), its epoch line (``epoch_lines``), and its W&B panels at its single run's epochs in its own
+    W&B run (``panels``: the configured ``PredictionPanel``, or None), one encoder pass drawing every head's."""
 
-    single_state_key = BestValidation.__qualname__
+    def __init__(
+        self,
+        heads: Sequence[str],
+        loggers: Mapping[str, Sequence[Logger]],
+        panels: PredictionPanel | None = None,
+        epoch_lines: bool = True,
+    ) -> None:
+        super().__init__(panels.every_n_epochs, panels.n_images) if panels else super().__init__()
+        self.panels = panels is not None
+        self.epoch_lines = epoch_lines
+        self.best = {name: BestValidation(optimized_metrics()) for name in heads}
+        self.wandb = {name: [lg for lg in lgs if isinstance(lg, WandbLogger)] for name, lgs in loggers.items()}
 
-    def __init__(self, head: str, directions: dict[str, str]) -> None:
-        super().__init__(directions)
-        self.head = head
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {name: best.state_dict() for name, best in self.best.items()}
 
-    @property
-    def state_key(self) -> str:
-        return f"{self.head}/{self.single_state_key}"
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, best in self.best.items():
+            best.load_state_dict(state_dict.get(name, {}))
 
-    def single_state(self) -> dict[str, Any]:
-        return self.state_dict()
+    def single_states(self, head: str) -> dict[str, Any]:
+        """Head ``head``'s callback states under its single run's keys (for its checkpoints)."""
+        return {BestValidation.__qualname__: self.best[head].state_dict()} if head in self.best else {}
 
+    # ------------------------------------------------------------ epoch lines
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self.epoch_lines and trainer.is_global_zero):
+            return
+        seconds = time.perf_counter() - getattr(self, "_start", time.perf_counter())
+        groups = trainer.optimizers[0].param_groups
+        for name, _ in pl_module.training_heads():
+            metrics = {k: float(v) for k, v in _head_metrics(trainer.callback_metrics, name).items()}
+            lr = groups[pl_module.head_index(name)]["lr"]
+            log.info("%s: %s", name, epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
+
+    # ------------------------------------------------------- best validation
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and pl_module.trains(self.head):
-            self.update(_head_metrics(trainer.callback_metrics, self.head))
+        if trainer.sanity_checking:
+            return
+        for name, best in self.best.items():
+            if pl_module.trains(name):
+                best.update(_head_metrics(trainer.callback_metrics, name))
+
+    # ----------------------------------------------------------------- panels
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.panels:
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.panels:
+            super().on_test_end(trainer, pl_module)
+
+    def targets(self, trainer: L.Trainer, pl_module: Any, training: bool) -> list[tuple[Any, list[WandbLogger]]]:
+        heads = pl_module.training_heads() if training else pl_module.heads.items()
+        return [(head, self.wandb.get(name, [])) for name, head in heads]
+
+    def wandb_failed(self, trainer: L.Trainer, exc: OSError, needed: int) -> None:
+        """W&B off for every head: no more panels, and the heads' loggers keep their other loggers only."""
+        self.wandb = {name: [] for name in self.wandb}
+        for logger in trainer.loggers:
+            if isinstance(logger, HeadLoggers):
+                logger.heads = {
+                    n: [lg for lg in lgs if not isinstance(lg, WandbLogger)] for n, lgs in logger.heads.items()
+                }
+        switch_off_wandb(trainer, exc, needed)
 
 
 class JobRequeue(RequeueOnSignal):
@@ -139,36 +199,6 @@ class JobRequeue(RequeueOnSignal):
 
     def checkpoint_path(self, trainer: L.Trainer) -> Path:
         return self.folder / self.filename
-
-
-class HeadEpochSummary(L.Callback):
-    """One line per head and epoch: the single run's epoch line, after the head's name."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        seconds = time.perf_counter() - getattr(self, "_start", time.perf_counter())
-        groups = trainer.optimizers[0].param_groups
-        for name, _ in pl_module.training_heads():
-            metrics = {k: float(v) for k, v in _head_metrics(trainer.callback_metrics, name).items()}
-            lr = groups[pl_module.head_index(name)]["lr"]
-            log.info("%s: %s", name, epoch_line(trainer.current_epoch, trainer.max_epochs, metrics, lr, seconds))
-
-
-class HeadPredictionPanel(PredictionPanel):
-    """Each head's W&B panels into that head's own W&B run, at the epochs and in the form of a single run's
-    (:class:`~deeploc.training.callbacks.PredictionPanel`); one encoder pass (or the cached maps) draws every head's."""
-
-    def __init__(self, loggers: Mapping[str, Sequence[Logger]], every_n_epochs: int = 5, n_images: int = 4) -> None:
-        super().__init__(every_n_epochs, n_images)
-        self.wandb = {name: [lg for lg in lgs if isinstance(lg, WandbLogger)] for name, lgs in loggers.items()}
-
-    def targets(self, trainer: L.Trainer, pl_module: Any, training: bool) -> list[tuple[Any, list[WandbLogger]]]:
-        heads = pl_module.training_heads() if training else pl_module.heads.items()
-        return [(head, self.wandb.get(name, [])) for name, head in heads]
 
 
 class HeadLoggers(Logger):
@@ -211,10 +241,8 @@ class HeadLoggers(Logger):
 
     @rank_zero_only
     def save(self) -> None:
-        for logger in self.all_loggers():
-            logger.save()
+        _ = [logger.save() for logger in self.all_loggers()]
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        for logger in self.all_loggers():
-            logger.finalize(status)
+        _ = [logger.finalize(status) for logger in self.all_loggers()]

@@ -1,12 +1,8 @@
 """The heads of a multi-head job, each composed by Hydra as the single run it stands for.
 
-Head ``H`` of a job launched with task overrides ``O`` is the single run ``O - heads + arch=H`` (or ``decoder=H``
-when ``H`` is a ``conf/decoder`` choice), with ``experiment=<head_experiment>`` in place of the job's experiment
-when the config sets ``head_experiment`` (``experiment=paper_table_multihead``'s heads are ``experiment=paper_table``
-runs). Its config and run directory are composed by Hydra's own config loader from the same conf/, the job's Hydra
-overrides and these task overrides, exactly as for that single run; so a head's directory is the one
-``deeploc-train <O - heads> arch=H`` uses, and the report, eval, export, predict and a re-run of that command all
-find it.
+Head ``H`` of a job launched with task overrides ``O`` is the single run ``O - heads + arch=H`` (or ``decoder=H``),
+with ``experiment=<head_experiment>`` in place of the job's experiment when set. Hydra's own config loader composes
+it from the same conf/ and the job's Hydra overrides, so its run directory is the one that single run uses.
 
 Heads share one stream of batches, so every setting but the decoder, its map, the optimiser and schedule
 (``model``) and the per-run folders must be the job's (:func:`check_shared`).
@@ -126,6 +122,7 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
         )
     shared = _plain(cfg)
     heads = []
+    trained: dict[str, str] = {}  # what a head trains (decoder, its map, model settings) -> its name
     for name in names:
         overrides = head_overrides(task, _choice(name, hydra), cfg.get("head_experiment"))
         head = _compose(name, overrides, hydra)
@@ -141,6 +138,14 @@ def compose_heads(cfg: DictConfig, hydra: DictConfig) -> list[Head]:
                 "does with head_experiment: paper_table)"
             )
         check_shared(shared, head)
+        what = repr([_plain(head.cfg[key]) for key in ("decoder", "feature", "model")])
+        if what in trained:
+            raise ConfigError(
+                f"heads {trained[what]} and {name} are the same configuration under two names (decoder "
+                f"{head.cfg.decoder.get('_target_', '?').rsplit('.', 1)[-1]} on {head.cfg.feature.name}, the same "
+                "model settings): it would train twice; keep one of them"
+            )
+        trained[what] = name
         heads.append(head)
     return heads
 
@@ -198,14 +203,11 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where two plain configs differ."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        out = []
-        for key in dict.fromkeys([*a, *b]):
-            out += _differences(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config as ``{dotted key: value}`` (an empty mapping is a value)."""
+    if isinstance(cfg, Mapping) and cfg:
+        return {k: v for key, item in cfg.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): cfg}
 
 
 def check_shared(job: Mapping[str, Any], head: Head) -> None:
@@ -217,21 +219,15 @@ def check_shared(job: Mapping[str, Any], head: Head) -> None:
     other = {k: v for k, v in theirs.items() if k not in skip}
     for cfg in (mine, other):
         cfg["trainer"] = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in OWN_TRAINER_KEYS}
-    keys = _differences(mine, other)
+    mine, other = _flat(mine), _flat(other)
+    keys = [k for k in dict.fromkeys([*mine, *other]) if mine.get(k, "<absent>") != other.get(k, "<absent>")]
     if keys:
-        details = "; ".join(f"{k}: {_select(other, k)!r} (job: {_select(mine, k)!r})" for k in keys[:5])
+        details = "; ".join(f"{k}: {other.get(k, '<absent>')!r} (job: {mine.get(k, '<absent>')!r})" for k in keys[:5])
         raise ConfigError(
             f"head {head.name} (the run {' '.join(head.overrides)}) differs from the job in settings the heads share: "
             f"{details}. The heads of a job train on one stream of batches; train this one on its own "
             f"(deeploc-train {' '.join(head.overrides)}) or make the settings equal"
         )
-
-
-def _select(cfg: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = node.get(part, "<absent>") if isinstance(node, Mapping) else "<absent>"
-    return node
 
 
 def head_inputs(heads: Sequence[Head], encoder: Any) -> tuple[str, ...]:

@@ -1,15 +1,10 @@
-"""A multi-head job (``deeploc-train heads=[...]``): train several heads on one stream of batches, then test them,
-and write each head's run directory exactly as its single run would.
+"""A multi-head job (``deeploc-train heads=[...]``): train the heads on one stream of batches, test them, and write
+each head's run directory exactly as its single run would.
 
-* The job's own folder (Hydra's output directory for the job) holds its log, its lock and, while it runs, its
-  checkpoint (``checkpoints/last.ckpt``: every head, written after the heads' own checkpoints at each epoch end;
-  ``requeue.ckpt`` on a scheduler's signal). An interrupted job resumes from it at the epoch boundary; it is deleted
-  when the job has finished every head. ``heads.json`` lists the heads and their run directories.
-* A finished head is skipped (``if_finished=eval`` re-tests it, ``=retrain`` trains it again), as its single run
-  would be; the others train together. A head whose run directory holds an unfinished single run's checkpoints
-  starts over (the job's batches cannot continue another run's epochs); the log says so.
-* Locks: the job's folder and every head's run directory, so a single run on the same directory is refused while
-  the job runs (and the other way round).
+* The job's folder holds its log, its lock, ``heads.json`` and, while it runs, its checkpoint of every head
+  (``checkpoints/last.ckpt``, ``requeue.ckpt`` on a scheduler's signal), from which it resumes at an epoch boundary.
+* A finished head is skipped (``if_finished`` as for its single run); a head whose run directory holds an unfinished
+  single run's checkpoints starts over (the log says so). The job's folder and every head's are locked.
 """
 
 from __future__ import annotations
@@ -31,22 +26,19 @@ from omegaconf import DictConfig, OmegaConf
 from deeploc.config import to_primitive
 from deeploc.errors import ConfigError, DeeplocError, deeploc_error
 from deeploc.io import write_json_atomic
-from deeploc.metrics import optimized_metrics
-from deeploc.multihead.callbacks import (
-    HeadBestValidation,
-    HeadCheckpoint,
-    HeadEpochSummary,
-    HeadLoggers,
-    HeadPredictionPanel,
-    JobRequeue,
-)
+from deeploc.multihead.callbacks import HeadCheckpoint, HeadLoggers, HeadsBook, JobRequeue
 from deeploc.multihead.heads import Head, check_run_folders, compose_heads
 from deeploc.multihead.module import MultiHeadModule
 from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.rundir import RunDir
+from deeploc.training import steps
 from deeploc.training.callbacks import EpochSummary, PredictionPanel
+from deeploc.training.cluster import is_first_process
+from deeploc.training.interrupts import stop_on_sigterm
 from deeploc.training.loggers import build_loggers, continue_history
+from deeploc.training.results import finish_runs, run_results
+from deeploc.training.run import serve_features
 from deeploc.training.test_maps import TestMaps
 
 __all__ = ["train_heads"]
@@ -56,8 +48,6 @@ log = logging.getLogger("deeploc.multihead")
 
 def train_heads(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the heads of ``cfg.heads``; returns ``{"heads": {name: the head's metrics.json}}``."""
-    from deeploc.training.cluster import is_first_process
-    from deeploc.training.run import run_directory, run_lock
 
     if cfg.trainer.get("fast_dev_run"):
         raise ConfigError(
@@ -76,24 +66,23 @@ def train_heads(cfg: DictConfig) -> dict[str, Any]:
             "adapt the encoder; train adapted runs one by one (drop heads=, or set encoder.adapt=frozen)"
         )
     heads = compose_heads(cfg, HydraConfig.get())
-    job = run_directory(cfg)
+    job = steps.run_directory(cfg)
     check_run_folders(heads, job.path)
     with contextlib.ExitStack() as locks:
         if is_first_process():  # the other DDP ranks belong to the same job
             for run in [job, *(head.run for head in heads)]:
                 run.path.mkdir(parents=True, exist_ok=True)
-                locks.enter_context(run_lock(run))
+                locks.enter_context(steps.run_lock(run))
         return _train_heads_in(job, cfg, heads)
 
 
 def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str, Any]:
-    from deeploc.training.run import build_datamodule, check_run_inputs, reuse_decision, write_resolved_config
 
     previous = {head.name: head.run.read_metrics() for head in heads}
     decisions = {}
     for head in heads:
-        check_run_inputs(head.run, head.cfg)
-        decisions[head.name] = reuse_decision(head.run, head.cfg)
+        steps.check_run_inputs(head.run, head.cfg)
+        decisions[head.name] = steps.reuse_decision(head.run, head.cfg)
     active = [head for head in heads if decisions[head.name] != "skip"]
     _write_summary(job, heads, decisions)
     if not active:
@@ -107,11 +96,11 @@ def _train_heads_in(job: RunDir, cfg: DictConfig, heads: list[Head]) -> dict[str
 
     L.seed_everything(cfg.seed, workers=True)
     modules = _build_heads(cfg, active)  # first: a head that cannot be built fails before any other work
-    write_resolved_config(job, cfg)
+    steps.write_resolved_config(job, cfg)
     for head in active:
         head.write_hydra_files()
-        write_resolved_config(head.run, head.cfg)
-    datamodule = build_datamodule(cfg)
+        steps.write_resolved_config(head.run, head.cfg)
+    datamodule = steps.build_datamodule(cfg)
     resume = _resume_point(cfg, job, training)
     loggers = {head.name: build_loggers(_logger_configs(head.cfg)) for head in active}
     step = checkpoint_step(resume) if resume else 0
@@ -137,18 +126,20 @@ def _fit_and_test(
     resume: str | None,
     previous: Mapping[str, Any],
 ) -> dict[str, Any]:
-    from deeploc.training.run import build_trainer, finish_runs, run_results, serve_features
 
     fitted = MultiHeadModule({head.name: modules[head.name] for head in training}) if training else None
     callbacks = _callbacks(cfg, job, training, loggers)
     hparams = {head.name: modules[head.name].hparams_initial for head in active}
-    trainer = build_trainer(cfg, callbacks, [HeadLoggers(loggers, hparams)])
+    trainer = steps.build_trainer(cfg, callbacks, [HeadLoggers(loggers, hparams)])
     tested = MultiHeadModule({head.name: modules[head.name] for head in active})
     features = serve_features(cfg, datamodule, tested.encoder, tested.maps)
     if fitted is not None:
         if resume:
             log.info("resuming the heads from %s", resume)
-        trainer.fit(fitted, datamodule=datamodule, ckpt_path=resume)
+        with stop_on_sigterm(
+            trainer, f"multi-head job {job.path}", f"the same command resumes it from {job.checkpoints}"
+        ):
+            trainer.fit(fitted, datamodule=datamodule, ckpt_path=resume)
         if trainer.interrupted:
             raise KeyboardInterrupt(f"training interrupted; re-run the same command to resume from {job.checkpoints}")
     best = {head.name: head.run.model_checkpoint_after_training() for head in active}
@@ -183,13 +174,12 @@ def _fit_and_test(
 
 def _build_heads(cfg: DictConfig, heads: Sequence[Head]) -> dict[str, Any]:
     """Each head's LocalizationModule, built as its single run builds it, on one shared encoder."""
-    from deeploc.training.run import build_model
 
     encoder = instantiate(cfg.encoder)
     modules = {}
     for head in heads:
         try:
-            modules[head.name] = build_model(head.cfg, encoder=encoder)
+            modules[head.name] = steps.build_model(head.cfg, encoder=encoder)
         except Exception as exc:  # e.g. a decoder reading a map this encoder does not have: say which head
             cause = deeploc_error(exc)
             if not isinstance(cause, DeeplocError):
@@ -226,39 +216,26 @@ def _resume_point(cfg: DictConfig, job: RunDir, training: Sequence[Head]) -> str
 
 
 def _callbacks(cfg: DictConfig, job: RunDir, training: Sequence[Head], loggers: Mapping[str, Any]) -> list[Any]:
-    """The job's callbacks: the configured ones that do not belong to a run (progress bar...), each head's
-    checkpoints and best values, per-head epoch lines and W&B panels, and the job's own checkpoint (last, so that
-    it records the heads' checkpoint states of the epoch)."""
-    shared = []
-    panel = None
-    for node in (cfg.get("callbacks") or {}).values():
-        if node is None:
-            continue
-        callback = instantiate(node)
-        if isinstance(callback, PredictionPanel):
-            panel = HeadPredictionPanel(loggers, callback.every_n_epochs, callback.n_images)
-        elif isinstance(callback, EpochSummary):
-            shared.append(HeadEpochSummary())
-        elif not isinstance(callback, ModelCheckpoint):
-            shared.append(callback)
-    if panel is not None:
-        shared.append(panel)
-    own: list[Any] = []
-    checkpoints: list[Any] = []
-    for head in training:
-        own.append(HeadBestValidation(head.name, optimized_metrics()))
-        for node in (head.cfg.get("callbacks") or {}).values():
-            if node is None:
-                continue
-            single = instantiate(node)
-            if isinstance(single, ModelCheckpoint):
-                options = {k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")}
-                checkpoints.append(HeadCheckpoint(head.name, single.state_key, **options))
+    """The job's callbacks: the configured ones that do not belong to a run (progress bar...), the heads' book (best
+    values, epoch lines, W&B panels), each head's checkpoints, and the job's own checkpoint (last, so that it
+    records the heads' checkpoint states of the epoch)."""
+    configured = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    per_run = (PredictionPanel, EpochSummary, ModelCheckpoint)
+    panels = next((c for c in configured if isinstance(c, PredictionPanel)), None)
+    epoch_lines = any(isinstance(c, EpochSummary) for c in configured)
+    book = HeadsBook([head.name for head in training], loggers, panels, epoch_lines)
+    checkpoints = [
+        HeadCheckpoint(head.name, single.state_key, **OmegaConf.to_container(node, resolve=True))
+        for head in training
+        for node in (head.cfg.get("callbacks") or {}).values()
+        if node is not None and isinstance(single := instantiate(node), ModelCheckpoint)
+    ]
     job_last = ModelCheckpoint(
         dirpath=str(job.checkpoints), filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
         enable_version_counter=False,
     )  # fmt: skip
-    return [*shared, *own, JobRequeue(job.checkpoints), *checkpoints, job_last]
+    shared = [c for c in configured if not isinstance(c, per_run)]
+    return [*shared, book, JobRequeue(job.checkpoints), *checkpoints, job_last]
 
 
 def _logger_configs(cfg: DictConfig) -> dict[str, Any]:
@@ -277,7 +254,10 @@ def _finish_loggers(loggers: Mapping[str, Sequence[Any]]) -> None:
 
     for logger in (lg for lgs in loggers.values() for lg in lgs):
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger._experiment.finish()
+            try:
+                logger._experiment.finish()
+            except Exception as exc:  # W&B trouble never ends the work (e.g. a full disk)
+                log.warning("W&B could not finish a head's run (%s); its offline files may be incomplete", exc)
 
 
 def _load_weights(module: Any, path: Path) -> None:
@@ -290,17 +270,18 @@ def _load_weights(module: Any, path: Path) -> None:
 
 def _training_summary(trainer: L.Trainer, fitted: MultiHeadModule, name: str) -> tuple[Any, dict[str, float], int]:
     """(best val IoU, best value of each validation metric, epochs trained) of head ``name``."""
-    best_score = None
-    best_values: dict[str, float] = {}
-    for callback in trainer.callbacks:
-        if getattr(callback, "head", None) != name:
-            continue
-        if isinstance(callback, HeadCheckpoint) and callback.monitor and callback.best_model_score is not None:
-            best_score = float(callback.best_model_score)
-        if isinstance(callback, HeadBestValidation):
-            best_values = dict(callback.best)
+    scores = [
+        float(c.best_model_score)
+        for c in trainer.callbacks
+        if isinstance(c, HeadCheckpoint) and c.head == name and c.monitor and c.best_model_score is not None
+    ]
+    book = next(c for c in trainer.callbacks if isinstance(c, HeadsBook))
     stopped = fitted.stopped.get(name)
-    return best_score, best_values, trainer.current_epoch if stopped is None else stopped + 1
+    return (
+        (scores[-1] if scores else None),
+        dict(book.best[name].best),
+        (trainer.current_epoch if stopped is None else stopped + 1),
+    )
 
 
 def _write_summary(job: RunDir, heads: Sequence[Head], status: Mapping[str, str]) -> None:

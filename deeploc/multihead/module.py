@@ -1,18 +1,11 @@
-"""``MultiHeadModule``: several decoders trained on one stream of batches, each exactly as in its own run.
+"""``MultiHeadModule``: several decoders (``LocalizationModule`` heads sharing one frozen encoder, in an
+``nn.ModuleDict``) trained on one stream of batches, each exactly as in its own run (docs/multihead.md).
 
-The heads are :class:`~deeploc.training.module.LocalizationModule` instances sharing one frozen encoder. Per batch the maps
-every head reads are computed once (one encoder pass, or one read of the cached maps) and handed to each head. Each
-head keeps what its single run has: its decoder and BatchNorm statistics, its loss, its optimiser state, its
-learning-rate schedule and its metrics.
-
-* One Adam with one parameter group per head. Adam's update of a parameter depends only on that parameter's
-  gradient and state, and the summed loss gives each head's parameters exactly the gradient of that head's loss
-  (the heads share no parameter; d(sum)/d(loss_h) = 1), so each head is updated bit for bit as by its own Adam.
-* DeCLIP's plateau schedule runs per head on that head's parameter group. A head it stops takes no further part:
-  no forward pass (its BatchNorm statistics stay), no gradient (Adam skips parameters without one), no checkpoint,
-  no log; the job stops when every head has stopped.
-* Logged values are ``<head>/<the single run's key>`` (``conv20_image_embed/val/iou``); deeploc.multihead.callbacks
-  routes them to each head's own checkpoints and loggers.
+* Per batch, every map the heads read is computed once (one encoder pass, or one read of the cache).
+* One optimiser with a parameter group per head: the heads share no parameter, so the summed loss gives each head's
+  parameters exactly its own loss's gradient, and Adam updates each parameter from its own gradient and state.
+* DeCLIP's plateau schedule runs per head on its group; a head it stops takes no further part (no forward pass, no
+  gradient, no checkpoint, no log). Logged values are ``<head>/<the single run's key>``.
 """
 
 from __future__ import annotations
@@ -25,9 +18,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from deeploc.errors import ConfigError
 from deeploc.metrics import metric_names
 from deeploc.models.encoders import same_encoder
-from deeploc.training.module import IncompatibleCheckpointError, LocalizationModule, same_decoder
+from deeploc.training.module import IncompatibleCheckpointError, LocalizationModule, TrainingDiverged, same_decoder
 from deeploc.training.test_maps import TestMaps
 
 __all__ = ["MultiHeadModule"]
@@ -96,7 +90,10 @@ class MultiHeadModule(L.LightningModule):
         total = None
         for name, head in self.training_heads():
             logits = self._logits(head, maps)
-            loss = head._loss(logits, batch["mask"])
+            try:
+                loss = head.training_loss(logits, batch["mask"])
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"head {name}: {exc}") from None
             self.log(f"{name}/train/loss", loss, on_step=True, on_epoch=True, batch_size=logits.shape[0])
             total = loss if total is None else total + loss
         assert total is not None, "the trainer should have stopped: every head has stopped"
@@ -106,7 +103,7 @@ class MultiHeadModule(L.LightningModule):
         maps = self.shared_maps(batch)
         for name, head in self.training_heads():
             logits = self._logits(head, maps)
-            loss = head._loss(logits, batch["mask"])
+            loss = head.compute_loss(logits, batch["mask"])
             self.log(f"{name}/val/loss", loss, batch_size=logits.shape[0], sync_dist=True)
             head.val_metrics.update(logits, batch["mask"], batch.get("index"))
 
@@ -117,33 +114,35 @@ class MultiHeadModule(L.LightningModule):
                 self.log(f"{name}/val/{metric}", scores[metric])
             if head.hparams.schedule != "plateau" or self.trainer.sanity_checking:
                 continue
-            lr = head.plateau_step(
-                float(scores["iou"]), [self.trainer.optimizers[0].param_groups[self.head_index(name)]]
-            )
+            group = self.trainer.optimizers[0].param_groups[self.head_index(name)]
+            lr = head.plateau_step(float(scores["iou"]), [group])
             if lr is None:
                 continue
             self.log(f"{name}/lr", lr)
             if head.plateau_done(lr):
                 self.stopped[name] = self.current_epoch
-                log.info(
-                    "head %s: learning rate %.2g < min_lr, its training stops after epoch %d",
-                    name,
-                    lr,
-                    self.current_epoch + 1,
-                )
+                log.info("head %s: learning rate %.2g < min_lr, its training stops after epoch %d", name, lr,
+                         self.current_epoch + 1)  # fmt: skip
         if all(name in self.stopped for name in self.heads):
             self.trainer.should_stop = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = [
-            {
-                "params": list(head.decoder.parameters()),
-                "lr": head.hparams.lr,
-                "weight_decay": head.hparams.weight_decay,
-            }
-            for head in self.heads.values()
+        """One optimiser (the heads' ``model.optimizer``, which must be the same class) with a parameter group per
+        head, holding that head's own options (``lr``, ``weight_decay`` and its optimizer node's)."""
+        heads = list(self.heads.values())
+        if any(head.scheduler_factory is not None for head in heads):
+            raise ConfigError("model.lr_scheduler with heads: train the heads one by one (deeploc-train -m arch=...)")
+        kinds = {head.hparams.optimizer["_target_"] for head in heads}
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"the heads use different optimizers ({', '.join(sorted(kinds))}); one job has one optimizer with a "
+                "parameter group per head: give the heads the same model.optimizer, or train them one by one"
+            )
+        options = [
+            {**getattr(h.optimizer_factory, "keywords", {}), "weight_decay": h.hparams.weight_decay} for h in heads
         ]
-        return torch.optim.Adam(groups)
+        groups = [{**o, "params": list(h.decoder.parameters()), "lr": h.hparams.lr} for o, h in zip(options, heads)]
+        return heads[0].optimizer_factory(groups)
 
     # -------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:

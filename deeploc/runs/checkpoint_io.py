@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from deeploc.errors import DISK_FULL, DiskFullError
 from deeploc.io import atomic_write_bytes
 
 PARTIAL_SUFFIX = ".partial"
@@ -39,7 +40,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Serialised in memory first: torch's zip writer would mask a disk error (ENOSPC) with its own RuntimeError.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(target, [buffer.getbuffer()], suffix=PARTIAL_SUFFIX, fsync=True)
+        try:
+            atomic_write_bytes(target, [buffer.getbuffer()], suffix=PARTIAL_SUFFIX, fsync=True)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:  # one clear line; the previous checkpoint is intact (atomic write)
+                raise DiskFullError(target, buffer.getbuffer().nbytes, exc.errno) from exc
+            raise
         for stale in target.parent.glob(f".*{PARTIAL_SUFFIX}"):
             stale.unlink(missing_ok=True)
 

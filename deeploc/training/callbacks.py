@@ -17,7 +17,9 @@ from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedCo
 from lightning.pytorch.loggers import WandbLogger
 
 from deeploc.data.images import read_mask, read_rgb
+from deeploc.errors import DISK_FULL, DiskFullError
 from deeploc.metrics import image_scores, metric_names
+from deeploc.training.loggers import finish_wandb
 from deeploc.visualize import panel
 
 log = logging.getLogger(__name__)
@@ -251,7 +253,28 @@ class PredictionPanel(L.Callback):
         drawn = render_panels_of([module for module, _ in targets], chosen, maps)
         for (_, loggers), panels in zip(targets, drawn):
             for logger in loggers:
-                logger.log_image(key, panels, step=trainer.global_step, caption=captions)
+                try:
+                    logger.log_image(key, panels, step=trainer.global_step, caption=captions)
+                except OSError as exc:  # e.g. a full disk as W&B copies the image: W&B goes off, training goes on
+                    self.wandb_failed(trainer, exc, sum(p.nbytes for p in panels))
+                    return
+
+    def wandb_failed(self, trainer: L.Trainer, exc: OSError, needed: int) -> None:
+        """W&B could not take a panel: switch W&B off for the rest of the run (:func:`switch_off_wandb`)."""
+        switch_off_wandb(trainer, exc, needed)
+
+
+def switch_off_wandb(trainer: L.Trainer, exc: OSError, needed: int | None = None) -> None:
+    """W&B trouble never ends the work: drop the trainer's W&B loggers, finish the W&B run as far as it can be, and
+    say so in one warning (for a full disk: the folder, the space needed and free, DEEPLOC_OUTPUTS)."""
+    reason = DiskFullError(exc.filename or ".", needed) if exc.errno in DISK_FULL else exc
+    trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
+    finish_wandb(failed=True)
+    log.warning(
+        "W&B is off for the rest of this run: %s. Training goes on; the metrics are in the run's other logs "
+        "(csv/metrics.csv with the default loggers).",
+        reason,
+    )
 
 
 def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:

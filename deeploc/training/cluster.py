@@ -1,7 +1,7 @@
-"""Scale-out glue: checkpoint-and-requeue on a signal, rank discovery for submitit jobs, resume selection, shards.
+"""Scale-out glue: checkpoint-and-requeue on a signal, rank discovery for submitit jobs (shards: deeploc.training.shards).
 
 One owner of the requeue signal
-    :class:`RequeueOnSignal` (added to every Trainer by ``deeploc.train.build_trainer``) owns ``SIGUSR1`` (change
+    :class:`RequeueOnSignal` (added to every Trainer by ``deeploc.training.steps.build_trainer``) owns ``SIGUSR1`` (change
     with ``DEEPLOC_REQUEUE_SIGNAL=USR2`` etc., ``off`` disables it). Its handler only records the signal; at the
     next training-batch end every rank agrees on it (one all-reduce of a flag), all ranks save
     ``<run>/checkpoints/requeue.ckpt`` together, rank 0 asks the scheduler to run the job again, and the process
@@ -28,16 +28,14 @@ Ranks of a submitit local job
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
 import subprocess
 import threading
 import zlib
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning as L
 import torch
@@ -56,7 +54,6 @@ SIGNAL_ENV = "DEEPLOC_REQUEUE_SIGNAL"
 DEFAULT_SIGNAL = "USR1"
 _OFF = {"", "0", "off", "none", "false", "no"}
 
-T = TypeVar("T")
 
 __all__ = [
     "REQUEUE_EXIT_CODE",
@@ -67,8 +64,6 @@ __all__ = [
     "is_first_process",
     "parse_signal",
     "request_requeue",
-    "shard_of",
-    "shard_samples",
     "slurm_job_id",
     "trainer_extras",
 ]
@@ -383,30 +378,3 @@ def is_first_process() -> bool:
     """Whether this process is rank 0 of its job, as the environment says before any Trainer exists (the other
     ranks of a DDP run are started with a non-zero rank variable); True outside any launcher."""
     return all(os.environ.get(name, "0").strip() in ("", "0") for name in _RANK_VARIABLES)
-
-
-# ------------------------------------------------------------------------------------------ resume choice
-
-
-# ------------------------------------------------------------------------------------------------- shards
-
-
-def shard_of(key: str, num_shards: int) -> int:
-    """The shard (0..num_shards-1) of a stable string key (sha1, so every job computes the same split)."""
-    return int(hashlib.sha1(key.encode()).hexdigest()[:12], 16) % num_shards
-
-
-def shard_samples(samples: Sequence[T] | Iterable[T], shard: int, num_shards: int) -> list[T]:
-    """The samples of shard ``shard`` of ``num_shards`` (disjoint, together all of them), keyed by
-    ``subset/split/name`` so the split does not depend on the list order or on where the dataset is mounted."""
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise ValueError(f"shard={shard} must be in 0..num_shards-1 with num_shards >= 1 (num_shards={num_shards})")
-    if num_shards == 1:
-        return list(samples)
-    return [s for s in samples if shard_of(_sample_key(s), num_shards) == shard]
-
-
-def _sample_key(sample: Any) -> str:
-    if all(hasattr(sample, a) for a in ("subset", "split", "name")):
-        return f"{sample.subset}/{sample.split}/{sample.name}"
-    return str(getattr(sample, "image", sample))

@@ -41,7 +41,7 @@ def fixed_overrides(command_line: Iterable[str]) -> list[str]:
 
 
 def _trial_value(run: RunDir, metric: str) -> float | None:
-    from deeploc.training.run import best_validation_value
+    from deeploc.training.results import best_validation_value
 
     return best_validation_value(run.read_metrics(), metric)
 

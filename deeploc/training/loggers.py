@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from deeploc.io import atomic_file
 
-__all__ = ["ResumableCSVLogger", "ResumableTensorBoardLogger", "build_loggers", "continue_history"]
+__all__ = ["ResumableCSVLogger", "ResumableTensorBoardLogger", "build_loggers", "continue_history", "finish_wandb"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,19 @@ def _reset_wandb() -> None:
 
     with contextlib.suppress(Exception):
         wandb.teardown()
+
+
+def finish_wandb(failed: bool = False) -> None:
+    """Finish this process's current W&B run, if any (marked failed with ``failed``): a job must never leave its
+    run open, or the next job of a sweep would log into it ("a wandb run already in progress ... reuse")."""
+    import wandb
+
+    if wandb.run is not None:
+        try:
+            wandb.finish(exit_code=1 if failed else 0)
+        except Exception as exc:  # W&B trouble never ends the work (e.g. a full disk while it writes its files)
+            log.warning("W&B could not finish its run (%s); its offline files may be incomplete", _reason(exc))
+            _reset_wandb()
 
 
 def continue_history(loggers: Iterable[Logger], step: int) -> None:

@@ -7,6 +7,7 @@ both as plain values in its hyperparameters and checkpoints, from which :mod:`de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,10 +26,31 @@ from deeploc.training.test_maps import TestMaps
 SCHEDULES = ("fixed", "plateau")
 
 DecoderFactory = Callable[..., Decoder]
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 class IncompatibleCheckpointError(DeeplocError, RuntimeError):
     """A checkpoint trained with another encoder or decoder than the current config."""
+
+
+class TrainingDiverged(DeeplocError, FloatingPointError):
+    """The training loss diverged (:func:`divergence`); the run is recorded with ``status: diverged``."""
+
+
+#: A training step's loss above this multiple of the first step's loss means divergence (docs/reliability.md).
+DIVERGENCE_FACTOR = 1e3
+
+
+def divergence(loss: float, first: float) -> str:
+    """Why a training step's ``loss`` means the run diverged, or "": the loss is not finite, or it is over
+    :data:`DIVERGENCE_FACTOR` times ``first``, the first training step's loss of the run (a loss that grows a
+    thousandfold from its starting value is not training: e.g. BCE starts near 0.69, and 690 needs logits in the
+    hundreds on the wrong side)."""
+    if not math.isfinite(loss):
+        return f"{loss} (not finite)"
+    if first > 0 and loss > DIVERGENCE_FACTOR * first:
+        return f"{loss:.3g}, over {DIVERGENCE_FACTOR:g} x the first step's {first:.3g}"
+    return ""
 
 
 def as_encoder(encoder: FrozenEncoder | Mapping[str, Any]) -> FrozenEncoder:
@@ -67,6 +89,27 @@ def as_decoder(decoder: Decoder | DecoderFactory | Mapping[str, Any], encoder: F
     return built
 
 
+def as_part(part: Any, default: Any, partial: bool) -> Any:
+    """An optimiser factory or a loss: ``part`` itself, ``default`` for None, or built from its record
+    (``{"_target_": ...}``, e.g. read back from a checkpoint's hyperparameters)."""
+    if part is None:
+        return default
+    if isinstance(part, Mapping):
+        from hydra.utils import instantiate
+
+        return instantiate({**part, "_partial_": partial})
+    return part
+
+
+def part_record(part: Any) -> dict[str, Any]:
+    """A plain record of an optimiser factory (a ``functools.partial``, Hydra's ``_partial_`` node) or a loss:
+    ``{"_target_": <import path>, <keyword>: <value>...}`` (keywords only when they are plain values)."""
+    func = getattr(part, "func", part if isinstance(part, type) else type(part))
+    keywords = getattr(part, "keywords", {})
+    plain = {k: v for k, v in keywords.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return {"_target_": f"{func.__module__}.{func.__qualname__}", **plain}
+
+
 def same_decoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Whether two decoder records build the same architecture (name, options, input maps)."""
     keys = ("name", "class", "options", "feature_specs", "target_stride")
@@ -84,7 +127,7 @@ class LocalizationModule(L.LightningModule):
         encoder: the frozen encoder, or its plain keywords (``FrozenEncoder.init_config()``).
         decoder: the decoder, a factory taking ``feature_specs`` and ``target_stride`` (``conf/decoder`` with
             ``_partial_: true``), or a record (``Decoder.record()``).
-        lr, weight_decay: Adam settings (study: 1e-3, 0).
+        lr, weight_decay: the optimiser's learning rate and weight decay (study: 1e-3, 0).
         schedule: ``fixed`` (the study: constant LR) or ``plateau`` (DeCLIP: LR / ``plateau_factor`` after
             ``plateau_patience`` epochs without val IoU improvement, stop once LR < ``min_lr``).
         channels_last: run the decoder in channels-last memory format (faster convolutions on GPUs).
@@ -95,6 +138,13 @@ class LocalizationModule(L.LightningModule):
             convention's F1 and IoU threshold on the validation split (deeploc.metrics.thresholds).
         keep_predictions: keep the test's probability maps (``eval.save_predictions``), to rescore them later;
             ``prediction_dtype``: how they are saved (``eval.prediction_dtype``: float32, float16, uint8).
+        optimizer: a factory called with the decoder's parameters, ``lr`` and ``weight_decay`` (``conf/model``'s
+            ``optimizer`` node, ``_partial_: true``; default: Adam, the study's).
+        loss: the training loss on (logits, soft target masks) (``conf/model``'s ``loss``; default: BCE with
+            logits, the study's).
+        lr_scheduler: a factory called with the optimizer (``conf/model``'s ``lr_scheduler``, ``_partial_: true``,
+            e.g. ``torch.optim.lr_scheduler.CosineAnnealingLR``), stepped every epoch (monitoring ``val/iou`` for
+            schedulers that take a value); None: the ``schedule`` alone (the study's constant LR, DeCLIP's plateau).
     """
 
     def __init__(
@@ -112,6 +162,9 @@ class LocalizationModule(L.LightningModule):
         metric_conventions: list[str] | None = None,
         keep_predictions: bool = False,
         prediction_dtype: str = "float32",
+        optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
+        loss: nn.Module | Mapping[str, Any] | None = None,
+        lr_scheduler: Callable[..., Any] | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.conventions = check_conventions(metric_conventions or metric_convention)
@@ -119,12 +172,26 @@ class LocalizationModule(L.LightningModule):
             raise ValueError(f"model.schedule={schedule!r} is not one of {SCHEDULES}")
         self.encoder = as_encoder(encoder)
         self.decoder = as_decoder(decoder, self.encoder)
+        self.optimizer_factory = as_part(optimizer, torch.optim.Adam, partial=True)
+        self.scheduler_factory = as_part(lr_scheduler, None, partial=True)
+        if self.scheduler_factory is not None and schedule != "fixed":
+            raise ValueError(
+                f"model.lr_scheduler and schedule={schedule} both set the learning rate: keep one (schedule=study for "
+                "the lr_scheduler alone)"
+            )
         # Plain values only (checkpoints load with weights_only): the components are recorded, not pickled.
-        self.save_hyperparameters(ignore=["encoder", "decoder"])
-        self.hparams.update(encoder=self.encoder.init_config(), decoder=self.decoder.record())
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "loss", "lr_scheduler"])
         if channels_last:
             self.decoder = self.decoder.to(memory_format=torch.channels_last)
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.loss_fn = as_part(loss, None, partial=False) or nn.BCEWithLogitsLoss()
+        self.hparams.update(
+            encoder=self.encoder.init_config(),
+            decoder=self.decoder.record(),
+            optimizer=part_record(self.optimizer_factory),
+            loss=part_record(self.loss_fn),
+        )
+        if self.scheduler_factory is not None:  # recorded only when used: the study's hyperparameters stay as they were
+            self.hparams["lr_scheduler"] = part_record(self.scheduler_factory)
         self.val_metrics = LocalizationMetrics(convention="study", choose=True)
         #: Per convention, the F1 and IoU thresholds chosen at the last validation epoch (saved in checkpoints, so
         #: the best epoch's reach the test).
@@ -141,6 +208,7 @@ class LocalizationModule(L.LightningModule):
         # Frozen weights are rebuilt from config, not stored in checkpoints (see on_load_checkpoint's guard).
         self.strict_loading = False
         self._plateau = {"best": float("-inf"), "bad_epochs": 0}
+        self._first_loss: float | None = None  # the first training step's loss of this process (divergence rule)
 
     # ----------------------------------------------------------------- forward
     def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -187,27 +255,43 @@ class LocalizationModule(L.LightningModule):
             for p, size in zip(probs, sizes)
         ]
 
-    def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        # Masks resized (bilinear, area-aware) to the logit grid, so edge targets are soft as in the study.
+    def compute_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` against ``masks``, resized (bilinear, area-aware) to the logit grid, so edge
+        targets are soft as in the study."""
         target = masks.float()
         if target.shape[-2:] != logits.shape[-2:]:
             target = F.interpolate(target, size=logits.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
-        loss = self.loss_fn(logits.float(), target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        return self.loss_fn(logits.float(), target)
+
+    def training_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """:meth:`compute_loss` of a training step, stopping a diverged run (:func:`divergence`)."""
+        loss = self.compute_loss(logits, masks)
+        value = float(loss.detach())
+        if self._first_loss is None:
+            self._first_loss = value
+        problem = divergence(value, self._first_loss)
+        if problem:
+            raise TrainingDiverged(
+                f"training diverged at epoch {self.current_epoch + 1}, step {self.global_step}: the loss is {problem}. "
+                f"Lower the learning rate: model.lr={self.hparams.lr:g} now (e.g. model.lr={self.hparams.lr / 10:g})"
+            )
         return loss
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(self.served_maps(batch))
-        loss = self._loss(logits, batch["mask"])
+        loss = self.training_loss(logits, batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self(self.served_maps(batch))
         self.log(
-            "val/loss", self._loss(logits, batch["mask"]), prog_bar=True, batch_size=logits.shape[0], sync_dist=True
+            "val/loss",
+            self.compute_loss(logits, batch["mask"]),
+            prog_bar=True,
+            batch_size=logits.shape[0],
+            sync_dist=True,
         )
         self.val_metrics.update(logits, batch["mask"], batch.get("index"))
 
@@ -294,8 +378,14 @@ class LocalizationModule(L.LightningModule):
         return self.test_results
 
     # --------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.param_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(
+            self.param_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch", "monitor": "val/iou"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def param_groups(self) -> Any:
         """What the optimizer trains: the decoder's parameters (frozen encoder: exactly as before adaptation

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
@@ -201,6 +202,36 @@ def check_choices(hydra: DictConfig) -> None:
             f"{source} is a sweep ({grid}) but the command has no -m, so it would train only one configuration of "
             f"it. Add -m: deeploc-train -m {' '.join(overrides)}"
         )
+
+
+class CheckBeforeLaunch(Callback):
+    """Hydra callback (conf/train.yaml): check the settings a run or a whole sweep shares ONCE, before Hydra
+    creates any run directory or starts a job. A problem every job of a sweep would have (``-m model.lr=-1
+    seed=1,2``) is then one line and exit 1, instead of one failure per job and stub run directories; values a
+    sweep varies are checked in each job (:func:`check_config`)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        try:
+            check_choices(config.hydra)
+            check_settings(config)
+        except ConfigError as exc:  # Hydra turns a callback's exceptions into warnings; an exit it lets through
+            raise LaunchRefused(str(exc)) from None
+
+
+class LaunchRefused(SystemExit):
+    """A run or sweep refused before launch: exit 1 with its one ``console_line`` (deeploc.cli.app prints it;
+    without deeploc's app, Python prints the message)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.console_line = message
 
 
 def arch_options() -> list[str]:
