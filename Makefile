@@ -35,12 +35,12 @@ test-all: PYTEST_ARGS += -m "slow or not slow"
 test-all: test ## Run every test, slow ones included
 
 lint: install ## ruff check + format check
-	$(BIN)/ruff check deeploc tests benchmarks
-	$(BIN)/ruff format --check deeploc tests benchmarks
+	$(BIN)/ruff check deeploc tests benchmarks hydra_plugins
+	$(BIN)/ruff format --check deeploc tests benchmarks hydra_plugins
 
 format: install ## Format and autofix with ruff
-	$(BIN)/ruff format deeploc tests benchmarks
-	$(BIN)/ruff check --fix deeploc tests benchmarks
+	$(BIN)/ruff format deeploc tests benchmarks hydra_plugins
+	$(BIN)/ruff check --fix deeploc tests benchmarks hydra_plugins
 
 report: install ## Tables and figures for a sweep: make report SWEEP=outputs/sweeps/paper_table
 	$(BIN)/deeploc-report $(SWEEP)

@@ -30,7 +30,7 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.slow  # ~18 s; default suite: test_redesign_regression, test_multihead (runs equal bit for bit)
+@pytest.mark.slow  # ~18 s; default suite: test_golden, test_multihead (runs equal bit for bit)
 def test_in_domain_runs_are_identical_with_the_same_seed(shared_workdir: Path, tmp_path: Path) -> None:
     first, _ = _train(shared_workdir, tmp_path, "a", "split=in_domain", "subset_index=1", "trainer.max_epochs=2")
     second, _ = _train(shared_workdir, tmp_path, "b", "split=in_domain", "subset_index=1", "trainer.max_epochs=2")
