@@ -21,7 +21,8 @@ from torch import nn
 from deeploc.errors import ConfigError
 from deeploc.metrics import metric_names
 from deeploc.models.encoders import same_encoder
-from deeploc.training.module import IncompatibleCheckpointError, LocalizationModule, TrainingDiverged, same_decoder
+from deeploc.training.components import IncompatibleCheckpointError, TrainingDiverged, same_decoder
+from deeploc.training.module import LocalizationModule
 from deeploc.training.test_maps import TestMaps
 
 __all__ = ["MultiHeadModule"]

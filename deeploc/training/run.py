@@ -27,9 +27,9 @@ from deeploc.runs.checkpoint_io import checkpoint_step
 from deeploc.runs.checkpoints import check_checkpoint_digest
 from deeploc.runs.rundir import RunDir
 from deeploc.training.cluster import is_first_process
+from deeploc.training.components import TrainingDiverged
 from deeploc.training.interrupts import stop_on_sigterm
 from deeploc.training.loggers import continue_history, finish_wandb
-from deeploc.training.module import TrainingDiverged
 from deeploc.training.results import best_score, best_values, diverged_results, finish_runs, run_results
 from deeploc.training.steps import (
     build_datamodule,

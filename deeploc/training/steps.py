@@ -191,7 +191,7 @@ def check_run_inputs(run: RunDir, cfg: DictConfig) -> None:
 def foreign_checkpoint_refused(run: RunDir, checkpoint: str | Path | None) -> Iterator[None]:
     """Name the checkpoint file and how to start over when Lightning loads one this config did not train
     (:class:`deeploc.training.module.IncompatibleCheckpointError`, raised without the file's path)."""
-    from deeploc.training.module import IncompatibleCheckpointError
+    from deeploc.training.components import IncompatibleCheckpointError
 
     try:
         yield
