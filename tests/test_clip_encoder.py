@@ -13,7 +13,7 @@ import warnings
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -275,8 +275,15 @@ def test_conv_decoder_on_clip_maps_gives_256_logits(micro: CLIPEncoder) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ configs
+def _encoder_node(name: str) -> Any:
+    """A conf/encoder file as the encoder node Hydra composes from it (its defaults list chooses other groups)."""
+    node = OmegaConf.load(CONF / name)
+    node.pop("defaults", None)
+    return node
+
+
 def test_encoder_configs_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    micro_cfg = OmegaConf.load(CONF / "clip_micro.yaml")
+    micro_cfg = _encoder_node("clip_micro.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder = instantiate(micro_cfg)
@@ -284,13 +291,13 @@ def test_encoder_configs_build(monkeypatch: pytest.MonkeyPatch) -> None:
     # The test model has ViT-L-14's block indices, so the configs written for ViT-L-14 run on it.
     assert MICRO.layers == ARCHITECTURES["ViT-L-14"].layers
     monkeypatch.delenv("CLIP_CHECKPOINT", raising=False)
-    vitl = OmegaConf.load(CONF / "clip_vitl14.yaml")
+    vitl = _encoder_node("clip_vitl14.yaml")
     assert (vitl["config"], vitl["layers"], vitl["image_size"]) == ("ViT-L-14", [20], 224)
     with pytest.raises(InstantiationException) as refused:
         instantiate(vitl)
     assert re.search(r"encoder.checkpoint is not set.*ViT-L-14\.pt", str(refused.value.__cause__))
     monkeypatch.setenv("CLIP_CHECKPOINT", "/nowhere/ViT-L-14.pt")
-    vitl = OmegaConf.to_container(OmegaConf.load(CONF / "clip_vitl14.yaml"), resolve=True)
+    vitl = OmegaConf.to_container(_encoder_node("clip_vitl14.yaml"), resolve=True)
     assert vitl["_target_"] == "deeploc.models.encoders.clip.CLIPEncoder"
     assert vitl["checkpoint"] == "/nowhere/ViT-L-14.pt"
 

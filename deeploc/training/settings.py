@@ -23,6 +23,7 @@ from deeploc.errors import ConfigError
 from deeploc.features.serving import MODES as FEATURE_MODES
 from deeploc.metrics import CONVENTIONS, optimized_metrics
 from deeploc.metrics.store import PREDICTION_DTYPES
+from deeploc.registry import import_modules
 from deeploc.runs.naming import override_key
 
 IF_FINISHED = ("skip", "eval", "retrain")
@@ -219,6 +220,7 @@ class CheckBeforeLaunch(Callback):
     @staticmethod
     def _check(config: DictConfig) -> None:
         try:
+            import_modules(config.get("plugins"), "plugins")  # their metrics, encoders... are valid settings
             check_choices(config.hydra)
             check_settings(config)
         except ConfigError as exc:  # Hydra turns a callback's exceptions into warnings; an exit it lets through
