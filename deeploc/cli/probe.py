@@ -27,7 +27,7 @@ from deeploc.config import CONF_DIR
 
 # Before the user's overrides (which win): this job's folders and the probe's settings.
 _OVERRIDES = (
-    "hydra.run.dir='${paths.output_dir}/probe/${run_label:${hydra.job.override_dirname}}'",
+    "hydra.run.dir='${paths.output_dir}/probe/${run_name:${hydra.overrides.task},${hydra.job.config.override_dirname.exclude_keys}}'",
     "hydra.sweep.dir=${paths.output_dir}/probe/sweeps/${sweep_name}",
     "++probe.k=10",
     "++probe.bank_size=65536",

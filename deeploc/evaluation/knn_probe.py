@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from deeploc.data.regions import binarise_masks
 from deeploc.errors import ConfigError
-from deeploc.metrics import LocalizationMetrics, metric_names
+from deeploc.metrics import LocalizationMetrics
 
 __all__ = ["MemoryBank", "ProbeSettings", "build_banks", "knn_probabilities", "patch_targets", "probe_scores"]
 
@@ -139,5 +139,5 @@ def probe_scores(
     results = {}
     for name, metric in metrics.items():
         scores = metric.compute()
-        results[name] = {key: float(scores[key]) for key in (*metric_names(), "n_images")}
+        results[name] = {key: float(scores[key]) for key in (*metric.names, "n_images")}
     return results
