@@ -183,7 +183,7 @@ def _rescoring(args: argparse.Namespace) -> bool:
         return False
     if predictions_files(model):
         return True
-    if (model / "metrics.json").is_file():
+    if RunDir(model).metrics_file.is_file():
         print(f"no saved predictions in {model}: scoring with the model (keep them with eval.save_predictions=true "
               "when training, or --save-predictions, to rescore later without it)")  # fmt: skip
     return False
@@ -195,7 +195,7 @@ def _rescore(args: argparse.Namespace) -> int:
     from deeploc.evaluation.scoring import THRESHOLD
 
     folder = Path(args.model)
-    out = Path(args.out) if args.out else folder / "eval" / f"rescored-{'-'.join(args.conventions)}"
+    out = Path(args.out) if args.out else RunDir(folder).eval_root / f"rescored-{'-'.join(args.conventions)}"
     rescored, chosen, written = rescore_into(folder, args.conventions, out)
     trained = rescored.record.get("config") or {}
     print(f"rescored the saved predictions of {folder} (no model, encoder or images used)")

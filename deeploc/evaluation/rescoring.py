@@ -24,8 +24,9 @@ from deeploc.metrics.store import (
     save_predictions,
     write_per_image,
 )
+from deeploc.runs.rundir import METRICS_FILE
 
-RECORDS = ("metrics.json", "eval.json")  # where a run directory / an eval folder records its chosen thresholds
+RECORDS = (METRICS_FILE, "eval.json")  # where a run directory / an eval folder records its chosen thresholds
 
 
 @dataclass(frozen=True)

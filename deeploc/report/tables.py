@@ -241,11 +241,17 @@ def summary_table(matrices: Mapping[Settings, Matrix]) -> list[SummaryRow]:
             m,
             id={k: m.id_stat(k) for k in metric_names()},
             ood={k: m.ood_stat(k) for k in metric_names()},
-            missing={k: m.missing(k) for k in metric_names()},
+            missing={k: m.missing(k) if k in reported_metrics(m) else [] for k in metric_names()},
             n_runs=len(m.paths),
         )
         for m in matrices.values()
     ]
+
+
+def reported_metrics(m: Matrix) -> list[str]:
+    """The metrics some run of `m` reports: a metric its runs' convention does not define (TruFor has no IoU) or
+    that their deeploc did not compute yet leaves no cell missing."""
+    return [k for k in metric_names() if any(m.value(*cell, k) is not None for cell in m.expected())]
 
 
 def config_order(m: Matrix) -> tuple[int, str, int, str]:

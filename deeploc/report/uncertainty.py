@@ -20,7 +20,7 @@ from deeploc.report.collect import ImageScores, image_scores
 from deeploc.report.provenance import LOO, OTHER_KEYS, Settings
 from deeploc.report.render import md_table, num, settings_cells
 from deeploc.report.stats import Block, Interval, PairedResult, bootstrap, holm, paired_test
-from deeploc.report.tables import Cell, Matrix
+from deeploc.report.tables import Cell, Matrix, reported_metrics
 
 NO_SCORES = "no per-image scores"
 NO_RUN = "no run"
@@ -109,14 +109,14 @@ def ci_section(
 ) -> tuple[str, list[list], dict[Settings, dict[str, dict[str, Interval]]]]:
     """The Markdown tables (ID / OOD per metric, then the IoU cells of each matrix), the ci.csv rows and the
     intervals (configuration -> metric -> "ID" / "OOD" / "a→b")."""
-    found = {key: {k: matrix_intervals(data, m, k, how) for k in metric_names()} for key, m in matrices.items()}
-    header = ["configuration", *(f"{w} {metric_label(k)}" for k in metric_names() for w in ("ID", "OOD"))]
+    shown = [k for k in metric_names() if any(k in reported_metrics(m) for m in matrices.values())]
+    found = {key: {k: matrix_intervals(data, m, k, how) for k in shown} for key, m in matrices.items()}
+    header = ["configuration", *(f"{w} {metric_label(k)}" for k in shown for w in ("ID", "OOD"))]
     body = [
-        [m.label, *(ci_text(found[key][k][w]) for k in metric_names() for w in ("ID", "OOD"))]
-        for key, m in matrices.items()
+        [m.label, *(ci_text(found[key][k][w]) for k in shown for w in ("ID", "OOD"))] for key, m in matrices.items()
     ]
     parts = [md_table(header, body)]
-    for key, m in matrices.items():
+    for key, m in matrices.items() if "iou" in shown else ():  # conventions without IoU (trufor) have no cells
         text = {c: ci_text(found[key]["iou"][f"{c[0]}→{c[1]}"]) if c in m.runs else "—" for c in m.expected()}
         corner = "held-out \\ test" if m.split == LOO else "train \\ test"
         rows = [[a, *(text.get((a, b), "—") for b in m.subsets)] for a in m.subsets]
@@ -137,7 +137,7 @@ def ci_section(
             how.seed,
         ]
         for key, m in matrices.items()
-        for k in metric_names()
+        for k in shown
         for what, ci in found[key][k].items()
     ]
     return "\n\n".join(parts), csv_rows, found

@@ -40,9 +40,6 @@ from deeploc.training.loggers import build_loggers
 
 log = logging.getLogger("deeploc.training.run")
 
-RUN_LOCK = ".lock"
-RESOLVED_CONFIG = "config_resolved.yaml"
-
 
 def run_directory(cfg: DictConfig) -> RunDir:
     """This job's run directory (Hydra's output dir)."""
