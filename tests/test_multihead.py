@@ -138,8 +138,8 @@ def _killed_and_resumed(shared: Path, workdir: Path, *overrides: str) -> str:
     """Run the multi-head job, kill -9 it as it writes its checkpoint at the end of the second epoch (after the
     heads wrote theirs), then run the same command again; returns the second run's console."""
     args = ["-m", *train_args(shared, *COMMON, f"heads=[{','.join(HEADS)}]", *overrides)]
-    # The job's folder is the one whose name starts with feature= (the heads' start with decoder=).
-    env = {**env_for(workdir), "FAULT_PATH": r"/feature=image_embed,[^/]*/checkpoints/last\.ckpt$", "FAULT_COUNT": "2"}
+    # The job's folder is the one whose name starts with heads= (the heads' own folders start with decoder=).
+    env = {**env_for(workdir), "FAULT_PATH": r"/heads=[^/]*/checkpoints/last\.ckpt$", "FAULT_COUNT": "2"}
     script = Path(__file__).with_name("faults.py")
     killed = subprocess.run(
         [sys.executable, str(script), "kill-before-nth-rename", "deeploc.cli.train", *args],

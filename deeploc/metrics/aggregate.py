@@ -8,7 +8,8 @@ the padded duplicates then count twice: pass indices).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +21,20 @@ from deeploc.metrics.pixels import resize_probs
 from deeploc.metrics.registry import DEFAULT_CONVENTION, check_conventions
 from deeploc.metrics.scores import FLAG_NAMES, batch_scores, reported_specs
 from deeploc.metrics.thresholds import choose_thresholds, grid_tensor
+
+
+def _synced(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` on the states of every process (torchmetrics syncs ``compute`` only): under DDP each rank
+    holds its share of the images, and the per-image rows, thresholds and kept maps are the whole set's."""
+
+    @functools.wraps(method)
+    def run(self: Metric, *args: Any, **kwargs: Any) -> Any:
+        if self._is_synced:  # inside compute(), or another synced call
+            return method(self, *args, **kwargs)
+        with self.sync_context():
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class LocalizationMetrics(Metric):
@@ -129,6 +144,7 @@ class LocalizationMetrics(Metric):
         """The primary convention's means over unique images (first occurrence of each index kept)."""
         return self.compute_all()[self.convention]
 
+    @_synced
     def compute_all(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{convention: {metric: mean, n_images, n_ap_undefined, n_f1_no_positive}}`` for every convention."""
         unique = self._unique()
@@ -155,6 +171,7 @@ class LocalizationMetrics(Metric):
             results[c] = {**means, **counts}
         return results
 
+    @_synced
     def per_image(self) -> dict[str, torch.Tensor]:
         """Every unique image's scores in index order: ``index``, then ``<metric>[<convention>]`` columns (a pooled
         metric gives two, ``<metric>_num`` and ``<metric>_den``, whose sums make the set's value)."""
@@ -171,6 +188,7 @@ class LocalizationMetrics(Metric):
                     columns[f"{spec.name}[{c}]"] = values
         return columns
 
+    @_synced
     def chosen_thresholds(self, conventions: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         """Per convention (default: this metric's), the grid thresholds with the best mean F1 and IoU over the
         unique images seen (:func:`deeploc.metrics.thresholds.choose_thresholds`); needs ``choose=True``."""
@@ -180,6 +198,7 @@ class LocalizationMetrics(Metric):
         grid, totals = self._values("grid_counts", unique), self._values("grid_totals", unique)
         return choose_thresholds(grid, totals, self.conventions if conventions is None else conventions)
 
+    @_synced
     def predictions(self) -> dict[str, Any]:
         """The kept probabilities and masks of every unique image in index order: ``index``, ``shapes`` (N x 2),
         ``probs`` and ``masks`` (lists of HxW tensors); needs ``keep_predictions=True``."""

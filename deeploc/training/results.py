@@ -126,7 +126,7 @@ def diverged_results(cfg: DictConfig, datamodule: Any, model: Any, reason: str, 
     ``status: diverged`` and the reason, no test scores (the report lists such runs apart, never averages them). The
     run is not finished: the same command tries it again, a lower ``model.lr`` is another run."""
     return {
-        "config": summarise_config(cfg, datamodule, model),
+        "config": summarise_config(cfg, datamodule, model).to_dict(),
         "convention": model.hparams.metric_convention,
         "test": {},
         "best_val_iou": None,
