@@ -607,3 +607,16 @@ def test_heatmap_outlines_the_diagonal_and_explains_its_marks(sweep: Path, tmp_p
         "encoder sam2.1_hiera_s" in texts and "metric convention study" in texts and f"deeploc {__version__}" in texts
     )
     assert (paths.out_dir / "heatmap_conv20_high_res_feats_1.png").is_file()
+
+
+def test_runs_with_another_optimizer_or_loss_are_two_configurations_never_seeds_of_one(tmp_path: Path) -> None:
+    adam = {"optimizer": {"_target_": "torch.optim.adam.Adam"}, "loss": None, "lr_scheduler": None}
+    sgd = {"optimizer": {"_target_": "torch.optim.sgd.SGD", "momentum": 0.9}, "loss": None, "lr_scheduler": None}
+    for seed, optimization in ((0, adam), (1, sgd)):
+        write_run(tmp_path / f"s{seed}", "conv20", "image_embed", "in_domain", LAMA, {LAMA: 40.0 + seed}, seed=seed,
+                  optimization=optimization)  # fmt: skip
+    matrices = build_matrices(collect_runs(tmp_path)[0])
+    labels = sorted(m.label for m in matrices.values())
+    assert len(labels) == 2 and all(len(m.seed_values()) == 1 for m in matrices.values()), labels
+    assert "optimizer / loss / LR scheduler" in labels[0] and "torch.optim.adam.Adam" in labels[0], labels
+    assert "torch.optim.sgd.SGD" in labels[1] and '"momentum":0.9' in labels[1], labels

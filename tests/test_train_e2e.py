@@ -97,6 +97,10 @@ def test_the_run_records_what_produced_its_scores_and_the_report_shows_it(traine
     assert config["max_epochs"] == resolved["trainer"]["max_epochs"] == 25
     assert (config["lr"], config["weight_decay"]) == (resolved["model"]["lr"], resolved["model"]["weight_decay"])
     assert config["batch_size"] == resolved["data"]["batch_size"] == 8 and config["schedule"] == "fixed"
+    # The study's optimizer and loss, recorded as plain values (a run with another one is another experiment).
+    assert config["optimization"]["optimizer"]["_target_"] == "torch.optim.adam.Adam"
+    assert config["optimization"]["loss"]["_target_"].endswith("BCEWithLogitsLoss")
+    assert config["optimization"]["lr_scheduler"] is None
     assert config["data_params"] == resolved["data"]["synthetic"] and config["generated_data"]
     assert (config["n_train"], config["n_valid"]) == (32, 8)  # TINY_DATA's generated sizes
     assert config["deeploc_version"] == __version__

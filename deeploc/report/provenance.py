@@ -36,6 +36,7 @@ LABELS = {
     "encoder_overrides": "encoder overrides",
     "encoder_architecture": "encoder architecture",
     "decoder_options": "decoder options",
+    "optimization": "optimizer / loss / LR scheduler",
     "weights": "weights",
     "image_size": "input size",
     "max_epochs": "max epochs",
@@ -68,6 +69,7 @@ class Settings:
     # the feature): a plug-in's depth or width separates runs like any other setting.
     encoder_architecture: str
     decoder_options: str
+    optimization: str  # compact JSON of the optimizer, loss and LR scheduler records, "null" = not recorded
     weights: str | None  # "sha256:<hex>" or "random:seed=<n>"
     image_size: int | None
     max_epochs: int | None
@@ -99,7 +101,10 @@ def show(key: str, value: Any) -> str:
     """A setting value as printed: "unknown" for None, "none" for empty overrides, short weight digests."""
     if value is None:
         return UNKNOWN
-    if key in ("encoder_overrides", "augment", "encoder_architecture", "decoder_options") and value in ("{}", "null"):
+    if key in ("encoder_overrides", "augment", "encoder_architecture", "decoder_options", "optimization") and value in (
+        "{}",
+        "null",
+    ):
         return "none"
     if key == "weights":
         kind, _, rest = str(value).partition(":")
@@ -123,6 +128,7 @@ def read_settings(run_dir: Path, metrics: Mapping[str, Any]) -> Settings:
         encoder_overrides=_compact(record.encoder_overrides or {}),
         encoder_architecture=_compact(record.encoder_architecture),
         decoder_options=_compact({k: v for k, v in (record.decoder_options or {}).items() if k != "inputs"}),
+        optimization=_compact(record.optimization),
         weights=_str(record.weights),
         image_size=_scalar(record.image_size),
         max_epochs=_scalar(record.max_epochs),

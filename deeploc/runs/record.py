@@ -64,6 +64,9 @@ class RunRecord:
     # Every constructor keyword that defines the encoder's network (``architecture()``: a plug-in's depth, width,
     # ...): runs whose encoders differ in any of them are different experiments. None: not recorded.
     encoder_architecture: dict[str, Any] | None = None
+    # The optimizer, loss and LR scheduler as plain records (``model.optimizer``, ``model.loss``,
+    # ``model.lr_scheduler``; ``{"_target_": ..., <plain keywords>}``): another one is another experiment.
+    optimization: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as metrics.json's ``config`` object (field order)."""

@@ -96,7 +96,7 @@ def part_record(part: Any) -> dict[str, Any]:
     ``{"_target_": <import path>, <keyword>: <value>...}`` (keywords only when they are plain values)."""
     func = getattr(part, "func", part if isinstance(part, type) else type(part))
     keywords = getattr(part, "keywords", {})
-    plain = {k: v for k, v in keywords.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    plain = {k: _plain(v) for k, v in keywords.items() if _plain(v) is not _NOT_PLAIN}
     return {"_target_": f"{func.__module__}.{func.__qualname__}", **plain}
 
 
@@ -104,3 +104,15 @@ def same_decoder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Whether two decoder records build the same architecture (name, options, input maps)."""
     keys = ("name", "class", "options", "feature_specs", "target_stride")
     return all(a.get(k) == b.get(k) for k in keys)
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a plain JSON value (numbers, strings, None, lists of them: Adam's ``betas``), else a marker."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str, type(None))) for v in value):
+        return list(value)
+    return _NOT_PLAIN

@@ -83,6 +83,7 @@ def summarise_config(cfg: DictConfig, datamodule: Any, model: Any, features: str
         "features": features,
         "deeploc_version": __version__,
         "encoder_architecture": to_primitive(model.encoder.architecture()),
+        "optimization": {part: to_primitive(model.hparams.get(part)) for part in ("optimizer", "loss", "lr_scheduler")},
     }
     return RunRecord(**fields)
 
