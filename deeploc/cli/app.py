@@ -13,7 +13,7 @@ import argparse
 import errno
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +91,14 @@ def import_plugins(args: argparse.Namespace) -> None:
     import_modules(args.imports, "--import")
 
 
-def run_hydra_app(prog: str, app: Callable[[], Any]) -> None:
+def run_hydra_app(prog: str, app: Callable[[], Any], defaults: Sequence[str] = ()) -> None:
     """Run a ``@hydra.main`` function; errors a user can fix end the process with one line and exit status 1 (a
     diverged run too); a ``SystemExit`` carrying a ``console_line`` (a run stopped by SIGTERM: status 143) prints that
-    line and keeps its status."""
+    line and keeps its status. ``defaults``: overrides of the command itself, put before the user's (which win) and
+    after flags such as -m (Hydra's parser wants the overrides in one block)."""
+    args = sys.argv[1:]
+    at = next((i for i, a in enumerate(args) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(args))
+    sys.argv[1 + at : 1 + at] = list(defaults)
     verbose = VERBOSE_FLAG in sys.argv[1:]
     if verbose:
         sys.argv.remove(VERBOSE_FLAG)

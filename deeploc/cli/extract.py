@@ -26,7 +26,6 @@ of them; :func:`deeploc.training.shards.shard_samples`); the per-image entries o
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import hydra
@@ -118,11 +117,7 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point: ``deeploc-extract [--verbose] [hydra overrides]`` (errors a user can fix: one line)."""
-    # Before the user's overrides (which win), after flags such as -m: argparse wants the overrides in one block.
-    args = sys.argv[1:]
-    at = next((i for i, a in enumerate(args) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(args))
-    sys.argv[1 + at : 1 + at] = list(_OUTPUT_OVERRIDES)
-    run_hydra_app("deeploc-extract", _app)
+    run_hydra_app("deeploc-extract", _app, _OUTPUT_OVERRIDES)
 
 
 if __name__ == "__main__":

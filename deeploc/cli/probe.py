@@ -14,7 +14,6 @@ similarity block (4096), ``seed`` of the patch subsampling (0), ``maps`` (null: 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from omegaconf import DictConfig
 
 from deeploc.cli.app import run_hydra_app
 from deeploc.config import CONF_DIR
+from deeploc.registry import import_modules
 
 # Before the user's overrides (which win): this job's folders and the probe's settings.
 _OVERRIDES = (
@@ -51,15 +51,13 @@ def probe(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _app(cfg: DictConfig) -> None:
+    import_modules(cfg.get("plugins"), "plugins")  # an outside encoder is probed like a built-in one
     probe(cfg)
 
 
 def main() -> None:
     """Console entry point: ``deeploc-probe [--verbose] [hydra overrides]`` (errors a user can fix: one line)."""
-    args = sys.argv[1:]
-    at = next((i for i, a in enumerate(args) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(args))
-    sys.argv[1 + at : 1 + at] = list(_OVERRIDES)
-    run_hydra_app("deeploc-probe", _app)
+    run_hydra_app("deeploc-probe", _app, _OVERRIDES)
 
 
 if __name__ == "__main__":

@@ -310,6 +310,20 @@ class FrozenEncoder(Adaptable, RecordsOptions, nn.Module, abc.ABC):
         raise MissingWeightsError(f"the decoder needs {what}; pass it with --encoder-checkpoint")
 
 
+def check_layers(layers: Sequence[int] | int, depth: int, model: str, example: int) -> tuple[int, ...]:
+    """``encoder.layers`` of a ViT with ``depth`` blocks as sorted distinct indices; an EncoderError naming the valid
+    range of ``model`` (and ``encoder.layers=[example]``) for anything else."""
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    bad = [k for k in chosen if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < depth]
+    if bad or not chosen or len(set(chosen)) != len(chosen):
+        raise EncoderError(
+            f"encoder.layers={chosen!r}: give distinct indices in 0..{depth - 1} ({model} has {depth} feature levels / "
+            "blocks), "
+            f"e.g. encoder.layers=[{example}]"
+        )
+    return tuple(sorted(chosen))
+
+
 class MissingWeightsError(EncoderError):
     """The decoder needs the encoder weights file it was trained on, and none was given or found."""
 

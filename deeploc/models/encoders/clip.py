@@ -32,6 +32,7 @@ from deeploc.models.encoders.base import (
     EncoderError,
     FeatureSpec,
     FrozenEncoder,
+    check_layers,
 )
 from deeploc.models.state_dicts import state_dict_mismatch
 from deeploc.models.torchscript import TorchScriptError, is_torchscript_archive, read_torchscript_tensors
@@ -193,7 +194,8 @@ class CLIPEncoder(FrozenEncoder):
             )
         self.config = config
         self.vit = ARCHITECTURES[config]
-        self.layers = self._check_layers(layers)
+        # DeCLIP decodes layer 20 of ViT-L-14.
+        self.layers = check_layers(layers, self.vit.layers, self.config, min(20, self.vit.layers - 1))
         self.weights_hint = self.vit.weights
         if not isinstance(image_size, int) or image_size <= 0 or image_size % self.vit.patch_size:
             raise EncoderError(
@@ -203,17 +205,6 @@ class CLIPEncoder(FrozenEncoder):
         super().__init__(image_size, checkpoint, random_init, seed, bf16, adapt, lora, lr)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-
-    def _check_layers(self, layers: Sequence[int] | int) -> tuple[int, ...]:
-        chosen = [layers] if isinstance(layers, int) else list(layers)
-        depth = self.vit.layers
-        bad = [k for k in chosen if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < depth]
-        if bad or not chosen or len(set(chosen)) != len(chosen):
-            raise EncoderError(
-                f"encoder.layers={list(chosen)!r}: give distinct block indices in 0..{depth - 1} ({self.config} has "
-                f"{depth} transformer blocks; DeCLIP decodes layer 20 of ViT-L-14), e.g. encoder.layers=[{min(20, depth - 1)}]"
-            )
-        return tuple(sorted(chosen))
 
     @property
     def feature_specs(self) -> dict[str, FeatureSpec]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeploc.models.encoders.base import ENCODERS, EncoderError, FeatureSpec, FrozenEncoder
+from deeploc.models.encoders.base import ENCODERS, EncoderError, FeatureSpec, FrozenEncoder, check_layers
 from deeploc.models.state_dicts import state_dict_mismatch
 
 __all__ = ["TimmEncoder", "read_timm_weights", "save_timm_weights"]
@@ -184,7 +184,9 @@ class TimmEncoder(FrozenEncoder):
         if not info:
             raise EncoderError(f"timm model {self.model_name} declares no feature_info; choose another model")
         self.feature_info = [{"channels": int(i["num_chs"]), "stride": float(i["reduction"])} for i in info]
-        self.layers = self._check_layers(self.requested_layers)
+        depth = len(self.feature_info)
+        layers = [depth - 1] if self.requested_layers is None else self.requested_layers
+        self.layers = check_layers(layers, depth, self.model_name, depth - 1)
         # A ViT's maps (stride = patch size p) decode to logits at p / 16 (four x2 upsamplings), as CLIP's.
         self.target_stride = max(i["stride"] for i in self.feature_info) / 16
         bad = sorted(
@@ -200,17 +202,6 @@ class TimmEncoder(FrozenEncoder):
                 f"(its patch size); e.g. encoder.image_size={self.image_size // bad[0] * bad[0] or bad[0]}"
             )
         return net
-
-    def _check_layers(self, layers: Sequence[int] | int | None) -> tuple[int, ...]:
-        depth = len(self.feature_info)
-        chosen = [depth - 1] if layers is None else [layers] if isinstance(layers, int) else list(layers)
-        bad = [k for k in chosen if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < depth]
-        if bad or not chosen or len(set(chosen)) != len(chosen):
-            raise EncoderError(
-                f"encoder.layers={list(chosen)!r}: give distinct indices in 0..{depth - 1} ({self.model_name} has "
-                f"{depth} feature levels / blocks), e.g. encoder.layers=[{depth - 1}]"
-            )
-        return tuple(sorted(chosen))
 
     def load_weights(self, model: nn.Module, path: Path) -> None:
         state, metadata = read_timm_weights(path)
