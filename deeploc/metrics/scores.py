@@ -32,7 +32,7 @@ on the validation split (``f1_val``, ``iou_val``: :mod:`deeploc.metrics.threshol
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,10 +138,7 @@ def _ciou(x: ScoreInputs) -> torch.Tensor:
     column="F1@val",
 )  # fmt: skip
 def _f1_val(x: ScoreInputs) -> torch.Tensor:
-    t = _chosen(x, "f1_val")
-    if t is None:
-        return torch.full(x.probs.shape[:1], float("nan"), dtype=x.dtype, device=x.probs.device)
-    return f1_rule(x.convention, _counts(x, t), x.dtype)
+    return _at_chosen(x, "f1_val", f1_rule)
 
 
 @register_metric(
@@ -149,10 +146,16 @@ def _f1_val(x: ScoreInputs) -> torch.Tensor:
     column="IoU@val",
 )  # fmt: skip
 def _iou_val(x: ScoreInputs) -> torch.Tensor:
-    t = _chosen(x, "iou_val")
+    return _at_chosen(x, "iou_val", iou_rule)
+
+
+def _at_chosen(x: ScoreInputs, name: str, rule: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``rule`` (F1 or IoU of the convention) at the validation-chosen threshold of metric ``name``; NaN (undefined,
+    left out of the mean) when none was chosen."""
+    t = _chosen(x, name)
     if t is None:
         return torch.full(x.probs.shape[:1], float("nan"), dtype=x.dtype, device=x.probs.device)
-    return iou_rule(x.convention, _counts(x, t), x.dtype)
+    return rule(x.convention, _counts(x, t), x.dtype)
 
 
 def reported_specs(convention: str, chosen: Mapping[str, float] | None = None) -> list[MetricSpec]:
