@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from deeploc.data.roles import describe_training
-from deeploc.inference.export import export_metadata, is_export, read_export, split_encoder_state
+from deeploc.inference.export import ENCODER_PREFIX, export_metadata, is_export, read_export, split_encoder_state
 from deeploc.models.decoders import DecoderError
 from deeploc.models.encoders import (
     AdaptationError,
@@ -161,7 +161,7 @@ def load_model_and_metadata(
     else:
         ckpt_path = resolve_checkpoint(p)
         state, info = read_checkpoint(ckpt_path)
-        state = {**state, **{f"encoder.{k}": v for k, v in info["encoder_state"].items()}}
+        state = {**state, **{ENCODER_PREFIX + k: v for k, v in info["encoder_state"].items()}}
         run_dir = p if p.is_dir() else RunDir.of_checkpoint(ckpt_path)
         if run_dir is not None:
             check_run_checkpoint(run_dir, ckpt_path, info)
